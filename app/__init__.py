@@ -1,0 +1,1 @@
+"""Loomwork application layers: graph (document), engine (executor), cli and ui."""

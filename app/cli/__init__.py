@@ -1,0 +1,241 @@
+"""The headless runner: `loomwork run|validate|nodes|oracle`.
+
+Every user mistake (a bad file, an unknown node, a bad --set value, a missing model) is one
+clear message and a non-zero exit; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _load(path: str):
+    from app.graph import GraphFileError, load
+    from nodes import registry
+
+    try:
+        return load(path, registry.get)
+    except GraphFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def apply_sets(graph, sets: list[str]) -> None:
+    """Apply `NODE.PARAM=VALUE` overrides; NODE is a node id (or 8+ char prefix) or unique title."""
+    from app.graph import GraphError
+    from nodes import registry
+    from nodes.base import ParamError
+
+    for item in sets:
+        target, eq, text = item.partition("=")
+        ref, dot, name = target.rpartition(".")
+        if not eq or not dot or not ref or not name:
+            raise UsageError(f"--set {item!r}: expected NODE.PARAM=VALUE")
+        try:
+            node = graph.find(ref)
+        except GraphError as exc:
+            raise UsageError(f"--set {item!r}: {exc}") from None
+        spec = registry.get(node.type)
+        if spec is None or node.is_placeholder:
+            raise UsageError(f"--set {item!r}: node {node.label} is of unknown type {node.type!r}")
+        param = spec.params.get(name)
+        if param is None:
+            raise UsageError(f"--set {item!r}: {node.type} has no param {name!r} "
+                             f"(it has: {', '.join(spec.params) or 'none'})")
+        try:
+            value = param.parse(text)
+        except ParamError as exc:
+            raise UsageError(f"--set {item!r}: {exc}") from None
+        problem = param.check(value)
+        if problem:
+            raise UsageError(f"--set {item!r}: {problem}")
+        graph.set_param(node.id, name, value)
+
+
+class ProgressPrinter:
+    """A one-line progress bar on a terminal; plain lines otherwise (logs, CI)."""
+
+    def __init__(self, graph, stream=sys.stderr):
+        self.graph, self.stream = graph, stream
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def node_state(self, nid, state, info):
+        if state in ("queued",):
+            return
+        node = self.graph.nodes[nid]
+        label = node.title or node.type
+        if state == "running":
+            return
+        extra = f" ({info['seconds']:.2f}s)" if "seconds" in info else ""
+        err = f": {info['error']}" if info.get("error") else ""
+        self._line(f"{label:<24} {state}{extra}{err}")
+
+    def progress(self, nid, step, total):
+        node = self.graph.nodes[nid]
+        if self.tty:
+            width = 30
+            filled = int(width * step / max(total, 1))
+            self.stream.write(f"\r{(node.title or node.type):<24} [{'#' * filled}{'.' * (width - filled)}] "
+                              f"{step}/{total}")
+            self.stream.flush()
+            if step == total:
+                self.stream.write("\r" + " " * 70 + "\r")
+        elif step == total or time.monotonic() - self._last > 2:
+            self._last = time.monotonic()
+            self._line(f"{(node.title or node.type):<24} step {step}/{total}")
+
+    def _line(self, text):
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def set_threads() -> None:
+    """Torch threads for this process: LOOMWORK_THREADS, else 1 (see bench/threads.py: on small
+    CPUs batch-1 sampling is not faster with more threads, and contention makes it far slower)."""
+    import torch
+
+    n = int(os.environ.get("LOOMWORK_THREADS", "1"))
+    torch.set_num_threads(max(1, n))
+
+
+def cmd_run(args) -> int:
+    from app.engine import EngineEvents, Executor
+    from app.graph import GraphError
+
+    graph = _load(args.graph)
+    apply_sets(graph, args.set or [])
+    problems = _problems(graph)
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return EXIT_USAGE
+    set_threads()
+    printer = ProgressPrinter(graph)
+    events = EngineEvents(node_state=printer.node_state, progress=printer.progress)
+    out = Path(args.out or ".")
+    executor = Executor(disk_cache=False if args.no_disk_cache else True)
+    try:
+        report = executor.run(graph, events=events, output_dir=out, graph_path=args.graph)
+    except GraphError as exc:
+        raise UsageError(f"{args.graph}: {exc}") from None
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.as_json(), indent=2))
+    for rep in report.nodes.values():
+        if rep.status == "failed":
+            print(f"error: {rep.title} [{rep.node_id[:8]}] failed: {rep.error}", file=sys.stderr)
+            if args.debug and rep.traceback:
+                print(rep.traceback, file=sys.stderr)
+    for path in report.outputs():
+        print(f"saved {path}")
+    print(f"{'done' if report.ok else 'finished with errors'} in {report.seconds:.2f}s", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _problems(graph):
+    from app.graph import validate
+    from app.engine import Executor
+    from nodes import registry
+
+    return validate(graph, registry.get, set(Executor.output_nodes(graph)) or None)
+
+
+def cmd_validate(args) -> int:
+    graph = _load(args.graph)
+    apply_sets(graph, args.set or [])
+    from app.graph import validate
+    from nodes import registry
+
+    problems = validate(graph, registry.get)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{args.graph}: ok ({len(graph.nodes)} nodes, {len(graph.edges)} wires)")
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def cmd_nodes(args) -> int:
+    from nodes import registry
+
+    types = registry.all_types()
+    if args.json:
+        print(json.dumps([cls.describe() for cls in types.values()], indent=2))
+        return EXIT_OK
+    for name, cls in types.items():
+        d = cls.describe()
+        ins = ", ".join(f"{n}: {i['type']}{'?' if i['optional'] else ''}" for n, i in d["inputs"].items())
+        outs = ", ".join(f"{n}: {t}" for n, t in d["outputs"].items())
+        print(f"{name}  [{cls.category}]  ({ins}) -> ({outs})")
+        for pname, p in d["params"].items():
+            rng = ""
+            if p.get("min") is not None or p.get("max") is not None:
+                rng = f" {p.get('min')}..{p.get('max')}"
+            if p.get("options"):
+                rng = " " + "|".join(p["options"])
+            print(f"    {pname}: {p['kind']}{rng} = {p['default']!r}")
+    return EXIT_OK
+
+
+def cmd_oracle(args) -> int:
+    try:
+        from kernels.shapes.oracle import main as oracle_main
+    except ImportError as exc:
+        raise UsageError(f"the shapes oracle is not available: {exc}") from None
+    return oracle_main(args.images) or EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loomwork", description="Loomwork: node graphs for diffusion. "
+                                     "With no command (or a .loom/.png file) the desktop app opens.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="render a graph headless")
+    run.add_argument("graph")
+    run.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE",
+                     help="override a param; NODE is an id or a unique title (repeatable)")
+    run.add_argument("--out", metavar="DIR", help="where SaveImage nodes write (default: here)")
+    run.add_argument("--report", metavar="FILE", help="write a JSON report of every node")
+    run.add_argument("--no-disk-cache", action="store_true", help="do not read or write the disk cache")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a graph without running it")
+    val.add_argument("graph")
+    val.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE")
+    val.set_defaults(func=cmd_validate)
+    nodes = sub.add_parser("nodes", help="list node types with ports and params")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
+    oracle = sub.add_parser("oracle", help="detect the objects in ShapesT2I images (JSON)")
+    oracle.add_argument("images", nargs="+")
+    oracle.set_defaults(func=cmd_oracle)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,242 @@
+"""The engine's caches: results in memory (byte budget, cost-aware eviction), results on disk
+(images, latents, conditioning, bounded), and traces (cache key -> output content hashes).
+
+Traces are what make early cutoff and lazy reuse work: knowing a node's output hashes is enough
+to compute its downstream keys, so an unchanged upstream never has to be loaded or run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+# -- memory --------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    values: dict[str, Any]
+    size: int
+    cost: float
+    priority: float
+
+
+class MemoryCache:
+    """Results by cache key within a byte budget.
+
+    Eviction is GreedyDual-Size: each entry's priority is the clock plus its compute seconds per
+    byte, so big results that were cheap to make go first and slow small ones stay; the clock
+    rises to each evicted priority, which ages entries that are not used again.
+    """
+
+    def __init__(self, budget_bytes: int = 4 << 30):
+        self.budget = budget_bytes
+        self.used = 0
+        self._clock = 0.0
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def _priority(self, cost: float, size: int) -> float:
+        return self._clock + max(cost, 1e-6) / max(size, 1)
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return None
+            e.priority = self._priority(e.cost, e.size)
+            return e.values
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def put(self, key: str, values: dict[str, Any], size: int, cost: float) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used -= old.size
+            if size > self.budget:
+                return  # would evict everything and still not fit
+            self._entries[key] = _Entry(values, size, cost, self._priority(cost, size))
+            self.used += size
+            while self.used > self.budget:
+                victim = min(self._entries, key=lambda k: self._entries[k].priority)
+                e = self._entries.pop(victim)
+                self._clock = e.priority
+                self.used -= e.size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.used = 0
+
+
+# -- disk ----------------------------------------------------------------------------------
+class NotStorable(TypeError):
+    pass
+
+
+def _storable_classes() -> dict[str, type]:
+    # Only these dataclasses are rebuilt from disk: cache files are read as data, never as code.
+    from kernels.text import Conditioning
+
+    return {"Conditioning": Conditioning}
+
+
+def _encode(value: Any, tensors: dict) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"$t": name}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value).__name__
+        if cls not in _storable_classes():
+            raise NotStorable(cls)
+        return {"$c": cls, "f": {f.name: _encode(getattr(value, f.name), tensors)
+                                for f in dataclasses.fields(value)}}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise NotStorable("dict with non-string keys")
+        return {"$d": {k: _encode(v, tensors) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"$l": [_encode(v, tensors) for v in value], "tuple": isinstance(value, tuple)}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise NotStorable(type(value).__name__)
+
+
+def _decode(obj: Any, tensors: dict) -> Any:
+    if isinstance(obj, dict):
+        if "$t" in obj:
+            return tensors[obj["$t"]]
+        if "$c" in obj:
+            cls = _storable_classes()[obj["$c"]]
+            return cls(**{k: _decode(v, tensors) for k, v in obj["f"].items()})
+        if "$d" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["$d"].items()}
+        if "$l" in obj:
+            items = [_decode(v, tensors) for v in obj["$l"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+class DiskCache:
+    """Storable results and all traces under a folder, bounded in bytes (oldest use goes first)."""
+
+    def __init__(self, root: os.PathLike | str, budget_bytes: int = 2 << 30):
+        self.root = Path(root)
+        self.budget = budget_bytes
+        self._used: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        d = self.root / key[:2]
+        return d / f"{key}.json", d / f"{key}.safetensors"
+
+    def trace(self, key: str) -> Optional[dict[str, str]]:
+        meta_path, _ = self._paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+            return dict(meta["outputs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def has_values(self, key: str) -> bool:
+        meta_path, data_path = self._paths(key)
+        return data_path.exists() or (meta_path.exists() and self._stored_inline(meta_path))
+
+    @staticmethod
+    def _stored_inline(meta_path: Path) -> bool:
+        try:
+            return "values" in json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return False
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        from safetensors.torch import load_file
+
+        meta_path, data_path = self._paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+            if "values" not in meta:
+                return None
+            tensors = load_file(str(data_path)) if data_path.exists() else {}
+            values = _decode(meta["values"], tensors)
+        except Exception as exc:  # a damaged entry is a miss, never a failure
+            log.warning("disk cache entry %s unreadable (%s); recomputing", key, exc)
+            return None
+        now = time.time()
+        for p in (meta_path, data_path):
+            try:
+                os.utime(p, (now, now))
+            except OSError:
+                pass
+        return values
+
+    def put(self, key: str, outputs: dict[str, str], values: Optional[dict[str, Any]]) -> None:
+        """Record a trace, and the values too when they are storable."""
+        from safetensors.torch import save_file
+
+        meta: dict[str, Any] = {"outputs": outputs}
+        tensors: dict[str, Any] = {}
+        if values is not None:
+            try:
+                meta["values"] = _encode(values, tensors)
+            except NotStorable:
+                tensors = {}
+        meta_path, data_path = self._paths(key)
+        try:
+            meta_path.parent.mkdir(parents=True, exist_ok=True)
+            added = 0
+            if tensors:
+                tmp = data_path.with_suffix(".tmp")
+                save_file(tensors, str(tmp))
+                os.replace(tmp, data_path)
+                added += data_path.stat().st_size
+            tmp = meta_path.with_suffix(".jtmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_path)
+            added += meta_path.stat().st_size
+        except OSError as exc:  # a full disk must not fail the run
+            log.warning("cannot write disk cache entry %s: %s", key, exc)
+            return
+        with self._lock:
+            if self._used is not None:
+                self._used += added
+        self._trim()
+
+    def _scan(self) -> list[tuple[float, int, Path]]:
+        files = []
+        for p in self.root.glob("*/*"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        return files
+
+    def _trim(self) -> None:
+        with self._lock:
+            if self._used is None:
+                self._used = sum(size for _, size, _ in self._scan())
+            if self._used <= self.budget:
+                return
+            # Trim to 90% so the next few puts do not rescan.
+            for _mtime, size, path in sorted(self._scan()):
+                if self._used <= self.budget * 0.9:
+                    break
+                try:
+                    path.unlink()
+                    self._used -= size
+                except OSError:
+                    pass

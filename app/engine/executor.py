@@ -1,0 +1,404 @@
+"""The executor: lazy, cached, cancellable evaluation of a graph document.
+
+Rules (each pinned by a test):
+- Lazy pull: only the upstream cone of the targets is considered (all output nodes, or one node).
+- Cache key = hash(node type, type version, params, outside-world fingerprint, the content
+  hashes of its inputs). Node ids, titles and positions are not in it, so identical chains share
+  results. Because inputs enter by *content* hash, a node that re-runs and produces the same
+  outputs leaves its downstream keys unchanged: early cutoff.
+- A node whose key has a trace (memory or disk) is not run; its values are loaded only if a node
+  that must run needs them.
+- Failure is local: a failing node fails itself, its downstream cone is skipped, and
+  independent branches finish. Cancel is cooperative; finished nodes stay cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from app.graph import Graph, GraphError, dumps, validate
+from app.graph.png import png_bytes
+from app.graph.fileformat import atomic_write
+from nodes import registry
+from nodes.base import NodeError
+
+from .cache import DiskCache, MemoryCache
+from .hashing import Unhashable, content_hash, key_of, size_of
+from .models import ModelManager
+
+log = logging.getLogger(__name__)
+
+# Node states, as events and the report name them.
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+CACHED_MEMORY, CACHED_DISK, SKIPPED = "cached-memory", "cached-disk", "skipped"
+# Report statuses: "ran" for DONE.
+REPORT_STATUS = {DONE: "ran"}
+
+
+class Cancelled(Exception):
+    """Raised inside a node when the user cancels; the engine stops cleanly."""
+
+
+@dataclass
+class EngineEvents:
+    """Plain callbacks; the UI wraps them in Qt signals. All are optional."""
+
+    node_state: Callable[[str, str, dict], None] = lambda node_id, state, info: None
+    progress: Callable[[str, int, int], None] = lambda node_id, step, total: None
+    preview: Optional[Callable[[str, Any], None]] = None  # (node_id, IMAGE tensor NHWC)
+    images: Callable[[str, Any, list], None] = lambda node_id, images, paths: None
+
+
+@dataclass
+class NodeReport:
+    node_id: str
+    title: str
+    type: str
+    status: str = "skipped"
+    seconds: float = 0.0
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+    outputs: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"id": self.node_id, "title": self.title, "type": self.type,
+                "status": REPORT_STATUS.get(self.status, self.status),
+                "seconds": round(self.seconds, 4), "error": self.error, "outputs": self.outputs}
+
+
+@dataclass
+class RunReport:
+    nodes: dict[str, NodeReport] = field(default_factory=dict)
+    cancelled: bool = False
+    seconds: float = 0.0
+    sampler_steps: int = 0  # model steps actually run (what re-run benchmarks count)
+
+    @property
+    def ok(self) -> bool:
+        return not self.cancelled and all(r.status not in (FAILED, SKIPPED) for r in self.nodes.values())
+
+    def status(self, node_id: str) -> str:
+        return REPORT_STATUS.get(self.nodes[node_id].status, self.nodes[node_id].status)
+
+    def ran(self) -> list[str]:
+        return [n for n, r in self.nodes.items() if r.status == DONE]
+
+    def outputs(self) -> list[str]:
+        return [p for r in self.nodes.values() for p in r.outputs]
+
+    def as_json(self) -> dict:
+        return {"ok": self.ok, "cancelled": self.cancelled, "seconds": round(self.seconds, 4),
+                "sampler_steps": self.sampler_steps,
+                "nodes": [r.as_json() for r in self.nodes.values()]}
+
+
+def default_cache_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("loomwork", appauthor=False)) / "results"
+
+
+def resources_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "resources"
+
+
+class NodeContext:
+    """What a node may use: progress and cancel, device, models, paths, image output."""
+
+    def __init__(self, executor: "Executor", run: "_Run", node_id: str):
+        self._executor, self._run, self.node_id = executor, run, node_id
+        self.device = executor.device
+        self.models = executor.models
+        self._last_preview = 0.0
+
+    def resolve_path(self, path: str) -> str:
+        return self._executor.resolve_path(path, self._run.graph_dir)
+
+    def check_cancel(self) -> None:
+        if self._run.cancel.is_set():
+            raise Cancelled()
+
+    def progress(self, step: int, total: int, preview: Optional[Callable[[], Any]] = None) -> None:
+        """Report sampler step `step` of `total`; `preview()` makes a preview latent (NCHW, -1..1)."""
+        self._run.report.sampler_steps += 1
+        self._run.events.progress(self.node_id, step, total)
+        now = time.monotonic()
+        if preview is not None and self._run.events.preview is not None and (
+                step == total or now - self._last_preview > 0.1):
+            from kernels.images import model_to_image
+
+            self._last_preview = now
+            self._run.events.preview(self.node_id, model_to_image(preview()))
+        self.check_cancel()
+
+    def show_images(self, images, paths: list[str]) -> None:
+        self._run.report.nodes[self.node_id].outputs.extend(paths)
+        self._run.events.images(self.node_id, images, paths)
+
+    def save_images(self, images, folder: Optional[str], prefix: str, embed_graph: bool) -> list[str]:
+        from kernels.images import to_pil
+
+        target = Path(self.resolve_path(folder)) if folder else self._run.output_dir
+        target.mkdir(parents=True, exist_ok=True)
+        graph_text = self._run.graph_text if embed_graph else None
+        safe = "".join(c for c in prefix if c.isalnum() or c in "-_.") or "loomwork"
+        paths = []
+        counter = _next_counter(target, safe)
+        for pil in to_pil(images):
+            path = target / f"{safe}_{counter:05d}.png"
+            counter += 1
+            atomic_write(path, png_bytes(pil, graph_text))
+            paths.append(str(path))
+        return paths
+
+
+def _next_counter(folder: Path, prefix: str) -> int:
+    best = 0
+    for p in folder.glob(f"{prefix}_*.png"):
+        tail = p.stem[len(prefix) + 1:]
+        if tail.isdigit():
+            best = max(best, int(tail))
+    return best + 1
+
+
+@dataclass
+class _Run:
+    graph: Graph
+    events: EngineEvents
+    cancel: threading.Event
+    output_dir: Path
+    graph_dir: Optional[Path]
+    graph_text: str
+    report: RunReport
+    keys: dict[str, str] = field(default_factory=dict)
+    hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    blocked: dict[str, str] = field(default_factory=dict)  # node -> why it cannot run
+
+
+class Executor:
+    """Runs graphs. Keep one per app session: its caches are what make re-runs cheap."""
+
+    def __init__(self, *, device: Optional[str] = None, memory_budget: int = 4 << 30,
+                 disk_cache: "DiskCache | str | Path | None | bool" = True,
+                 disk_budget: int = 2 << 30, resources: Optional[Path] = None):
+        self._device = device
+        self.memory = MemoryCache(memory_budget)
+        if disk_cache is True:
+            disk_cache = default_cache_dir()
+        if isinstance(disk_cache, (str, Path)):
+            disk_cache = DiskCache(disk_cache, disk_budget)
+        self.disk: Optional[DiskCache] = disk_cache or None
+        self.traces: dict[str, dict[str, str]] = {}  # key -> output content hashes
+        self._models: Optional[ModelManager] = None
+        self.resources = resources or resources_dir()
+        self._lock = threading.Lock()  # one run at a time
+
+    # -- environment ---------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    @property
+    def models(self) -> ModelManager:
+        if self._models is None:
+            self._models = ModelManager(self.device)
+        return self._models
+
+    def resolve_path(self, path: str, graph_dir: Optional[Path] = None) -> str:
+        """`builtin:NAME` -> a shipped model; `~` expanded; relative -> the graph's folder."""
+        if not path:
+            return path
+        if path.startswith("builtin:"):
+            return str(self.resources / "models" / path[len("builtin:"):])
+        p = Path(path).expanduser()
+        if not p.is_absolute() and graph_dir is not None:
+            p = graph_dir / p
+        return str(p)
+
+    # -- planning ------------------------------------------------------------------------
+    @staticmethod
+    def output_nodes(graph: Graph) -> list[str]:
+        out = []
+        for nid, node in graph.nodes.items():
+            spec = registry.get(node.type)
+            if spec is not None and spec.output_node and not node.is_placeholder:
+                out.append(nid)
+        return out
+
+    def run(self, graph: Graph, targets: Optional[Iterable[str]] = None, *,
+            events: Optional[EngineEvents] = None, cancel: Optional[threading.Event] = None,
+            output_dir: "str | Path | None" = None, graph_path: "str | Path | None" = None) -> RunReport:
+        """Run `targets` (default: every output node) and what they need. Never raises for a
+        node's failure: the report says what happened to each node."""
+        with self._lock:
+            return self._run_locked(graph, targets, events, cancel, output_dir, graph_path)
+
+    def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path) -> RunReport:
+        started = time.perf_counter()
+        targets = list(targets) if targets is not None else self.output_nodes(graph)
+        for t in targets:
+            graph.node(t)
+        graph_dir = Path(graph_path).resolve().parent if graph_path else None
+        run = _Run(graph=graph, events=events or EngineEvents(), cancel=cancel or threading.Event(),
+                   output_dir=Path(output_dir) if output_dir else Path.cwd(), graph_dir=graph_dir,
+                   graph_text=dumps(graph), report=RunReport())
+        cone = graph.upstream(targets)
+        order = graph.topological_order(cone)  # raises CycleError (a GraphError) for cycles
+        for nid in order:
+            node = graph.nodes[nid]
+            run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)
+        for problem in validate(graph, registry.get, set(targets)):
+            if problem.node_id in run.report.nodes:
+                run.blocked.setdefault(problem.node_id, problem.message)
+        for nid in order:
+            run.events.node_state(nid, QUEUED, {})
+        for nid in order:
+            if run.cancel.is_set():
+                self._finish(run, nid, SKIPPED, error="cancelled")
+                continue
+            try:
+                self._visit(run, nid, targets)
+            except Cancelled:
+                run.report.cancelled = True
+                self._finish(run, nid, SKIPPED, error="cancelled")
+        run.report.seconds = time.perf_counter() - started
+        return run.report
+
+    def _finish(self, run: _Run, nid: str, state: str, error: Optional[str] = None,
+                tb: Optional[str] = None, seconds: float = 0.0) -> None:
+        rep = run.report.nodes[nid]
+        rep.status, rep.error, rep.traceback = state, error, tb
+        rep.seconds += seconds
+        info = {"error": error} if error else {}
+        if seconds:
+            info["seconds"] = seconds
+        run.events.node_state(nid, state, info)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _visit(self, run: _Run, nid: str, targets: list[str]) -> None:
+        graph = run.graph
+        node = graph.nodes[nid]
+        if nid in run.blocked:
+            self._finish(run, nid, FAILED, error=run.blocked[nid])
+            return
+        wired = graph.inputs_of(nid)
+        for port, edge in wired.items():
+            if edge.src in run.blocked or run.report.nodes[edge.src].status in (FAILED, SKIPPED):
+                why = f"not run: its input {port!r} comes from {graph.nodes[edge.src].label}, which did not finish"
+                run.blocked[nid] = why
+                self._finish(run, nid, SKIPPED, error=why)
+                return
+        spec = registry.get(node.type)
+        params = spec.resolved_params(node.params)
+        ctx = NodeContext(self, run, nid)
+        try:
+            fingerprint = spec.fingerprint(params, ctx)
+        except Exception as exc:
+            return self._fail(run, nid, exc)
+        key = key_of(spec.type_name(), spec.version, params, fingerprint,
+                     {port: run.hashes[e.src][e.src_port] for port, e in sorted(wired.items())})
+        run.keys[nid] = key
+        trace, where = self.traces.get(key), CACHED_MEMORY
+        if trace is None and self.disk is not None:
+            trace, where = self.disk.trace(key), CACHED_DISK
+            if trace is not None:
+                self.traces[key] = trace
+        if trace is not None and not spec.always_run:
+            run.hashes[nid] = trace
+            in_memory = key in self.memory or (where == CACHED_MEMORY and self.disk is None)
+            self._finish(run, nid, CACHED_MEMORY if in_memory else CACHED_DISK)
+            return
+        self._execute(run, nid, spec, params, ctx)
+
+    def _inputs(self, run: _Run, nid: str) -> dict[str, Any]:
+        spec = registry.get(run.graph.nodes[nid].type)
+        values: dict[str, Any] = {name: None for name in spec.inputs}  # optional, unwired
+        for port, edge in run.graph.inputs_of(nid).items():
+            values[port] = self._materialize(run, edge.src)[edge.src_port]
+        return values
+
+    def _materialize(self, run: _Run, nid: str) -> dict[str, Any]:
+        """The values of a node that was visited: from this run, memory, disk, or by re-running."""
+        if nid in run.values:
+            return run.values[nid]
+        key = run.keys[nid]
+        values = self.memory.get(key)
+        if values is None and self.disk is not None:
+            values = self.disk.get(key)
+            if values is not None:
+                self.memory.put(key, values, size_of(values), cost=0.0)
+        if values is None:  # evicted everywhere: run it again (its inputs likewise)
+            spec = registry.get(run.graph.nodes[nid].type)
+            params = spec.resolved_params(run.graph.nodes[nid].params)
+            self._execute(run, nid, spec, params, NodeContext(self, run, nid))
+            if run.report.nodes[nid].status != DONE:
+                raise _UpstreamFailed(nid)
+            values = run.values[nid]
+        run.values[nid] = values
+        return values
+
+    def _execute(self, run: _Run, nid: str, spec, params: dict, ctx: NodeContext) -> None:
+        run.events.node_state(nid, RUNNING, {})
+        started = time.perf_counter()
+        try:
+            inputs = self._inputs(run, nid)
+        except _UpstreamFailed as exc:
+            self._finish(run, nid, SKIPPED, error=f"not run: {run.graph.nodes[exc.node_id].label} failed")
+            return
+        node_impl = spec()
+        try:
+            ctx.check_cancel()
+            outputs = node_impl.run(ctx, **inputs, **params) or {}
+            missing = set(spec.outputs) - set(outputs)
+            if missing:
+                raise NodeError(f"{spec.type_name()} returned no {sorted(missing)} output")
+        except Cancelled:
+            raise
+        except Exception as exc:
+            self._fail(run, nid, exc, seconds=time.perf_counter() - started)
+            return
+        seconds = time.perf_counter() - started
+        key = run.keys[nid]
+        hashes = {}
+        for port, value in outputs.items():
+            try:
+                hashes[port] = content_hash(value)
+            except Unhashable:
+                hashes[port] = key_of(key, port)  # no early cutoff for this output
+        run.values[nid] = outputs
+        run.hashes[nid] = hashes
+        if not spec.always_run:
+            self.traces[key] = hashes
+            self.memory.put(key, outputs, size_of(outputs), seconds)
+            if self.disk is not None:
+                self.disk.put(key, hashes, outputs)
+        self._finish(run, nid, DONE, seconds=seconds)
+
+    def _fail(self, run: _Run, nid: str, exc: BaseException, seconds: float = 0.0) -> None:
+        if isinstance(exc, NodeError):
+            message, tb = str(exc), None
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+            tb = "".join(traceback.format_exception(exc))
+        self._finish(run, nid, FAILED, error=message, tb=tb, seconds=seconds)
+
+    def clear(self) -> None:
+        self.memory.clear()
+        self.traces.clear()
+
+
+class _UpstreamFailed(Exception):
+    def __init__(self, node_id: str):
+        super().__init__(node_id)
+        self.node_id = node_id

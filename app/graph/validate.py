@@ -1,0 +1,79 @@
+"""Validation: every problem in a graph, each with its node id and a sentence a person can act on.
+
+Node declarations come from a catalog passed in (this layer does not import nodes/); a node type
+is anything with `inputs` ({name: Input(type, optional)}), `outputs` ({name: DataType}) and
+`params` ({name: Param with check(value) -> message or None}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .document import CycleError, Graph
+
+
+@dataclass(frozen=True)
+class Problem:
+    node_id: Optional[str]
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def validate(graph: Graph, catalog: Callable[[str], Any],
+             targets: Optional[set[str]] = None) -> list[Problem]:
+    """Return every problem (empty list: the graph can run). `targets` limits it to their cone."""
+    members = graph.upstream(targets) if targets else set(graph.nodes)
+    problems: list[Problem] = []
+
+    def add(node, text):
+        problems.append(Problem(node.id, f"{node.label}: {text}"))
+
+    for nid in sorted(members, key=lambda i: (graph.nodes[i].pos, i)):
+        node = graph.nodes[nid]
+        spec = catalog(node.type)
+        if spec is None:
+            add(node, f"unknown node type {node.type!r} (kept as a placeholder; install the "
+                      f"extension that provides it or delete the node)")
+            continue
+        if node.is_placeholder:
+            add(node, f"saved by a newer Loomwork ({node.type} v{node.version}; this build has "
+                      f"v{spec.version}); it is kept unchanged but cannot run")
+            continue
+        wired = graph.inputs_of(nid)
+        for name, port in spec.inputs.items():
+            edge = wired.get(name)
+            if edge is None:
+                if not port.optional:
+                    add(node, f"input {name!r} ({port.type.name}) is not connected")
+                continue
+            src = graph.nodes[edge.src]
+            src_spec = catalog(src.type)
+            if src_spec is None or src.is_placeholder:
+                continue  # reported on the source node itself
+            out_type = src_spec.outputs.get(edge.src_port)
+            if out_type is None:
+                add(node, f"input {name!r} is wired to {src.label}.{edge.src_port}, "
+                          f"which has no such output")
+            elif not port.type.accepts(out_type):
+                add(node, f"input {name!r} takes {port.type.name} but is wired to "
+                          f"{src.label}.{edge.src_port}, which gives {out_type.name}")
+        for name in wired:
+            if name not in spec.inputs:
+                add(node, f"a wire goes into {name!r}, which is not an input of {node.type}")
+        for name, value in node.params.items():
+            param = spec.params.get(name)
+            if param is None:
+                add(node, f"unknown param {name!r} for {node.type}")
+                continue
+            message = param.check(value)
+            if message:
+                add(node, f"param {name!r}: {message}")
+    try:
+        graph.topological_order(members)
+    except CycleError as exc:
+        for nid in exc.nodes:
+            add(graph.nodes[nid], "is on a cycle: its inputs depend on its own output")
+    return problems

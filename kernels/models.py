@@ -1,0 +1,236 @@
+"""Model bundles and the loader for diffusers-layout folders (offline, safetensors only).
+
+A folder is read through its `model_index.json`; each component is loaded by its declared
+diffusers/transformers class with `from_pretrained(subfolder=...)`. A folder with no `vae`
+(or `"vae": [null, null]`) is a pixel-space model, as DeepFloyd IF is in diffusers: its VAE is
+the identity, so graphs treat every model alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+
+# Components a text-to-image folder may name that sampling never uses.
+IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
+SUPPORTED_COMPONENTS = {"unet", "text_encoder", "tokenizer", "scheduler", "vae"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be loaded; the message names the folder and what is wrong."""
+
+
+def _key_hash(*parts: Any) -> str:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A record of a change applied to a model (LoRA, eraser edit, attention processor).
+
+    `key` must change whenever the patch's effect changes: it goes into cache keys.
+    """
+
+    kind: str
+    key: str
+    apply: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """MODEL: the denoiser and its scheduler config. Patches are recorded, never done in place."""
+
+    unet: Any
+    scheduler_config: dict
+    source: str
+    load_key: str
+    patches: tuple[Patch, ...] = ()
+
+    @property
+    def is_flow(self) -> bool:
+        return str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    def with_patch(self, patch: Patch) -> "ModelBundle":
+        return replace(self, patches=self.patches + (patch,))
+
+    def content_key(self) -> str:
+        return _key_hash("MODEL", self.load_key, tuple(p.key for p in self.patches))
+
+
+@dataclass(frozen=True)
+class TextEncoderBundle:
+    """CLIP: a tokenizer and its text encoder."""
+
+    tokenizer: Any
+    text_encoder: Any
+    source: str
+    load_key: str
+    patches: tuple[Patch, ...] = ()
+
+    def with_patch(self, patch: Patch) -> "TextEncoderBundle":
+        return replace(self, patches=self.patches + (patch,))
+
+    def content_key(self) -> str:
+        return _key_hash("CLIP", self.load_key, tuple(p.key for p in self.patches))
+
+
+@dataclass(frozen=True)
+class VaeBundle:
+    """VAE: latents <-> images in -1..1 (NCHW). `vae=None` is the identity of pixel-space models."""
+
+    vae: Any
+    source: str
+    load_key: str
+    latent_channels: int = 3
+    scale_factor: int = 1
+
+    def content_key(self) -> str:
+        return _key_hash("VAE", self.load_key)
+
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.vae is None:
+            return images
+        cfg = self.vae.config
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        latents = dist.mode()
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return (latents - shift) * cfg.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + shift).sample
+
+
+
+def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+    """A cheap RGB preview (NCHW in -1..1) of a latent, without running any decoder.
+
+    Three channels are taken as pixels (pixel-space models); otherwise the first three channels
+    are stretched to the full range, which shows composition well enough while sampling.
+    """
+    x = latents.detach().float()
+    if x.shape[1] == 3:
+        return x.clamp(-1, 1)
+    x = x[:, :3]
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+
+
+def folder_fingerprint(path: str) -> tuple:
+    """(path, newest mtime, total size) of the files under a model folder."""
+    newest, total = 0, 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            newest, total = max(newest, st.st_mtime_ns), total + st.st_size
+    return (os.path.abspath(path), newest, total)
+
+
+def _component_class(library: str, class_name: str, folder: str, name: str):
+    # Only classes of the two libraries, looked up by name: a model folder is data, never code.
+    if library == "diffusers":
+        import diffusers as lib
+    elif library == "transformers":
+        import transformers as lib
+    else:
+        raise ModelLoadError(f"{folder}: component {name!r} comes from {library!r}; only diffusers "
+                             f"and transformers components can be loaded")
+    cls = getattr(lib, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(f"{folder}: component {name!r} names class {class_name!r}, which "
+                             f"{library} does not have")
+    return cls
+
+
+def read_model_index(path: str) -> dict:
+    if not os.path.isdir(path):
+        what = "is a file; LoadModel takes a diffusers model folder" if os.path.exists(path) else "does not exist"
+        raise ModelLoadError(f"model folder {path!r} {what}")
+    index_path = os.path.join(path, "model_index.json")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no model_index.json; is this a diffusers model folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{index_path}: not valid JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_path}: should be a JSON object")
+    return index
+
+
+def _quiet_hub_libraries() -> None:
+    # Their per-shard progress bars would interleave with ours on the terminal.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
+    """Load MODEL, CLIP and VAE from a diffusers folder. Nothing is fetched from a hub."""
+    index = read_model_index(path)
+    _quiet_hub_libraries()
+    unknown = {k for k in index if not k.startswith("_")} - SUPPORTED_COMPONENTS - IGNORED_COMPONENTS
+    if unknown:
+        raise ModelLoadError(f"{path}: components {sorted(unknown)} are not supported yet "
+                             f"(Loomwork loads UNet text-to-image folders: SD 1.x/2.x and "
+                             f"pixel-space models)")
+    load_key = _key_hash(folder_fingerprint(path), str(dtype), device)
+    parts: dict[str, Any] = {}
+    for name in ("unet", "text_encoder", "tokenizer", "vae"):
+        spec = index.get(name)
+        if not spec or spec == [None, None]:
+            continue
+        if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(s, str) for s in spec)):
+            raise ModelLoadError(f"{path}: model_index.json entry {name!r} should be [library, class]")
+        cls = _component_class(spec[0], spec[1], path, name)
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            raise ModelLoadError(f"{path}: model_index.json lists {name!r} but the folder {sub!r} is missing")
+        kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
+        if name != "tokenizer":
+            # safetensors only: pickled weights are never unpickled freely.
+            kwargs.update(use_safetensors=True, torch_dtype=dtype)
+        try:
+            module = cls.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelLoadError(f"{sub}: cannot load {spec[1]}: {exc}") from None
+        if name != "tokenizer":
+            module = module.to(device).eval().requires_grad_(False)
+        parts[name] = module
+    for required in ("unet", "text_encoder", "tokenizer"):
+        if required not in parts:
+            raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
+    sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    try:
+        with open(sched_path, encoding="utf-8") as f:
+            scheduler_config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{sched_path}: cannot read the scheduler config ({exc})") from None
+
+    vae = parts.get("vae")
+    if vae is None:
+        vae_bundle = VaeBundle(None, path, load_key, latent_channels=parts["unet"].config.in_channels, scale_factor=1)
+    else:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae_bundle = VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels,
+                               scale_factor=factor)
+    return (ModelBundle(parts["unet"], scheduler_config, path, load_key),
+            TextEncoderBundle(parts["tokenizer"], parts["text_encoder"], path, load_key),
+            vae_bundle)

@@ -1,0 +1,131 @@
+"""Sampling: the denoising loop over a diffusers scheduler, with classifier-free guidance.
+
+Plain functions in the k-diffusion spirit: no graph, no Qt. The loop is the one every
+Stable Diffusion pipeline in diffusers runs; it is written out here (rather than calling a
+pipeline) because the engine needs a cancel/progress hook at every step, img2img by `denoise`,
+and pixel-space models without a VAE, which no single diffusers pipeline offers together.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
+
+# name -> (scheduler class, config overrides). Names are what graphs store: never rename one
+# without a node migration.
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+    "flow_match_euler": (FlowMatchEulerDiscreteScheduler, {}),
+}
+FLOW_SCHEDULERS = {"flow_match_euler"}
+
+ProgressFn = Callable[[int, int, torch.Tensor], None]
+
+
+class SchedulerMismatch(ValueError):
+    """A scheduler that cannot drive this model's noise process (flow vs. DDPM family)."""
+
+
+def is_flow_config(config: dict) -> bool:
+    """A model trained with flow matching ships a FlowMatch* scheduler config."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def make_scheduler(name: str, base_config: dict):
+    """Build scheduler `name` from a model's own scheduler config (its betas, prediction type)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    flow_model = is_flow_config(base_config)
+    if flow_model != (name in FLOW_SCHEDULERS):
+        family = "a flow-matching" if flow_model else "a DDPM-family"
+        choices = sorted(FLOW_SCHEDULERS) if flow_model else sorted(set(SCHEDULERS) - FLOW_SCHEDULERS)
+        raise SchedulerMismatch(
+            f"scheduler {name!r} cannot sample {family} model; use one of {', '.join(choices)}")
+    cls, overrides = SCHEDULERS[name]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    config.update(overrides)
+    return cls.from_config(config)
+
+
+def _step_accepts_generator(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def denoise_timesteps(scheduler, steps: int, denoise: float, device=None) -> torch.Tensor:
+    """Set the schedule and keep the last `denoise` fraction of it (img2img), as diffusers does."""
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    if denoise >= 1.0:
+        return timesteps
+    kept = min(int(steps * denoise), steps)
+    start = max(steps - kept, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return timesteps[start:]
+
+
+def noised_start(scheduler, noise: torch.Tensor, timesteps: torch.Tensor,
+                 init: Optional[torch.Tensor]) -> torch.Tensor:
+    """The first sample of the loop: pure noise (txt2img) or the init noised to the first step."""
+    if init is None:
+        return noise * scheduler.init_noise_sigma
+    if len(timesteps) == 0:
+        return init.clone()
+    first = timesteps[:1]
+    if hasattr(scheduler, "scale_noise"):  # flow matching interpolates instead of adding noise
+        return scheduler.scale_noise(init, first, noise)
+    return scheduler.add_noise(init, noise, first)
+
+
+def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
+                      negative: Optional[torch.Tensor], cfg: float,
+                      unet_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """One model call with classifier-free guidance; cond and uncond batched in one forward."""
+    unet_kwargs = unet_kwargs or {}
+    if negative is None or cfg == 1.0:
+        return unet(x, t, encoder_hidden_states=positive, **unet_kwargs).sample
+    both = torch.cat([negative.expand_as(positive), positive])
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=both, **unet_kwargs).sample
+    uncond, cond = out.chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
+@torch.no_grad()
+def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Tensor],
+           noise: torch.Tensor, steps: int, cfg: float, generator: Optional[torch.Generator] = None,
+           denoise: float = 1.0, init: Optional[torch.Tensor] = None,
+           progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """Denoise `noise` (or `init` noised by `denoise`) into a clean latent.
+
+    unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`.
+    positive/negative: text embeddings (B, L, D); negative None means no guidance.
+    progress(i, n, x): called after every step; it may raise to cancel.
+    """
+    timesteps = denoise_timesteps(scheduler, steps, denoise, device=noise.device)
+    x = noised_start(scheduler, noise, timesteps, init)
+    with_generator = _step_accepts_generator(scheduler)
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        pred = predict_noise_cfg(unet, x_in, t, positive, negative, cfg, unet_kwargs)
+        kwargs = {"generator": generator} if with_generator else {}
+        x = scheduler.step(pred, t, x, **kwargs).prev_sample
+        if progress is not None:
+            progress(i + 1, n, x)
+    return x

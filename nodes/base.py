@@ -1,0 +1,323 @@
+"""How a node type is declared: typed ports, params, version, category, docstring.
+
+The inspector, the file format (migrations), validation, the CLI's `--set` and `loomwork nodes`
+are all generated from these declarations. A node's `run` is short: unpack, call a kernel, pack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+
+# -- port types ------------------------------------------------------------------------------
+class DataType:
+    """A port type: a name people read and a colour for its wires."""
+
+    def __init__(self, name: str, color: str, doc: str = ""):
+        self.name, self.color, self.doc = name, color, doc
+
+    def accepts(self, other: "DataType") -> bool:
+        return self.name == "*" or other.name == self.name
+
+    def optional(self, doc: str = "") -> "Input":
+        return Input(self, optional=True, doc=doc)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MODEL = DataType("MODEL", "#b07cd8", "a denoiser (UNet or transformer) with its scheduler config")
+CLIP = DataType("CLIP", "#f0c040", "a tokenizer and text encoder")
+VAE = DataType("VAE", "#e0566a", "latent <-> pixel codec (identity for pixel-space models)")
+CONDITIONING = DataType("CONDITIONING", "#e89a3c", "text embeddings with the word -> token map")
+LATENT = DataType("LATENT", "#e86fa8", "a batch of latents")
+IMAGE = DataType("IMAGE", "#64b5f6", "a batch of images, float NHWC in 0..1")
+MASK = DataType("MASK", "#81c784", "a batch of masks, float NHW in 0..1")
+LAYOUT = DataType("LAYOUT", "#4dd0c8", "boxes with phrases, in 0..1 image coordinates")
+ATTENTION_MAPS = DataType("ATTENTION_MAPS", "#a1887f", "per-token cross-attention maps")
+DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, LAYOUT,
+                                  ATTENTION_MAPS)}
+
+
+@dataclass(frozen=True)
+class Input:
+    type: DataType
+    optional: bool = False
+    doc: str = ""
+
+
+def as_input(spec: "DataType | Input") -> Input:
+    return spec if isinstance(spec, Input) else Input(spec)
+
+
+# -- params ----------------------------------------------------------------------------------
+class ParamError(ValueError):
+    pass
+
+
+class Param:
+    """A node parameter. `check` returns a message for a bad value; `parse` reads CLI text.
+
+    Subclasses are dataclasses that declare `default` and `help` (positional order: the value
+    fields a reader expects first, e.g. Int(default, min, max)).
+    """
+
+    default: Any = None
+    help: str = ""
+    kind: ClassVar[str] = "any"
+
+    def check(self, value: Any) -> Optional[str]:
+        return None
+
+    def parse(self, text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ParamError(f"{text!r} is not valid JSON") from None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "default": self.default, "help": self.help}
+
+
+@dataclass
+class Int(Param):
+    default: int = 0
+    min: Optional[int] = None
+    max: Optional[int] = None
+    help: str = ""
+    step: int = 1
+    kind: ClassVar[str] = "int"
+
+    def check(self, value):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"expected a whole number, got {value!r}"
+        if self.min is not None and value < self.min:
+            return f"{value} is below the minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"{value} is above the maximum {self.max}"
+        return None
+
+    def parse(self, text):
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ParamError(f"{text!r} is not a whole number") from None
+
+    def describe(self):
+        return {**super().describe(), "min": self.min, "max": self.max, "step": self.step}
+
+
+@dataclass
+class Seed(Int):
+    default: int = 0
+    min: Optional[int] = 0
+    max: Optional[int] = 2**63 - 1
+    help: str = "random seed: the same seed gives the same image"
+    kind: ClassVar[str] = "seed"
+
+
+@dataclass
+class Float(Param):
+    default: float = 0.0
+    min: Optional[float] = None
+    max: Optional[float] = None
+    help: str = ""
+    step: float = 0.1
+    kind: ClassVar[str] = "float"
+
+    def check(self, value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"expected a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"expected a finite number, got {value!r}"
+        if self.min is not None and value < self.min:
+            return f"{value} is below the minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"{value} is above the maximum {self.max}"
+        return None
+
+    def parse(self, text):
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ParamError(f"{text!r} is not a number") from None
+
+    def describe(self):
+        return {**super().describe(), "min": self.min, "max": self.max, "step": self.step}
+
+
+@dataclass
+class Bool(Param):
+    default: bool = False
+    help: str = ""
+    kind: ClassVar[str] = "bool"
+
+    def check(self, value):
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+
+    def parse(self, text):
+        t = text.strip().lower()
+        if t in ("1", "true", "yes", "on"):
+            return True
+        if t in ("0", "false", "no", "off"):
+            return False
+        raise ParamError(f"{text!r} is not true or false")
+
+
+@dataclass
+class String(Param):
+    default: str = ""
+    help: str = ""
+    multiline: bool = False
+    kind: ClassVar[str] = "string"
+
+    def check(self, value):
+        return None if isinstance(value, str) else f"expected text, got {value!r}"
+
+    def parse(self, text):
+        return text
+
+    def describe(self):
+        return {**super().describe(), "multiline": self.multiline}
+
+
+@dataclass
+class Path(String):
+    """A file or folder on disk; the inspector shows a picker."""
+
+    mode: str = "file"  # "file", "folder" or "save"
+    filters: str = ""   # Qt file-dialog filter, e.g. "Images (*.png *.jpg)"
+    kind: ClassVar[str] = "path"
+
+    def describe(self):
+        return {**super().describe(), "mode": self.mode, "filters": self.filters}
+
+
+@dataclass
+class Choice(Param):
+    options: Sequence[str] = ()
+    default: str = ""
+    help: str = ""
+    kind: ClassVar[str] = "choice"
+
+    def __post_init__(self):
+        if not self.default and self.options:
+            self.default = self.options[0]
+
+    def check(self, value):
+        if value not in self.options:
+            return f"{value!r} is not one of: {', '.join(self.options)}"
+        return None
+
+    def parse(self, text):
+        return text.strip()
+
+    def describe(self):
+        return {**super().describe(), "options": list(self.options)}
+
+
+@dataclass
+class Json(Param):
+    """Structured data (a list of boxes, say), checked by an optional validator."""
+
+    default: Any = None
+    help: str = ""
+    validator: Optional[Callable[[Any], Optional[str]]] = None
+    kind: ClassVar[str] = "json"
+
+    def check(self, value):
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return f"not storable as JSON: {exc}"
+        return self.validator(value) if self.validator else None
+
+
+# -- nodes -----------------------------------------------------------------------------------
+class NodeError(RuntimeError):
+    """A node's own, user-facing failure (a missing file, an incompatible model)."""
+
+
+class Node:
+    """Base class of node types. Subclasses declare; the engine calls `run`."""
+
+    category: ClassVar[str] = "misc"
+    version: ClassVar[int] = 1
+    inputs: ClassVar[dict[str, DataType | Input]] = {}
+    params: ClassVar[dict[str, Param]] = {}
+    outputs: ClassVar[dict[str, DataType]] = {}
+    # Output nodes (save, preview) are what "Run" targets.
+    output_node: ClassVar[bool] = False
+    # Side-effecting nodes run whenever they are pulled, even with a cache hit.
+    always_run: ClassVar[bool] = False
+    # version -> function(params) -> params of version + 1
+    migrations: ClassVar[dict[int, Callable[[dict], dict]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.inputs = {name: as_input(spec) for name, spec in cls.inputs.items()}
+
+    # the name files and the registry use
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+    @classmethod
+    def doc(cls) -> str:
+        return (cls.__doc__ or "").strip()
+
+    @classmethod
+    def migrate(cls, params: dict, from_version: int) -> dict:
+        for v in range(from_version, cls.version):
+            step = cls.migrations.get(v)
+            if step is None:
+                raise ValueError(f"no migration from version {v} to {v + 1}")
+            params = step(params)
+        return params
+
+    @classmethod
+    def resolved_params(cls, stored: dict) -> dict:
+        """Stored params over declared defaults (files keep only what they saved)."""
+        return {name: stored.get(name, p.default) for name, p in cls.params.items()}
+
+    @classmethod
+    def fingerprint(cls, params: dict, ctx) -> Any:
+        """What the result depends on outside its inputs and params (file size and mtime...).
+
+        `ctx` offers `resolve_path`; the value goes into the cache key.
+        """
+        return None
+
+    @classmethod
+    def describe(cls) -> dict:
+        return {
+            "type": cls.type_name(), "category": cls.category, "version": cls.version,
+            "doc": cls.doc(), "output_node": cls.output_node,
+            "inputs": {n: {"type": i.type.name, "optional": i.optional} for n, i in cls.inputs.items()},
+            "outputs": {n: t.name for n, t in cls.outputs.items()},
+            "params": {n: p.describe() for n, p in cls.params.items()},
+        }
+
+    def run(self, ctx, **kwargs) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def file_fingerprint(path: str) -> Any:
+    """Size and mtime of a file, or of every file under a folder: enough to notice a change."""
+    import os
+
+    if not path or not os.path.exists(path):
+        return ("missing", path)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (path, st.st_size, st.st_mtime_ns)
+    entries = []
+    for root, _dirs, files in os.walk(path):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            entries.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
+    return (path, sorted(entries))

@@ -1,0 +1,251 @@
+"""Core nodes: load a model, encode text, make/sample/decode latents, load/save/preview images.
+
+Kernels (and so torch) are imported inside `run`: the catalogue itself must import fast, since
+the app builds its palette and inspector from it before torch is loaded.
+"""
+
+from __future__ import annotations
+
+from .base import (CLIP, CONDITIONING, IMAGE, LATENT, MASK, MODEL, VAE, Bool, Choice, Float, Int,
+                   Node, NodeError, Path, Seed, String, file_fingerprint)
+from .registry import register
+
+SCHEDULER_NAMES = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "lcm", "flow_match_euler")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@register
+class LoadModel(Node):
+    """Load a diffusers model folder (SD 1.x/2.x, or a pixel-space model such as the built-in
+    ShapesT2I). `builtin:NAME` names a model shipped with Loomwork; a relative path is taken
+    from the graph file's folder."""
+
+    category = "loaders"
+    params = {
+        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder"),
+        "dtype": Choice(DTYPES, "float32", help="weights precision; float16 halves memory on GPUs"),
+    }
+    outputs = {"model": MODEL, "clip": CLIP, "vae": VAE}
+
+    @classmethod
+    def fingerprint(cls, params, ctx):
+        return file_fingerprint(ctx.resolve_path(params["path"]))
+
+    def run(self, ctx, path, dtype):
+        from kernels.models import ModelLoadError, load_model_folder
+
+        folder = ctx.resolve_path(path)
+        try:
+            model, clip, vae = ctx.models.load(folder, dtype, load_model_folder)
+        except ModelLoadError as exc:
+            raise NodeError(str(exc)) from None
+        return {"model": model, "clip": clip, "vae": vae}
+
+
+@register
+class TextEncode(Node):
+    """Encode a prompt. The conditioning remembers which tokens each word took, for layout and
+    attention tools."""
+
+    category = "conditioning"
+    inputs = {"clip": CLIP}
+    params = {"text": String("", multiline=True, help="the prompt")}
+    outputs = {"conditioning": CONDITIONING}
+
+    def run(self, ctx, clip, text):
+        from kernels.text import encode_text
+
+        return {"conditioning": encode_text(clip.tokenizer, clip.text_encoder, text)}
+
+
+@register
+class EmptyLatent(Node):
+    """A blank latent of the given image size; its shape comes from the VAE (pixel-space models
+    have a 3-channel, full-size "latent")."""
+
+    category = "latent"
+    inputs = {"vae": VAE}
+    params = {
+        "width": Int(512, 8, 8192, step=8, help="image width in pixels"),
+        "height": Int(512, 8, 8192, step=8, help="image height in pixels"),
+        "batch": Int(1, 1, 64, help="images per run"),
+    }
+    outputs = {"latent": LATENT}
+
+    def run(self, ctx, vae, width, height, batch):
+        import torch
+
+        f = vae.scale_factor
+        if width % f or height % f:
+            raise NodeError(f"width and height must be multiples of {f} for this model, "
+                            f"got {width}x{height}")
+        return {"latent": torch.zeros(batch, vae.latent_channels, height // f, width // f)}
+
+
+@register
+class Sampler(Node):
+    """Denoise a latent with a scheduler and classifier-free guidance. With denoise < 1 the
+    input latent is kept in part (img2img): only the last `denoise` fraction of the schedule runs."""
+
+    category = "sampling"
+    version = 2
+    inputs = {"model": MODEL, "positive": CONDITIONING,
+              "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)"),
+              "latent": LATENT}
+    params = {
+        "scheduler": Choice(SCHEDULER_NAMES, "euler", help="the sampling algorithm"),
+        "steps": Int(20, 1, 500, help="denoising steps"),
+        "cfg": Float(7.0, 0.0, 30.0, step=0.5, help="classifier-free guidance scale; 1 = no guidance"),
+        "seed": Seed(),
+        "denoise": Float(1.0, 0.0, 1.0, step=0.05, help="1 = from pure noise; less keeps the input latent"),
+    }
+    outputs = {"latent": LATENT}
+    # v1 called the scheduler `sampler_name` and used ComfyUI-style names.
+    migrations = {1: lambda p: {**{k: v for k, v in p.items() if k != "sampler_name"},
+                                "scheduler": {"euler_a": "euler_ancestral", "dpmpp_2m_karras": "dpmpp_2m"}
+                                .get(p.get("sampler_name", "euler"), p.get("sampler_name", "euler"))}}
+
+    def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise):
+        import torch
+
+        from kernels.models import latent_preview
+        from kernels.sampling import SchedulerMismatch, make_scheduler, sample
+
+        try:
+            sched = make_scheduler(scheduler, model.scheduler_config)
+        except SchedulerMismatch as exc:
+            raise NodeError(str(exc)) from None
+        if latent.shape[1] != model.in_channels:
+            raise NodeError(f"the latent has {latent.shape[1]} channels but the model takes "
+                            f"{model.in_channels}: is the latent from another model's VAE?")
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
+        dtype = model.unet.dtype
+        device = model.unet.device
+        neg = negative.embeds if negative is not None else positive.empty
+        init = latent.to(device, dtype) if denoise < 1.0 else None
+
+        def progress(i, n, x):
+            ctx.progress(i, n, preview=lambda: latent_preview(x))
+
+        out = sample(model.unet, sched, positive.embeds.to(device, dtype),
+                     None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
+                     steps, cfg, generator, denoise=denoise, init=init, progress=progress)
+        return {"latent": out.float().cpu()}
+
+
+@register
+class VAEDecode(Node):
+    """Latents to images."""
+
+    category = "latent"
+    inputs = {"vae": VAE, "latent": LATENT}
+    outputs = {"image": IMAGE}
+
+    def run(self, ctx, vae, latent):
+        import torch
+
+        from kernels.images import model_to_image
+
+        with torch.no_grad():
+            return {"image": model_to_image(vae.decode(latent)).cpu()}
+
+
+@register
+class VAEEncode(Node):
+    """Images to latents (for img2img)."""
+
+    category = "latent"
+    inputs = {"vae": VAE, "image": IMAGE}
+    outputs = {"latent": LATENT}
+
+    def run(self, ctx, vae, image):
+        import torch
+
+        from kernels.images import image_to_model
+
+        f = vae.scale_factor
+        if image.shape[1] % f or image.shape[2] % f:
+            raise NodeError(f"image size {image.shape[2]}x{image.shape[1]} is not a multiple of {f}")
+        with torch.no_grad():
+            return {"latent": vae.encode(image_to_model(image)).float().cpu()}
+
+
+@register
+class LoadImage(Node):
+    """Load an image file (PNG, JPEG, WebP...). The mask is its transparency."""
+
+    category = "image"
+    params = {"path": Path("", mode="file", filters="Images (*.png *.jpg *.jpeg *.webp *.bmp)",
+                           help="the image file")}
+    outputs = {"image": IMAGE, "mask": MASK}
+
+    @classmethod
+    def fingerprint(cls, params, ctx):
+        return file_fingerprint(ctx.resolve_path(params["path"]))
+
+    def run(self, ctx, path):
+        from PIL import Image, UnidentifiedImageError
+
+        from kernels.images import from_pil
+
+        file = ctx.resolve_path(path)
+        if not path:
+            raise NodeError("no image file chosen")
+        try:
+            with Image.open(file) as im:
+                image, mask = from_pil(im)
+        except FileNotFoundError:
+            raise NodeError(f"image file {file!r} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise NodeError(f"cannot read image {file!r}: {exc}") from None
+        return {"image": image, "mask": mask}
+
+
+@register
+class ImageScale(Node):
+    """Resize images by a factor (nearest keeps hard pixels; lanczos is smooth)."""
+
+    category = "image"
+    inputs = {"image": IMAGE}
+    params = {"factor": Float(2.0, 0.05, 16.0, step=0.25, help="size multiplier"),
+              "method": Choice(("nearest", "bilinear", "bicubic", "lanczos"), "lanczos")}
+    outputs = {"image": IMAGE}
+
+    def run(self, ctx, image, factor, method):
+        from kernels.images import resize
+
+        h, w = image.shape[1:3]
+        return {"image": resize(image, max(1, round(w * factor)), max(1, round(h * factor)), method)}
+
+
+@register
+class SaveImage(Node):
+    """Save images as PNG with the graph inside, so opening the PNG reopens the graph."""
+
+    category = "image"
+    inputs = {"image": IMAGE}
+    params = {"folder": Path("", mode="folder", help="where to save (empty: the run's output folder)"),
+              "prefix": String("loomwork", help="file name prefix; a counter follows it"),
+              "embed_graph": Bool(True, help="write the graph into the PNG")}
+    output_node = True
+    always_run = True
+
+    def run(self, ctx, image, folder, prefix, embed_graph):
+        paths = ctx.save_images(image, folder=folder or None, prefix=prefix, embed_graph=embed_graph)
+        ctx.show_images(image, paths)
+        return {}
+
+
+@register
+class PreviewImage(Node):
+    """Show images in the app without saving them."""
+
+    category = "image"
+    inputs = {"image": IMAGE}
+    output_node = True
+    always_run = True
+
+    def run(self, ctx, image):
+        ctx.show_images(image, [])
+        return {}

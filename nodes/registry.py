@@ -1,0 +1,38 @@
+"""The node registry: every node type by its type name."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .base import Node
+
+_REGISTRY: dict[str, type[Node]] = {}
+
+
+def register(cls: type[Node]) -> type[Node]:
+    name = cls.type_name()
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"node type {name!r} is registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def get(name: str) -> Optional[type[Node]]:
+    _load_builtin()
+    return _REGISTRY.get(name)
+
+
+def all_types() -> dict[str, type[Node]]:
+    _load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    # Imported on first use so that `import nodes.registry` stays cheap (no torch) for the UI.
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import core  # noqa: F401

@@ -1,0 +1,64 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_model(tmp_path_factory):
+    from kernels.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-pixel"))
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_model(tmp_path_factory):
+    from kernels.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-latent"), kind="latent")
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_model(tmp_path_factory):
+    from kernels.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-flow"), flow=True)
+
+
+def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, size=16, seed=1,
+                  scheduler="euler", cfg=4.0, save=True):
+    """The standard text-to-image chain as a document; returns (graph, ids by role)."""
+    from app.graph import Graph
+
+    g = Graph()
+    ids = {}
+    ids["load"] = g.add_node("LoadModel", {"path": model_path}, title="Load", pos=(0, 0)).id
+    ids["text"] = g.add_node("TextEncode", {"text": prompt}, title="Prompt", pos=(200, 0)).id
+    ids["empty"] = g.add_node("EmptyLatent", {"width": size, "height": size}, title="Empty", pos=(200, 200)).id
+    ids["sampler"] = g.add_node("Sampler", {"steps": steps, "seed": seed, "scheduler": scheduler, "cfg": cfg},
+                                title="Sampler", pos=(400, 0)).id
+    ids["decode"] = g.add_node("VAEDecode", {}, title="Decode", pos=(600, 0)).id
+    g.connect(ids["load"], "clip", ids["text"], "clip")
+    g.connect(ids["load"], "vae", ids["empty"], "vae")
+    g.connect(ids["load"], "model", ids["sampler"], "model")
+    g.connect(ids["text"], "conditioning", ids["sampler"], "positive")
+    g.connect(ids["empty"], "latent", ids["sampler"], "latent")
+    g.connect(ids["load"], "vae", ids["decode"], "vae")
+    g.connect(ids["sampler"], "latent", ids["decode"], "latent")
+    if save:
+        ids["save"] = g.add_node("SaveImage", {"prefix": "test"}, title="Save", pos=(800, 0)).id
+        g.connect(ids["decode"], "image", ids["save"], "image")
+    return g, ids
