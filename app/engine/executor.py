@@ -99,6 +99,11 @@ class RunReport:
 
 
 def default_cache_dir() -> Path:
+    """LOOMWORK_CACHE_DIR, else the user cache folder (platformdirs)."""
+    import os
+
+    if os.environ.get("LOOMWORK_CACHE_DIR"):
+        return Path(os.environ["LOOMWORK_CACHE_DIR"])
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("loomwork", appauthor=False)) / "results"
