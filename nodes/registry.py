@@ -35,4 +35,4 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import core  # noqa: F401
+        from . import core, layout  # noqa: F401
