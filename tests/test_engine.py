@@ -1,0 +1,379 @@
+"""The executor's rules, each pinned with counting nodes or the run report."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.engine import EngineEvents, Executor
+from app.graph import Graph, save
+from nodes.base import IMAGE, Float, Int, Node, NodeError
+from nodes.registry import register
+
+RUNS: dict[str, int] = {}
+
+
+def _count(name):
+    RUNS[name] = RUNS.get(name, 0) + 1
+
+
+@register
+class TestValue(Node):
+    """Emits a number as a 1x1x1x1 IMAGE."""
+    category = "test"
+    params = {"value": Float(0.0)}
+    outputs = {"out": IMAGE}
+
+    def run(self, ctx, value):
+        import torch
+        _count(f"value")
+        return {"out": torch.full((1, 1, 1, 1), float(value))}
+
+
+@register
+class TestMod(Node):
+    """out = input mod `modulus` (lets an edit change the input yet not the output)."""
+    category = "test"
+    inputs = {"a": IMAGE}
+    params = {"modulus": Float(1000.0)}
+    outputs = {"out": IMAGE}
+
+    def run(self, ctx, a, modulus):
+        _count("mod")
+        return {"out": a % modulus}
+
+
+@register
+class TestAdd(Node):
+    category = "test"
+    inputs = {"a": IMAGE, "b": IMAGE.optional()}
+    params = {"add": Float(0.0)}
+    outputs = {"out": IMAGE}
+
+    def run(self, ctx, a, b, add):
+        _count("add")
+        out = a + add
+        return {"out": out if b is None else out + b}
+
+
+@register
+class TestSink(Node):
+    """An output node that records what reached it."""
+    category = "test"
+    inputs = {"a": IMAGE}
+    params = {"tag": Int(0)}
+    output_node = True
+    always_run = True
+    seen: list = []
+
+    def run(self, ctx, a, tag):
+        _count("sink")
+        TestSink.seen.append(float(a.flatten()[0]))
+        return {}
+
+
+@register
+class TestFail(Node):
+    category = "test"
+    inputs = {"a": IMAGE}
+    outputs = {"out": IMAGE}
+
+    def run(self, ctx, a):
+        _count("fail")
+        raise NodeError("this node always fails")
+
+
+@register
+class TestCancel(Node):
+    """Cancels the run from inside, as a user pressing Cancel mid-node would."""
+    category = "test"
+    inputs = {"a": IMAGE}
+    outputs = {"out": IMAGE}
+    cancel_event = None
+
+    def run(self, ctx, a):
+        _count("cancel")
+        TestCancel.cancel_event.set()
+        ctx.check_cancel()
+        return {"out": a}
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    RUNS.clear()
+    TestSink.seen.clear()
+
+
+@pytest.fixture
+def executor(tmp_path):
+    return Executor(device="cpu", disk_cache=tmp_path / "cache")
+
+
+def chain(g: Graph, value=1.0, add=10.0, x=0.0):
+    v = g.add_node("TestValue", {"value": value}, pos=(x, 0))
+    a = g.add_node("TestAdd", {"add": add}, pos=(x + 100, 0))
+    s = g.add_node("TestSink", {}, pos=(x + 200, 0))
+    g.connect(v.id, "out", a.id, "a")
+    g.connect(a.id, "out", s.id, "a")
+    return v, a, s
+
+
+def statuses(report):
+    return {r.title: report.status(nid) for nid, r in report.nodes.items()}
+
+
+def test_identical_chains_share_results(executor):
+    g = Graph()
+    chain(g, x=0)
+    chain(g, x=1000)
+    report = executor.run(g)
+    assert report.ok
+    assert RUNS == {"value": 1, "add": 1, "sink": 2}
+    assert TestSink.seen == [11.0, 11.0]
+
+
+def test_unchanged_graph_runs_nothing_but_sinks(executor):
+    g = Graph()
+    chain(g)
+    executor.run(g)
+    RUNS.clear()
+    report = executor.run(g)
+    assert RUNS == {"sink": 1}
+    assert sorted(statuses(report).values()) == ["cached-memory", "cached-memory", "ran"]
+
+
+def test_last_node_edit_reruns_one_node(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    executor.run(g)
+    RUNS.clear()
+    g.set_param(a.id, "add", 20.0)
+    report = executor.run(g)
+    assert RUNS == {"add": 1, "sink": 1}
+    assert report.status(v.id) == "cached-memory"
+    assert TestSink.seen[-1] == 21.0
+
+
+def test_upstream_edit_reruns_its_cone_only(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    other = g.add_node("TestValue", {"value": 5.0}, pos=(0, 300))
+    sink2 = g.add_node("TestSink", {}, pos=(200, 300))
+    g.connect(other.id, "out", sink2.id, "a")
+    executor.run(g)
+    RUNS.clear()
+    g.set_param(v.id, "value", 2.0)
+    report = executor.run(g)
+    assert RUNS == {"value": 1, "add": 1, "sink": 2}  # the second branch's value stays cached
+    assert report.status(other.id) == "cached-memory"
+    assert TestSink.seen[-2:] == [12.0, 5.0] or TestSink.seen[-2:] == [5.0, 12.0]
+
+
+def test_early_cutoff_spares_downstream(executor):
+    g = Graph()
+    v = g.add_node("TestValue", {"value": 1.0})
+    m = g.add_node("TestMod", {"modulus": 3.0}, pos=(100, 0))
+    a = g.add_node("TestAdd", {"add": 1.0}, pos=(200, 0))
+    s = g.add_node("TestSink", {}, pos=(300, 0))
+    g.connect(v.id, "out", m.id, "a")
+    g.connect(m.id, "out", a.id, "a")
+    g.connect(a.id, "out", s.id, "a")
+    executor.run(g)
+    RUNS.clear()
+    g.set_param(v.id, "value", 4.0)  # 4 mod 3 == 1 mod 3
+    report = executor.run(g)
+    assert RUNS == {"value": 1, "mod": 1, "sink": 1}
+    assert report.status(a.id) == "cached-memory"
+
+
+def test_run_to_here_pulls_only_the_cone(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    report = executor.run(g, targets=[v.id])
+    assert RUNS == {"value": 1}
+    assert set(report.nodes) == {v.id}
+
+
+def test_failure_is_isolated_to_its_cone(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    f = g.add_node("TestFail", {}, pos=(100, 200))
+    after = g.add_node("TestAdd", {}, pos=(200, 200))
+    sink2 = g.add_node("TestSink", {"tag": 2}, pos=(300, 200))
+    g.connect(v.id, "out", f.id, "a")
+    g.connect(f.id, "out", after.id, "a")
+    g.connect(after.id, "out", sink2.id, "a")
+    report = executor.run(g)
+    assert not report.ok
+    assert report.status(f.id) == "failed"
+    assert report.nodes[f.id].error == "this node always fails"
+    assert report.status(after.id) == "skipped" and report.status(sink2.id) == "skipped"
+    assert report.status(s.id) == "ran"  # the independent branch finished
+    assert TestSink.seen == [11.0]
+
+
+def test_node_raising_a_bug_reports_traceback_without_crashing(executor):
+    g = Graph()
+    v = g.add_node("TestValue", {"value": 1.0})
+    m = g.add_node("TestMod", {"modulus": 0.0}, pos=(100, 0))  # x % 0 on a tensor gives nan, fine
+    s = g.add_node("TestSink", {}, pos=(200, 0))
+    g.connect(v.id, "out", m.id, "a")
+    g.connect(m.id, "out", s.id, "a")
+    report = executor.run(g)
+    assert report.ok
+
+
+def test_invalid_node_fails_but_others_run(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    lonely = g.add_node("TestSink", {}, pos=(0, 500))  # required input not wired
+    report = executor.run(g)
+    assert report.status(lonely.id) == "failed"
+    assert "not connected" in report.nodes[lonely.id].error
+    assert report.status(s.id) == "ran"
+
+
+def test_cancel_keeps_finished_work(executor):
+    g = Graph()
+    v = g.add_node("TestValue", {"value": 3.0})
+    c = g.add_node("TestCancel", {}, pos=(100, 0))
+    s = g.add_node("TestSink", {}, pos=(200, 0))
+    g.connect(v.id, "out", c.id, "a")
+    g.connect(c.id, "out", s.id, "a")
+    cancel = threading.Event()
+    TestCancel.cancel_event = cancel
+    report = executor.run(g, cancel=cancel)
+    assert report.cancelled and not report.ok
+    assert report.status(v.id) == "ran"
+    assert report.status(c.id) == "skipped" and report.status(s.id) == "skipped"
+    assert RUNS == {"value": 1, "cancel": 1}
+    RUNS.clear()
+    TestCancel.cancel_event = threading.Event()  # not the run's event: no cancel this time
+    report = executor.run(g)
+    assert report.status(v.id) == "cached-memory"
+    assert RUNS == {"cancel": 1, "sink": 1}
+
+
+def test_sampler_cancel_stops_at_a_step_and_keeps_upstream(executor, tiny_pixel_model):
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(tiny_pixel_model, steps=6)
+    cancel = threading.Event()
+    steps = []
+
+    def progress(node_id, step, total):
+        steps.append(step)
+        if step == 2:
+            cancel.set()
+
+    report = executor.run(g, events=EngineEvents(progress=progress), cancel=cancel,
+                          output_dir=executor.disk.root.parent / "out")
+    assert report.cancelled
+    assert steps == [1, 2] and report.sampler_steps == 2
+    assert report.status(ids["text"]) == "ran"
+    assert report.status(ids["sampler"]) == "skipped"
+    again = executor.run(g, output_dir=executor.disk.root.parent / "out")
+    assert again.ok
+    assert again.status(ids["text"]) == "cached-memory" and again.status(ids["load"]) == "cached-memory"
+    assert again.sampler_steps == 6
+
+
+def test_model_loaded_once_for_two_loaders(executor, tiny_pixel_model, tmp_path):
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(tiny_pixel_model, steps=2)
+    g2, _ = txt2img_graph(tiny_pixel_model, steps=3)
+    g.merge(g2, offset=(0, 500))
+    report = executor.run(g, output_dir=tmp_path)
+    assert report.ok
+    assert executor.models.loads == 1
+    assert report.sampler_steps == 5
+
+
+def test_whitespace_only_prompt_edit_runs_no_sampler_step(executor, tiny_pixel_model, tmp_path):
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(tiny_pixel_model, prompt="a red circle", steps=3)
+    executor.run(g, output_dir=tmp_path)
+    g.set_param(ids["text"], "text", "a red   circle ")
+    report = executor.run(g, output_dir=tmp_path)
+    assert report.status(ids["text"]) == "ran"
+    assert report.status(ids["sampler"]) == "cached-memory"
+    assert report.sampler_steps == 0
+
+
+def test_same_seed_same_pixels(tiny_latent_model, tmp_path):
+    from conftest import txt2img_graph
+
+    images = []
+    for i in range(2):
+        ex = Executor(device="cpu", disk_cache=False)
+        g, ids = txt2img_graph(tiny_latent_model, steps=3, size=16)
+        captured = {}
+        ex.run(g, events=EngineEvents(images=lambda nid, im, paths: captured.setdefault("im", im)),
+               output_dir=tmp_path / str(i))
+        images.append(captured["im"])
+    assert images[0].shape == (1, 16, 16, 3)
+    assert (images[0] == images[1]).all()
+
+
+def test_memory_budget_evicts_and_recomputes(tmp_path):
+    ex = Executor(device="cpu", disk_cache=False, memory_budget=2)  # smaller than any tensor entry (4 bytes)
+    g = Graph()
+    chain(g)
+    ex.run(g)
+    RUNS.clear()
+    g.set_param(next(n.id for n in g.nodes.values() if n.type == "TestAdd"), "add", 1.0)
+    report = ex.run(g)
+    assert report.ok
+    assert RUNS == {"value": 1, "add": 1, "sink": 1}  # value's result was evicted: recomputed
+
+
+DISK_SCRIPT = r"""
+import json, sys
+from app.engine import Executor
+from app.graph import load
+from nodes import registry
+g = load(sys.argv[1], registry.get)
+report = Executor(device="cpu").run(g, output_dir=sys.argv[2], graph_path=sys.argv[1])
+print(json.dumps(report.as_json()))
+"""
+
+
+def test_disk_tier_is_hit_from_a_second_process(tiny_pixel_model, tmp_path):
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(tiny_pixel_model, steps=3)
+    path = tmp_path / "g.loom"
+    save(g, path)
+    env = {**os.environ, "LOOMWORK_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    reports = []
+    for i in range(2):
+        out = subprocess.run([sys.executable, "-c", DISK_SCRIPT, str(path), str(tmp_path / f"out{i}")],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = ({n["title"]: n["status"] for n in r["nodes"]} for r in reports)
+    assert set(first.values()) == {"ran"}
+    assert reports[1]["sampler_steps"] == 0
+    assert second["Sampler"] == "cached-disk" and second["Decode"] == "cached-disk"
+    assert second["Load"] == "cached-disk"  # the model was not even loaded
+    assert second["Save"] == "ran"
+    assert (tmp_path / "out1" / "test_00001.png").exists()
+
+
+def test_memory_cache_evicts_big_cheap_results_before_small_slow_ones():
+    from app.engine.cache import MemoryCache
+
+    cache = MemoryCache(budget_bytes=1000)
+    cache.put("slow-small", {"v": 1}, size=100, cost=5.0)
+    cache.put("cheap-big", {"v": 2}, size=800, cost=0.01)
+    cache.put("new", {"v": 3}, size=300, cost=0.5)  # over budget: one must go
+    assert "slow-small" in cache and "new" in cache
+    assert "cheap-big" not in cache
+    assert cache.used == 400
