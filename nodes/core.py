@@ -82,6 +82,15 @@ class EmptyLatent(Node):
         return {"latent": torch.zeros(batch, vae.latent_channels, height // f, width // f)}
 
 
+def _sampler_v1_to_v2(params: dict) -> dict:
+    """v1 called the scheduler `sampler_name` and used ComfyUI-style names."""
+    params = dict(params)
+    if "sampler_name" in params:
+        old = params.pop("sampler_name")
+        params["scheduler"] = {"euler_a": "euler_ancestral", "dpmpp_2m_karras": "dpmpp_2m"}.get(old, old)
+    return params
+
+
 @register
 class Sampler(Node):
     """Denoise a latent with a scheduler and classifier-free guidance. With denoise < 1 the
@@ -100,10 +109,7 @@ class Sampler(Node):
         "denoise": Float(1.0, 0.0, 1.0, step=0.05, help="1 = from pure noise; less keeps the input latent"),
     }
     outputs = {"latent": LATENT}
-    # v1 called the scheduler `sampler_name` and used ComfyUI-style names.
-    migrations = {1: lambda p: {**{k: v for k, v in p.items() if k != "sampler_name"},
-                                "scheduler": {"euler_a": "euler_ancestral", "dpmpp_2m_karras": "dpmpp_2m"}
-                                .get(p.get("sampler_name", "euler"), p.get("sampler_name", "euler"))}}
+    migrations = {1: lambda p: _sampler_v1_to_v2(p)}
 
     def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise):
         import torch

@@ -22,6 +22,14 @@ def get(name: str) -> Optional[type[Node]]:
     return _REGISTRY.get(name)
 
 
+def add_node(graph, type_name: str, params: Optional[dict] = None, **kwargs):
+    """Add a node of a registered type to a graph document, recording the type's current version."""
+    cls = get(type_name)
+    if cls is None:
+        raise ValueError(f"unknown node type {type_name!r}")
+    return graph.add_node(type_name, params, version=cls.version, **kwargs)
+
+
 def all_types() -> dict[str, type[Node]]:
     _load_builtin()
     return dict(sorted(_REGISTRY.items()))

@@ -42,15 +42,16 @@ def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, siz
                   scheduler="euler", cfg=4.0, save=True):
     """The standard text-to-image chain as a document; returns (graph, ids by role)."""
     from app.graph import Graph
+    from nodes.registry import add_node
 
     g = Graph()
     ids = {}
-    ids["load"] = g.add_node("LoadModel", {"path": model_path}, title="Load", pos=(0, 0)).id
-    ids["text"] = g.add_node("TextEncode", {"text": prompt}, title="Prompt", pos=(200, 0)).id
-    ids["empty"] = g.add_node("EmptyLatent", {"width": size, "height": size}, title="Empty", pos=(200, 200)).id
-    ids["sampler"] = g.add_node("Sampler", {"steps": steps, "seed": seed, "scheduler": scheduler, "cfg": cfg},
+    ids["load"] = add_node(g, "LoadModel", {"path": model_path}, title="Load", pos=(0, 0)).id
+    ids["text"] = add_node(g, "TextEncode", {"text": prompt}, title="Prompt", pos=(200, 0)).id
+    ids["empty"] = add_node(g, "EmptyLatent", {"width": size, "height": size}, title="Empty", pos=(200, 200)).id
+    ids["sampler"] = add_node(g, "Sampler", {"steps": steps, "seed": seed, "scheduler": scheduler, "cfg": cfg},
                                 title="Sampler", pos=(400, 0)).id
-    ids["decode"] = g.add_node("VAEDecode", {}, title="Decode", pos=(600, 0)).id
+    ids["decode"] = add_node(g, "VAEDecode", {}, title="Decode", pos=(600, 0)).id
     g.connect(ids["load"], "clip", ids["text"], "clip")
     g.connect(ids["load"], "vae", ids["empty"], "vae")
     g.connect(ids["load"], "model", ids["sampler"], "model")
@@ -59,6 +60,6 @@ def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, siz
     g.connect(ids["load"], "vae", ids["decode"], "vae")
     g.connect(ids["sampler"], "latent", ids["decode"], "latent")
     if save:
-        ids["save"] = g.add_node("SaveImage", {"prefix": "test"}, title="Save", pos=(800, 0)).id
+        ids["save"] = add_node(g, "SaveImage", {"prefix": "test"}, title="Save", pos=(800, 0)).id
         g.connect(ids["decode"], "image", ids["save"], "image")
     return g, ids
