@@ -172,7 +172,7 @@ def read_model_index(path: str) -> dict:
     return index
 
 
-def _quiet_hub_libraries() -> None:
+def quiet_hub_libraries() -> None:
     # Their per-shard progress bars would interleave with ours on the terminal.
     import diffusers
     import transformers
@@ -185,7 +185,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
     """Load MODEL, CLIP and VAE from a diffusers folder. Nothing is fetched from a hub."""
     index = read_model_index(path)
-    _quiet_hub_libraries()
+    quiet_hub_libraries()
     unknown = {k for k in index if not k.startswith("_")} - SUPPORTED_COMPONENTS - IGNORED_COMPONENTS
     if unknown:
         raise ModelLoadError(f"{path}: components {sorted(unknown)} are not supported yet "

@@ -49,6 +49,9 @@ def build_tiny_model(path: str, *, kind: str = "pixel", flow: bool = False, seed
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from kernels.models import quiet_hub_libraries
+
+    quiet_hub_libraries()
     if kind not in ("pixel", "latent"):
         raise ValueError(f"kind must be 'pixel' or 'latent', got {kind!r}")
     torch.manual_seed(seed)
