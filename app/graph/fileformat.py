@@ -17,6 +17,7 @@ build, are kept as placeholders and written back byte-for-byte as they were read
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -75,9 +76,12 @@ def _list(doc: dict, key: str) -> list:
     return value
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _number_pair(value: Any, what: str) -> tuple[float, float]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_finite(v) for v in value):
         raise GraphFileError(f"{what} should be two numbers [x, y], got {value!r}")
     return float(value[0]), float(value[1])
 
@@ -141,8 +145,7 @@ def _read_group(i: int, rec: Any, nodes: dict[str, Node]) -> Group:
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise GraphFileError(f"group #{i}: 'nodes' should be a list of node ids")
     rect = rec.get("rect", [0, 0, 200, 200])
-    if (not isinstance(rect, list) or len(rect) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rect)):
+    if not isinstance(rect, list) or len(rect) != 4 or not all(_finite(v) for v in rect):
         raise GraphFileError(f"group #{i}: 'rect' should be [x, y, width, height]")
     title, color = rec.get("title", "Group"), rec.get("color", "#3a4150")
     if not isinstance(title, str) or not isinstance(color, str):
@@ -197,8 +200,9 @@ def graph_to_dict(graph: Graph) -> dict:
     for n in graph.nodes.values():
         if n.raw is not None:
             # Placeholders go back as read; only the canvas position may have moved.
+            # (Compared as read, so an untouched [10, 20] is not rewritten as [10.0, 20.0].)
             rec = json.loads(json.dumps(n.raw))
-            if "pos" in rec or n.pos != (0.0, 0.0):
+            if n.pos != _number_pair(rec.get("pos", [0, 0]), "pos"):
                 rec["pos"] = [n.pos[0], n.pos[1]]
             nodes.append(rec)
             continue
@@ -225,6 +229,8 @@ def loads(text: str, catalog: Optional[Catalog] = None, *, path=None) -> Graph:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GraphFileError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from None
+    except RecursionError:  # json's decoder recurses per level of [ / {
+        raise GraphFileError("not a graph: the JSON is nested too deeply", path) from None
     try:
         return graph_from_dict(doc, catalog)
     except GraphFileError as exc:
@@ -254,7 +260,7 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
         if not data.strip():
             raise GraphFileError("the file is empty", path)
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a BOM (some Windows editors add one) is fine
         except UnicodeDecodeError:
             raise GraphFileError("not a text file (not UTF-8); a .loom file is JSON", path) from None
     return loads(text, catalog, path=path)
@@ -283,5 +289,5 @@ def save(graph: Graph, path: os.PathLike | str) -> None:
         atomic_write(path, dumps(graph).encode("utf-8"))
     except OSError as exc:
         raise GraphFileError(f"cannot save: {exc.strerror or exc}", path) from None
-    except ValueError as exc:  # e.g. NaN in a param: refuse rather than write invalid JSON
+    except (ValueError, TypeError) as exc:  # NaN, or a value JSON cannot hold: refuse, keep the old file
         raise GraphFileError(f"cannot save: {exc}", path) from None
