@@ -84,7 +84,8 @@ def noised_start(scheduler, noise: torch.Tensor, timesteps: torch.Tensor,
                  init: Optional[torch.Tensor]) -> torch.Tensor:
     """The first sample of the loop: pure noise (txt2img) or the init noised to the first step."""
     if init is None:
-        return noise * scheduler.init_noise_sigma
+        # Flow-matching schedulers start from unit noise and have no init_noise_sigma.
+        return noise * getattr(scheduler, "init_noise_sigma", 1.0)
     if len(timesteps) == 0:
         return init.clone()
     first = timesteps[:1]
@@ -122,7 +123,7 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     with_generator = _step_accepts_generator(scheduler)
     n = len(timesteps)
     for i, t in enumerate(timesteps):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         pred = predict_noise_cfg(unet, x_in, t, positive, negative, cfg, unet_kwargs)
         kwargs = {"generator": generator} if with_generator else {}
         x = scheduler.step(pred, t, x, **kwargs).prev_sample
