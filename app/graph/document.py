@@ -67,11 +67,13 @@ class GraphError(ValueError):
 
 
 class CycleError(GraphError):
-    """The graph has a cycle; `nodes` are the ids on it (or fed only through it)."""
+    """The graph has a cycle. `nodes`: every id that cannot be ordered (on a cycle, or fed
+    through one); `on_cycle`: only those on a cycle."""
 
-    def __init__(self, message: str, nodes: list[str]):
+    def __init__(self, message: str, nodes: list[str], on_cycle: Optional[list[str]] = None):
         super().__init__(message)
         self.nodes = nodes
+        self.on_cycle = nodes if on_cycle is None else on_cycle
 
 
 @dataclass
@@ -219,9 +221,31 @@ class Graph:
             ready.sort(key=order_key)
         if len(out) != len(members):
             stuck = sorted(n for n, d in indegree.items() if d > 0)
-            names = ", ".join(self.nodes[n].label for n in stuck)
-            raise CycleError(f"the graph has a cycle through: {names}", stuck)
+            on_cycle = self._on_cycle(stuck)
+            names = ", ".join(self.nodes[n].label for n in on_cycle)
+            raise CycleError(f"the graph has a cycle through: {names}", stuck, on_cycle)
         return out
+
+    def _on_cycle(self, candidates: list[str]) -> list[str]:
+        """Those of `candidates` that can reach themselves (not merely fed by a cycle)."""
+        among = set(candidates)
+        reads: dict[str, set[str]] = {}
+        for e in self.edges:
+            if e.src in among and e.dst in among:
+                reads.setdefault(e.src, set()).add(e.dst)
+        found = []
+        for start in candidates:
+            seen: set[str] = set()
+            stack = list(reads.get(start, ()))
+            while stack:
+                n = stack.pop()
+                if n == start:
+                    found.append(start)
+                    break
+                if n not in seen:
+                    seen.add(n)
+                    stack.extend(reads.get(n, ()))
+        return found
 
     def copy(self) -> "Graph":
         return copy.deepcopy(self)

@@ -39,8 +39,12 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
                       f"extension that provides it or delete the node)")
             continue
         if node.is_placeholder:
-            add(node, f"saved by a newer Loomwork ({node.type} v{node.version}; this build has "
-                      f"v{spec.version}); it is kept unchanged but cannot run")
+            if node.version > spec.version:
+                add(node, f"saved by a newer Loomwork ({node.type} v{node.version}; this build has "
+                          f"v{spec.version}); it is kept unchanged but cannot run")
+            else:  # e.g. the file was loaded without a node catalog
+                add(node, f"kept unchanged as a placeholder, so it cannot run; reopen the file "
+                          f"with the node catalog to edit it")
             continue
         wired = graph.inputs_of(nid)
         for name, port in spec.inputs.items():
@@ -74,6 +78,11 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
     try:
         graph.topological_order(members)
     except CycleError as exc:
+        loop = ", ".join(graph.nodes[n].label for n in exc.on_cycle)
         for nid in exc.nodes:
-            add(graph.nodes[nid], "is on a cycle: its inputs depend on its own output")
+            if nid in exc.on_cycle:
+                add(graph.nodes[nid], "is on a cycle: its inputs depend on its own output; "
+                                      "remove one of the wires between " + loop)
+            else:
+                add(graph.nodes[nid], f"cannot run: it is fed by a cycle (through {loop})")
     return problems
