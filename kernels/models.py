@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -30,18 +30,6 @@ def _key_hash(*parts: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Patch:
-    """A record of a change applied to a model (LoRA, eraser edit, attention processor).
-
-    `key` must change whenever the patch's effect changes: it goes into cache keys.
-    """
-
-    kind: str
-    key: str
-    apply: Any = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
 class ModelBundle:
     """MODEL: the denoiser and its scheduler config. Patches are recorded, never done in place."""
 
@@ -49,7 +37,7 @@ class ModelBundle:
     scheduler_config: dict
     source: str
     load_key: str
-    patches: tuple[Patch, ...] = ()
+    patches: tuple = ()  # kernels.patching.ModelPatch, applied in order
 
     @property
     def is_flow(self) -> bool:
@@ -59,11 +47,11 @@ class ModelBundle:
     def in_channels(self) -> int:
         return int(self.unet.config.in_channels)
 
-    def with_patch(self, patch: Patch) -> "ModelBundle":
+    def with_patch(self, patch) -> "ModelBundle":
         return replace(self, patches=self.patches + (patch,))
 
     def content_key(self) -> str:
-        return _key_hash("MODEL", self.load_key, tuple(p.key for p in self.patches))
+        return _key_hash("MODEL", self.load_key, tuple(p.cache_key() for p in self.patches))
 
 
 @dataclass(frozen=True)
@@ -74,13 +62,13 @@ class TextEncoderBundle:
     text_encoder: Any
     source: str
     load_key: str
-    patches: tuple[Patch, ...] = ()
+    patches: tuple = ()  # kernels.patching.ModelPatch, applied in order
 
-    def with_patch(self, patch: Patch) -> "TextEncoderBundle":
+    def with_patch(self, patch) -> "TextEncoderBundle":
         return replace(self, patches=self.patches + (patch,))
 
     def content_key(self) -> str:
-        return _key_hash("CLIP", self.load_key, tuple(p.key for p in self.patches))
+        return _key_hash("CLIP", self.load_key, tuple(p.cache_key() for p in self.patches))
 
 
 @dataclass(frozen=True)

@@ -111,18 +111,25 @@ def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
 def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Tensor],
            noise: torch.Tensor, steps: int, cfg: float, generator: Optional[torch.Generator] = None,
            denoise: float = 1.0, init: Optional[torch.Tensor] = None,
-           progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None) -> torch.Tensor:
+           progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None,
+           before_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+           ) -> torch.Tensor:
     """Denoise `noise` (or `init` noised by `denoise`) into a clean latent.
 
     unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`.
     positive/negative: text embeddings (B, L, D); negative None means no guidance.
     progress(i, n, x): called after every step; it may raise to cancel.
+    before_step(i, t, x) -> x: steers the sample before step i (gradient guidance); it runs
+    with gradients enabled.
     """
     timesteps = denoise_timesteps(scheduler, steps, denoise, device=noise.device)
     x = noised_start(scheduler, noise, timesteps, init)
     with_generator = _step_accepts_generator(scheduler)
     n = len(timesteps)
     for i, t in enumerate(timesteps):
+        if before_step is not None:
+            with torch.enable_grad():
+                x = before_step(i, t, x).detach()
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         pred = predict_noise_cfg(unet, x_in, t, positive, negative, cfg, unet_kwargs)
         kwargs = {"generator": generator} if with_generator else {}

@@ -53,9 +53,11 @@ class TextEncode(Node):
     outputs = {"conditioning": CONDITIONING}
 
     def run(self, ctx, clip, text):
+        from kernels.patching import applied_patches
         from kernels.text import encode_text
 
-        return {"conditioning": encode_text(clip.tokenizer, clip.text_encoder, text)}
+        with applied_patches(clip.patches, clip.text_encoder):
+            return {"conditioning": encode_text(clip.tokenizer, clip.text_encoder, text)}
 
 
 @register
@@ -115,6 +117,7 @@ class Sampler(Node):
         import torch
 
         from kernels.models import latent_preview
+        from kernels.patching import ModelPatch, SamplingRun, applied_patches, merged_unet_kwargs
         from kernels.sampling import SchedulerMismatch, make_scheduler, sample
 
         try:
@@ -134,9 +137,22 @@ class Sampler(Node):
         def progress(i, n, x):
             ctx.progress(i, n, preview=lambda: latent_preview(x))
 
-        out = sample(model.unet, sched, positive.embeds.to(device, dtype),
-                     None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
-                     steps, cfg, generator, denoise=denoise, init=init, progress=progress)
+        run = SamplingRun(unet=model.unet, scheduler=sched, positive=positive, negative=negative,
+                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator)
+        patches = model.patches
+        steering = [p for p in patches if type(p).before_step is not ModelPatch.before_step]
+
+        def before_step(i, t, x):
+            for p in steering:
+                x = p.before_step(run, i, t, x)
+            return x
+
+        with applied_patches(patches, model.unet, run):
+            out = sample(model.unet, sched, positive.embeds.to(device, dtype),
+                         None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
+                         steps, cfg, generator, denoise=denoise, init=init, progress=progress,
+                         unet_kwargs=merged_unet_kwargs(patches, run) or None,
+                         before_step=before_step if steering else None)
         return {"latent": out.float().cpu()}
 
 
