@@ -66,9 +66,10 @@ def apply_sets(graph, sets: list[str]) -> None:
 class ProgressPrinter:
     """A one-line progress bar on a terminal; plain lines otherwise (logs, CI)."""
 
-    def __init__(self, graph, stream=sys.stderr):
-        self.graph, self.stream = graph, stream
-        self.tty = stream.isatty()
+    def __init__(self, graph, stream=None):
+        # sys.stderr looked up now, not at import: it may have been redirected since.
+        self.graph, self.stream = graph, stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
         self._last = 0.0
 
     def node_state(self, nid, state, info):
@@ -106,7 +107,11 @@ def set_threads() -> None:
     CPUs batch-1 sampling is not faster with more threads, and contention makes it far slower)."""
     import torch
 
-    n = int(os.environ.get("LOOMWORK_THREADS", "1"))
+    text = os.environ.get("LOOMWORK_THREADS", "1")
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"LOOMWORK_THREADS should be a whole number, got {text!r}") from None
     torch.set_num_threads(max(1, n))
 
 
@@ -116,6 +121,9 @@ def cmd_run(args) -> int:
 
     graph = _load(args.graph)
     apply_sets(graph, args.set or [])
+    if not Executor.output_nodes(graph):  # else the run would do nothing and say "done"
+        raise UsageError(f"{args.graph}: nothing to run: the graph has no output node "
+                         f"(add a SaveImage or PreviewImage)")
     problems = _problems(graph)
     if problems:
         for p in problems:
