@@ -245,6 +245,43 @@ def test_png_round_trip(tmp_path):
         assert im.size == (8, 8) and im.getpixel((0, 0)) == (200, 30, 30)
 
 
+@pytest.mark.parametrize("kind", ["itxt-zip", "itxt", "text", "ztxt"])
+def test_png_graph_in_any_text_chunk_kind(tmp_path, kind):
+    """Other tools re-saving our PNGs may rewrite the chunk as tEXt/zTXt or uncompressed iTXt."""
+    from PIL import PngImagePlugin
+
+    g = Graph(meta={"note": "ascii only"})
+    add_node(g, "EmptyLatent", {"width": 64}, title="Empty")
+    info = PngImagePlugin.PngInfo()
+    if kind.startswith("itxt"):
+        info.add_itxt("loomwork.graph", dumps(g), zip=kind == "itxt-zip")
+    else:
+        info.add_text("loomwork.graph", dumps(g), zip=kind == "ztxt")
+    path = tmp_path / "k.png"
+    _image().save(path, pnginfo=info)
+    assert dumps(load(path, catalog)) == dumps(g)
+
+
+def test_png_with_a_big_graph(tmp_path):
+    """Pillow refuses text chunks over 1 MB; a big graph we wrote must still read back."""
+    g = sample_graph()
+    g.meta["notes"] = [f"note {i}: " + "lorem ipsum dolor sit amet " * 4 for i in range(20_000)]
+    text = dumps(g)
+    assert len(text) > 2 << 20
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bytes(_image(), text))
+    assert dumps(load(path, catalog)) == text
+
+
+def test_png_with_cut_image_data_still_gives_its_graph(tmp_path):
+    data = png_bytes(_image(), dumps(sample_graph()))
+    idat = data.index(b"IDAT") - 4
+    assert data.index(b"iTXt") < idat  # the graph chunk comes before the image data
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: idat + 10])
+    assert load(path, catalog).meta["author"] == "Zoë"
+
+
 def test_png_of_a_v1_graph_is_migrated(tmp_path):
     path = tmp_path / "old.png"
     path.write_bytes(png_bytes(_image(), OLD_V1.read_text(encoding="utf-8")))
@@ -360,8 +397,28 @@ def _damaged_png():
 
 
 def _truncated_png():
+    """Cut inside the graph's own chunk."""
     data = png_bytes(_image(), dumps(sample_graph()))
-    return data[: len(data) // 2]
+    return data[: data.index(b"iTXt") + 40]
+
+
+def _png_bad_checksum():
+    data = bytearray(png_bytes(_image(), dumps(sample_graph())))
+    data[data.index(b"iTXt") + 30] ^= 0xFF
+    return bytes(data)
+
+
+def _png_zip_bomb():
+    """A graph chunk that inflates far past any real graph."""
+    import struct
+    import zlib
+
+    z = zlib.compressobj(9)
+    block = b" " * (1 << 20)
+    packed = b"".join(z.compress(block) for _ in range(80)) + z.flush()
+    body = b"loomwork.graph\0" + b"\1\0" + b"\0\0" + packed
+    chunk = struct.pack(">I", len(body)) + b"iTXt" + body + struct.pack(">I", zlib.crc32(b"iTXt" + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk
 
 
 def _png_with_bad_graph():
@@ -454,7 +511,10 @@ MALFORMED = [
     ("v1-edge-without-colon", _edit(_v1_edge_without_colon), "node_id:port"),
     ("png-without-graph", _png_without_graph(), "no loomwork graph"),
     ("damaged-png", _damaged_png(), "damaged png"),
-    ("truncated-png", _truncated_png(), "png"),
+    ("truncated-png", _truncated_png(), "damaged png"),
+    ("png-bad-checksum", _png_bad_checksum(), "checksum"),
+    ("png-zip-bomb", _png_zip_bomb(), "larger than"),
+    ("png-signature-only", b"\x89PNG\r\n\x1a\n", "no loomwork graph"),
     ("png-with-bad-graph", _png_with_bad_graph(), "not valid json"),
 ]
 
