@@ -1,0 +1,100 @@
+"""The Loomwork desktop app (PySide6). `main(argv)` opens the window.
+
+Start-up order matters for speed: Qt and our widgets first, window shown, then torch is imported
+in a background thread (Runner.warm_up), so the window never waits on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from typing import Optional
+
+__all__ = ["main", "install_excepthook"]
+
+
+def install_excepthook(window) -> None:
+    """Unexpected errors become a message (status bar, and a dialog for the first of a burst)
+    instead of ending the app: a bug in one handler must not lose the user's graph."""
+    from PySide6 import QtCore, QtWidgets
+
+    state = {"open": False}
+
+    def report(text: str, detail: str) -> None:
+        sys.stderr.write(detail)
+        try:
+            window.show_message(f"Internal error: {text}", 20000)
+        except Exception:
+            return
+        if state["open"] or os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+            return
+        state["open"] = True
+        box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Warning, "Loomwork: internal error",
+                                    f"Something went wrong, but your graph is safe:\n{text}",
+                                    QtWidgets.QMessageBox.Ok, window)
+        box.setDetailedText(detail)
+        box.finished.connect(lambda _r: state.update(open=False))
+        box.open()
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            QtWidgets.QApplication.quit()
+            return
+        detail = "".join(traceback.format_exception(exc_type, exc, tb))
+        text = f"{exc_type.__name__}: {exc}"
+        if threading.current_thread() is threading.main_thread():
+            report(text, detail)
+        else:  # from a worker thread: hop to the UI thread
+            QtCore.QTimer.singleShot(0, window, lambda: report(text, detail))
+
+    sys.excepthook = hook
+    threading.excepthook = lambda args: hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def create_app(argv: Optional[list[str]] = None):
+    from PySide6 import QtWidgets
+
+    from . import theme
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["loomwork", *(argv or [])])
+    app.setApplicationName("Loomwork")
+    app.setOrganizationName("Loomwork")
+    app.setDesktopFileName("loomwork")
+    theme.apply(app)
+    return app
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    app = create_app([a for a in argv if a.startswith("-")])
+    from PySide6 import QtCore
+
+    from .window import MainWindow, app_icon, default_graph
+
+    app.setWindowIcon(app_icon())
+    window = MainWindow()
+    install_excepthook(window)
+    paths = [a for a in argv if not a.startswith("-")]
+    window.show()
+    opened = False
+    if paths:
+        opened = window.open_path(paths[0], ask=False)
+    if not opened:
+        window.doc.replace(default_graph(), None)
+
+    def after_shown():
+        # Recovery first (it is about work the user may lose), then warm torch up.
+        if os.environ.get("LOOMWORK_QUIT_AFTER_SHOWN"):  # bench/ui.py measures start-up
+            import time
+
+            print(f"LOOMWORK_SHOWN {time.time():.6f} torch_loaded={'torch' in sys.modules}", flush=True)
+            QtCore.QTimer.singleShot(0, app.quit)
+            return
+        if not paths:
+            window.offer_recovery()
+        window.runner.warm_up()
+
+    QtCore.QTimer.singleShot(0, after_shown)
+    return app.exec()

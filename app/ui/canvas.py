@@ -1,0 +1,469 @@
+"""The graph canvas: NodeGraphQt as a view of our Document.
+
+Two directions, never mixed:
+- document -> canvas: `sync()` diffs the Graph against what the canvas shows and adds, removes or
+  moves node items, wires and backdrops until they match. It runs after every document change.
+- canvas -> document: user gestures (drag a wire, move nodes, slice wires, rename, resize a
+  backdrop) arrive as viewer signals and become Document edits (undoable commands). A refused
+  edit (an incompatible wire) just re-syncs, which puts the canvas back as the document says.
+
+Node run states (stale, queued, running, cached, done, failed) and result thumbnails are drawn
+here as child items of the node items.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from app.graph import Node
+from nodes import registry
+
+from . import ngqt_compat as ngqt
+from .document import Document
+from .theme import CATEGORY_TINTS, STATE_COLORS, hex_to_rgb
+
+THUMB_WIDTH = 160  # scene units; small results are scaled up to this
+
+
+class BadgeItem(QtWidgets.QGraphicsItem):
+    """A small coloured pill above a node: its run state ("running 4/20", "failed", ...)."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.text, self.color = "", QtGui.QColor("#666")
+        self.font = QtGui.QFont()
+        self.font.setPointSizeF(7.5)
+        self.font.setBold(True)
+        self.setZValue(5)
+        self.setAcceptHoverEvents(True)
+
+    def set(self, text: str, color: str, tooltip: str = "") -> None:
+        self.prepareGeometryChange()
+        self.text, self.color = text, QtGui.QColor(color)
+        self.setToolTip(tooltip)
+        self.setVisible(bool(text))
+        self.update()
+
+    def _size(self) -> QtCore.QSizeF:
+        m = QtGui.QFontMetricsF(self.font)
+        return QtCore.QSizeF(m.horizontalAdvance(self.text) + 12, m.height() + 4)
+
+    def boundingRect(self):
+        s = self._size()
+        return QtCore.QRectF(0, 0, s.width(), s.height())
+
+    def paint(self, painter, option, widget=None):
+        r = self.boundingRect()
+        painter.setRenderHint(QtGui.QPainter.Antialiasing)
+        painter.setPen(QtCore.Qt.NoPen)
+        painter.setBrush(self.color)
+        painter.drawRoundedRect(r, r.height() / 2, r.height() / 2)
+        painter.setFont(self.font)
+        painter.setPen(QtGui.QColor("#101216") if self.color.lightness() > 110 else QtGui.QColor("#f0f2f5"))
+        painter.drawText(r, QtCore.Qt.AlignCenter, self.text)
+
+
+class ThumbItem(QtWidgets.QGraphicsPixmapItem):
+    """A node's latest image (a preview while sampling, the result after), below the node."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.setZValue(-1)
+        self.setVisible(False)
+
+    def show_image(self, image: QtGui.QImage, width: float) -> None:
+        pix = QtGui.QPixmap.fromImage(image)
+        self.setPixmap(pix)
+        scale = width / max(1, pix.width())
+        self.setScale(scale)
+        # Hard pixels for small images (the built-in model makes 32x32): blurring them up lies.
+        small = pix.width() * 2 <= width
+        self.setTransformationMode(QtCore.Qt.FastTransformation if small else QtCore.Qt.SmoothTransformation)
+        self.setVisible(True)
+
+
+class GraphCanvas(QtCore.QObject):
+    """Owns the NodeGraphQt graph showing `doc`; translates gestures into document edits."""
+
+    selection_changed = QtCore.Signal(list)     # selected node ids
+    message = QtCore.Signal(str)                # for the status bar (refusals and hints)
+    node_activated = QtCore.Signal(str)         # double click
+    files_dropped = QtCore.Signal(list)
+    tab_pressed = QtCore.Signal()
+    context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
+
+    def __init__(self, doc: Document, parent=None):
+        super().__init__(parent)
+        self.doc = doc
+        self.ng = ngqt.make_node_graph(self)
+        self.viewer: ngqt.LoomViewer = self.ng.viewer()
+        self.viewer.setObjectName("GraphViewer")
+        self._items: dict[str, ngqt.LoomNode] = {}       # node id -> NodeGraphQt node
+        self._backdrops: dict[str, ngqt.BackdropNode] = {}
+        self._shape: dict[str, tuple] = {}               # node id -> (type, ports) it was built with
+        self._badges: dict[str, BadgeItem] = {}
+        self._thumbs: dict[str, ThumbItem] = {}
+        self._syncing = False
+        self.ng.set_background_color(24, 26, 31)
+        self.ng.set_grid_color(34, 37, 44)
+
+        v = self.viewer
+        v.connection_changed.connect(self._on_connection_changed)
+        v.connection_sliced.connect(self._on_connection_sliced)
+        v.moved_nodes.connect(self._on_moved)
+        v.node_name_changed.connect(self._on_renamed)
+        v.node_backdrop_updated.connect(self._on_backdrop_updated)
+        v.node_double_clicked.connect(self.node_activated)
+        v.node_selection_changed.connect(lambda *_: self._emit_selection())
+        v.node_selected.connect(lambda *_: self._emit_selection())
+        v.files_dropped.connect(lambda paths, _pos: self.files_dropped.emit(paths))
+        v.tab_pressed.connect(self.tab_pressed)
+        v.context_requested.connect(self.context_requested)
+        doc.structure_changed.connect(self.sync)
+        doc.node_changed.connect(self._refresh_node)
+        doc.replaced.connect(self._on_replaced)
+        self.sync()
+
+    # -- widget -------------------------------------------------------------------------
+    @property
+    def widget(self) -> QtWidgets.QWidget:
+        return self.viewer
+
+    # -- queries ------------------------------------------------------------------------
+    def item(self, node_id: str) -> Optional[ngqt.LoomNode]:
+        return self._items.get(node_id)
+
+    def port_view(self, node_id: str, port: str, output: bool):
+        node = self._items[node_id]
+        return (node.outputs() if output else node.inputs())[port].view
+
+    def shown_edges(self) -> set[tuple[str, str, str, str]]:
+        """The wires the canvas draws, as (src, src_port, dst, dst_port)."""
+        out = set()
+        for nid, node in self._items.items():
+            for name, port in node.inputs().items():
+                for other in port.view.connected_ports:
+                    out.add((other.node.id, other.name, nid, name))
+        return out
+
+    def selected_ids(self) -> list[str]:
+        return [v.id for v in self.viewer.selected_nodes() if v.id in self._items]
+
+    def selected_group_ids(self) -> list[str]:
+        return [v.id for v in self.viewer.selected_nodes() if v.id in self._backdrops]
+
+    def select(self, ids) -> None:
+        ids = set(ids)
+        for nid, node in list(self._items.items()) + list(self._backdrops.items()):
+            node.view.setSelected(nid in ids)
+        self._emit_selection()
+
+    def node_rect(self, node_id: str) -> QtCore.QRectF:
+        view = self._items[node_id].view
+        x, y = view.xy_pos
+        return QtCore.QRectF(x, y, view.width, view.height)
+
+    def cursor_scene_pos(self) -> QtCore.QPointF:
+        """Where a new node should go: under the mouse if it is over the canvas, else the centre."""
+        v = self.viewer
+        local = v.mapFromGlobal(QtGui.QCursor.pos())
+        if v.rect().contains(local):
+            return v.mapToScene(local)
+        return v.mapToScene(v.rect().center())
+
+    def frame(self) -> None:
+        """Fit the selection (or everything) in view."""
+        views = self.viewer.selected_nodes() or [n.view for n in self._items.values()] + \
+            [b.view for b in self._backdrops.values()]
+        if views:
+            self.viewer.zoom_to_nodes(views)
+            if self.viewer.get_zoom() < -0.6:
+                self.viewer.set_zoom(-0.6)
+
+    # -- document -> canvas -------------------------------------------------------------
+    def _on_replaced(self):
+        for nid in list(self._items):
+            self._remove_item(nid)
+        for gid in list(self._backdrops):
+            self._remove_backdrop(gid)
+        self.sync()
+        QtCore.QTimer.singleShot(0, self.frame)
+
+    def sync(self) -> None:
+        """Make the canvas show exactly the document."""
+        self._syncing = True
+        try:
+            graph = self.doc.graph
+            for nid in list(self._items):
+                node = graph.nodes.get(nid)
+                if node is None or self._shape.get(nid) != self._ports_of(node):
+                    self._remove_item(nid)
+            for nid, node in graph.nodes.items():
+                if nid not in self._items:
+                    self._add_item(node)
+                else:
+                    view = self._items[nid].view
+                    if tuple(view.xy_pos) != tuple(node.pos):
+                        view.xy_pos = [node.pos[0], node.pos[1]]
+                    self._refresh_node(nid)
+            want = {(e.src, e.src_port, e.dst, e.dst_port) for e in graph.edges}
+            have = self.shown_edges()
+            for src, sp, dst, dp in have - want:
+                a, b = self.port_view(src, sp, True), self.port_view(dst, dp, False)
+                a.disconnect_from(b)
+            for src, sp, dst, dp in want - have:
+                try:
+                    a, b = self.port_view(src, sp, True), self.port_view(dst, dp, False)
+                except KeyError:  # a wire to a port the node does not have (a stale file)
+                    continue
+                a.connect_to(b)
+            self._sync_groups()
+        finally:
+            self._syncing = False
+
+    def _ports_of(self, node: Node) -> tuple:
+        """(inputs, outputs) the node item needs: from the declaration, or for a placeholder
+        from the wires the file has (so they still show)."""
+        spec = registry.get(node.type)
+        if spec is not None and not node.is_placeholder:
+            return (node.type, tuple((n, i.type.name, i.optional) for n, i in spec.inputs.items()),
+                    tuple((n, t.name) for n, t in spec.outputs.items()))
+        ins = sorted({e.dst_port for e in self.doc.graph.edges if e.dst == node.id})
+        outs = sorted({e.src_port for e in self.doc.graph.edges if e.src == node.id})
+        return (node.type, tuple((n, "?", True) for n in ins), tuple((n, "?") for n in outs))
+
+    def _add_item(self, node: Node) -> None:
+        from nodes.base import DATA_TYPES
+
+        shape = self._ports_of(node)
+        item = ngqt.LoomNode()
+        item.model.id = node.id
+        item.view.id = node.id
+        item.NODE_NAME = item.model.name = item.view.name = node.title or node.type
+        for name, type_name, optional in shape[1]:
+            color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
+            item.add_input(name + ("" if not optional else ""), color=color)
+        for name, type_name in shape[2]:
+            color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
+            item.add_output(name, multi_output=True, color=color)
+            self.viewer.wire_colors[(node.id, name)] = (*color, 255)
+        self.ng.add_node(item, pos=[node.pos[0], node.pos[1]], selected=False, push_undo=False)
+        # Looks are set on the view after adding: NodeGraphQt copies its model onto the view when
+        # a node is added (and makes names unique, "Sampler 1"; we show the document's title).
+        spec = registry.get(node.type)
+        tint = CATEGORY_TINTS.get(spec.category if spec else "", CATEGORY_TINTS["misc"])
+        item.view.color = (*hex_to_rgb(tint), 255)
+        item.view.border_color = (58, 63, 75, 255)
+        item.view.text_color = (230, 233, 238, 255)
+        item.view.name = node.title or node.type
+        item.view.draw_node()
+        for name, type_name, optional in shape[1]:
+            port = item.inputs()[name].view
+            port.setToolTip(f"{name}: {type_name}" + (" (optional)" if optional else ""))
+        for name, type_name in shape[2]:
+            item.outputs()[name].view.setToolTip(f"{name}: {type_name}")
+        self._items[node.id] = item
+        self._shape[node.id] = shape
+        badge = BadgeItem(item.view)
+        badge.setVisible(False)
+        self._badges[node.id] = badge
+        self._thumbs[node.id] = ThumbItem(item.view)
+        self._refresh_node(node.id)
+
+    def _remove_item(self, nid: str) -> None:
+        item = self._items.pop(nid)
+        for port in list(item.inputs().values()) + list(item.outputs().values()):
+            for pipe in list(port.view.connected_pipes):
+                pipe.delete()
+        self.ng.remove_node(item, push_undo=False)
+        self._shape.pop(nid, None)
+        self._badges.pop(nid, None)
+        self._thumbs.pop(nid, None)
+        for key in [k for k in self.viewer.wire_colors if k[0] == nid]:
+            del self.viewer.wire_colors[key]
+
+    def _refresh_node(self, nid: str) -> None:
+        node, item = self.doc.graph.nodes.get(nid), self._items.get(nid)
+        if node is None or item is None:
+            return
+        title = node.title or node.type
+        if item.view.name != title:
+            item.view.name = title
+            item.view.draw_node()
+        spec = registry.get(node.type)
+        tip = f"{node.type}" + (f"\n{spec.doc()}" if spec else "\n(unknown type: kept as a placeholder)")
+        item.view.setToolTip(getattr(item.view, "_state_tip", "") or tip)
+        self._place_decorations(nid)
+
+    def _place_decorations(self, nid: str) -> None:
+        view = self._items[nid].view
+        badge = self._badges[nid]
+        badge.setPos(view.width - badge.boundingRect().width() - 4, -badge.boundingRect().height() - 3)
+        self._thumbs[nid].setPos(0, view.height + 6)
+
+    def _sync_groups(self) -> None:
+        groups = {g.id: g for g in self.doc.graph.groups}
+        for gid in list(self._backdrops):
+            if gid not in groups:
+                self._remove_backdrop(gid)
+        for gid, group in groups.items():
+            bd = self._backdrops.get(gid)
+            if bd is None:
+                bd = ngqt.BackdropNode()
+                bd.model.id = bd.view.id = gid
+                self.ng.add_node(bd, selected=False, push_undo=False)
+                self._backdrops[gid] = bd
+            x, y, w, h = group.rect
+            view = bd.view
+            if tuple(view.xy_pos) != (x, y):
+                view.xy_pos = [x, y]
+            if (view.width, view.height) != (w, h):
+                view.width, view.height = w, h
+            view.name = group.title
+            view.color = (*hex_to_rgb(group.color), 255)
+            view.update()
+
+    def _remove_backdrop(self, gid: str) -> None:
+        bd = self._backdrops.pop(gid)
+        self.ng.remove_node(bd, push_undo=False)
+
+    # -- run state and images -----------------------------------------------------------
+    def set_state(self, nid: str, state: str, text: str = "", tooltip: str = "") -> None:
+        """Show a run state on a node: badge text and colour, border colour, tooltip."""
+        item = self._items.get(nid)
+        if item is None:
+            return
+        color = STATE_COLORS.get(state, "#666a74")
+        self._badges[nid].set(text or state, color, tooltip)
+        item.view.border_color = (*hex_to_rgb(color), 255) if state not in ("idle",) else (58, 63, 75, 255)
+        item.view._state_tip = tooltip
+        if state == "idle":
+            self._badges[nid].setVisible(False)
+        self._refresh_node(nid)
+        item.view.update()
+
+    def badge_text(self, nid: str) -> str:
+        badge = self._badges.get(nid)
+        return badge.text if badge is not None and badge.isVisible() else ""
+
+    def show_image(self, nid: str, image: QtGui.QImage) -> None:
+        thumb = self._thumbs.get(nid)
+        if thumb is not None:
+            thumb.show_image(image, max(THUMB_WIDTH, self._items[nid].view.width))
+            self._place_decorations(nid)
+
+    def thumbnail(self, nid: str) -> Optional[QtGui.QPixmap]:
+        thumb = self._thumbs.get(nid)
+        return thumb.pixmap() if thumb is not None and thumb.isVisible() else None
+
+    # -- canvas -> document -------------------------------------------------------------
+    def _pair(self, p1, p2) -> Optional[tuple[str, str, str, str]]:
+        """(src, src_port, dst, dst_port) for two port views in either order."""
+        from NodeGraphQt.constants import PortTypeEnum
+
+        out, inp = (p1, p2) if p1.port_type == PortTypeEnum.OUT.value else (p2, p1)
+        if out.port_type != PortTypeEnum.OUT.value or inp.port_type != PortTypeEnum.IN.value:
+            return None
+        return out.node.id, out.name, inp.node.id, inp.name
+
+    def request_connection(self, src: str, src_port: str, dst: str, dst_port: str) -> Optional[str]:
+        """Wire as a drag on the canvas would (same path, same refusal): returns the refusal."""
+        a, b = self.port_view(src, src_port, True), self.port_view(dst, dst_port, False)
+        self._last_refusal = None
+        self.viewer.connection_changed.emit([], [(a, b)])
+        return self._last_refusal
+
+    _last_refusal: Optional[str] = None
+
+    def _on_connection_changed(self, disconnected, connected) -> None:
+        doc = self.doc
+        refused = None
+        wires, new_inputs = [], set()
+        for p1, p2 in connected:
+            pair = self._pair(p1, p2)
+            if pair is None:
+                refused = "connect an output to an input"
+                continue
+            why = doc.connection_problem(*pair)
+            if why:
+                refused = why
+                continue
+            wires.append(pair)
+            new_inputs.add((pair[2], pair[3]))
+        # A drag that moves a wire first detaches it; an input wired again by the same gesture
+        # needs no separate disconnect (the connect replaces it). A refused drop changes nothing.
+        cuts = []
+        if not refused:
+            for p1, p2 in disconnected:
+                pair = self._pair(p1, p2)
+                if pair and (pair[2], pair[3]) not in new_inputs \
+                        and doc.graph.input_edge(pair[2], pair[3]) is not None:
+                    cuts.append(pair)
+        if cuts or wires:
+            doc.undo.beginMacro("connect" if wires else "disconnect")
+            for pair in cuts:
+                doc.disconnect(pair[2], pair[3])
+            for pair in wires:
+                doc.connect(*pair)
+            doc.undo.endMacro()
+        if refused:
+            self._last_refusal = refused
+            self.message.emit(f"Not connected: {refused}")
+        self.sync()
+
+    def _on_connection_sliced(self, ports) -> None:
+        self.doc.undo.beginMacro("cut wires")
+        for p1, p2 in ports:
+            pair = self._pair(p1, p2)
+            if pair:
+                self.doc.disconnect(pair[2], pair[3])
+        self.doc.undo.endMacro()
+        self.sync()
+
+    def _on_moved(self, moved: dict) -> None:
+        node_moves, group_moves = {}, {}
+        for view, _prev in moved.items():
+            if view.id in self._items:
+                node_moves[view.id] = tuple(view.xy_pos)
+            elif view.id in self._backdrops:
+                group_moves[view.id] = tuple(view.xy_pos)
+        self.doc.undo.beginMacro("move")
+        self.doc.move_nodes(node_moves)
+        for gid, (x, y) in group_moves.items():
+            group = self.doc.group(gid)
+            if group is not None:
+                self.doc.edit_group(gid, rect=(x, y, group.rect[2], group.rect[3]))
+        self.doc.undo.endMacro()
+        self.sync()
+
+    def _on_renamed(self, nid: str, name: str) -> None:
+        if nid in self._items:
+            node = self.doc.graph.nodes[nid]
+            self.doc.rename(nid, "" if name == node.type else name)
+        elif nid in self._backdrops:
+            self.doc.edit_group(nid, title=name)
+        self.sync()
+
+    def _on_backdrop_updated(self, gid: str, what: str, value) -> None:
+        if gid in self._backdrops and isinstance(value, dict):
+            x, y = value.get("pos", self._backdrops[gid].view.xy_pos)
+            self.doc.edit_group(gid, rect=(float(x), float(y), float(value["width"]), float(value["height"])))
+        self.sync()
+
+    def _emit_selection(self) -> None:
+        if not self._syncing:
+            self.selection_changed.emit(self.selected_ids())
+
+    # -- edits on the selection ---------------------------------------------------------
+    def group_selection(self, title: str = "Group") -> Optional[str]:
+        ids = self.selected_ids()
+        if not ids:
+            self.message.emit("Select nodes to group first")
+            return None
+        rect = QtCore.QRectF()
+        for nid in ids:
+            rect = rect.united(self.node_rect(nid))
+        rect = rect.adjusted(-24, -48, 24, 24)
+        return self.doc.add_group(ids, (rect.x(), rect.y(), rect.width(), rect.height()), title)

@@ -1,0 +1,156 @@
+"""The image panel: the latest results (and live previews) with zoom, pixel/smooth filtering, save."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+
+class ZoomView(QtWidgets.QGraphicsView):
+    """A pixmap with wheel zoom and drag pan; starts fitted to the panel."""
+
+    zoom_changed = QtCore.Signal(float)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setScene(QtWidgets.QGraphicsScene(self))
+        self.item = QtWidgets.QGraphicsPixmapItem()
+        self.scene().addItem(self.item)
+        self.setDragMode(QtWidgets.QGraphicsView.ScrollHandDrag)
+        self.setTransformationAnchor(QtWidgets.QGraphicsView.AnchorUnderMouse)
+        self.setBackgroundBrush(QtGui.QColor("#15171b"))
+        self.setFrameShape(QtWidgets.QFrame.NoFrame)
+        self.fitted = True
+        self.smooth = False
+
+    def set_image(self, image: QtGui.QImage) -> None:
+        self.item.setPixmap(QtGui.QPixmap.fromImage(image))
+        self.scene().setSceneRect(self.item.boundingRect())
+        self.apply_filter()
+        if self.fitted:
+            self.fit()
+
+    def apply_filter(self) -> None:
+        self.item.setTransformationMode(QtCore.Qt.SmoothTransformation if self.smooth
+                                        else QtCore.Qt.FastTransformation)
+
+    def fit(self) -> None:
+        self.fitted = True
+        if not self.item.pixmap().isNull():
+            self.fitInView(self.item, QtCore.Qt.KeepAspectRatio)
+            self.zoom_changed.emit(self.zoom())
+
+    def set_zoom(self, factor: float) -> None:
+        self.fitted = False
+        self.setTransform(QtGui.QTransform.fromScale(factor, factor))
+        self.zoom_changed.emit(factor)
+
+    def zoom(self) -> float:
+        return self.transform().m11()
+
+    def wheelEvent(self, event):
+        step = 1.25 if event.angleDelta().y() > 0 else 0.8
+        self.set_zoom(max(0.05, min(64.0, self.zoom() * step)))
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        if self.fitted:
+            self.fit()
+
+
+class ImageViewer(QtWidgets.QWidget):
+    """Shows one image large, recent ones as a strip below."""
+
+    MAX_RECENT = 24
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.view = ZoomView()
+        self.caption = QtWidgets.QLabel("No image yet: press Run.")
+        self.caption.setObjectName("Hint")
+        self.zoom_label = QtWidgets.QLabel("")
+        self.zoom_label.setObjectName("Hint")
+        bar = QtWidgets.QHBoxLayout()
+        bar.setContentsMargins(0, 0, 0, 0)
+        self.fit_btn = self._button("Fit", "fit the image to the panel", self.view.fit)
+        self.one_btn = self._button("1:1", "actual pixels", lambda: self.view.set_zoom(1.0))
+        self.x8_btn = self._button("8×", "eight times", lambda: self.view.set_zoom(8.0))
+        self.smooth_box = QtWidgets.QCheckBox("Smooth")
+        self.smooth_box.setToolTip("smooth filtering when zoomed (off: hard pixels)")
+        self.smooth_box.toggled.connect(self._set_smooth)
+        self.save_btn = self._button("Save…", "save this image as PNG", self.save_current)
+        for w in (self.fit_btn, self.one_btn, self.x8_btn, self.smooth_box):
+            bar.addWidget(w)
+        bar.addStretch(1)
+        bar.addWidget(self.zoom_label)
+        bar.addWidget(self.save_btn)
+        self.strip = QtWidgets.QListWidget()
+        self.strip.setViewMode(QtWidgets.QListView.IconMode)
+        self.strip.setFlow(QtWidgets.QListView.LeftToRight)
+        self.strip.setWrapping(False)
+        em = QtGui.QFontMetrics(self.font()).height()
+        self.strip.setIconSize(QtCore.QSize(em * 3, em * 3))
+        self.strip.setFixedHeight(em * 5)
+        self.strip.setMovement(QtWidgets.QListView.Static)
+        self.strip.currentRowChanged.connect(self._pick)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.setSpacing(4)
+        lay.addLayout(bar)
+        lay.addWidget(self.view, 1)
+        lay.addWidget(self.caption)
+        lay.addWidget(self.strip)
+        self.view.zoom_changed.connect(lambda z: self.zoom_label.setText(f"{z * 100:.0f}%"))
+        self.images: list[tuple[QtGui.QImage, str, Optional[str]]] = []
+        self.current: Optional[QtGui.QImage] = None
+        self.save_btn.setEnabled(False)
+
+    def _button(self, text, tip, slot):
+        b = QtWidgets.QToolButton()
+        b.setText(text)
+        b.setToolTip(tip)
+        b.clicked.connect(slot)
+        return b
+
+    def _set_smooth(self, on: bool) -> None:
+        self.view.smooth = on
+        self.view.apply_filter()
+
+    def show_preview(self, image: QtGui.QImage, label: str) -> None:
+        """A live sampler preview: shown, not kept."""
+        self.current = image
+        self.view.set_image(image)
+        self.caption.setText(f"{label} (preview)")
+
+    def add_image(self, image: QtGui.QImage, label: str, path: Optional[str] = None) -> None:
+        self.images.insert(0, (image, label, path))
+        del self.images[self.MAX_RECENT:]
+        item = QtWidgets.QListWidgetItem(QtGui.QIcon(QtGui.QPixmap.fromImage(image)), "")
+        item.setToolTip(f"{label}\n{path or 'not saved'}")
+        self.strip.blockSignals(True)
+        self.strip.insertItem(0, item)
+        while self.strip.count() > self.MAX_RECENT:
+            self.strip.takeItem(self.strip.count() - 1)
+        self.strip.setCurrentRow(0)
+        self.strip.blockSignals(False)
+        self._pick(0)
+
+    def _pick(self, row: int) -> None:
+        if 0 <= row < len(self.images):
+            image, label, path = self.images[row]
+            self.current = image
+            self.view.set_image(image)
+            self.caption.setText(f"{label} · {image.width()}×{image.height()}" + (f" · {path}" if path else ""))
+            self.save_btn.setEnabled(True)
+
+    def save_current(self, path: Optional[str] = None) -> Optional[str]:
+        if self.current is None:
+            return None
+        if not path:
+            path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save image", "image.png", "PNG (*.png)")
+        if path:
+            if not self.current.save(path, "PNG"):
+                QtWidgets.QMessageBox.warning(self, "Save image", f"Could not write {path}.")
+                return None
+        return path or None

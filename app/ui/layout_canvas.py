@@ -1,0 +1,357 @@
+"""The layout canvas: draw, move, resize and delete boxes, each with a phrase, for a Layout node.
+
+Boxes are kept in 0..1 image coordinates ({"x0","y0","x1","y1","phrase"}), drawn over the current
+image or a blank canvas of the node's width x height. Every finished gesture (a drawn box, a
+move, a resize, a delete, a phrase) is one Document.set_param of the node's `boxes`, so it is
+undoable with everything else; the canvas re-reads the param whenever the document changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from nodes import registry
+
+from .document import Document
+
+HANDLE = 7          # px: corner handle size
+MIN_BOX = 0.01      # boxes smaller than this (in 0..1) are a click, not a drawing
+BOX_COLORS = ["#5aa9f0", "#f0b429", "#4caf70", "#e5606a", "#b07cd8", "#4dd0c8", "#e86fa8", "#a1887f"]
+
+
+def clamp01(v: float) -> float:
+    return max(0.0, min(1.0, v))
+
+
+class BoxCanvas(QtWidgets.QWidget):
+    """The drawing surface. `boxes` are edited locally during a drag and committed on release."""
+
+    committed = QtCore.Signal(list)       # the new boxes list after a gesture
+    selection_changed = QtCore.Signal(int)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setMouseTracking(True)
+        self.setFocusPolicy(QtCore.Qt.StrongFocus)
+        self.setMinimumSize(160, 160)
+        self.boxes: list[dict] = []
+        self.size_px = (512, 512)
+        self.background: Optional[QtGui.QImage] = None
+        self.selected = -1
+        self._drag: Optional[tuple] = None   # (mode, index, start point 0..1, box at start)
+        self.enabled_for_node = False
+
+    # -- geometry -------------------------------------------------------------------------
+    def image_rect(self) -> QtCore.QRectF:
+        """Where the image (or blank canvas) sits in the widget: centred, aspect kept."""
+        w, h = self.size_px
+        margin = 10
+        avail = QtCore.QRectF(self.rect()).adjusted(margin, margin, -margin, -margin)
+        scale = min(avail.width() / max(1, w), avail.height() / max(1, h))
+        rw, rh = w * scale, h * scale
+        return QtCore.QRectF(avail.center().x() - rw / 2, avail.center().y() - rh / 2, rw, rh)
+
+    def to_unit(self, p: QtCore.QPointF) -> tuple[float, float]:
+        r = self.image_rect()
+        return clamp01((p.x() - r.x()) / r.width()), clamp01((p.y() - r.y()) / r.height())
+
+    def box_rect(self, box: dict) -> QtCore.QRectF:
+        r = self.image_rect()
+        return QtCore.QRectF(r.x() + box["x0"] * r.width(), r.y() + box["y0"] * r.height(),
+                             (box["x1"] - box["x0"]) * r.width(), (box["y1"] - box["y0"]) * r.height())
+
+    def _corner_at(self, pos: QtCore.QPointF, index: int) -> Optional[str]:
+        r = self.box_rect(self.boxes[index])
+        corners = {"tl": r.topLeft(), "tr": r.topRight(), "bl": r.bottomLeft(), "br": r.bottomRight()}
+        for name, c in corners.items():
+            if abs(pos.x() - c.x()) <= HANDLE and abs(pos.y() - c.y()) <= HANDLE:
+                return name
+        return None
+
+    def _box_at(self, pos: QtCore.QPointF) -> int:
+        for i in reversed(range(len(self.boxes))):  # topmost (last drawn) first
+            if self.box_rect(self.boxes[i]).contains(pos):
+                return i
+        return -1
+
+    # -- state ---------------------------------------------------------------------------
+    def set_boxes(self, boxes: list[dict]) -> None:
+        if self._drag is not None:
+            return  # the document echoes our own commit; the drag's local state is newer
+        self.boxes = copy.deepcopy(boxes or [])
+        if self.selected >= len(self.boxes):
+            self.select(len(self.boxes) - 1)
+        self.update()
+
+    def select(self, index: int) -> None:
+        self.selected = index
+        self.selection_changed.emit(index)
+        self.update()
+
+    def delete_selected(self) -> None:
+        if 0 <= self.selected < len(self.boxes):
+            del self.boxes[self.selected]
+            self.select(min(self.selected, len(self.boxes) - 1))
+            self.committed.emit(copy.deepcopy(self.boxes))
+
+    # -- mouse ---------------------------------------------------------------------------
+    def mousePressEvent(self, event):
+        if event.button() != QtCore.Qt.LeftButton or not self.enabled_for_node:
+            return
+        self.setFocus()
+        pos = event.position()
+        u = self.to_unit(pos)
+        if 0 <= self.selected < len(self.boxes):
+            corner = self._corner_at(pos, self.selected)
+            if corner:
+                self._drag = ("resize:" + corner, self.selected, u, dict(self.boxes[self.selected]))
+                return
+        hit = self._box_at(pos)
+        if hit >= 0:
+            self.select(hit)
+            self._drag = ("move", hit, u, dict(self.boxes[hit]))
+            return
+        if not self.image_rect().contains(pos):
+            self.select(-1)
+            return
+        self.boxes.append({"x0": u[0], "y0": u[1], "x1": u[0], "y1": u[1], "phrase": ""})
+        self.select(len(self.boxes) - 1)
+        self._drag = ("draw", self.selected, u, dict(self.boxes[-1]))
+
+    def mouseMoveEvent(self, event):
+        pos = event.position()
+        if self._drag is None:
+            self._update_cursor(pos)
+            return
+        mode, i, start, box0 = self._drag
+        u = self.to_unit(pos)
+        dx, dy = u[0] - start[0], u[1] - start[1]
+        box = dict(box0)
+        if mode == "draw":
+            box.update(x0=min(start[0], u[0]), x1=max(start[0], u[0]),
+                       y0=min(start[1], u[1]), y1=max(start[1], u[1]))
+        elif mode == "move":
+            w, h = box0["x1"] - box0["x0"], box0["y1"] - box0["y0"]
+            x0 = max(0.0, min(1.0 - w, box0["x0"] + dx))
+            y0 = max(0.0, min(1.0 - h, box0["y0"] + dy))
+            box.update(x0=x0, y0=y0, x1=x0 + w, y1=y0 + h)
+        else:
+            corner = mode.split(":")[1]
+            xk = "x0" if corner[1] == "l" else "x1"
+            yk = "y0" if corner[0] == "t" else "y1"
+            box[xk], box[yk] = clamp01(box0[xk] + dx), clamp01(box0[yk] + dy)
+            box["x0"], box["x1"] = sorted((box["x0"], box["x1"]))
+            box["y0"], box["y1"] = sorted((box["y0"], box["y1"]))
+        self.boxes[i] = box
+        self.update()
+
+    def mouseReleaseEvent(self, event):
+        if self._drag is None or event.button() != QtCore.Qt.LeftButton:
+            return
+        mode, i, _start, box0 = self._drag
+        self._drag = None
+        box = self.boxes[i]
+        if box["x1"] - box["x0"] < MIN_BOX or box["y1"] - box["y0"] < MIN_BOX:
+            if mode == "draw":  # a click on empty canvas: no box
+                del self.boxes[i]
+                self.select(-1)
+            else:
+                self.boxes[i] = box0
+            self.update()
+            if mode == "draw":
+                return
+        if self.boxes[i] if i < len(self.boxes) else None:
+            self.boxes[i] = {k: (round(v, 4) if k != "phrase" else v) for k, v in self.boxes[i].items()}
+        if mode != "draw" and i < len(self.boxes) and self.boxes[i] == box0:
+            return  # a click that selected a box
+        self.committed.emit(copy.deepcopy(self.boxes))
+
+    def keyPressEvent(self, event):
+        if event.key() in (QtCore.Qt.Key_Delete, QtCore.Qt.Key_Backspace):
+            self.delete_selected()
+            return
+        super().keyPressEvent(event)
+
+    def _update_cursor(self, pos) -> None:
+        if 0 <= self.selected < len(self.boxes):
+            corner = self._corner_at(pos, self.selected)
+            if corner:
+                self.setCursor(QtCore.Qt.SizeFDiagCursor if corner in ("tl", "br") else QtCore.Qt.SizeBDiagCursor)
+                return
+        if self._box_at(pos) >= 0:
+            self.setCursor(QtCore.Qt.SizeAllCursor)
+        else:
+            self.setCursor(QtCore.Qt.CrossCursor)
+
+    # -- paint ---------------------------------------------------------------------------
+    def paintEvent(self, event):
+        p = QtGui.QPainter(self)
+        p.setRenderHint(QtGui.QPainter.Antialiasing)
+        p.fillRect(self.rect(), QtGui.QColor("#15171b"))
+        r = self.image_rect()
+        if self.background is not None and not self.background.isNull():
+            small = self.background.width() * 2 <= r.width()
+            p.setRenderHint(QtGui.QPainter.SmoothPixmapTransform, not small)
+            p.drawImage(r, self.background)
+            p.fillRect(r, QtGui.QColor(0, 0, 0, 70))  # so boxes stay readable over any image
+        else:
+            p.fillRect(r, QtGui.QColor("#23262d"))
+            p.setPen(QtGui.QPen(QtGui.QColor("#2e323a"), 1))
+            for k in range(1, 8):  # eighths guide
+                x = r.x() + r.width() * k / 8
+                y = r.y() + r.height() * k / 8
+                p.drawLine(QtCore.QPointF(x, r.top()), QtCore.QPointF(x, r.bottom()))
+                p.drawLine(QtCore.QPointF(r.left(), y), QtCore.QPointF(r.right(), y))
+        p.setPen(QtGui.QPen(QtGui.QColor("#3a3f4b"), 1))
+        p.setBrush(QtCore.Qt.NoBrush)
+        p.drawRect(r)
+        font = p.font()
+        for i, box in enumerate(self.boxes):
+            color = QtGui.QColor(BOX_COLORS[i % len(BOX_COLORS)])
+            br = self.box_rect(box)
+            fill = QtGui.QColor(color)
+            fill.setAlpha(60 if i == self.selected else 35)
+            p.setBrush(fill)
+            p.setPen(QtGui.QPen(color, 2.2 if i == self.selected else 1.4))
+            p.drawRect(br)
+            label = box.get("phrase") or f"box {i + 1}"
+            font.setBold(i == self.selected)
+            p.setFont(font)
+            fm = QtGui.QFontMetricsF(font)
+            tag = QtCore.QRectF(br.x(), br.y() - fm.height() - 2, fm.horizontalAdvance(label) + 8, fm.height() + 2)
+            if tag.top() < r.top():
+                tag.moveTop(br.y() + 1)
+            p.fillRect(tag, color)
+            p.setPen(QtGui.QColor("#101216"))
+            p.drawText(tag, QtCore.Qt.AlignCenter, label)
+            if i == self.selected:
+                p.setBrush(QtGui.QColor("#f0f2f5"))
+                p.setPen(QtGui.QPen(color, 1))
+                for c in (br.topLeft(), br.topRight(), br.bottomLeft(), br.bottomRight()):
+                    p.drawRect(QtCore.QRectF(c.x() - HANDLE / 2, c.y() - HANDLE / 2, HANDLE, HANDLE))
+        if not self.enabled_for_node:
+            p.setPen(QtGui.QColor("#8c93a1"))
+            p.drawText(self.rect(), QtCore.Qt.AlignCenter | QtCore.Qt.TextWordWrap,
+                       "Select a Layout node to draw its boxes")
+        p.end()
+
+
+class LayoutPanel(QtWidgets.QWidget):
+    """The canvas plus a phrase field for the selected box, bound to one Layout node."""
+
+    message = QtCore.Signal(str)
+
+    def __init__(self, doc: Document, parent=None):
+        super().__init__(parent)
+        self.doc = doc
+        self.node_id: Optional[str] = None
+        self.canvas = BoxCanvas()
+        self.title = QtWidgets.QLabel("")
+        self.title.setObjectName("Hint")
+        self.phrase = QtWidgets.QLineEdit()
+        self.phrase.setPlaceholderText("phrase for the selected box, e.g. “a red circle”")
+        self.phrase.setEnabled(False)
+        self.delete_btn = QtWidgets.QToolButton()
+        self.delete_btn.setText("Delete box")
+        self.delete_btn.clicked.connect(self.canvas.delete_selected)
+        self.image_box = QtWidgets.QCheckBox("Over image")
+        self.image_box.setToolTip("draw over the latest image (off: a blank canvas of the node's size)")
+        self.image_box.setChecked(True)
+        self.image_box.toggled.connect(self._refresh_background)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.phrase, 1)
+        row.addWidget(self.delete_btn)
+        top = QtWidgets.QHBoxLayout()
+        top.addWidget(self.title, 1)
+        top.addWidget(self.image_box)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.addLayout(top)
+        lay.addWidget(self.canvas, 1)
+        lay.addLayout(row)
+        hint = QtWidgets.QLabel("Drag on empty canvas to draw a box · drag a box to move · "
+                                "corners resize · Delete removes")
+        hint.setObjectName("Hint")
+        hint.setWordWrap(True)
+        lay.addWidget(hint)
+        self.latest_image: Optional[QtGui.QImage] = None
+        self.canvas.committed.connect(self._commit)
+        self.canvas.selection_changed.connect(self._on_box_selected)
+        self.phrase.editingFinished.connect(self._phrase_edited)
+        doc.node_changed.connect(self._on_node_changed)
+        doc.structure_changed.connect(self._on_structure)
+        doc.replaced.connect(lambda: self.set_node(None))
+        self.set_node(None)
+
+    def set_node(self, node_id: Optional[str]) -> None:
+        """Bind to a Layout node (anything with a `boxes` Json param), or to nothing."""
+        node = self.doc.graph.nodes.get(node_id) if node_id else None
+        spec = registry.get(node.type) if node else None
+        if spec is None or "boxes" not in spec.params:
+            node_id = None
+        self.node_id = node_id
+        self.canvas.enabled_for_node = node_id is not None
+        self.canvas.selected = -1
+        self._reload()
+
+    def set_image(self, image: Optional[QtGui.QImage]) -> None:
+        self.latest_image = image
+        self._refresh_background()
+
+    def _refresh_background(self, *_):
+        self.canvas.background = self.latest_image if self.image_box.isChecked() else None
+        if self.canvas.background is not None and self.node_id is None:
+            self.canvas.size_px = (self.latest_image.width(), self.latest_image.height())
+        self._reload()
+
+    def _params(self) -> Optional[dict]:
+        node = self.doc.graph.nodes.get(self.node_id) if self.node_id else None
+        if node is None:
+            return None
+        return registry.get(node.type).resolved_params(node.params)
+
+    def _reload(self) -> None:
+        params = self._params()
+        if params is None:
+            self.title.setText("No Layout node selected")
+            self.canvas.set_boxes([])
+        else:
+            node = self.doc.graph.nodes[self.node_id]
+            w, h = int(params.get("width", 512)), int(params.get("height", 512))
+            self.canvas.size_px = (w, h)
+            self.title.setText(f"{node.title or node.type}: {w}×{h}, {len(params['boxes'] or [])} box(es)")
+            self.canvas.set_boxes(params["boxes"] or [])
+        self._on_box_selected(self.canvas.selected)
+        self.canvas.update()
+
+    def _commit(self, boxes: list) -> None:
+        if self.node_id is None:
+            return
+        problem = self.doc.set_param(self.node_id, "boxes", boxes)
+        if problem:
+            self.message.emit(f"boxes: {problem}")
+            self._reload()
+
+    def _on_box_selected(self, index: int) -> None:
+        ok = 0 <= index < len(self.canvas.boxes)
+        self.phrase.setEnabled(ok)
+        self.delete_btn.setEnabled(ok)
+        self.phrase.setText(self.canvas.boxes[index].get("phrase", "") if ok else "")
+
+    def _phrase_edited(self) -> None:
+        i = self.canvas.selected
+        if 0 <= i < len(self.canvas.boxes) and self.canvas.boxes[i].get("phrase", "") != self.phrase.text():
+            boxes = copy.deepcopy(self.canvas.boxes)
+            boxes[i]["phrase"] = self.phrase.text()
+            self._commit(boxes)
+
+    def _on_node_changed(self, node_id: str) -> None:
+        if node_id == self.node_id:
+            self._reload()
+
+    def _on_structure(self) -> None:
+        if self.node_id is not None and self.node_id not in self.doc.graph.nodes:
+            self.set_node(None)

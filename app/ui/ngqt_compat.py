@@ -1,0 +1,132 @@
+"""Every adaptation of NodeGraphQt 0.6.x to PySide6 6.12 and to our "canvas only" use, in one place.
+
+We use NodeGraphQt as a view: nodes, ports, wires, backdrops, selection, pan and zoom. Its own
+undo stack, properties bin, context menus, tab search and session format are not used; user
+gestures on the canvas are turned into requests to our document (see canvas.py) instead of edits
+to NodeGraphQt's model. What this module changes, and why:
+
+1. Qt.py (NodeGraphQt's Qt shim) must pick PySide6, not whatever other binding is importable.
+2. `LoomViewer` (a NodeViewer subclass):
+   - is built without an undo stack, so NodeGraphQt adds no Ctrl+Z/Ctrl+Y actions of its own
+     (two actions with one shortcut in a window are ambiguous in Qt and neither fires);
+   - hands Tab to us (QWidget would use it to move focus) for our node palette;
+   - draws wires in the colour of their data type, also after selection highlights reset them;
+   - has no context menu of its own (the window adds ours);
+   - reports dropped files instead of trying to import them as NodeGraphQt sessions.
+3. `detach_controller` unplugs NodeGraph's slots from the viewer's gesture signals, so a drag,
+   a wire, a rename or a backdrop resize can never change NodeGraphQt's model behind our back.
+4. Qt6 removed QWheelEvent.delta(); NodeViewer.wheelEvent falls back to angleDelta by catching
+   AttributeError, which works, but the zoom position comes from `event.pos()`, gone from
+   QWheelEvent in Qt6: we pass `position()` instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_PREFERRED_BINDING", "PySide6")
+os.environ.setdefault("QT_PREFERRED_BINDING_JSON", "")
+
+from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
+
+import NodeGraphQt  # noqa: E402
+from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
+from NodeGraphQt.qgraphics.pipe import PipeItem  # noqa: E402
+from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
+
+__all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",
+           "make_node_graph", "detach_controller", "pipe_between"]
+
+
+class LoomNode(BaseNode):
+    """The one NodeGraphQt node class we use; ports and looks are set per instance."""
+
+    __identifier__ = "loomwork"
+    NODE_NAME = "node"
+
+
+class LoomViewer(NodeViewer):
+    tab_pressed = QtCore.Signal()
+    files_dropped = QtCore.Signal(list, QtCore.QPointF)
+    context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
+
+    def __init__(self, parent=None):
+        super().__init__(parent, undo_stack=None)
+        self.wire_colors: dict[tuple[str, str], tuple] = {}  # (node id, out port) -> rgba
+
+    # Tab is a focus-change key for QWidget.event(); take it first.
+    def event(self, event):
+        if event.type() == QtCore.QEvent.KeyPress and event.key() == QtCore.Qt.Key_Tab:
+            self.tab_pressed.emit()
+            return True
+        return super().event(event)
+
+    def contextMenuEvent(self, event):
+        self.RMB_state = False
+        self.context_requested.emit(event.globalPos(), self.mapToScene(event.pos()))
+
+    def wheelEvent(self, event):
+        delta = event.angleDelta().y() or event.angleDelta().x()
+        self._set_viewer_zoom(delta, pos=event.position().toPoint())
+
+    def dragEnterEvent(self, event):
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    dragMoveEvent = dragEnterEvent
+
+    def dropEvent(self, event):
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            event.acceptProposedAction()
+            self.files_dropped.emit(paths, self.mapToScene(event.position().toPoint()))
+
+    def establish_connection(self, start_port, end_port):
+        super().establish_connection(start_port, end_port)
+        pipe = pipe_between(start_port, end_port)
+        if pipe is not None:
+            out = pipe.output_port
+            color = self.wire_colors.get((out.node.id, out.name))
+            if color is not None:
+                pipe.color = color
+                if not pipe.highlighted():
+                    pipe.reset()
+
+
+def pipe_between(port_a, port_b):
+    for pipe in port_a.connected_pipes:
+        if port_b in (pipe.input_port, pipe.output_port):
+            return pipe
+    return None
+
+
+def make_node_graph(parent=None) -> NodeGraph:
+    """A NodeGraph whose viewer is a LoomViewer, unplugged from NodeGraphQt's editing slots."""
+    viewer = LoomViewer()
+    graph = NodeGraph(parent, viewer=viewer)
+    graph.register_node(LoomNode)
+    detach_controller(graph)
+    viewer.pipe_collision = False  # dropping a node on a wire would rewire without asking us
+    return graph
+
+
+def detach_controller(graph: NodeGraph) -> None:
+    viewer = graph.viewer()
+    pairs = [
+        (viewer.search_triggered, graph._on_search_triggered),
+        (viewer.connection_sliced, graph._on_connection_sliced),
+        (viewer.connection_changed, graph._on_connection_changed),
+        (viewer.moved_nodes, graph._on_nodes_moved),
+        (viewer.node_name_changed, graph._on_node_name_changed),
+        (viewer.node_backdrop_updated, graph._on_node_backdrop_updated),
+        (viewer.insert_node, graph._on_insert_node),
+        (viewer.data_dropped, graph._on_node_data_dropped),
+        (viewer.context_menu_prompt, graph._on_context_menu_prompt),
+    ]
+    for signal, slot in pairs:
+        try:
+            signal.disconnect(slot)
+        except (RuntimeError, TypeError):  # already unplugged
+            pass

@@ -1,0 +1,146 @@
+"""Adding nodes: a side list grouped by category, and a Tab popup that searches as you type.
+
+Both are built from the node registry's declarations (importing it does not import torch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from nodes import registry
+
+TYPE_ROLE = QtCore.Qt.UserRole + 1
+
+
+def node_matches(name: str, spec, words: list[str]) -> bool:
+    hay = f"{name} {spec.category} {spec.doc()}".lower()
+    return all(w in hay for w in words)
+
+
+def rank(name: str, query: str) -> tuple:
+    """Names that start with the query first, then names containing it, then doc matches."""
+    n, q = name.lower(), query.lower().strip()
+    return (not n.startswith(q), q not in n, name)
+
+
+class NodePalette(QtWidgets.QWidget):
+    """The side list: a filter field over a tree of categories. Activating a type adds it."""
+
+    add_requested = QtCore.Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.setSpacing(6)
+        self.filter = QtWidgets.QLineEdit()
+        self.filter.setPlaceholderText("Filter nodes…")
+        self.filter.setClearButtonEnabled(True)
+        self.tree = QtWidgets.QTreeWidget()
+        self.tree.setHeaderHidden(True)
+        self.tree.setRootIsDecorated(True)
+        self.tree.setIndentation(14)
+        self.tree.setDragEnabled(False)
+        lay.addWidget(self.filter)
+        lay.addWidget(self.tree, 1)
+        hint = QtWidgets.QLabel("Double-click to add · Tab on the canvas to search")
+        hint.setObjectName("Hint")
+        hint.setWordWrap(True)
+        lay.addWidget(hint)
+        self.filter.textChanged.connect(self._rebuild)
+        self.tree.itemActivated.connect(self._activated)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        words = self.filter.text().lower().split()
+        self.tree.clear()
+        by_cat: dict[str, list] = {}
+        for name, spec in registry.all_types().items():
+            if node_matches(name, spec, words):
+                by_cat.setdefault(spec.category, []).append((name, spec))
+        for cat in sorted(by_cat):
+            top = QtWidgets.QTreeWidgetItem([cat])
+            top.setFlags(QtCore.Qt.ItemIsEnabled)
+            font = top.font(0)
+            font.setBold(True)
+            top.setFont(0, font)
+            for name, spec in sorted(by_cat[cat]):
+                child = QtWidgets.QTreeWidgetItem([name])
+                child.setData(0, TYPE_ROLE, name)
+                child.setToolTip(0, spec.doc())
+                top.addChild(child)
+            self.tree.addTopLevelItem(top)
+            top.setExpanded(True)
+
+    def _activated(self, item: QtWidgets.QTreeWidgetItem, _col: int) -> None:
+        name = item.data(0, TYPE_ROLE)
+        if name:
+            self.add_requested.emit(name)
+
+
+class NodeSearchPopup(QtWidgets.QFrame):
+    """The Tab popup: type to search node types, Enter (or click) to add one at the cursor."""
+
+    chosen = QtCore.Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent, QtCore.Qt.Popup)
+        self.setObjectName("NodeSearch")
+        self.setFrameShape(QtWidgets.QFrame.StyledPanel)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        self.edit = QtWidgets.QLineEdit()
+        self.edit.setPlaceholderText("Add node…")
+        self.list = QtWidgets.QListWidget()
+        self.list.setUniformItemSizes(True)
+        lay.addWidget(self.edit)
+        lay.addWidget(self.list)
+        self.edit.textChanged.connect(self._filter)
+        self.edit.installEventFilter(self)
+        self.list.itemActivated.connect(self._choose)
+        self.list.itemClicked.connect(self._choose)
+        em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
+        self.resize(em * 22, em * 24)
+
+    def popup(self, global_pos: QtCore.QPoint) -> None:
+        self.edit.clear()
+        self._filter("")
+        self.move(global_pos)
+        self.show()
+        self.edit.setFocus()
+
+    def _filter(self, text: str) -> None:
+        words = text.lower().split()
+        self.list.clear()
+        found = [(name, spec) for name, spec in registry.all_types().items() if node_matches(name, spec, words)]
+        found.sort(key=lambda ns: rank(ns[0], text))
+        for name, spec in found:
+            item = QtWidgets.QListWidgetItem(f"{name}    ·  {spec.category}")
+            item.setData(TYPE_ROLE, name)
+            item.setToolTip(spec.doc())
+            self.list.addItem(item)
+        if self.list.count():
+            self.list.setCurrentRow(0)
+
+    def eventFilter(self, obj, event) -> bool:
+        if obj is self.edit and event.type() == QtCore.QEvent.KeyPress:
+            key = event.key()
+            if key in (QtCore.Qt.Key_Down, QtCore.Qt.Key_Up):
+                row = self.list.currentRow() + (1 if key == QtCore.Qt.Key_Down else -1)
+                self.list.setCurrentRow(max(0, min(self.list.count() - 1, row)))
+                return True
+            if key in (QtCore.Qt.Key_Return, QtCore.Qt.Key_Enter):
+                self._choose(self.list.currentItem())
+                return True
+            if key == QtCore.Qt.Key_Escape:
+                self.hide()
+                return True
+        return super().eventFilter(obj, event)
+
+    def _choose(self, item: Optional[QtWidgets.QListWidgetItem]) -> None:
+        if item is None:
+            return
+        self.hide()
+        self.chosen.emit(item.data(TYPE_ROLE))

@@ -1,0 +1,137 @@
+"""Runs graphs off the UI thread and turns the engine's plain callbacks into Qt signals.
+
+One Executor for the whole app session (its caches make re-runs cheap), created in the worker
+thread on first use so that torch loads there and never blocks the window. The worker runs on a
+snapshot of the graph, so editing during a run is safe; the run's results are for that snapshot.
+Images are converted to QImage in the worker, so the UI thread only paints.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from PySide6 import QtCore, QtGui
+
+from app.graph import Graph
+
+
+def images_to_qimages(images) -> list[QtGui.QImage]:
+    """IMAGE (NHWC float 0..1 tensor, or anything numpy-like) -> QImages. Runs in the worker."""
+    import numpy as np
+
+    if hasattr(images, "detach"):
+        images = images.detach().float().clamp(0, 1).cpu().numpy()
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    out = []
+    for a in arr:
+        if a.shape[-1] == 1:
+            a = np.repeat(a, 3, axis=-1)
+        a = np.ascontiguousarray(a[..., :3])
+        h, w = a.shape[:2]
+        out.append(QtGui.QImage(a.data, w, h, 3 * w, QtGui.QImage.Format_RGB888).copy())
+    return out
+
+
+class Runner(QtCore.QObject):
+    """Start, cancel and report runs. Signals arrive on the UI thread (queued)."""
+
+    started = QtCore.Signal(list)                  # node ids in the run's cone
+    node_state = QtCore.Signal(str, str, dict)     # node id, state, info
+    progress = QtCore.Signal(str, int, int)        # node id, step, total
+    preview = QtCore.Signal(str, QtGui.QImage)     # node id, latest sampler preview
+    images = QtCore.Signal(str, list, list)        # node id, [QImage], [saved paths]
+    finished = QtCore.Signal(object)               # RunReport, or an error string
+    warmed = QtCore.Signal()
+
+    def __init__(self, parent=None, *, disk_cache=True):
+        super().__init__(parent)
+        self._disk_cache = disk_cache
+        self._executor = None
+        self._thread: Optional[threading.Thread] = None
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def executor(self):
+        with self._lock:
+            if self._executor is None:
+                from app.engine import Executor
+
+                self._executor = Executor(disk_cache=self._disk_cache)
+            return self._executor
+
+    def warm_up(self) -> None:
+        """Import torch and the kernels in the background after the window shows, so the first
+        Run does not pay for it."""
+        def work():
+            try:
+                import torch  # noqa: F401
+
+                import kernels.images  # noqa: F401
+                import kernels.sampling  # noqa: F401
+                self.executor()
+            except Exception:  # a broken install shows up on the first run instead
+                pass
+            self.warmed.emit()
+
+        threading.Thread(target=work, name="loomwork-warmup", daemon=True).start()
+
+    def start(self, graph: Graph, targets: Optional[list[str]] = None, *,
+              graph_path: Optional[str] = None, output_dir: Optional[str] = None) -> bool:
+        if self.busy:
+            return False
+        self._cancel = threading.Event()
+        snapshot = graph.copy()
+        cancel = self._cancel
+        self._thread = threading.Thread(target=self._work, name="loomwork-run", daemon=True,
+                                        args=(snapshot, targets, graph_path, output_dir, cancel))
+        self._thread.start()
+        return True
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.busy
+
+    def _work(self, graph: Graph, targets, graph_path, output_dir, cancel: threading.Event) -> None:
+        try:
+            from app.engine import EngineEvents
+
+            executor = self.executor()
+            if targets is None:
+                targets = executor.output_nodes(graph)
+            if not targets:
+                self.finished.emit("nothing to run: add a Save Image or Preview Image node, "
+                                   "or select a node and use Run to Selected")
+                return
+            self.started.emit(sorted(graph.upstream(targets)))
+
+            def on_preview(nid, image):
+                self.preview.emit(nid, images_to_qimages(image[:1])[0])
+
+            def on_images(nid, images, paths):
+                self.images.emit(nid, images_to_qimages(images), list(paths))
+
+            events = EngineEvents(
+                node_state=lambda nid, state, info: self.node_state.emit(nid, state, dict(info)),
+                progress=lambda nid, step, total: self.progress.emit(nid, step, total),
+                preview=on_preview, images=on_images)
+            out = Path(output_dir) if output_dir else None
+            report = executor.run(graph, targets, events=events, cancel=cancel,
+                                  output_dir=out, graph_path=graph_path)
+            self.finished.emit(report)
+        except Exception as exc:  # a graph-level problem (a cycle, ...): report, never crash
+            self.finished.emit(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+            traceback.print_exc()

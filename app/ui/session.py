@@ -1,0 +1,169 @@
+"""What the app keeps between sessions: recent files, autosave and crash recovery.
+
+Everything lives in the user data folder (platformdirs), or in LOOMWORK_DATA_DIR when set (tests,
+portable installs). Autosave writes the open graph a few seconds after the last edit, to a file
+named for this process; a clean exit deletes it. At start, an autosave left by a process that is
+no longer running is a crash's leftover: the app offers to recover it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from PySide6 import QtCore
+
+from app.graph import dumps
+from app.graph.fileformat import atomic_write
+
+from .document import Document
+
+MAX_RECENT = 10
+AUTOSAVE_IDLE_MS = 3000
+
+
+def data_dir() -> Path:
+    env = os.environ.get("LOOMWORK_DATA_DIR")
+    if env:
+        path = Path(env)
+    else:
+        import platformdirs
+
+        path = Path(platformdirs.user_data_dir("loomwork", appauthor=False))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_output_dir() -> Path:
+    """Where Save Image writes when its folder is empty and the graph is unsaved."""
+    env = os.environ.get("LOOMWORK_OUTPUT_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_pictures_dir()) / "Loomwork"
+
+
+# -- recent files ---------------------------------------------------------------------------
+def _recent_file() -> Path:
+    return data_dir() / "recent.json"
+
+
+def recent_files() -> list[str]:
+    try:
+        items = json.loads(_recent_file().read_text("utf-8"))
+        return [p for p in items if isinstance(p, str)][:MAX_RECENT]
+    except (OSError, ValueError):
+        return []
+
+
+def add_recent(path: str) -> list[str]:
+    path = str(Path(path).resolve())
+    items = [path] + [p for p in recent_files() if p != path]
+    items = items[:MAX_RECENT]
+    try:
+        atomic_write(_recent_file(), json.dumps(items, indent=1).encode("utf-8"))
+    except OSError:
+        pass
+    return items
+
+
+# -- autosave -------------------------------------------------------------------------------
+def autosave_dir() -> Path:
+    d = data_dir() / "autosave"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class Recovery:
+    """An autosave left by a session that did not exit cleanly."""
+
+    def __init__(self, graph_file: Path, info: dict):
+        self.graph_file, self.info = graph_file, info
+
+    @property
+    def original_path(self) -> Optional[str]:
+        return self.info.get("path")
+
+    @property
+    def when(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.info.get("time", 0)))
+
+    def discard(self) -> None:
+        for f in (self.graph_file, self.graph_file.with_suffix(".json")):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+
+
+def find_recoveries() -> list[Recovery]:
+    out = []
+    for info_file in sorted(autosave_dir().glob("session-*.json")):
+        try:
+            info = json.loads(info_file.read_text("utf-8"))
+            pid = int(info.get("pid", -1))
+        except (OSError, ValueError):
+            continue
+        graph_file = info_file.with_suffix(".loom")
+        if not _pid_alive(pid) and graph_file.exists():
+            out.append(Recovery(graph_file, info))
+    out.sort(key=lambda r: r.info.get("time", 0), reverse=True)
+    return out
+
+
+class Autosave(QtCore.QObject):
+    """Writes the document to the autosave folder after AUTOSAVE_IDLE_MS without edits."""
+
+    saved = QtCore.Signal(str)
+
+    def __init__(self, doc: Document, parent=None, idle_ms: int = AUTOSAVE_IDLE_MS):
+        super().__init__(parent)
+        self.doc = doc
+        stem = f"session-{os.getpid()}-{id(self) & 0xffff:04x}"
+        self.graph_file = autosave_dir() / f"{stem}.loom"
+        self.info_file = autosave_dir() / f"{stem}.json"
+        self.timer = QtCore.QTimer(self, singleShot=True, interval=idle_ms)
+        self.timer.timeout.connect(self.save_now)
+        doc.undo.indexChanged.connect(lambda _i: self.timer.start())
+        doc.replaced.connect(self._on_replaced)
+
+    def _on_replaced(self) -> None:
+        self.timer.stop()
+        self.discard()
+
+    def save_now(self) -> None:
+        if not self.doc.dirty:
+            self.discard()  # nothing unsaved: nothing to recover
+            return
+        try:
+            atomic_write(self.graph_file, dumps(self.doc.graph).encode("utf-8"))
+            info = {"pid": os.getpid(), "path": self.doc.path, "time": time.time()}
+            atomic_write(self.info_file, json.dumps(info).encode("utf-8"))
+            self.saved.emit(str(self.graph_file))
+        except (OSError, ValueError):
+            pass  # autosave must never get in the way
+
+    def discard(self) -> None:
+        for f in (self.graph_file, self.info_file):
+            try:
+                f.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,395 @@
+"""The desktop app's editing behaviour, through its widgets (pytest-qt, offscreen, no torch)."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("NodeGraphQt")
+
+from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOOMWORK_CACHE_DIR", str(tmp_path / "cache"))
+    from app.ui import create_app
+    from app.ui.window import MainWindow
+
+    create_app()
+    w = MainWindow(autosave=False)
+    w._closing_ok = True  # no unsaved-changes dialog when the test ends
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    return w
+
+
+def _chain(w):
+    """LoadModel -> TextEncode through the canvas, as a drag would."""
+    doc = w.doc
+    load = w.add_node("LoadModel", QtCore.QPointF(0, 0))
+    text = w.add_node("TextEncode", QtCore.QPointF(300, 0))
+    return doc, load, text
+
+
+def test_add_and_connect_through_canvas(window):
+    doc, load, text = _chain(window)
+    assert set(doc.graph.nodes) == {load, text}
+    assert window.canvas.item(load) is not None
+    assert window.canvas.request_connection(load, "clip", text, "clip") is None
+    assert [(e.src, e.src_port, e.dst, e.dst_port) for e in doc.graph.edges] == [(load, "clip", text, "clip")]
+    assert window.canvas.shown_edges() == {(load, "clip", text, "clip")}
+
+
+def test_ports_are_coloured_by_type(window):
+    from nodes.base import CLIP, MODEL
+
+    doc, load, text = _chain(window)
+    clip = window.canvas.port_view(load, "clip", True)
+    model = window.canvas.port_view(load, "model", True)
+    assert QtGui.QColor(*clip.color[:3]).name() == CLIP.color
+    assert QtGui.QColor(*model.color[:3]).name() == MODEL.color
+
+
+def test_incompatible_connection_is_refused_with_a_reason(window, qtbot):
+    doc = window.doc
+    load = window.add_node("LoadModel", QtCore.QPointF(0, 0))
+    sampler = window.add_node("Sampler", QtCore.QPointF(300, 0))
+    before = doc.undo.count()
+    why = window.canvas.request_connection(load, "clip", sampler, "model")
+    assert why and "MODEL" in why and "CLIP" in why
+    assert doc.graph.edges == []
+    assert window.canvas.shown_edges() == set()
+    assert doc.undo.count() == before  # a refusal is not an edit
+    assert "Not connected" in window.statusBar().currentMessage()
+
+
+def test_cycle_is_refused(window):
+    doc = window.doc
+    a = window.add_node("ImageScale", QtCore.QPointF(0, 0))
+    b = window.add_node("ImageScale", QtCore.QPointF(300, 0))
+    assert window.canvas.request_connection(a, "image", b, "image") is None
+    why = window.canvas.request_connection(b, "image", a, "image")
+    assert why and "loop" in why
+    assert len(doc.graph.edges) == 1
+
+
+def test_undo_redo_round_trip(window):
+    from app.graph import dumps
+
+    doc, load, text = _chain(window)
+    states = [dumps(doc.graph)]
+    window.canvas.request_connection(load, "clip", text, "clip")
+    states.append(dumps(doc.graph))
+    doc.set_param(text, "text", "a red circle")
+    states.append(dumps(doc.graph))
+    doc.move_nodes({text: (320.0, 40.0)})
+    states.append(dumps(doc.graph))
+    window.canvas.select([load])
+    window.delete_selection()
+    states.append(dumps(doc.graph))
+    assert window.canvas.item(load) is None
+    for expected in reversed(states[:-1]):
+        window.act_undo.trigger()
+        assert dumps(doc.graph) == expected
+    for expected in states[1:]:
+        window.act_redo.trigger()
+        assert dumps(doc.graph) == expected
+    assert window.canvas.item(load) is None
+    window.act_undo.trigger()  # the delete, once more: node and wire come back on the canvas
+    assert window.canvas.shown_edges() == {(load, "clip", text, "clip")}
+
+
+def test_moving_on_canvas_is_an_undoable_edit(window):
+    doc, load, text = _chain(window)
+    view = window.canvas.item(text).view
+    prev = view.xy_pos
+    view.xy_pos = [500.0, 120.0]
+    window.canvas.viewer.moved_nodes.emit({view: prev})
+    assert doc.graph.nodes[text].pos == (500.0, 120.0)
+    window.act_undo.trigger()
+    assert doc.graph.nodes[text].pos == (300.0, 0.0)
+    assert tuple(view.xy_pos) == (300.0, 0.0)
+
+
+def test_copy_paste_through_the_system_clipboard(window):
+    doc, load, text = _chain(window)
+    window.canvas.request_connection(load, "clip", text, "clip")
+    doc.set_param(text, "text", "a blue square")
+    window.canvas.select([load, text])
+    window.act_copy.trigger()
+    mime = QtWidgets.QApplication.clipboard().mimeData()
+    pasted_json = json.loads(mime.text())  # plain JSON too: another window or app can take it
+    assert pasted_json["format"] == "loomwork.graph" and len(pasted_json["nodes"]) == 2
+    window.act_paste.trigger()
+    assert len(doc.graph.nodes) == 4
+    new = set(doc.graph.nodes) - {load, text}
+    assert set(window.canvas.selected_ids()) == new
+    texts = [n.params.get("text") for n in doc.graph.nodes.values() if n.type == "TextEncode"]
+    assert texts == ["a blue square", "a blue square"]
+    assert len(doc.graph.edges) == 2  # the wire inside the selection came along
+    window.act_undo.trigger()
+    assert set(doc.graph.nodes) == {load, text}
+
+
+def test_duplicate_and_delete(window):
+    doc, load, text = _chain(window)
+    window.canvas.select([text])
+    window.act_duplicate.trigger()
+    assert len(doc.graph.nodes) == 3
+    window.act_delete.trigger()  # the duplicate is selected
+    assert set(doc.graph.nodes) == {load, text}
+
+
+def test_group_backdrop(window):
+    doc, load, text = _chain(window)
+    window.canvas.select([load, text])
+    window.act_group.trigger()
+    assert len(doc.graph.groups) == 1
+    group = doc.graph.groups[0]
+    assert set(group.nodes) == {load, text}
+    bd = window.canvas._backdrops[group.id]
+    x, y, w, h = group.rect
+    assert tuple(bd.view.xy_pos) == (x, y) and (bd.view.width, bd.view.height) == (w, h)
+    window.act_undo.trigger()
+    assert doc.graph.groups == [] and window.canvas._backdrops == {}
+
+
+def test_inspector_edits_the_document_through_undo(window, qtbot):
+    doc = window.doc
+    sampler = window.add_node("Sampler", QtCore.QPointF(0, 0))
+    window.canvas.select([sampler])
+    assert window.inspector.node_id == sampler
+    steps = window.inspector.fields["steps"].widget
+    assert isinstance(steps, QtWidgets.QSpinBox) and steps.maximum() == 500 and steps.minimum() == 1
+    steps.setValue(33)
+    assert doc.graph.nodes[sampler].params["steps"] == 33
+    window.inspector.fields["scheduler"].widget.setCurrentText("ddim")
+    assert doc.graph.nodes[sampler].params["scheduler"] == "ddim"
+    cfg = window.inspector.fields["cfg"].widget
+    cfg.setValue(5.5)
+    assert doc.graph.nodes[sampler].params["cfg"] == 5.5
+    seed = window.inspector.fields["seed"]
+    seed.randomise()
+    assert doc.graph.nodes[sampler].params["seed"] == int(seed.edit.text())
+    window.act_undo.trigger()
+    assert "seed" not in doc.graph.nodes[sampler].params
+    window.act_undo.trigger()
+    window.act_undo.trigger()
+    assert doc.graph.nodes[sampler].params == {"steps": 33}
+    assert steps.value() == 33
+    window.act_undo.trigger()
+    assert steps.value() == 20 and doc.graph.nodes[sampler].params == {}
+
+
+def test_inspector_widgets_follow_the_declaration(window, qtbot):
+    text = window.add_node("TextEncode", QtCore.QPointF(0, 0))
+    window.canvas.select([text])
+    prompt = window.inspector.fields["text"]
+    assert isinstance(prompt.widget, QtWidgets.QPlainTextEdit)
+    assert prompt.widget.toolTip() == "the prompt"
+    prompt.widget.setPlainText("a green star")
+    qtbot.waitUntil(lambda: window.doc.graph.nodes[text].params.get("text") == "a green star", timeout=3000)
+    save = window.add_node("SaveImage", QtCore.QPointF(0, 200))
+    window.canvas.select([save])
+    fields = window.inspector.fields
+    assert isinstance(fields["embed_graph"].widget, QtWidgets.QCheckBox)
+    assert fields["folder"].pick is not None  # a folder picker
+    fields["embed_graph"].widget.setChecked(False)
+    assert window.doc.graph.nodes[save].params["embed_graph"] is False
+
+
+def test_param_edit_marks_downstream_stale(window):
+    doc, load, text = _chain(window)
+    window.canvas.request_connection(load, "clip", text, "clip")
+    for nid in (load, text):  # as after a run
+        window._on_node_state(nid, "done", {"seconds": 0.1})
+    doc.set_param(text, "text", "changed")
+    assert window.states[text] == "stale" and window.states[load] == "done"
+    assert window.canvas.badge_text(text) == "stale"
+    doc.set_param(load, "dtype", "float16")
+    assert window.states[load] == "stale"
+
+
+def test_failed_state_shows_its_message_on_hover(window):
+    doc, load, text = _chain(window)
+    window._on_node_state(load, "failed", {"error": "no model folder at /nope"})
+    badge = window.canvas._badges[load]
+    assert badge.text == "failed" and "no model folder" in badge.toolTip()
+    assert "no model folder" in window.canvas.item(load).view.toolTip()
+
+
+def _drag(qtbot, widget, a, b):
+    qtbot.mousePress(widget, QtCore.Qt.LeftButton, pos=a)
+    QtWidgets.QApplication.sendEvent(widget, QtGui.QMouseEvent(
+        QtCore.QEvent.MouseMove, QtCore.QPointF(b), widget.mapToGlobal(QtCore.QPointF(b)),
+        QtCore.Qt.NoButton, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier))
+    qtbot.mouseRelease(widget, QtCore.Qt.LeftButton, pos=b)
+
+
+def test_layout_canvas_draw_move_delete_box(window, qtbot):
+    doc = window.doc
+    layout = window.add_node("Layout", QtCore.QPointF(0, 0))
+    doc.set_param(layout, "width", 256)
+    doc.set_param(layout, "height", 128)
+    window.canvas.select([layout])
+    panel = window.layout_panel
+    assert panel.node_id == layout
+    canvas = panel.canvas
+    canvas.resize(420, 420)
+    r = canvas.image_rect()
+    assert r.width() / r.height() == pytest.approx(2.0, rel=1e-3)  # the node's 256x128 aspect
+    a = QtCore.QPoint(round(r.x() + 0.25 * r.width()), round(r.y() + 0.25 * r.height()))
+    b = QtCore.QPoint(round(r.x() + 0.75 * r.width()), round(r.y() + 0.5 * r.height()))
+    _drag(qtbot, canvas, a, b)
+    boxes = doc.graph.nodes[layout].params["boxes"]
+    assert len(boxes) == 1
+    box = boxes[0]
+    assert box["x0"] == pytest.approx(0.25, abs=0.01) and box["x1"] == pytest.approx(0.75, abs=0.01)
+    assert box["y0"] == pytest.approx(0.25, abs=0.02) and box["y1"] == pytest.approx(0.5, abs=0.02)
+    # a phrase for it
+    panel.phrase.setText("a red circle")
+    panel.phrase.editingFinished.emit()
+    assert doc.graph.nodes[layout].params["boxes"][0]["phrase"] == "a red circle"
+    # move it right by a tenth
+    mid = QtCore.QPoint(round(r.x() + 0.5 * r.width()), round(r.y() + 0.375 * r.height()))
+    to = QtCore.QPoint(round(mid.x() + 0.1 * r.width()), mid.y())
+    _drag(qtbot, canvas, mid, to)
+    moved = doc.graph.nodes[layout].params["boxes"][0]
+    assert moved["x0"] == pytest.approx(0.35, abs=0.01) and moved["phrase"] == "a red circle"
+    from nodes.layout import check_boxes
+    assert check_boxes(doc.graph.nodes[layout].params["boxes"]) is None
+    # undo the move through the one stack; the canvas follows
+    window.act_undo.trigger()
+    assert canvas.boxes[0]["x0"] == pytest.approx(0.25, abs=0.01)
+    canvas.select(0)
+    canvas.delete_selected()
+    assert doc.graph.nodes[layout].params["boxes"] == []
+
+
+def test_tab_opens_the_search_and_adds_the_chosen_node(window, qtbot):
+    window.canvas.viewer.setFocus()
+    QtWidgets.QApplication.sendEvent(window.canvas.viewer, QtGui.QKeyEvent(
+        QtCore.QEvent.KeyPress, QtCore.Qt.Key_Tab, QtCore.Qt.NoModifier))
+    assert window.search.isVisible()
+    qtbot.keyClicks(window.search.edit, "sampl")
+    assert window.search.list.currentItem().data(QtCore.Qt.UserRole + 1) == "Sampler"
+    qtbot.keyClick(window.search.edit, QtCore.Qt.Key_Return)
+    assert [n.type for n in window.doc.graph.nodes.values()] == ["Sampler"]
+
+
+def test_side_palette_lists_categories_and_adds(window):
+    tree = window.palette.tree
+    cats = {tree.topLevelItem(i).text(0) for i in range(tree.topLevelItemCount())}
+    assert {"loaders", "sampling", "image", "layout"} <= cats
+    window.palette.filter.setText("vae")
+    names = [tree.topLevelItem(i).child(j).text(0) for i in range(tree.topLevelItemCount())
+             for j in range(tree.topLevelItem(i).childCount())]
+    assert set(names) >= {"VAEDecode", "VAEEncode"} and "Sampler" not in names
+    window.palette.add_requested.emit("VAEDecode")
+    assert [n.type for n in window.doc.graph.nodes.values()] == ["VAEDecode"]
+
+
+def test_save_and_reopen(window, tmp_path):
+    from app.graph import dumps
+
+    doc, load, text = _chain(window)
+    window.canvas.request_connection(load, "clip", text, "clip")
+    doc.set_param(text, "text", "saved prompt")
+    assert doc.dirty and window.isWindowModified()
+    path = str(tmp_path / "g.loom")
+    assert window._save_to(path)
+    assert not doc.dirty and not window.isWindowModified() and window.windowTitle().startswith("g.loom")
+    saved = dumps(doc.graph)
+    window.doc.replace(__import__("app.graph", fromlist=["Graph"]).Graph(), None)
+    assert window.open_path(path, ask=False)
+    assert dumps(window.doc.graph) == saved
+    assert window.canvas.shown_edges() == {(load, "clip", text, "clip")}
+    from app.ui import session
+    assert session.recent_files()[0] == str((tmp_path / "g.loom").resolve())
+
+
+def test_a_bad_file_shows_a_message_and_keeps_the_graph(window, tmp_path, monkeypatch):
+    monkeypatch.setattr(QtWidgets.QMessageBox, "warning", lambda *a, **k: None)
+    doc, load, text = _chain(window)
+    bad = tmp_path / "bad.loom"
+    bad.write_text('{"format": "loomwork.graph", "version": 99}')
+    assert not window.open_path(str(bad), ask=False)
+    assert "newer Loomwork" in window.statusBar().currentMessage()
+    assert set(doc.graph.nodes) == {load, text}
+
+
+def test_dropping_a_file_opens_it(window, tmp_path):
+    from app.graph import save
+    from app.ui.window import default_graph
+
+    path = tmp_path / "dropped.loom"
+    save(default_graph(), path)
+    mime = QtCore.QMimeData()
+    mime.setUrls([QtCore.QUrl.fromLocalFile(str(path))])
+    window.canvas.viewer.files_dropped.emit([str(path)], QtCore.QPointF())
+    assert window.doc.path == str(path.resolve())
+
+
+def test_autosave_and_recovery(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
+    from app.ui import create_app, session
+    from app.ui.window import MainWindow
+
+    create_app()
+    w = MainWindow(autosave=True)
+    w._closing_ok = True
+    qtbot.addWidget(w)
+    w.autosave.timer.setInterval(50)
+    w.add_node("Sampler", QtCore.QPointF(0, 0))
+    qtbot.waitUntil(lambda: w.autosave.graph_file.exists(), timeout=3000)
+    info = json.loads(w.autosave.info_file.read_text())
+    assert info["pid"] == os.getpid()
+    assert session.find_recoveries() == []  # our own session is alive: not a crash
+    # pretend the process died: a pid that does not exist
+    info["pid"] = 2**22 + 12345
+    w.autosave.info_file.write_text(json.dumps(info))
+    found = session.find_recoveries()
+    assert len(found) == 1
+    w2 = MainWindow(autosave=False)
+    w2._closing_ok = True
+    qtbot.addWidget(w2)
+    monkeypatch.setattr(QtWidgets.QMessageBox, "question", lambda *a, **k: QtWidgets.QMessageBox.Yes)
+    assert w2.offer_recovery()
+    assert [n.type for n in w2.doc.graph.nodes.values()] == ["Sampler"]
+    assert w2.doc.dirty  # recovered work is not saved anywhere yet
+    assert session.find_recoveries() == []
+
+
+def test_excepthook_turns_errors_into_messages(window):
+    import sys
+
+    from app.ui import install_excepthook
+
+    old = sys.excepthook, __import__("threading").excepthook
+    try:
+        install_excepthook(window)
+        try:
+            raise RuntimeError("boom in a slot")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+        assert "boom in a slot" in window.statusBar().currentMessage()
+    finally:
+        sys.excepthook, __import__("threading").excepthook = old
+
+
+def test_app_does_not_import_torch(window):
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.environ['QT_QPA_PLATFORM']='offscreen';"
+            "from app.ui import create_app; create_app();"
+            "from app.ui.window import MainWindow, default_graph; w = MainWindow(autosave=False); w.show();"
+            "w.doc.replace(default_graph(), None);"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
