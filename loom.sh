@@ -4,6 +4,7 @@
 #   ./loom.sh test     run the test suite
 #   ./loom.sh app      open the desktop app
 #   ./loom.sh bench    run the benchmarks (JSON to stdout)
+#   ./loom.sh env      only install the environment; prints its folder
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # One venv per machine, shared by clones: torch alone is ~5 GB, so a clone must not install its own.
@@ -48,12 +49,16 @@ case "$cmd" in
         ensure_env
         "$venv/bin/loomwork" "$@"
         ;;
+    env)
+        ensure_env
+        echo "$venv"
+        ;;
     bench)
         ensure_env
         cd "$repo"
         for b in bench/*.py; do "$venv/bin/python" "$b" "$@"; done
         ;;
     *)
-        sed -n '2,7p' "$0"
+        sed -n '2,8p' "$0"
         ;;
 esac

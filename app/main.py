@@ -10,6 +10,10 @@ CLI_COMMANDS = {"run", "validate", "nodes", "oracle", "-h", "--help"}
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke" in argv:
+        from app.smoke import run_smoke
+
+        return run_smoke()
     verbs = [a for a in argv if not a.startswith("--debug")]
     if verbs and verbs[0] in CLI_COMMANDS:
         from app.cli import main as cli_main
