@@ -364,6 +364,19 @@ def test_utf8_bom_is_accepted(tmp_path):
     assert dumps(load(path, catalog)) == VALID_TEXT
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_save_keeps_normal_file_permissions(tmp_path):
+    """An atomic save must not leave the private 0600 of its temporary file behind."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = tmp_path / "g.loom"
+    save(sample_graph(), path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    path.chmod(0o640)
+    save(sample_graph(), path)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 def test_save_into_a_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(GraphFileError) as info:
         save(sample_graph(), tmp_path / "nope" / "g.loom")

@@ -266,15 +266,35 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
     return loads(text, catalog, path=path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (umask is process-wide; setting it later, while a worker thread may be
+# creating files, would be a race).
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: os.PathLike | str, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: a failed save keeps the old file."""
+    """Write via a temporary file in the same folder and rename: a failed save keeps the old file.
+
+    The file gets the permissions a plain write would give it (the old file's, or the umask's
+    for a new one), not mkstemp's private 0600.
+    """
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = _NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
