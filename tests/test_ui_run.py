@@ -1,0 +1,108 @@
+"""Running graphs from the app: worker thread, node states, images on nodes, cancel (tiny model)."""
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("NodeGraphQt")
+pytest.importorskip("torch")
+
+from PySide6 import QtCore  # noqa: E402
+
+from tests.conftest import txt2img_graph  # noqa: E402
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOOMWORK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOOMWORK_OUTPUT_DIR", str(tmp_path / "out"))
+    from app.ui import create_app
+    from app.ui.window import MainWindow
+
+    create_app()
+    w = MainWindow(autosave=False)
+    w._closing_ok = True
+    qtbot.addWidget(w)
+    w.show()
+    yield w
+    w.runner.cancel()
+    w.runner.wait(30)
+
+
+def _finished(qtbot, w, timeout=120_000):
+    with qtbot.waitSignal(w.runner.finished, timeout=timeout) as blocker:
+        pass
+    return blocker.args[0]
+
+
+def test_run_shows_the_image_on_the_output_node(window, qtbot, tiny_pixel_model, tmp_path):
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=3, size=16)
+    window.doc.replace(graph, None)
+    states = []
+    window.runner.node_state.connect(lambda nid, state, info: states.append((nid, state)))
+    progress = []
+    window.runner.progress.connect(lambda nid, i, n: progress.append((i, n)))
+    with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
+        window.act_run.trigger()
+        assert window.runner.busy and not window.act_run.isEnabled()
+    report = blocker.args[0]
+    assert not isinstance(report, str), report
+    assert report.ok, report.as_json()
+    thumb = window.canvas.thumbnail(ids["save"])
+    assert thumb is not None and (thumb.width(), thumb.height()) == (16, 16)
+    assert window.images.current is not None and window.images.current.width() == 16
+    assert window.images.images[0][2].startswith(str(tmp_path / "out"))  # saved where we said
+    assert (ids["sampler"], "running") in states and (ids["save"], "done") in states
+    assert progress and progress[-1] == (3, 3)
+    assert window.canvas.badge_text(ids["sampler"]).startswith("done")
+    assert window.act_run.isEnabled() and not window.act_cancel.isEnabled()
+    assert "Done" in window.statusBar().currentMessage()
+
+    # A param edit marks its downstream cone stale at once; a re-run only redoes that part.
+    window.doc.set_param(ids["sampler"], "seed", 7)
+    assert window.states[ids["sampler"]] == "stale" and window.states[ids["decode"]] == "stale"
+    assert window.states[ids["text"]] != "stale"
+    report = None
+    with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
+        window.act_run.trigger()
+    report = blocker.args[0]
+    assert report.status(ids["text"]) == "cached-memory" and report.status(ids["sampler"]) == "ran"
+
+    # Run to the selected node: only its cone.
+    window.canvas.select([ids["text"]])
+    with qtbot.waitSignal(window.runner.finished, timeout=60_000) as blocker:
+        window.act_run_sel.trigger()
+    assert set(blocker.args[0].nodes) == {ids["load"], ids["text"]}
+
+
+def test_cancel_a_run(window, qtbot, tiny_pixel_model):
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=400, size=16, seed=3)
+    window.doc.replace(graph, None)
+
+    def cancel_once(nid, step, total):
+        if step == 2:
+            window.act_cancel.trigger()
+
+    window.runner.progress.connect(cancel_once)
+    with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
+        window.act_run.trigger()
+    report = blocker.args[0]
+    assert report.cancelled
+    assert report.nodes[ids["sampler"]].status == "skipped"
+    assert report.status(ids["load"]) in ("ran", "cached-memory", "cached-disk")  # finished work stays
+    assert "Cancelled" in window.statusBar().currentMessage()
+    assert window.act_run.isEnabled()
+
+
+def test_a_failing_node_is_shown_not_raised(window, qtbot, tmp_path):
+    graph, ids = txt2img_graph(str(tmp_path / "no-such-model"), steps=2, size=16)
+    window.doc.replace(graph, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000) as blocker:
+        window.act_run.trigger()
+    report = blocker.args[0]
+    assert report.nodes[ids["load"]].status == "failed"
+    assert window.states[ids["load"]] == "failed"
+    assert window.canvas._badges[ids["load"]].toolTip()  # the message on hover
+    assert "failed" in window.statusBar().currentMessage()
+    window.canvas.select([ids["load"]])
+    assert window.inspector.status_text.startswith("Last run: failed")
