@@ -82,6 +82,25 @@ class Param:
         return {"kind": self.kind, "default": self.default, "help": self.help}
 
 
+def _range_problem(param, value) -> Optional[str]:
+    if param.min is not None and value < param.min:
+        return f"{value} is below the minimum {param.min}"
+    if param.max is not None and value > param.max:
+        return f"{value} is above the maximum {param.max}"
+    return None
+
+
+def _parse_number(kind, text: str, what: str):
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ParamError(f"{text!r} is not {what}") from None
+
+
+def _describe_range(param, base: dict) -> dict:
+    return {**base, "min": param.min, "max": param.max, "step": param.step}
+
+
 @dataclass
 class Int(Param):
     default: int = 0
@@ -94,20 +113,13 @@ class Int(Param):
     def check(self, value):
         if not isinstance(value, int) or isinstance(value, bool):
             return f"expected a whole number, got {value!r}"
-        if self.min is not None and value < self.min:
-            return f"{value} is below the minimum {self.min}"
-        if self.max is not None and value > self.max:
-            return f"{value} is above the maximum {self.max}"
-        return None
+        return _range_problem(self, value)
 
     def parse(self, text):
-        try:
-            return int(text.strip())
-        except ValueError:
-            raise ParamError(f"{text!r} is not a whole number") from None
+        return _parse_number(int, text, "a whole number")
 
     def describe(self):
-        return {**super().describe(), "min": self.min, "max": self.max, "step": self.step}
+        return _describe_range(self, super().describe())
 
 
 @dataclass
@@ -133,20 +145,13 @@ class Float(Param):
             return f"expected a number, got {value!r}"
         if not math.isfinite(value):
             return f"expected a finite number, got {value!r}"
-        if self.min is not None and value < self.min:
-            return f"{value} is below the minimum {self.min}"
-        if self.max is not None and value > self.max:
-            return f"{value} is above the maximum {self.max}"
-        return None
+        return _range_problem(self, value)
 
     def parse(self, text):
-        try:
-            return float(text.strip())
-        except ValueError:
-            raise ParamError(f"{text!r} is not a number") from None
+        return _parse_number(float, text, "a number")
 
     def describe(self):
-        return {**super().describe(), "min": self.min, "max": self.max, "step": self.step}
+        return _describe_range(self, super().describe())
 
 
 @dataclass

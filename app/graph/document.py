@@ -165,32 +165,24 @@ class Graph:
     # -- structure --------------------------------------------------------------------------
     def upstream(self, targets: Iterable[str]) -> set[str]:
         """The target nodes and everything they (transitively) read from."""
-        feeds: dict[str, list[str]] = {}
-        for e in self.edges:
-            feeds.setdefault(e.dst, []).append(e.src)
-        seen: set[str] = set()
-        stack = list(targets)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(feeds.get(n, ()))
-        return seen
+        return self._reach(targets, forward=False)
 
     def downstream(self, sources: Iterable[str]) -> set[str]:
         """The source nodes and everything that (transitively) reads from them."""
-        reads: dict[str, list[str]] = {}
+        return self._reach(sources, forward=True)
+
+    def _reach(self, start: Iterable[str], forward: bool) -> set[str]:
+        step: dict[str, list[str]] = {}
         for e in self.edges:
-            reads.setdefault(e.src, []).append(e.dst)
+            a, b = (e.src, e.dst) if forward else (e.dst, e.src)
+            step.setdefault(a, []).append(b)
         seen: set[str] = set()
-        stack = list(sources)
+        stack = list(start)
         while stack:
             n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(reads.get(n, ()))
+            if n not in seen:
+                seen.add(n)
+                stack.extend(step.get(n, ()))
         return seen
 
     def topological_order(self, subset: Optional[Iterable[str]] = None) -> list[str]:
