@@ -171,9 +171,9 @@ def test_run_writes_png_with_graph_and_report(graph_file, tmp_path, capsys):
     assert by["Save"]["outputs"] == [str(png)]
 
 
-def test_second_process_hits_the_disk_cache_and_set_by_id(graph_file, tmp_path, capsys):
-    """Each CLI run is a fresh Executor: the second is served from the disk tier; a --set by
-    node id (full, then an 8-char prefix) re-runs the sampler with the new steps."""
+def test_second_run_hits_the_disk_cache_and_set_by_id(graph_file, tmp_path, capsys):
+    """Each CLI run builds a fresh Executor (empty memory): the second is served from the disk
+    tier; a --set by node id (full, then an 8-char prefix) re-runs the sampler with new steps."""
     path, ids = graph_file
     out_dir = tmp_path / "out"
     reports = []
