@@ -377,3 +377,51 @@ def test_memory_cache_evicts_big_cheap_results_before_small_slow_ones():
     assert "slow-small" in cache and "new" in cache
     assert "cheap-big" not in cache
     assert cache.used == 400
+
+
+def test_cycle_fails_its_nodes_and_the_rest_still_runs(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    x = g.add_node("TestAdd", {}, pos=(0, 400))
+    y = g.add_node("TestAdd", {}, pos=(100, 400))
+    z = g.add_node("TestSink", {}, pos=(200, 400))
+    g.connect(x.id, "out", y.id, "a")
+    g.connect(y.id, "out", x.id, "a")
+    g.connect(y.id, "out", z.id, "a")
+    report = executor.run(g)
+    assert report.status(x.id) == "failed" and report.status(y.id) == "failed"
+    assert "cycle" in report.nodes[x.id].error
+    assert report.status(z.id) == "skipped"
+    assert report.status(s.id) == "ran"
+
+
+def test_nan_param_fails_its_node_without_crashing_the_run(executor):
+    g = Graph()
+    v, a, s = chain(g)
+    g.set_param(a.id, "add", float("nan"))
+    other = g.add_node("TestValue", {"value": 2.0}, pos=(0, 300))
+    sink2 = g.add_node("TestSink", {}, pos=(100, 300))
+    g.connect(other.id, "out", sink2.id, "a")
+    report = executor.run(g)
+    assert report.status(a.id) == "failed" and "finite" in report.nodes[a.id].error
+    assert report.status(sink2.id) == "ran"
+
+
+def test_progress_that_is_not_sampling_is_not_counted(executor):
+    @register
+    class TestTrainer(Node):
+        category = "test"
+        outputs = {"out": IMAGE}
+
+        def run(self, ctx):
+            import torch
+            for i in range(3):
+                ctx.progress(i + 1, 3, sampler_step=False)
+            return {"out": torch.zeros(1, 1, 1, 1)}
+
+    g = Graph()
+    t = g.add_node("TestTrainer", {})
+    s = g.add_node("TestSink", {}, pos=(100, 0))
+    g.connect(t.id, "out", s.id, "a")
+    report = executor.run(g)
+    assert report.ok and report.sampler_steps == 0

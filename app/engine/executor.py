@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from app.graph import Graph, GraphError, dumps, validate
+from app.graph import CycleError, Graph, dumps, validate
 from app.graph.png import png_bytes
 from app.graph.fileformat import atomic_write
 from nodes import registry
@@ -129,9 +129,15 @@ class NodeContext:
         if self._run.cancel.is_set():
             raise Cancelled()
 
-    def progress(self, step: int, total: int, preview: Optional[Callable[[], Any]] = None) -> None:
-        """Report sampler step `step` of `total`; `preview()` makes a preview latent (NCHW, -1..1)."""
-        self._run.report.sampler_steps += 1
+    def progress(self, step: int, total: int, preview: Optional[Callable[[], Any]] = None,
+                 sampler_step: bool = True) -> None:
+        """Report step `step` of `total`; `preview()` makes a preview latent (NCHW, -1..1).
+
+        `sampler_step=False` for progress that is not a model denoising step (training, say),
+        so the report's sampler-step count stays what benchmarks read it as.
+        """
+        if sampler_step:
+            self._run.report.sampler_steps += 1
         self._run.events.progress(self.node_id, step, total)
         now = time.monotonic()
         if preview is not None and self._run.events.preview is not None and (
@@ -257,15 +263,27 @@ class Executor:
         graph_dir = Path(graph_path).resolve().parent if graph_path else None
         run = _Run(graph=graph, events=events or EngineEvents(), cancel=cancel or threading.Event(),
                    output_dir=Path(output_dir) if output_dir else Path.cwd(), graph_dir=graph_dir,
-                   graph_text=dumps(graph), report=RunReport())
+                   graph_text=dumps(graph, strict=False), report=RunReport())
         cone = graph.upstream(targets)
-        order = graph.topological_order(cone)  # raises CycleError (a GraphError) for cycles
-        for nid in order:
+        on_cycle: set[str] = set()
+        try:
+            order, stuck = graph.topological_order(cone), []
+        except CycleError as exc:
+            on_cycle = set(exc.on_cycle)
+            # Nodes on a cycle (and fed through one) cannot run; the rest of the cone still can.
+            stuck = sorted(graph.downstream(exc.nodes) & cone, key=lambda n: graph.nodes[n].pos)
+            order = graph.topological_order(cone - set(stuck))
+            for nid in stuck:
+                run.blocked[nid] = (f"{graph.nodes[nid].label}: is on a cycle" if nid in exc.on_cycle
+                                    else f"not run: it is fed through a cycle")
+        for nid in order + stuck:
             node = graph.nodes[nid]
             run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)
         for problem in validate(graph, registry.get, set(targets)):
             if problem.node_id in run.report.nodes:
                 run.blocked.setdefault(problem.node_id, problem.message)
+        for nid in stuck:
+            self._finish(run, nid, FAILED if nid in on_cycle else SKIPPED, error=run.blocked[nid])
         for nid in order:
             run.events.node_state(nid, QUEUED, {})
         for nid in order:

@@ -220,8 +220,10 @@ def graph_to_dict(graph: Graph) -> dict:
     }
 
 
-def dumps(graph: Graph) -> str:
-    return json.dumps(graph_to_dict(graph), indent=2, ensure_ascii=False, allow_nan=False)
+def dumps(graph: Graph, *, strict: bool = True) -> str:
+    """The file text. `strict=False` lets NaN/inf params through (as JSON's NaN extension), for
+    embedding a graph that validation will still flag rather than losing it."""
+    return json.dumps(graph_to_dict(graph), indent=2, ensure_ascii=False, allow_nan=not strict)
 
 
 def loads(text: str, catalog: Optional[Catalog] = None, *, path=None) -> Graph:
