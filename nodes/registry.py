@@ -43,4 +43,4 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import core, layout  # noqa: F401
+        from . import core, erasers, layout  # noqa: F401

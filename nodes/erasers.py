@@ -1,0 +1,374 @@
+"""Concept-eraser nodes: each returns a new MODEL/CLIP that records an eraser patch.
+
+The input model is never changed: the patch is applied only while a Sampler (MODEL patches) or
+TextEncode (CLIP patches) runs. Erasers chain: a second eraser is computed on the first one's
+output, and both are applied in order. The math lives in kernels/erasers.py.
+"""
+
+from __future__ import annotations
+
+from .base import (CLIP, CONDITIONING, LATENT, MODEL, Choice, Float, Int, Node, NodeError, Path, Seed,
+                   String, file_fingerprint)
+from .registry import register
+
+DEFAULT_TEMPLATES = "{}\nA photo of {}\nAn image of {}\nA picture of {}"
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _templates(text: str) -> list[str]:
+    out = _lines(text) or ["{}"]
+    return [t if "{}" in t else t + " {}" for t in out]
+
+
+def _need(concept: str) -> str:
+    concept = (concept or "").strip()
+    if not concept:
+        raise NodeError("name the concept to erase")
+    return concept
+
+
+def _strength():
+    return Float(1.0, -2.0, 4.0, step=0.1, help="how much of the eraser to apply; 0 = none (bit-identical)")
+
+
+@register
+class ClosedFormErase(Node):
+    """Erase a concept in seconds with a closed-form weight edit: the concept's keys are mapped to
+    the anchor's, everything orthogonal to them is left exactly as it was. "text_encoder" edits
+    the first self-attention output projection of the text encoder (Diff-QuickFix);
+    "cross_attention" edits every cross-attention key/value projection of the UNet (UCE/TIME)."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP}
+    params = {
+        "concept": String("", help="the concept to erase, e.g. circle"),
+        "anchor": String("", help="what it should become instead (empty: nothing in particular)"),
+        "target": Choice(("text_encoder", "cross_attention", "both"), "text_encoder",
+                         help="which weights to edit"),
+        "templates": String(DEFAULT_TEMPLATES, multiline=True,
+                            help="prompts the concept appears in, one per line, {} = the concept"),
+        "preserve": String("", multiline=True, help="prompts whose outputs must not change, one per line"),
+        "positions": Choice(("last", "to_end"), "to_end",
+                            help="cross-attention: edit the concept's last token only, or it and every later token"),
+        "lam": Float(0.01, 0.0, 100.0, step=0.01, help="regularisation towards the old weights"),
+        "strength": _strength(),
+    }
+    outputs = {"model": MODEL, "clip": CLIP}
+
+    def run(self, ctx, model, clip, concept, anchor, target, templates, preserve, positions, lam, strength):
+        from kernels.erasers import WeightDeltaPatch, quickfix_edit, uce_edit
+        from kernels.patching import applied_patches
+
+        concept = _need(concept)
+        temps, keep = _templates(templates), _lines(preserve)
+        meta = {"method": "closed-form", "concept": concept, "anchor": anchor, "lam": lam}
+        out_model, out_clip = model, clip
+        with applied_patches(clip.patches, clip.text_encoder):
+            if target in ("cross_attention", "both"):
+                with applied_patches(model.patches, model.unet):
+                    deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, concept, anchor,
+                                      templates=temps, preserve=keep, lam=lam, positions=positions)
+                out_model = model.with_patch(WeightDeltaPatch("unet", deltas, strength,
+                                                              {**meta, "edit": "uce", "positions": positions}))
+            if target in ("text_encoder", "both"):
+                deltas = quickfix_edit(clip.tokenizer, clip.text_encoder, concept, anchor,
+                                       templates=temps, preserve=keep, lam=lam)
+                out_clip = clip.with_patch(WeightDeltaPatch("text_encoder", deltas, strength,
+                                                            {**meta, "edit": "quickfix"}))
+        return {"model": out_model, "clip": out_clip}
+
+
+def _encode(clip, prompts):
+    from kernels.erasers import encode_embeds
+    from kernels.patching import applied_patches
+
+    with applied_patches(clip.patches, clip.text_encoder):
+        return encode_embeds(clip.tokenizer, clip.text_encoder, prompts)
+
+
+def _train_scheduler(model):
+    from kernels.sampling import make_scheduler
+
+    return make_scheduler("flow_match_euler" if model.is_flow else "ddim", model.scheduler_config)
+
+
+@register
+class ConceptMembrane(Node):
+    """SPM: a rank-1 "membrane" adapter trained on the CPU to erase one concept. At sampling time
+    its strength follows the prompt (facilitated transport): 1 when the prompt names the concept,
+    about the prompt-concept embedding similarity otherwise. Anchor prompts are held unchanged
+    while training (latent anchoring)."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP}
+    params = {
+        "concept": String("", help="the concept to erase"),
+        "templates": String("{}", multiline=True, help="training prompts, one per line, {} = the concept"),
+        "anchors": String("", multiline=True, help="prompts to keep as they are, one per line"),
+        "steps": Int(200, 1, 20000, help="training steps"),
+        "rank": Int(1, 1, 64, help="adapter rank (SPM: 1)"),
+        "lr": Float(1e-3, 1e-6, 1.0, step=1e-4, help="learning rate"),
+        "eta": Float(1.0, 0.0, 10.0, help="negative-guidance scale of the erasing target"),
+        "anchor_weight": Float(1.0, 0.0, 100.0, help="weight of the latent-anchoring loss"),
+        "seed": Seed(),
+        "strength": _strength(),
+    }
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, clip, concept, templates, anchors, steps, rank, lr, eta, anchor_weight, seed,
+            strength):
+        from kernels.erasers import MembranePatch, train_erasure_lora, words_of
+        from kernels.patching import applied_patches
+
+        concept = _need(concept)
+        prompts = [t.replace("{}", concept) for t in _templates(templates)]
+        target = _encode(clip, prompts)
+        empty = _encode(clip, [""])
+        anchor_prompts = _lines(anchors)
+        anchor = _encode(clip, anchor_prompts) if anchor_prompts else None
+        concept_embeds = _encode(clip, [concept])
+        with applied_patches(model.patches, model.unet):
+            loras, scale, _ = train_erasure_lora(
+                model.unet, _train_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
+                scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
+                seed=seed, progress=lambda i, n: ctx.progress(i, n))
+        meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
+        return {"model": model.with_patch(MembranePatch(loras, scale, concept_embeds, words_of(concept),
+                                                        strength, meta))}
+
+
+@register
+class EraseFinetune(Node):
+    """Erase a concept by fine-tuning a LoRA for a few minutes. "esd": the concept's prediction is
+    pushed along the negative guidance direction. "all_but_one": it is pulled towards a chosen
+    alternative concept instead, while the unconditional prediction is held where it was."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP}
+    params = {
+        "objective": Choice(("esd", "all_but_one"), "esd", help="the erasing target"),
+        "concept": String("", help="the concept to erase"),
+        "alternative": String("", help="All-but-One: what the concept becomes"),
+        "templates": String("{}", multiline=True, help="training prompts, one per line, {} = the concept"),
+        "scope": Choice(("cross_attention", "attention", "transformer"), "cross_attention",
+                        help="which layers the LoRA trains"),
+        "rank": Int(4, 1, 128, help="LoRA rank"),
+        "steps": Int(200, 1, 20000, help="training steps"),
+        "lr": Float(1e-3, 1e-6, 1.0, step=1e-4, help="learning rate"),
+        "eta": Float(1.0, 0.0, 10.0, help="guidance scale of the target"),
+        "uncond_weight": Float(1.0, 0.0, 100.0, help="All-but-One: weight of the unconditional-preservation loss"),
+        "seed": Seed(),
+        "strength": _strength(),
+    }
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
+            uncond_weight, seed, strength):
+        from kernels.erasers import LoraPatch, train_erasure_lora
+        from kernels.patching import applied_patches
+
+        concept = _need(concept)
+        temps = _templates(templates)
+        target = _encode(clip, [t.replace("{}", concept) for t in temps])
+        empty = _encode(clip, [""])
+        alt = None
+        if objective == "all_but_one":
+            if not alternative.strip():
+                raise NodeError("All-but-One needs an alternative concept")
+            alt = _encode(clip, [t.replace("{}", alternative.strip()) for t in temps])
+        with applied_patches(model.patches, model.unet):
+            loras, scale, _ = train_erasure_lora(
+                model.unet, _train_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
+                scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
+                progress=lambda i, n: ctx.progress(i, n))
+        meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,
+                "seed": seed, "scope": scope}
+        return {"model": model.with_patch(LoraPatch(loras, scale, strength, meta))}
+
+
+@register
+class SafeGuidance(Node):
+    """Steer sampling away from a concept without changing any weights (negative guidance on the
+    concept, as in safe latent diffusion): a baseline to compare the erasers with."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP}
+    params = {
+        "concept": String("", help="the concept to steer away from"),
+        "scale": Float(2.0, 0.0, 30.0, step=0.5, help="guidance away from the concept"),
+        "warmup": Float(0.0, 0.0, 1.0, step=0.05, help="fraction of the noisiest steps left unguided"),
+        "strength": _strength(),
+    }
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, clip, concept, scale, warmup, strength):
+        from kernels.erasers import SafeGuidancePatch
+
+        concept = _need(concept)
+        embeds = _encode(clip, [concept])
+        meta = {"method": "safe-guidance", "concept": concept}
+        return {"model": model.with_patch(SafeGuidancePatch(embeds, scale, warmup, strength, meta))}
+
+
+def _shapes_judge(prompt: str):
+    """An oracle-based judge for the built-in ShapesT2I world: does an image show the prompt's
+    colour and/or shape? None when the prompt names neither or the oracle is unavailable."""
+    try:
+        from kernels.shapes.oracle import detect  # noqa: F401
+    except ImportError:
+        return None
+    from kernels.shapes import world
+
+    words = set(prompt.lower().split())
+    colours = [c for c in world.COLOURS if c in words]
+    shapes = [s for s in world.SHAPES if s in words]
+    if not colours and not shapes:
+        return None
+
+    def judge(images):
+        import numpy as np
+
+        out = []
+        for img in images:
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            found = detect(np.ascontiguousarray(arr))
+            hit = False
+            for obj in found:
+                colour = getattr(obj, "colour", None) if not isinstance(obj, dict) else obj.get("colour")
+                shape = getattr(obj, "shape", None) if not isinstance(obj, dict) else obj.get("shape")
+                if all(c == colour for c in colours) and all(s == shape for s in shapes):
+                    hit = True
+            out.append(hit)
+        return out
+
+    return judge
+
+
+@register
+class RedTeamPrompt(Node):
+    """Attack an erased model (Prompting4Debugging): search for a few tokens that make it draw the
+    erased concept again, by matching its predictions to the original model's on the concept
+    prompt. Outputs the found prompt and the erased model's samples for it (decode them). With a judge (the
+    ShapesT2I oracle) the attack success rate is measured; `report` saves it as JSON."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP, "original_model": MODEL, "original_clip": CLIP}
+    params = {
+        "prompt": String("", help="the prompt whose concept was erased, e.g. a red circle"),
+        "tokens": Int(4, 1, 32, help="free tokens to optimise"),
+        "steps": Int(40, 1, 5000, help="optimisation steps"),
+        "lr": Float(0.1, 1e-4, 10.0, step=0.01, help="learning rate of the soft prompt"),
+        "cfg": Float(4.0, 1.0, 30.0, step=0.5, help="guidance scale used when matching and sampling"),
+        "sample_steps": Int(12, 1, 200, help="sampling steps of the judged images"),
+        "samples": Int(4, 1, 64, help="images sampled for the found prompt"),
+        "avoid_words": String("", help="words the attack may not use (e.g. the concept itself)"),
+        "judge": Choice(("none", "shapes-oracle"), "none", help="how success is judged"),
+        "report": Path("", mode="save", filters="JSON (*.json)", help="optional JSON file for the result"),
+        "seed": Seed(),
+    }
+    outputs = {"conditioning": CONDITIONING, "latent": LATENT}
+
+    def run(self, ctx, model, clip, original_model, original_clip, prompt, tokens, steps, lr, cfg, sample_steps,
+            samples, avoid_words, judge, report, seed):
+        import json
+
+        from kernels.erasers import Generator, red_team_prompt
+        prompt = _need(prompt)
+        judge_fn = None
+        if judge == "shapes-oracle":
+            judge_fn = _shapes_judge(prompt)
+            if judge_fn is None:
+                raise NodeError("the ShapesT2I oracle cannot judge this prompt (no colour or shape in it, "
+                                "or the oracle is not installed)")
+        erased = Generator(model, clip)
+        result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
+                                 steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
+                                 eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
+                                 banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n))
+        if report:
+            path = ctx.resolve_path(report)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"target": prompt, "prompt": result.prompt, "loss": result.loss,
+                           "attack_success_rate": result.success_rate, "seconds": result.seconds}, f, indent=2)
+        return {"conditioning": erased.encode(result.prompt), "latent": result.images.float().cpu()}
+
+
+@register
+class SaveEraser(Node):
+    """Save the erasers recorded on a MODEL and/or CLIP (in chain order) to a safetensors file, in
+    your erasers folder unless a folder is given."""
+
+    category = "erasers"
+    inputs = {"model": MODEL.optional("a model with eraser patches"),
+              "clip": CLIP.optional("a text encoder with eraser patches")}
+    params = {"name": String("eraser", help="file name (.safetensors is added)"),
+              "folder": Path("", mode="folder", help="where to save (empty: the user's erasers folder)")}
+    output_node = True
+    always_run = True
+
+    def run(self, ctx, model, clip, name, folder):
+        import os
+
+        from kernels.erasers import EraserPatch, default_eraser_dir, save_erasers
+
+        patches = [p for b in (model, clip) if b is not None for p in b.patches if isinstance(p, EraserPatch)]
+        if not patches:
+            raise NodeError("nothing to save: the inputs carry no eraser")
+        name = (name or "eraser").strip()
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        where = ctx.resolve_path(folder) if folder else default_eraser_dir()
+        save_erasers(os.path.join(where, name), patches)
+        return {}
+
+
+@register
+class LoadEraser(Node):
+    """Load erasers saved by SaveEraser and apply them (in their saved order) to a MODEL and CLIP.
+    A bare file name is looked up in your erasers folder."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP}
+    params = {"path": Path("", mode="file", filters="Erasers (*.safetensors)", help="the eraser file"),
+              "strength": _strength()}
+    outputs = {"model": MODEL, "clip": CLIP}
+
+    @classmethod
+    def _resolve(cls, path, ctx):
+        import os
+
+        from kernels.erasers import default_eraser_dir
+
+        full = ctx.resolve_path(path)
+        if not os.path.exists(full) and path and not os.path.isabs(path):
+            alt = os.path.join(default_eraser_dir(), path)
+            if os.path.exists(alt):
+                return alt
+            if os.path.exists(alt + ".safetensors"):
+                return alt + ".safetensors"
+        return full
+
+    @classmethod
+    def fingerprint(cls, params, ctx):
+        return file_fingerprint(cls._resolve(params["path"], ctx))
+
+    def run(self, ctx, model, clip, path, strength):
+        from kernels.erasers import EraserFileError, load_erasers
+
+        if not path:
+            raise NodeError("no eraser file chosen")
+        try:
+            patches = load_erasers(self._resolve(path, ctx))
+        except EraserFileError as exc:
+            raise NodeError(str(exc)) from None
+        for p in patches:
+            if strength != 1.0:
+                p = p.with_strength(p.strength * strength)
+            if p.target == "text_encoder":
+                clip = clip.with_patch(p)
+            else:
+                model = model.with_patch(p)
+        return {"model": model, "clip": clip}
