@@ -178,9 +178,11 @@ class GraphCanvas(QtCore.QObject):
         views = self.viewer.selected_nodes() or [n.view for n in self._items.values()] + \
             [b.view for b in self._backdrops.values()]
         if views:
-            self.viewer.zoom_to_nodes(views)
-            if self.viewer.get_zoom() < -0.6:
-                self.viewer.set_zoom(-0.6)
+            rect = QtCore.QRectF()
+            for v in views:
+                rect = rect.united(v.sceneBoundingRect())
+            # a margin, and the thumbnails below nodes are part of what is framed
+            ngqt.show_scene_rect(self.viewer, rect.adjusted(-40, -60, 40, 200))
 
     # -- document -> canvas -------------------------------------------------------------
     def _on_replaced(self):

@@ -69,6 +69,10 @@ class ImageViewer(QtWidgets.QWidget):
         self.view = ZoomView()
         self.caption = QtWidgets.QLabel("No image yet: press Run.")
         self.caption.setObjectName("Hint")
+        # long paths must not widen the dock: wrap anywhere, take no width of their own
+        self.caption.setWordWrap(True)
+        self.caption.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        self.caption.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
         self.zoom_label = QtWidgets.QLabel("")
         self.zoom_label.setObjectName("Hint")
         bar = QtWidgets.QHBoxLayout()
@@ -141,7 +145,9 @@ class ImageViewer(QtWidgets.QWidget):
             image, label, path = self.images[row]
             self.current = image
             self.view.set_image(image)
-            self.caption.setText(f"{label} · {image.width()}×{image.height()}" + (f" · {path}" if path else ""))
+            # zero-width spaces after slashes let a long path wrap
+            shown = path.replace("/", "/\u200b") if path else ""
+            self.caption.setText(f"{label} · {image.width()}×{image.height()}" + (f" · {shown}" if path else ""))
             self.save_btn.setEnabled(True)
 
     def save_current(self, path: Optional[str] = None) -> Optional[str]:

@@ -67,7 +67,10 @@ class SeedField(ParamField):
         self.edit.setValidator(QtGui.QRegularExpressionValidator(QtCore.QRegularExpression(r"\d{1,19}")))
         self.edit.editingFinished.connect(self._typed)
         self.dice = QtWidgets.QToolButton()
-        self.dice.setText("🎲")
+        from .theme import icons_dir
+
+        self.dice.setIcon(QtGui.QIcon(f"{icons_dir()}/dice.svg"))
+        self.dice.setText("random")
         self.dice.setToolTip("a new random seed")
         self.dice.setObjectName("RandomSeed")
         self.dice.clicked.connect(self.randomise)
@@ -252,6 +255,12 @@ class JsonField(ParamField):
             self.edit.blockSignals(False)
 
 
+def reflow(text: str) -> str:
+    """A docstring as prose: its line breaks joined, its paragraphs kept."""
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
 def field_for(param: Param, commit) -> ParamField:
     # Order matters: Seed is an Int, Path is a String.
     for cls, field in ((Seed, SeedField), (Int, IntField), (Float, FloatField), (Choice, ChoiceField),
@@ -311,7 +320,7 @@ class Inspector(QtWidgets.QScrollArea):
         outer.addWidget(head)
         outer.addWidget(self.title_edit)
         if spec is not None and spec.doc():
-            doc_label = QtWidgets.QLabel(spec.doc())
+            doc_label = QtWidgets.QLabel(reflow(spec.doc()))
             doc_label.setObjectName("InspectorDoc")
             doc_label.setWordWrap(True)
             outer.addWidget(doc_label)

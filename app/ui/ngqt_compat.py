@@ -15,7 +15,8 @@ to NodeGraphQt's model. What this module changes, and why:
    - reports dropped files instead of trying to import them as NodeGraphQt sessions.
 3. `detach_controller` unplugs NodeGraph's slots from the viewer's gesture signals, so a drag,
    a wire, a rename or a backdrop resize can never change NodeGraphQt's model behind our back.
-4. Qt6 removed QWheelEvent.delta(); NodeViewer.wheelEvent falls back to angleDelta by catching
+4. `show_scene_rect` frames a rectangle (F): NodeViewer keeps its visible range privately.
+5. Qt6 removed QWheelEvent.delta(); NodeViewer.wheelEvent falls back to angleDelta by catching
    AttributeError, which works, but the zoom position comes from `event.pos()`, gone from
    QWheelEvent in Qt6: we pass `position()` instead.
 """
@@ -35,7 +36,7 @@ from NodeGraphQt.qgraphics.pipe import PipeItem  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
 
 __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",
-           "make_node_graph", "detach_controller", "pipe_between"]
+           "make_node_graph", "detach_controller", "pipe_between", "show_scene_rect"]
 
 
 class LoomNode(BaseNode):
@@ -93,6 +94,16 @@ class LoomViewer(NodeViewer):
                 pipe.color = color
                 if not pipe.highlighted():
                     pipe.reset()
+
+
+def show_scene_rect(viewer: NodeViewer, rect: QtCore.QRectF, max_zoom: float = 0.1) -> None:
+    """Fit `rect` in the view. NodeViewer keeps its own visible range (`_scene_range`) and
+    recomputes the transform from it, so that is what must change (zoom_to_nodes does the same
+    but frames only node bodies, not the images we hang below them)."""
+    viewer._scene_range = QtCore.QRectF(rect)
+    viewer._update_scene()
+    if viewer.get_zoom() > max_zoom:  # never blow a lone node up past ~100%
+        viewer.reset_zoom(rect.center())
 
 
 def pipe_between(port_a, port_b):

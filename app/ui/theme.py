@@ -102,6 +102,29 @@ QSplitter::handle {{ background: {BORDER}; }}
 """
 
 
+def icons_dir() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[2] / "resources" / "icons").as_posix()
+
+
+def spin_arrows() -> str:
+    """Fusion draws no spin-box arrows once a stylesheet styles the box: give it ours."""
+    d = icons_dir()
+    return f"""
+QAbstractSpinBox {{ padding-right: 1.4em; }}
+QAbstractSpinBox::up-button, QAbstractSpinBox::down-button {{
+    subcontrol-origin: border; width: 1.3em; border: none; background: transparent; }}
+QAbstractSpinBox::up-button {{ subcontrol-position: top right; }}
+QAbstractSpinBox::down-button {{ subcontrol-position: bottom right; }}
+QAbstractSpinBox::up-button:hover, QAbstractSpinBox::down-button:hover {{ background: {RAISED}; }}
+QAbstractSpinBox::up-arrow {{ image: url({d}/arrow-up.svg); width: 9px; height: 6px; }}
+QAbstractSpinBox::down-arrow {{ image: url({d}/arrow-down.svg); width: 9px; height: 6px; }}
+QComboBox::drop-down {{ border: none; width: 1.4em; }}
+QComboBox::down-arrow {{ image: url({d}/arrow-down.svg); width: 9px; height: 6px; }}
+"""
+
+
 def palette() -> QtGui.QPalette:
     p = QtGui.QPalette()
     c = QtGui.QColor
@@ -124,4 +147,4 @@ def palette() -> QtGui.QPalette:
 def apply(app: QtWidgets.QApplication) -> None:
     app.setStyle("Fusion")
     app.setPalette(palette())
-    app.setStyleSheet(STYLESHEET)
+    app.setStyleSheet(STYLESHEET + spin_arrows())

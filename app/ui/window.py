@@ -94,7 +94,13 @@ class MainWindow(QtWidgets.QMainWindow):
         self._wire()
         self.autosave = session.Autosave(self.doc, self) if autosave else None
         self._update_title()
-        self.resize(1360, 820)
+        self._initial_size()
+
+    def _initial_size(self) -> None:
+        """1360x820, or less on a small (or scaled-up) screen: the window must fit on it."""
+        screen = QtGui.QGuiApplication.primaryScreen()
+        avail = screen.availableGeometry() if screen is not None else QtCore.QRect(0, 0, 1600, 1000)
+        self.resize(min(1360, int(avail.width() * 0.95)), min(820, int(avail.height() * 0.92)))
 
     # -- construction ---------------------------------------------------------------------
     def _dock(self, title: str, widget: QtWidgets.QWidget, area, name: str) -> QtWidgets.QDockWidget:
@@ -114,8 +120,11 @@ class MainWindow(QtWidgets.QMainWindow):
         self.tabifyDockWidget(self.image_dock, self.layout_dock)
         self.image_dock.raise_()
         em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
-        self.resizeDocks([self.palette_dock], [em * 14], QtCore.Qt.Horizontal)
+        self.palette.setMinimumWidth(em * 15)  # long node names must fit
+        self.resizeDocks([self.palette_dock], [em * 15], QtCore.Qt.Horizontal)
         self.resizeDocks([self.inspector_dock], [em * 26], QtCore.Qt.Horizontal)
+        # the inspector gets the larger share: it is where most edits happen
+        self.resizeDocks([self.inspector_dock, self.image_dock], [em * 30, em * 22], QtCore.Qt.Vertical)
 
     def _status_bar(self) -> None:
         bar = self.statusBar()
