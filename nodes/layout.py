@@ -1,19 +1,37 @@
-"""Layout: boxes with phrases that say where things go in the image.
+"""Layout: boxes with phrases that say where things go, and the nodes that make the model obey.
 
-A declaration for now (the layout-to-image issue gives it a kernel): the app's layout canvas edits
-its `boxes` param; downstream nodes read the LAYOUT it outputs.
+The app's layout canvas edits the Layout node's `boxes` param; the technique nodes take a MODEL
+and the LAYOUT and return a patched MODEL (never changed in place), so they chain:
+Layout -> RegionAttention -> ZestGuide -> Sampler. The math is in kernels/layout.py.
 """
 
 from __future__ import annotations
 
-from .base import LAYOUT, Int, Json, Node
+from .base import (ATTENTION_MAPS, CLIP, CONDITIONING, IMAGE, LATENT, LAYOUT, MODEL, Bool, Choice,
+                   Float, Int, Json, Node, NodeError, Seed, String)
 from .registry import register
 
 BOX_KEYS = ("x0", "y0", "x1", "y1")
+MAX_MASK_SIDE = 256
+
+
+def _check_mask(mask) -> "str | None":
+    if not isinstance(mask, list) or not mask or not all(isinstance(r, list) and r for r in mask):
+        return "mask should be a non-empty list of rows of 0/1 values"
+    width = len(mask[0])
+    if len(mask) > MAX_MASK_SIDE or width > MAX_MASK_SIDE:
+        return f"mask is larger than {MAX_MASK_SIDE}x{MAX_MASK_SIDE}"
+    for row in mask:
+        if len(row) != width:
+            return "mask rows should all have the same length"
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1 for v in row):
+            return "mask values should be numbers in 0..1"
+    return None
 
 
 def check_boxes(value) -> "str | None":
-    """A list of {"x0","y0","x1","y1" in 0..1 with x0 < x1 and y0 < y1, "phrase": text}."""
+    """A list of {"x0","y0","x1","y1" in 0..1 with x0 < x1 and y0 < y1, "phrase": text,
+    optionally "mask": rows of 0/1 (any size) that replaces the rectangle inside the image}."""
     if not isinstance(value, list):
         return f"boxes should be a list, got {type(value).__name__}"
     for i, box in enumerate(value):
@@ -29,7 +47,11 @@ def check_boxes(value) -> "str | None":
             return f"box #{i} is empty: it needs x0 < x1 and y0 < y1"
         if not isinstance(box.get("phrase", ""), str):
             return f"box #{i}: phrase should be text"
-        unknown = set(box) - set(BOX_KEYS) - {"phrase"}
+        if "mask" in box and box["mask"] is not None:
+            problem = _check_mask(box["mask"])
+            if problem:
+                return f"box #{i}: {problem}"
+        unknown = set(box) - set(BOX_KEYS) - {"phrase", "mask"}
         if unknown:
             return f"box #{i}: unknown keys {sorted(unknown)}"
     return None
@@ -37,13 +59,14 @@ def check_boxes(value) -> "str | None":
 
 @register
 class Layout(Node):
-    """Boxes with phrases, in 0..1 image coordinates, drawn on the layout canvas."""
+    """Boxes with phrases, in 0..1 image coordinates, drawn on the layout canvas. A box may also
+    carry a mask (rows of 0/1 over the whole image) that is used instead of its rectangle."""
 
     category = "layout"
     params = {
         "width": Int(512, 8, 8192, step=8, help="width of the image the boxes are drawn for"),
         "height": Int(512, 8, 8192, step=8, help="height of the image the boxes are drawn for"),
-        "boxes": Json([], help="boxes: x0, y0, x1, y1 in 0..1 and a phrase each",
+        "boxes": Json([], help="boxes: x0, y0, x1, y1 in 0..1 and a phrase each (optional mask)",
                       validator=check_boxes),
     }
     outputs = {"layout": LAYOUT}
@@ -51,3 +74,211 @@ class Layout(Node):
     def run(self, ctx, width, height, boxes):
         return {"layout": {"width": width, "height": height,
                            "boxes": [dict(b) for b in boxes]}}
+
+
+def _range_params(start=0.0, end=1.0, what="acts"):
+    return {
+        "start": Float(start, 0.0, 1.0, step=0.05, help=f"fraction of the steps where it starts ({what})"),
+        "end": Float(end, 0.0, 1.0, step=0.05, help=f"fraction of the steps where it stops ({what})"),
+    }
+
+
+def _check_range(start, end):
+    if start > end:
+        raise NodeError(f"start ({start}) is after end ({end})")
+
+
+@register
+class RegionAttention(Node):
+    """Paint-with-Words (eDiff-I): raise each box phrase's cross-attention inside its box by
+    w = strength * log(1 + sigma) * max(QK^T), strongest while the image is noisy."""
+
+    category = "layout"
+    inputs = {"model": MODEL, "layout": LAYOUT}
+    params = {"strength": Float(0.5, 0.0, 10.0, step=0.05, help="w' of the paper; 0 = off"),
+              **_range_params(),
+              "suppress_outside": Bool(False, help="also push each phrase down outside its box")}
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, layout, strength, start, end, suppress_outside):
+        from kernels.layout import RegionAttentionPatch
+
+        _check_range(start, end)
+        return {"model": model.with_patch(RegionAttentionPatch(layout, strength, start, end,
+                                                               suppress_outside))}
+
+
+@register
+class RegionalPrompts(Node):
+    """Per-region prompts: inside each box the model attends to that box's own phrase (encoded
+    on its own), elsewhere to the global prompt."""
+
+    category = "layout"
+    inputs = {"model": MODEL, "clip": CLIP, "layout": LAYOUT}
+    params = {"mix": Float(1.0, 0.0, 1.0, step=0.05,
+                           help="weight of the box's phrase inside the box (1 = only the phrase)"),
+              **_range_params()}
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, clip, layout, mix, start, end):
+        from kernels.layout import RegionalPromptPatch
+        from kernels.patching import applied_patches
+        from kernels.text import encode_text
+
+        _check_range(start, end)
+        with applied_patches(clip.patches, clip.text_encoder):
+            embeds = [encode_text(clip.tokenizer, clip.text_encoder, b.get("phrase", "")).embeds
+                      for b in layout["boxes"]]
+        return {"model": model.with_patch(RegionalPromptPatch(layout, embeds, mix, start, end))}
+
+
+_GUIDE_PARAMS = {
+    "eta": Float(0.5, 0.0, 10.0, step=0.05, help="step size of the latent update; 0 = off"),
+    "iterations": Int(1, 0, 20, help="gradient steps per guided step"),
+}
+
+
+@register
+class ZestGuide(Node):
+    """ZestGuide: steer the latent in the early steps so each phrase's cross-attention map
+    matches its box (BCE between max-normalised maps and masks, normalised gradient step).
+    Works best after RegionAttention, as in its paper."""
+
+    category = "layout"
+    inputs = {"model": MODEL, "layout": LAYOUT}
+    params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance")}
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, layout, eta, iterations, start, end):
+        from kernels.layout import ZestGuidePatch
+
+        _check_range(start, end)
+        return {"model": model.with_patch(ZestGuidePatch(layout, eta, start, end, iterations))}
+
+
+@register
+class BoxGuidance(Node):
+    """Box constraints (CSG / BoxDiff family): guidance from inner-box, outer-box, corner and
+    within-token losses on the attention maps; optionally CSG's attention redistribution, which
+    moves each phrase's attention into its box (exactly 0 outside) while it acts."""
+
+    category = "layout"
+    inputs = {"model": MODEL, "layout": LAYOUT}
+    params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance"),
+              "inner": Float(1.0, 0.0, 10.0, help="weight: strong responses inside the box"),
+              "outer": Float(1.0, 0.0, 10.0, help="weight: no strong responses outside the box"),
+              "corner": Float(0.5, 0.0, 10.0, help="weight: the map spans the box's extent"),
+              "within": Float(1.0, 0.0, 10.0, help="weight: the map's mass lies in the box"),
+              "redistribute": Bool(False, help="CSG attention redistribution in the denoising pass"),
+              "redistribute_end": Float(0.5, 0.0, 1.0, step=0.05,
+                                        help="fraction of the steps where redistribution stops")}
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, layout, eta, iterations, start, end, inner, outer, corner, within,
+            redistribute, redistribute_end):
+        from kernels.layout import BoxGuidancePatch
+
+        _check_range(start, end)
+        return {"model": model.with_patch(BoxGuidancePatch(
+            layout, eta, start, end, iterations, inner=inner, outer=outer, corner=corner,
+            within=within, redistribute=redistribute, redistribute_end=redistribute_end))}
+
+
+@register
+class AStar(Node):
+    """A-STAR: keep the concepts of a multi-object prompt apart (attention segregation) and keep
+    each one alive across steps (attention retention). Concepts are the layout's phrases, or the
+    comma-separated `concepts` when no layout is wired; box positions are not used."""
+
+    category = "layout"
+    inputs = {"model": MODEL, "layout": LAYOUT.optional("phrases to keep apart (boxes unused)")}
+    params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance"),
+              "retention": Float(1.0, 0.0, 10.0, help="weight of the retention loss"),
+              "concepts": String("", help="comma-separated phrases, used when no layout is wired")}
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, layout, eta, iterations, start, end, retention, concepts):
+        from kernels.layout import AStarPatch
+
+        _check_range(start, end)
+        if layout is None:
+            phrases = [c.strip() for c in concepts.split(",") if c.strip()]
+            layout = {"boxes": [{"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0, "phrase": p}
+                                for p in phrases]}
+        return {"model": model.with_patch(AStarPatch(layout, eta, start, end, iterations,
+                                                     retention=retention))}
+
+
+@register
+class JointAttentionMask(Node):
+    """3DIS-FLUX renderer for MM-DiT models (SD3, FLUX): inside each box, image tokens attend
+    only to that box's phrase and to their own region for the first steps. Needs an SD3/FLUX
+    model: Loomwork's loader does not load those folders yet, so today it reports that."""
+
+    category = "layout"
+    inputs = {"model": MODEL, "layout": LAYOUT, "positive": CONDITIONING}
+    params = {"image_steps": Int(4, 0, 500, help="steps with image->image region masks (I2I)"),
+              "text_steps": Int(20, 0, 500, help="steps with the text masks (I2T, T2I, T2T)")}
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, layout, positive, image_steps, text_steps):
+        from kernels.layout import JointAttentionMaskPatch, is_mmdit, resolve_layout
+
+        if not is_mmdit(model.unet):
+            raise NodeError("JointAttentionMask needs an SD3 or FLUX (MM-DiT) model; this model "
+                            "has a UNet. Use RegionAttention or RegionalPrompts instead. (Loomwork "
+                            "cannot load SD3/FLUX folders yet.)")
+        boxes = resolve_layout(layout, positive)
+        patch = JointAttentionMaskPatch(
+            {"boxes": boxes}, [b["tokens"] for b in boxes], positive.embeds.shape[1],
+            image_hw=_mmdit_tokens_hw(model), i2i_steps=image_steps, i2t_steps=text_steps,
+            t2i_steps=text_steps, t2t_steps=text_steps)
+        return {"model": model.with_patch(patch)}
+
+
+def _mmdit_tokens_hw(model):  # pragma: no cover - needs an MM-DiT loader
+    size = int(getattr(model.unet.config, "sample_size", 64))
+    patch = int(getattr(model.unet.config, "patch_size", 2) or 2)
+    return size // patch, size // patch
+
+
+@register
+class AttentionMaps(Node):
+    """Sample like the Sampler and show where each word of the prompt looked: per-token
+    cross-attention heat maps (averaged over layers, heads and the chosen steps) as an image
+    grid, in the order of `words` (default: every word of the prompt)."""
+
+    category = "analysis"
+    inputs = {"model": MODEL, "positive": CONDITIONING,
+              "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)"),
+              "latent": LATENT}
+    params = {
+        "scheduler": Choice(("ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "lcm",
+                             "flow_match_euler"), "euler", help="the sampling algorithm"),
+        "steps": Int(20, 1, 500, help="denoising steps"),
+        "cfg": Float(7.0, 0.0, 30.0, step=0.5, help="classifier-free guidance scale"),
+        "seed": Seed(),
+        "words": String("", help="comma-separated words to show (empty: every word)"),
+        **_range_params(0.0, 1.0, "averaged steps"),
+        "tile": Int(64, 8, 1024, step=8, help="size of each heat-map tile in pixels"),
+    }
+    outputs = {"image": IMAGE, "maps": ATTENTION_MAPS, "latent": LATENT}
+
+    def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, words,
+            start, end, tile):
+        from kernels.layout import AttentionRecordPatch, heatmap_grid, select_word_tokens
+        from nodes.core import Sampler
+
+        _check_range(start, end)
+        record = AttentionRecordPatch(start, end)
+        out = Sampler().run(ctx, model.with_patch(record), positive, negative, latent,
+                            scheduler, steps, cfg, seed, 1.0)
+        maps = record.store.maps()
+        if maps is None:
+            raise NodeError("the model has no cross-attention layers to read")
+        labels, tokens = select_word_tokens(positive, words)
+        if not tokens:
+            raise NodeError(f"none of the words {words!r} is in the prompt")
+        per_word = maps[0, tokens]  # (T, h, w)
+        return {"image": heatmap_grid(per_word, tile), "latent": out["latent"],
+                "maps": {"words": labels, "maps": per_word, "tokens": tokens}}
