@@ -1,0 +1,354 @@
+"""Concept erasers on tiny random models: exact properties, never semantics (that is bench/erasers.py)."""
+
+import os
+
+import pytest
+import torch
+
+from app.engine import Executor
+from kernels.erasers import (Generator, LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch,
+                             closed_form_weight, encode_embeds, load_erasers, quickfix_edit, red_team_prompt,
+                             save_erasers, text_encoder_out_proj, train_erasure_lora, transport_strength, uce_edit)
+from kernels.models import load_model_folder
+from kernels.patching import applied_patches
+from kernels.sampling import make_scheduler
+from nodes.base import LATENT, Node
+from nodes.registry import add_node, get, register
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pixel_model):
+    model, clip, _ = load_model_folder(tiny_pixel_model)
+    return model, clip
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_state(module, state):
+    now = module.state_dict()
+    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+
+
+# -- closed form -------------------------------------------------------------------------------
+def test_closed_form_residual_and_orthogonal_directions():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 48, generator=g)
+    k = torch.randn(6, 48, generator=g)
+    v = torch.randn(6, 24, generator=g)
+    w2 = closed_form_weight(w, k, v, lam=0.01)
+    residual = ((k @ w2.T - v).norm(dim=1) / v.norm(dim=1)).max()
+    assert residual < 0.05
+    q, _ = torch.linalg.qr(k.T.double())  # basis of span(K)
+    x = torch.randn(10, 48, generator=g).double()
+    x = (x - (x @ q) @ q.T).float()
+    assert torch.allclose(x @ w2.T, x @ w.T, atol=1e-5)
+
+
+def _out_proj_io(text_encoder, name, ids):
+    seen = {}
+    h = text_encoder.get_submodule(name).register_forward_hook(
+        lambda m, i, o: seen.update(inp=i[0].detach(), out=o.detach()))
+    with torch.no_grad():
+        text_encoder(ids)
+    h.remove()
+    return seen["inp"], seen["out"]
+
+
+def test_quickfix_edit_maps_concept_keys_and_keeps_orthogonal_ones(tiny):
+    _, clip = tiny
+    tok, te = clip.tokenizer, clip.text_encoder
+    name = text_encoder_out_proj(te)
+    deltas = quickfix_edit(tok, te, "circle", "square", templates=["a red {}"])
+    patch = WeightDeltaPatch("text_encoder", deltas)
+    ids = tok(["a red circle", "a red square"], padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    keys, before = _out_proj_io(te, name, ids)
+    start = 3  # <bos> a red circle: the subject is token 3; keys run from it to the end
+    with applied_patches([patch], te):
+        _, after = _out_proj_io(te, name, ids)
+        module = te.get_submodule(name)
+        bias = module.bias.detach()
+        q, _ = torch.linalg.qr(keys[0, start:].T.double())
+        x = torch.randn(7, keys.shape[-1], generator=torch.Generator().manual_seed(1)).double()
+        x = (x - (x @ q) @ q.T).float()
+        edited_x = module(x).detach()
+    v = before[1, start:] - bias  # W k_anchor
+    got = after[0, start:] - bias  # W' k
+    assert float(((got - v).norm(dim=1) / v.norm(dim=1)).max()) < 0.05
+    with torch.no_grad():
+        assert torch.allclose(edited_x, module(x), atol=1e-5)
+
+
+def test_uce_edit_keeps_preserved_and_orthogonal_outputs(tiny):
+    model, clip = tiny
+    deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, "circle", "square",
+                      templates=["a red {}"], preserve=["a blue star"], lam=0.01)
+    assert deltas and all(".attn2.to_" in k for k in deltas)
+    src = encode_embeds(clip.tokenizer, clip.text_encoder, ["a red circle", "a red square"])
+    name = next(iter(deltas))
+    w = model.unet.get_parameter(name).detach()
+    w2 = w + deltas[name]
+    k, a = src[0, 3], src[1, 3]
+    assert float((w2 @ k - w @ a).norm() / (w @ a).norm()) < 0.05
+
+
+# -- patches in graphs ----------------------------------------------------------------------------
+CAPTURED: dict = {}
+
+
+@register
+class TestCaptureLatent(Node):
+    """Test node: keeps the latent it receives."""
+    category = "test"
+    inputs = {"latent": LATENT}
+    output_node = True
+    always_run = True
+
+    def run(self, ctx, latent):
+        CAPTURED["latent"] = latent.clone()
+        return {}
+
+
+CF = "ClosedFormErase"
+
+
+def _graph(model_path, *erasers, prompt="a red circle"):
+    """txt2img with eraser nodes chained between the loader and the sampler / text encoder."""
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(model_path, prompt=prompt, steps=2, save=False)
+    cap = add_node(g, "TestCaptureLatent", {})
+    g.connect(ids["sampler"], "latent", cap.id, "latent")
+    ids["capture"] = cap.id
+    model_src, clip_src = (ids["load"], "model"), (ids["load"], "clip")
+    ids["erasers"] = []
+    for type_name, params in erasers:
+        n = add_node(g, type_name, params)
+        spec = get(type_name)
+        if "model" in spec.inputs:
+            g.connect(*model_src, n.id, "model")
+        if "clip" in spec.inputs:
+            g.connect(*clip_src, n.id, "clip")
+        if "model" in spec.outputs:
+            model_src = (n.id, "model")
+        if "clip" in spec.outputs:
+            clip_src = (n.id, "clip")
+        ids["erasers"].append(n.id)
+    g.connect(*model_src, ids["sampler"], "model")
+    g.connect(*clip_src, ids["text"], "clip")
+    return g, ids
+
+
+def _run(g, ids, tmp_path, ex=None):
+    ex = ex or Executor(device="cpu", disk_cache=False)
+    report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    return CAPTURED.pop("latent"), report, ex
+
+
+def test_strength_zero_is_bit_identical_and_input_weights_untouched(tiny_pixel_model, tmp_path):
+    plain, _, _ = _run(*_graph(tiny_pixel_model), tmp_path)
+    zero = {"concept": "circle", "anchor": "square", "target": "both", "strength": 0.0}
+    same, _, ex = _run(*_graph(tiny_pixel_model, (CF, zero), ("SafeGuidance", {"concept": "red", "strength": 0.0})),
+                       tmp_path)
+    assert torch.equal(plain, same)
+    full = {**zero, "strength": 1.0}
+    erased, _, ex = _run(*_graph(tiny_pixel_model, (CF, full)), tmp_path, ex)
+    assert not torch.equal(plain, erased)
+    model, clip, _ = ex.models.load(tiny_pixel_model, "float32", load_model_folder)
+    fresh_model, fresh_clip, _ = load_model_folder(tiny_pixel_model)
+    assert _same_state(model.unet, fresh_model.unet.state_dict())
+    assert _same_state(clip.text_encoder, fresh_clip.text_encoder.state_dict())
+    again, _, _ = _run(*_graph(tiny_pixel_model), tmp_path, ex)
+    assert torch.equal(plain, again)
+
+
+def test_cache_key_changes_with_the_concept(tiny_pixel_model, tmp_path):
+    g, ids = _graph(tiny_pixel_model, (CF, {"concept": "circle", "anchor": "square", "target": "both"}))
+    ex = Executor(device="cpu", disk_cache=False)
+    first, _, _ = _run(g, ids, tmp_path, ex)
+    _, report, _ = _run(g, ids, tmp_path, ex)
+    assert report.status(ids["sampler"]) == "cached-memory"
+    g.nodes[ids["erasers"][0]].params["concept"] = "star"
+    second, report, _ = _run(g, ids, tmp_path, ex)
+    assert report.status(ids["sampler"]) == "ran"
+    assert not torch.equal(first, second)
+    model, clip = load_model_folder(tiny_pixel_model)[:2]
+    keys = set()
+    for concept in ("circle", "star"):
+        d = quickfix_edit(clip.tokenizer, clip.text_encoder, concept, "square")
+        keys.add(WeightDeltaPatch("text_encoder", d).cache_key())
+    assert len(keys) == 2
+
+
+def test_two_erasers_chained_compose(tiny):
+    model, clip = tiny
+    tok, te = clip.tokenizer, clip.text_encoder
+    d1 = quickfix_edit(tok, te, "circle", "square", templates=["a red {}"])
+    p1 = WeightDeltaPatch("text_encoder", d1)
+    with applied_patches([p1], te):  # the second edit sees the first one's weights
+        d2 = quickfix_edit(tok, te, "blue", "green", templates=["a {} star"])
+    p2 = WeightDeltaPatch("text_encoder", d2)
+    name = next(iter(d1))
+    w = te.get_parameter(name).detach().clone()
+    with applied_patches([p1, p2], te):
+        both = te.get_parameter(name).detach().clone()
+        e_both = encode_embeds(tok, te, ["a red circle", "a blue star"])
+    assert torch.allclose(both, w + d1[name] + d2[name], atol=1e-6)
+    assert torch.equal(te.get_parameter(name), w)
+    with applied_patches([p1], te):
+        e1 = encode_embeds(tok, te, ["a red circle", "a blue star"])
+    with applied_patches([p2], te):
+        e2 = encode_embeds(tok, te, ["a red circle", "a blue star"])
+    assert not torch.allclose(e_both, e1) and not torch.allclose(e_both, e2)
+
+
+def test_chained_nodes_in_a_graph(tiny_pixel_model, tmp_path):
+    a = (CF, {"concept": "circle", "anchor": "square", "target": "text_encoder"})
+    b = (CF, {"concept": "red", "anchor": "blue", "target": "cross_attention"})
+    ex = Executor(device="cpu", disk_cache=False)
+    only_a, _, _ = _run(*_graph(tiny_pixel_model, a), tmp_path, ex)
+    only_b, _, _ = _run(*_graph(tiny_pixel_model, b), tmp_path, ex)
+    chain, _, _ = _run(*_graph(tiny_pixel_model, a, b), tmp_path, ex)
+    assert not torch.equal(chain, only_a) and not torch.equal(chain, only_b)
+
+
+def test_saved_eraser_reloads_bit_identical(tiny_pixel_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOMWORK_ERASER_DIR", str(tmp_path / "erasers"))
+    a = (CF, {"concept": "circle", "anchor": "square", "target": "both"})
+    b = ("SafeGuidance", {"concept": "red", "scale": 1.5})
+    direct, _, _ = _run(*_graph(tiny_pixel_model, a, b), tmp_path)
+    g, ids = _graph(tiny_pixel_model, a, b)
+    save = add_node(g, "SaveEraser", {"name": "two"})
+    g.connect(ids["erasers"][-1], "model", save.id, "model")
+    g.connect(ids["erasers"][0], "clip", save.id, "clip")
+    report = Executor(device="cpu", disk_cache=False).run(g, targets=[save.id], output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    assert os.path.exists(tmp_path / "erasers" / "two.safetensors")
+    loaded, _, _ = _run(*_graph(tiny_pixel_model, ("LoadEraser", {"path": "two"})), tmp_path)
+    assert torch.equal(direct, loaded)
+    half, _, _ = _run(*_graph(tiny_pixel_model, ("LoadEraser", {"path": "two", "strength": 0.0})), tmp_path)
+    plain, _, _ = _run(*_graph(tiny_pixel_model), tmp_path)
+    assert torch.equal(half, plain)
+
+
+def test_bad_eraser_file_is_a_node_error(tiny_pixel_model, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    g, ids = _graph(tiny_pixel_model, ("LoadEraser", {"path": str(bad)}))
+    report = Executor(device="cpu", disk_cache=False).run(g, targets=[ids["capture"]], output_dir=tmp_path)
+    assert "not a readable safetensors file" in (report.nodes[ids["erasers"][0]].error or "")
+
+
+# -- LoRA erasers, membrane, guidance, red team ------------------------------------------------------
+def _trained(model, clip, objective, steps=3):
+    emb = lambda ps: encode_embeds(clip.tokenizer, clip.text_encoder, ps)  # noqa: E731
+    sched = make_scheduler("ddim", model.scheduler_config)
+    return train_erasure_lora(model.unet, sched, emb(["a red circle"]), emb([""]), objective=objective,
+                              alt_embeds=emb(["a red square"]), anchor_embeds=emb(["a blue star"]),
+                              scope="transformer" if objective == "spm" else "cross_attention",
+                              rank=1 if objective == "spm" else 2, steps=steps, pool_runs=2, pool_steps=2,
+                              lr=1e-2)
+
+
+@pytest.mark.parametrize("objective", ["esd", "all_but_one", "spm"])
+def test_lora_training_leaves_the_model_alone_and_strength_zero_is_identity(tiny, objective):
+    model, clip = tiny
+    before = _state(model.unet)
+    loras, scale, report = _trained(model, clip, objective)
+    assert _same_state(model.unet, before)
+    assert report.steps == 3 and all(torch.isfinite(torch.tensor(report.losses)))
+    assert any(b.abs().sum() > 0 for _, b in loras.values())  # B started at zero and moved
+    gen = Generator(model, clip)
+    cond = gen.encode("a red circle")
+    plain = gen.sample(cond, seeds=[0], steps=2)
+    zero = Generator(model.with_patch(LoraPatch(loras, scale, strength=0.0)), clip).sample(cond, seeds=[0], steps=2)
+    assert torch.equal(plain, zero)
+    on = Generator(model.with_patch(LoraPatch(loras, scale)), clip).sample(cond, seeds=[0], steps=2)
+    assert not torch.equal(plain, on)
+    assert _same_state(model.unet, before)
+
+
+def test_membrane_transport_strength(tiny):
+    model, clip = tiny
+    gen = Generator(model, clip)
+    concept = encode_embeds(clip.tokenizer, clip.text_encoder, ["circle"])
+    names = ["down_blocks.1.attentions.0.proj_in.weight"]
+    p = model.unet.get_parameter(names[0])
+    loras = {names[0]: (torch.ones(1, p.shape[1]), torch.ones(p.shape[0], 1))}
+    patch = MembranePatch(loras, 1.0, concept, ["circle"])
+    assert patch.transport(gen.encode("a red circle on the left")) == 1.0
+    other = gen.encode("a blue square")
+    expected = float(torch.nn.functional.cosine_similarity(other.embeds.reshape(-1), concept.reshape(-1), dim=0))
+    assert abs(patch.transport(other) - max(0.0, expected)) < 1e-6
+    assert transport_strength(other.embeds, ["red", "circle"], concept, ["red", "circle"]) == 1.0
+    cond = gen.encode("a red circle")
+    plain = gen.sample(cond, seeds=[0], steps=2)
+    assert torch.equal(plain, Generator(model.with_patch(patch.with_strength(0.0)), clip).sample(cond, seeds=[0], steps=2))
+    assert not torch.equal(plain, Generator(model.with_patch(patch), clip).sample(cond, seeds=[0], steps=2))
+
+
+def test_safe_guidance_restores_the_forward(tiny):
+    model, clip = tiny
+    gen = Generator(model, clip)
+    cond = gen.encode("a red circle")
+    patch = SafeGuidancePatch(encode_embeds(clip.tokenizer, clip.text_encoder, ["red"]), scale=3.0)
+    plain = gen.sample(cond, seeds=[0], steps=2)
+    guided = Generator(model.with_patch(patch), clip).sample(cond, seeds=[0], steps=2)
+    assert "forward" not in model.unet.__dict__
+    assert not torch.equal(plain, guided)
+    assert torch.equal(plain, gen.sample(cond, seeds=[0], steps=2))
+
+
+def test_eraser_file_round_trip_keeps_every_kind(tiny, tmp_path):
+    model, clip = tiny
+    loras, scale, _ = _trained(model, clip, "esd", steps=1)
+    concept = encode_embeds(clip.tokenizer, clip.text_encoder, ["circle"])
+    patches = [WeightDeltaPatch("text_encoder", quickfix_edit(clip.tokenizer, clip.text_encoder, "circle", "square")),
+               LoraPatch(loras, scale, 0.5, {"concept": "circle"}), MembranePatch(loras, scale, concept, ["circle"]),
+               SafeGuidancePatch(concept, 2.0, 0.1)]
+    path = save_erasers(str(tmp_path / "all.safetensors"), patches)
+    back = load_erasers(path)
+    assert [type(p) for p in back] == [type(p) for p in patches]
+    assert [p.cache_key() for p in back] == [p.cache_key() for p in patches]
+
+
+def test_red_team_finds_a_prompt_without_the_banned_words(tiny):
+    model, clip = tiny
+    deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, "circle", "square", templates=["a red {}"])
+    erased = Generator(model.with_patch(WeightDeltaPatch("unet", deltas)), clip)
+    result = red_team_prompt(erased, Generator(model, clip), "a red circle", n_tokens=3, steps=3, eval_every=2,
+                             n_targets=1, sample_steps=2, eval_seeds=[0, 1], banned_words=["circle"],
+                             judge=lambda images: [True, False])
+    assert "circle" not in result.prompt.split() and len(result.prompt.split()) == 3
+    assert result.success_rate == 0.5 and len(result.losses) == 3
+    assert result.images.shape[0] == 2
+
+
+def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
+    esd = ("EraseFinetune", {"concept": "circle", "steps": 2, "templates": "a red {}"})
+    abo = ("EraseFinetune", {"objective": "all_but_one", "concept": "red", "alternative": "blue", "steps": 2})
+    spm = ("ConceptMembrane", {"concept": "star", "anchors": "a blue square", "steps": 2})
+    plain, _, ex = _run(*_graph(tiny_pixel_model, prompt="a red star"), tmp_path)
+    erased, _, _ = _run(*_graph(tiny_pixel_model, esd, abo, spm, prompt="a red star"), tmp_path, ex)
+    assert not torch.equal(plain, erased)
+    g, ids = _graph(tiny_pixel_model, esd)
+    rt = add_node(g, "RedTeamPrompt", {"prompt": "a red circle", "tokens": 2, "steps": 2, "samples": 2,
+                                       "sample_steps": 2, "avoid_words": "circle",
+                                       "report": str(tmp_path / "attack.json")})
+    g.connect(ids["erasers"][0], "model", rt.id, "model")
+    g.connect(ids["load"], "clip", rt.id, "clip")
+    g.connect(ids["load"], "model", rt.id, "original_model")
+    g.connect(ids["load"], "clip", rt.id, "original_clip")
+    report = ex.run(g, targets=[rt.id], output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    import json
+    found = json.loads((tmp_path / "attack.json").read_text())
+    assert "circle" not in found["prompt"].split() and found["attack_success_rate"] is None
+    bad = add_node(g, "EraseFinetune", {"objective": "all_but_one", "concept": "red"})
+    g.connect(ids["load"], "model", bad.id, "model")
+    g.connect(ids["load"], "clip", bad.id, "clip")
+    report = ex.run(g, targets=[bad.id], output_dir=tmp_path)
+    assert "alternative" in report.nodes[bad.id].error
