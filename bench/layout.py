@@ -1,0 +1,337 @@
+"""Layout benchmark: how often does each box get its object? (JSON on stdout, a table on stderr)
+
+Layouts come from the ShapesT2I world's own generator, from a seed stream the training scripts
+do not use: each scene's objects become boxes (the drawn outline's box) with phrases ("a red
+circle"), and the prompt is the scene's caption *without* position phrases, so only the layout
+can say where things go. A box is a hit when the oracle finds an object of the right colour and
+shape whose centre lies inside the box. Every method samples the same layouts with the same
+seeds (paired comparison), through the Sampler node's own code.
+
+    python bench/layout.py --model resources/models/shapes-t2i --n 100
+    python bench/layout.py --n 4            # smoke run on a tiny random model (rates ~ 0)
+
+Methods: baseline (prompt only), baseline_positions (the caption with its position phrases: what
+text alone achieves), each node alone, and combinations; the best combination is reported
+against the issue's targets (best - baseline >= 30 points; ZestGuide > region attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+LAYOUT_SEED = 5_000_017  # training draws from small seeds; this stream is the benchmark's own
+
+
+def default_model() -> "str | None":
+    for p in (ROOT / "resources" / "models" / "shapes-t2i",
+              Path("/root/.cache/loomwork/train/run1/best"),
+              Path("/root/.cache/loomwork/train/run1/latest")):
+        if (p / "model_index.json").exists():
+            return str(p)
+    return None
+
+
+def make_layouts(n: int, seed: int = LAYOUT_SEED):
+    """n (prompt, prompt_with_positions, layout, scene) from the world's generator."""
+    import numpy as np
+
+    from kernels.shapes import world
+
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        scene = world.sample_scene(rng)
+        with_bg = bool(rng.random() < 0.5)
+        prompt = world.caption_for(scene, with_position=False, with_background=with_bg)
+        positioned = world.caption_for(scene, with_position=True, with_background=with_bg)
+        boxes = []
+        for obj in scene.objects:
+            x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in obj.box)
+            boxes.append({"x0": x0, "y0": y0, "x1": x1, "y1": y1,
+                          "phrase": world.object_phrase(obj, with_position=False)})
+        out.append((prompt, positioned, {"width": 32, "height": 32, "boxes": boxes}, scene))
+    return out
+
+
+# -- detection ---------------------------------------------------------------------------------
+def _get(obj, *names):
+    for n in names:
+        if isinstance(obj, dict) and n in obj:
+            return obj[n]
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    return None
+
+
+def oracle_detector():
+    """(name, detect(uint8 HxWx3) -> [{"colour","shape","center": (x, y) in 0..1}])."""
+    try:
+        from kernels.shapes import oracle as mod
+    except ImportError:
+        mod = None
+    fn = None
+    if mod is not None:
+        for name in ("detect", "detect_objects", "find_objects", "analyse", "analyze"):
+            if callable(getattr(mod, name, None)):
+                fn = getattr(mod, name)
+                break
+    if fn is None:
+        return "fallback (colour blobs + fill-ratio shapes; the oracle module is not there yet)", fallback_detect
+
+    def detect(img):
+        import numpy as np
+
+        size = img.shape[0]
+        found = fn(img)
+        if isinstance(found, dict):
+            found = found.get("objects", [])
+        out = []
+        for o in found:
+            box = _get(o, "box", "bbox")
+            centre = _get(o, "center", "centre")
+            if centre is None and box is not None:
+                centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            if centre is None:
+                continue
+            cx, cy = float(centre[0]), float(centre[1])
+            if max(cx, cy) > 1.5:  # pixels
+                cx, cy = cx / size, cy / size
+            out.append({"colour": _get(o, "colour", "color"), "shape": _get(o, "shape"),
+                        "center": (cx, cy)})
+        return out
+
+    return f"kernels.shapes.oracle.{fn.__name__}", detect
+
+
+def fallback_detect(img):
+    """A crude stand-in: pixels near a world colour, 4-connected blobs, shape by fill ratio."""
+    import numpy as np
+
+    from kernels.shapes import world
+
+    arr = img.astype(np.float32)
+    names = list(world.COLOURS)
+    ref = np.array([world.COLOURS[c] for c in names], dtype=np.float32)
+    dist = np.linalg.norm(arr[:, :, None, :] - ref[None, None], axis=-1)
+    label = dist.argmin(-1)
+    near = dist.min(-1) < 60
+    h, w = near.shape
+    seen = np.zeros_like(near)
+    out = []
+    for y in range(h):
+        for x in range(w):
+            if not near[y, x] or seen[y, x]:
+                continue
+            c = label[y, x]
+            stack, pix = [(y, x)], []
+            seen[y, x] = True
+            while stack:
+                py, px = stack.pop()
+                pix.append((py, px))
+                for qy, qx in ((py + 1, px), (py - 1, px), (py, px + 1), (py, px - 1)):
+                    if 0 <= qy < h and 0 <= qx < w and near[qy, qx] and not seen[qy, qx] and label[qy, qx] == c:
+                        seen[qy, qx] = True
+                        stack.append((qy, qx))
+            if len(pix) < max(3, h * w // 200):
+                continue
+            ys, xs = np.array(pix).T
+            bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+            fill = len(pix) / float(bw * bh)
+            if fill > 0.88:
+                shape = "square"
+            elif fill > 0.68:
+                shape = "circle"
+            else:  # a triangle is widest at its base; a star's arms are above its feet
+                widths = np.bincount(ys - ys.min(), minlength=bh)
+                base = widths[-max(1, bh // 4):].mean() / widths.max()
+                shape = "triangle" if base > 0.75 else "star"
+            out.append({"colour": names[c], "shape": shape,
+                        "center": ((xs.min() + xs.max() + 1) / 2 / w, (ys.min() + ys.max() + 1) / 2 / h)})
+    return out
+
+
+def box_hits(detections, layout, scene):
+    hits = []
+    for box, obj in zip(layout["boxes"], scene.objects):
+        ok = any(d["colour"] == obj.colour and d["shape"] == obj.shape
+                 and box["x0"] <= d["center"][0] <= box["x1"] and box["y0"] <= d["center"][1] <= box["y1"]
+                 for d in detections)
+        hits.append(ok)
+    return hits
+
+
+# -- methods -------------------------------------------------------------------------------------
+def method_table(args):
+    """name -> function(model, clip, layout) -> patched model (None: unpatched)."""
+    from kernels.layout import (AStarPatch, BoxGuidancePatch, RegionAttentionPatch,
+                                RegionalPromptPatch, ZestGuidePatch)
+    from kernels.text import encode_text
+
+    def regional(model, clip, layout):
+        embeds = [encode_text(clip.tokenizer, clip.text_encoder, b["phrase"]).embeds for b in layout["boxes"]]
+        return model.with_patch(RegionalPromptPatch(layout, embeds, mix=1.0, end=args.regional_end))
+
+    def pww(model, clip, layout):
+        return model.with_patch(RegionAttentionPatch(layout, args.pww, suppress_outside=True))
+
+    def zest(model, clip, layout):
+        return model.with_patch(ZestGuidePatch(layout, eta=args.eta, end=0.5, iterations=args.iterations))
+
+    def box(model, clip, layout):
+        return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=0.5, iterations=args.iterations,
+                                                 redistribute=True, redistribute_end=0.3))
+
+    def astar(model, clip, layout):
+        return model.with_patch(AStarPatch(layout, eta=args.eta, end=0.5, iterations=args.iterations))
+
+    def chain(*fns):
+        def make(model, clip, layout):
+            for f in fns:
+                model = f(model, clip, layout)
+            return model
+        return make
+
+    return {
+        "baseline": None,
+        "baseline_positions": None,
+        "region_attention": pww,
+        "regional_prompts": regional,
+        "zestguide": zest,
+        "box_guidance": box,
+        "a_star": astar,
+        "combo_pww_zest": chain(pww, zest),
+        "combo_regional_pww": chain(regional, pww),
+        "combo_regional_pww_zest": chain(regional, pww, zest),
+        "combo_regional_pww_box_astar": chain(regional, pww, box, astar),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a ShapesT2I folder (default: the shipped one, else a "
+                        "training checkpoint, else a tiny random model for a smoke run)")
+    parser.add_argument("--n", type=int, default=100, help="layouts (1-3 boxes each)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--scheduler", default="euler")
+    parser.add_argument("--pww", type=float, default=1.0, help="Paint-with-Words w'")
+    parser.add_argument("--eta", type=float, default=0.5, help="guidance step size")
+    parser.add_argument("--iterations", type=int, default=1, help="guidance steps per step")
+    parser.add_argument("--regional-end", type=float, default=1.0)
+    parser.add_argument("--methods", help="comma-separated subset of the methods")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from kernels.images import model_to_image
+    from kernels.models import load_model_folder
+    from kernels.text import encode_text
+    from nodes.core import Sampler
+
+    torch.set_num_threads(args.threads)
+    model_path = args.model or default_model()
+    smoke = model_path is None
+    if smoke:
+        from kernels.tiny import build_tiny_model
+
+        model_path = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"), sample_size=32)
+    model, clip, vae = load_model_folder(model_path)
+    size = int(model.unet.config.sample_size) * vae.scale_factor
+    oracle_name, detect = oracle_detector()
+    layouts = make_layouts(args.n)
+    methods = method_table(args)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        methods = {k: v for k, v in methods.items() if k in wanted}
+
+    class Ctx:
+        def progress(self, *a, **k):
+            pass
+
+    encoded: dict = {}
+
+    def cond_of(text):
+        if text not in encoded:
+            encoded[text] = encode_text(clip.tokenizer, clip.text_encoder, text)
+        return encoded[text]
+
+    from kernels.shapes import world
+
+    truth_hits = sum(sum(box_hits(detect(world.downsample(world.render_array(sc, 64), 32)), lay, sc))
+                     for _, _, lay, sc in layouts)
+    n_all = sum(len(l[2]["boxes"]) for l in layouts)
+    print(f"{'detector on the true scenes':32s} box hits {100 * truth_hits / max(n_all, 1):6.1f}%  "
+          f"(the ceiling; detector: {oracle_name})", file=sys.stderr, flush=True)
+
+    results = {}
+    for name, make in methods.items():
+        hits, all_ok, seconds, n_boxes = 0, 0, 0.0, 0
+        for k, (prompt, positioned, layout, scene) in enumerate(layouts):
+            cond = cond_of(positioned if name == "baseline_positions" else prompt)
+            latent = torch.zeros(1, vae.latent_channels, size // vae.scale_factor, size // vae.scale_factor)
+            t0 = time.perf_counter()
+            m = model if make is None else make(model, clip, layout)
+            out = Sampler().run(Ctx(), m, cond, None, latent, args.scheduler, args.steps, args.cfg,
+                                1000 + k, 1.0)["latent"]
+            with torch.no_grad():
+                image = model_to_image(vae.decode(out))[0]
+            seconds += time.perf_counter() - t0
+            img = (image.numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            if img.shape[0] not in (32, 64):
+                from PIL import Image
+
+                img = np.asarray(Image.fromarray(img).resize((32, 32), Image.NEAREST))
+            h = box_hits(detect(img), layout, scene)
+            hits += sum(h)
+            n_boxes += len(h)
+            all_ok += all(h)
+        results[name] = {"box_hit_rate": round(hits / max(n_boxes, 1), 4),
+                         "layout_all_boxes_rate": round(all_ok / max(len(layouts), 1), 4),
+                         "sec_per_image": round(seconds / max(len(layouts), 1), 4)}
+        print(f"{name:32s} box hits {100 * hits / max(n_boxes, 1):6.1f}%   all boxes "
+              f"{100 * all_ok / max(len(layouts), 1):6.1f}%   {seconds / max(len(layouts), 1):7.3f} s/image",
+              file=sys.stderr, flush=True)
+
+    combos = {k: v for k, v in results.items() if k.startswith("combo_") or k not in
+              ("baseline", "baseline_positions")}
+    best = max(combos, key=lambda k: combos[k]["box_hit_rate"]) if combos else None
+    base = results.get("baseline", {}).get("box_hit_rate")
+    summary = {"best_method": best}
+    if best is not None and base is not None:
+        gain = 100 * (results[best]["box_hit_rate"] - base)
+        summary.update(best_minus_baseline_points=round(gain, 1), target_30_points_met=gain >= 30)
+    if "zestguide" in results and "region_attention" in results:
+        diff = 100 * (results["zestguide"]["box_hit_rate"] - results["region_attention"]["box_hit_rate"])
+        summary.update(zestguide_minus_region_attention_points=round(diff, 1),
+                       zestguide_beats_region_attention=diff > 0)
+    report = {"bench": "layout", "model": model_path, "smoke_random_model": smoke,
+              "oracle": oracle_name, "layouts": len(layouts),
+              "boxes": n_all, "detector_on_true_scenes": round(truth_hits / max(n_all, 1), 4),
+              "settings": {"steps": args.steps, "cfg": args.cfg, "scheduler": args.scheduler,
+                           "pww": args.pww, "eta": args.eta, "iterations": args.iterations,
+                           "layout_seed": LAYOUT_SEED, "threads": args.threads},
+              "methods": results, "summary": summary}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
