@@ -352,8 +352,10 @@ def binarise(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 class _GuidancePatch(_LayoutPatch):
     """Before each step in [start, end): `iterations` normalised gradient steps on the latent.
 
-    The step is taken in the model-input scale (x / c with c from `scale_model_input`), so `eta`
-    means the same for every scheduler: x <- x - eta * c * g / rms(g).
+    As in ZestGuide's official code: the gradient is taken w.r.t. the model input, normalised
+    by its largest entry (L-inf), and the step size follows the noise, eta * sqrt(1 - abar_t).
+    The step is taken in the model-input scale (x_in = c x from `scale_model_input`), so `eta`
+    means the same for every scheduler: x <- x - eta * sqrt(1 - abar_t) * (g / max|g|) / c.
     """
 
     min_map_size = 1
@@ -421,11 +423,25 @@ class _GuidancePatch(_LayoutPatch):
                 return x.detach()
             (grad,) = torch.autograd.grad(loss, x)
             with torch.no_grad():
-                c = (x_in / x).detach() if hasattr(scheduler, "scale_model_input") else 1.0
-                c = c.flatten()[0] if torch.is_tensor(c) else c
-                rms = grad.pow(2).mean().sqrt().clamp_min(1e-12)
-                x = x - self.eta * grad / rms / c
+                c = _input_scale(scheduler, t)
+                peak = grad.abs().amax().clamp_min(1e-12)
+                x = x - self.eta * _noise_fraction(scheduler, t) * grad / peak / c
         return x.detach()
+
+
+def _input_scale(scheduler, t) -> float:
+    """c with scale_model_input(x, t) == c * x (1 for schedulers that do not scale)."""
+    if not hasattr(scheduler, "scale_model_input"):
+        return 1.0
+    return float(scheduler.scale_model_input(torch.ones(()), t))
+
+
+def _noise_fraction(scheduler, t) -> float:
+    """sqrt(1 - abar_t): the guidance step shrinks as the image forms (flow: the noise share)."""
+    from kernels.attention import scheduler_sigma
+
+    sigma = scheduler_sigma(scheduler, torch.as_tensor(t).flatten()[0].float().cpu())
+    return sigma / math.sqrt(1.0 + sigma * sigma)
 
 
 class ZestGuidePatch(_GuidancePatch):

@@ -188,10 +188,10 @@ def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny):
 
 # -- guidance ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make,drop", [
-    (lambda: ZestGuidePatch(LAYOUT, eta=0.3, end=0.2, iterations=6), 0.1),
-    (lambda: BoxGuidancePatch(LAYOUT, eta=0.3, end=0.2, iterations=6), 0.1),
+    (lambda: ZestGuidePatch(LAYOUT, eta=1.0, end=0.2, iterations=6), 0.1),
+    (lambda: BoxGuidancePatch(LAYOUT, eta=1.0, end=0.2, iterations=6), 0.1),
     # random weights barely separate two concepts' maps: measured -7%
-    (lambda: AStarPatch(LAYOUT, eta=0.3, end=0.2, iterations=6, retention=0.0), 0.05),
+    (lambda: AStarPatch(LAYOUT, eta=1.0, end=0.2, iterations=6, retention=0.0), 0.05),
 ], ids=["zestguide", "box", "a-star"])
 def test_guidance_losses_fall_over_guided_steps(tiny, make, drop):
     model, clip, cond = tiny
