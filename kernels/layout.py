@@ -733,7 +733,7 @@ class JointAttentionMaskPatch(ModelPatch):
         ts = getattr(getattr(run, "scheduler", None), "timesteps", None)
 
         def pre_hook(module, args, kwargs):
-            t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+            t = kwargs.get("timestep", args[3] if len(args) > 3 else None)
             sched_ts = getattr(getattr(run, "scheduler", None), "timesteps", ts)
             if t is not None and sched_ts is not None and len(sched_ts):
                 tt = torch.as_tensor(t).flatten()[0].float().cpu()

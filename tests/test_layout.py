@@ -280,18 +280,25 @@ def test_flux_joint_attention_mask_gives_exactly_zero_attention_to_other_instanc
     groups = [[2, 3], [4, 5]]
     patch = JointAttentionMaskPatch(layout, groups, n_text, (h, w), i2i_steps=1, i2t_steps=2,
                                     t2i_steps=2, t2t_steps=2, global_text=[0, 1])
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(3)
+    run = SimpleNamespace(scheduler=scheduler)
     kwargs = dict(hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled,
-                  timestep=torch.tensor([0.5]), img_ids=img_ids, txt_ids=txt_ids)
+                  img_ids=img_ids, txt_ids=txt_ids)
     before = dict(tr.attn_processors)
     with torch.no_grad():
-        plain = tr(**kwargs).sample
-        with patch.applied(tr, None):
+        plain = tr(**kwargs, timestep=scheduler.timesteps[2:] / 1000).sample
+        with patch.applied(tr, run):
             procs = list(patch.processors.values())
             for p in procs:
                 p.record = True
-            for step in range(3):
-                patch.controller.step = step
-                out = tr(**kwargs).sample
+            for step in range(3):  # the pre-hook finds the step from the timestep (FLUX: t/1000)
+                out = tr(**kwargs, timestep=scheduler.timesteps[step:step + 1] / 1000).sample
+                assert patch.controller.step == step
                 region = torch.arange(h * w).view(h, w)
                 for i, j in ((0, 1), (1, 0)):
                     cols = region[:, :2] if i == 0 else region[:, 2:]
