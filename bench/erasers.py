@@ -16,6 +16,7 @@ Goal: target rate <= 10% while every other concept keeps >= 90% of its baseline 
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers quickfix,uce --targets circle   # smoke
 
 The table goes to stderr, the JSON to stdout (and to --out if given). Run long jobs with `nice`.
+`--graphs DIR` instead writes the example graphs resources/graphs/erase-*.loom.
 """
 
 from __future__ import annotations
@@ -254,6 +255,124 @@ def build_eraser(bench: Bench, name: str, target: str, args):
     raise ValueError(f"unknown eraser {name!r}")
 
 
+SHAPES_TEMPLATES = "{}\na red {}\na blue {}\na green {}\na yellow {}\na purple {}\nan orange {}"
+TWO_OBJECTS = "a red circle on the left and a blue square at the bottom right, white background"
+
+
+def write_example_graphs(folder: str) -> list[str]:
+    """The erase-*.loom examples, built through the registry so node versions are recorded."""
+    from app.graph import Graph
+    from app.graph.fileformat import save
+    from nodes.registry import add_node
+
+    def base(title, description, prompt=TWO_OBJECTS):
+        g = Graph()
+        g.meta.update(title=title, description=description)
+        ids = {"load": add_node(g, "LoadModel", {"path": "builtin:shapes-t2i"}, title="Load ShapesT2I", pos=(0, 0)).id,
+               "empty": add_node(g, "EmptyLatent", {"width": 32, "height": 32}, title="Canvas 32x32", pos=(0, 260)).id}
+        g.connect(ids["load"], "vae", ids["empty"], "vae")
+        return g, ids
+
+    def render(g, ids, model_src, clip_src, row, label, prompt=TWO_OBJECTS, seed=7):
+        y = 320 * row
+        text = add_node(g, "TextEncode", {"text": prompt}, title=f"Prompt ({label})", pos=(700, y - 80)).id
+        samp = add_node(g, "Sampler", {"scheduler": "dpmpp_2m", "steps": 20, "cfg": 4.0, "seed": seed},
+                        title=f"Sampler ({label})", pos=(980, y)).id
+        dec = add_node(g, "VAEDecode", {}, title="Decode", pos=(1240, y)).id
+        scale = add_node(g, "ImageScale", {"factor": 8.0, "method": "bicubic"}, title="Scale x8", pos=(1460, y)).id
+        out = add_node(g, "SaveImage", {"prefix": label.replace(" ", "-")}, title=f"Save ({label})", pos=(1680, y)).id
+        g.connect(*clip_src, text, "clip")
+        g.connect(*model_src, samp, "model")
+        g.connect(text, "conditioning", samp, "positive")
+        g.connect(ids["empty"], "latent", samp, "latent")
+        g.connect(ids["load"], "vae", dec, "vae")
+        g.connect(samp, "latent", dec, "latent")
+        g.connect(dec, "image", scale, "image")
+        g.connect(scale, "image", out, "image")
+
+    def eraser(g, ids, type_name, params, title, pos, model_src=None, clip_src=None):
+        from nodes.registry import get
+
+        n = add_node(g, type_name, params, title=title, pos=pos).id
+        spec = get(type_name)
+        g.connect(*(model_src or (ids["load"], "model")), n, "model")
+        if "clip" in spec.inputs:
+            g.connect(*(clip_src or (ids["load"], "clip")), n, "clip")
+        return n
+
+    written = {}
+    load = lambda ids: ((ids["load"], "model"), (ids["load"], "clip"))  # noqa: E731
+
+    g, ids = base("Erase a concept three ways", "The same prompt drawn by the original model, after a closed-form "
+                  "edit of the text encoder (Diff-QuickFix: circle -> square), and with safe guidance away from "
+                  "circles. The erased graphs should draw no circle; the blue square stays.")
+    m, c = load(ids)
+    render(g, ids, m, c, 0, "original")
+    cf = eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "text_encoder",
+                                           "templates": SHAPES_TEMPLATES}, "Erase circle (closed form)", (320, 320))
+    render(g, ids, (cf, "model"), (cf, "clip"), 1, "closed form")
+    sg = eraser(g, ids, "SafeGuidance", {"concept": "circle", "scale": 4.0}, "Steer away from circle", (320, 640))
+    render(g, ids, (sg, "model"), c, 2, "safe guidance")
+    written["erase-compare.loom"] = g
+
+    g, ids = base("Erase two concepts in sequence", "Two closed-form erasers chained: circles become squares "
+                  "(text encoder), then red becomes blue (cross-attention, UCE). SaveEraser stores both in your "
+                  "erasers folder as 'circle-red'; LoadEraser brings them back.")
+    a = eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "text_encoder",
+                                          "templates": SHAPES_TEMPLATES}, "Erase circle", (320, 0))
+    b = eraser(g, ids, "ClosedFormErase", {"concept": "red", "anchor": "blue", "target": "cross_attention",
+                                          "templates": "{}\na {} circle\na {} square\na {} triangle\na {} star",
+                                          "preserve": "a green circle\na yellow square\na purple star"},
+               "Erase red", (320, 320), model_src=(a, "model"), clip_src=(a, "clip"))
+    render(g, ids, (b, "model"), (b, "clip"), 0, "circle and red erased")
+    save_node = add_node(g, "SaveEraser", {"name": "circle-red"}, title="Save erasers", pos=(700, 500)).id
+    g.connect(b, "model", save_node, "model")
+    g.connect(b, "clip", save_node, "clip")
+    written["erase-two-concepts.loom"] = g
+
+    g, ids = base("Membrane and fine-tuned erasers", "Erasers trained on the CPU in a few minutes: an SPM membrane "
+                  "for 'circle' (its strength follows the prompt), and an All-but-One LoRA that turns stars into "
+                  "triangles while holding the unconditional prediction.", )
+    m, c = load(ids)
+    mem = eraser(g, ids, "ConceptMembrane", {"concept": "circle", "templates": SHAPES_TEMPLATES,
+                                            "anchors": "a red square\na blue triangle\na green star", "steps": 300},
+                 "Membrane: circle", (320, 0))
+    render(g, ids, (mem, "model"), c, 0, "membrane")
+    abo = eraser(g, ids, "EraseFinetune", {"objective": "all_but_one", "concept": "star", "alternative": "triangle",
+                                          "templates": SHAPES_TEMPLATES, "steps": 300}, "All-but-One: star", (320, 320))
+    render(g, ids, (abo, "model"), c, 1, "all but one", prompt="a yellow star in the center, black background")
+    written["erase-trained.loom"] = g
+
+    g, ids = base("Red-team an eraser", "Prompting4Debugging against a closed-form eraser: the search may not use the "
+                  "word 'circle' and looks for other tokens that bring circles back. The ShapesT2I oracle judges "
+                  "the images (set the node's report file to keep the found prompt and its success rate).")
+    m, c = load(ids)
+    cf = eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "both",
+                                           "templates": SHAPES_TEMPLATES}, "Erase circle", (320, 0))
+    rt = add_node(g, "RedTeamPrompt", {"prompt": "a red circle", "avoid_words": "circle", "judge": "shapes-oracle",
+                                       "steps": 40}, title="Red team", pos=(700, 0)).id
+    g.connect(cf, "model", rt, "model")
+    g.connect(cf, "clip", rt, "clip")
+    g.connect(*m, rt, "original_model")
+    g.connect(*c, rt, "original_clip")
+    dec = add_node(g, "VAEDecode", {}, title="Decode", pos=(980, 0)).id
+    scale = add_node(g, "ImageScale", {"factor": 8.0, "method": "bicubic"}, title="Scale x8", pos=(1200, 0)).id
+    out = add_node(g, "SaveImage", {"prefix": "redteam"}, title="Save", pos=(1420, 0)).id
+    g.connect(ids["load"], "vae", dec, "vae")
+    g.connect(rt, "latent", dec, "latent")
+    g.connect(dec, "image", scale, "image")
+    g.connect(scale, "image", out, "image")
+    g.remove_node(ids["empty"])
+    written["erase-redteam.loom"] = g
+
+    paths = []
+    for name, graph in written.items():
+        path = os.path.join(folder, name)
+        save(graph, path)
+        paths.append(path)
+    return paths
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "resources", "models",
@@ -270,7 +389,12 @@ def main(argv=None) -> int:
     ap.add_argument("--attack-steps", type=int, default=30, help="red-team steps (0: no attack)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="")
+    ap.add_argument("--graphs", default="", help="write the example erase-*.loom graphs to this folder and exit")
     args = ap.parse_args(argv)
+    if args.graphs:
+        for path in write_example_graphs(args.graphs):
+            print(path)
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

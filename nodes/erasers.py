@@ -134,7 +134,7 @@ class ConceptMembrane(Node):
             loras, scale, _ = train_erasure_lora(
                 model.unet, _train_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
                 scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
-                seed=seed, progress=lambda i, n: ctx.progress(i, n))
+                seed=seed, progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
         return {"model": model.with_patch(MembranePatch(loras, scale, concept_embeds, words_of(concept),
                                                         strength, meta))}
@@ -183,7 +183,7 @@ class EraseFinetune(Node):
             loras, scale, _ = train_erasure_lora(
                 model.unet, _train_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
                 scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
-                progress=lambda i, n: ctx.progress(i, n))
+                progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,
                 "seed": seed, "scope": scope}
         return {"model": model.with_patch(LoraPatch(loras, scale, strength, meta))}
@@ -287,7 +287,7 @@ class RedTeamPrompt(Node):
         result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
                                  steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
                                  eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
-                                 banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n))
+                                 banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         if report:
             path = ctx.resolve_path(report)
             with open(path, "w", encoding="utf-8") as f:
