@@ -778,10 +778,13 @@ def heat_colours(values: torch.Tensor) -> torch.Tensor:
 
 
 def heatmap_grid(maps: torch.Tensor, tile: int = 64, gap: int = 2) -> torch.Tensor:
-    """(T, h, w) maps -> one IMAGE (1, tile, T*(tile+gap)-gap, 3): each map over its own max."""
+    """(T, h, w) maps -> one IMAGE (1, tile, T*(tile+gap)-gap, 3), each map stretched over its
+    own range (min black, max white), tiles in a row separated by gray gaps."""
     t, h, w = maps.shape
     m = maps.detach().float()
-    m = m / m.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    lo = m.flatten(1).amin(dim=1)[:, None, None]
+    hi = m.flatten(1).amax(dim=1)[:, None, None]
+    m = (m - lo) / (hi - lo).clamp_min(1e-12)
     th = max(1, round(tile * h / max(h, w)))
     tw = max(1, round(tile * w / max(h, w)))
     big = F.interpolate(m[:, None], size=(th, tw), mode="nearest")[:, 0]
