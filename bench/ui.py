@@ -1,0 +1,168 @@
+"""Desktop app responsiveness, printed as JSON.
+
+- launch_to_window_s: wall time from starting `loomwork` (a subprocess, as a user would) until
+  the main window is shown, median of several launches; and whether torch was already imported
+  at that moment (it must not be: torch loads in the background after the window shows).
+- event loop gaps: a 10 ms QTimer in the UI thread records the intervals between its ticks
+  while the app (1) warms torch up in the background, (2) runs the default graph cold, (3)
+  re-runs it after a param edit. A gap is time the UI could not repaint or take input.
+
+Targets: window <= 2 s; no gap > 100 ms. The default graph's `builtin:shapes-t2i` model is used
+when it is shipped; otherwise a tiny random model stands in (the JSON says which).
+
+    python bench/ui.py [--launches 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def launch_times(n: int, env: dict) -> dict:
+    times, torch_at_show = [], []
+    for _ in range(n):
+        t0 = time.time()
+        out = subprocess.run([sys.executable, "-m", "app.main"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("LOOMWORK_SHOWN")), None)
+        if line is None:
+            raise RuntimeError(f"the app did not report a shown window:\n{out.stderr[-2000:]}")
+        parts = line.split()
+        times.append(float(parts[1]) - t0)
+        torch_at_show.append(parts[2] == "torch_loaded=True")
+    return {"launch_to_window_s": round(statistics.median(times), 3),
+            "launch_to_window_all_s": [round(t, 3) for t in times],
+            "torch_loaded_when_shown": any(torch_at_show)}
+
+
+class GapMeter:
+    """Intervals between 10 ms timer ticks in the UI thread."""
+
+    def __init__(self):
+        from PySide6 import QtCore
+
+        self.timer = QtCore.QTimer()
+        self.timer.setTimerType(QtCore.Qt.PreciseTimer)
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(self._tick)
+        self.gaps: list[float] = []
+        self.last = None
+
+    def _tick(self):
+        now = time.perf_counter()
+        if self.last is not None:
+            self.gaps.append(now - self.last)
+        self.last = now
+
+    def start(self):
+        self.gaps, self.last = [], None
+        self.timer.start()
+
+    def stop(self) -> dict:
+        self.timer.stop()
+        g = sorted(self.gaps) or [0.0]
+        return {"max_gap_ms": round(g[-1] * 1000, 1), "p99_gap_ms": round(g[int(0.99 * (len(g) - 1))] * 1000, 1),
+                "ticks": len(self.gaps)}
+
+
+def wait_for(app, predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        app.processEvents()
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def event_loop_gaps(tmp: Path) -> dict:
+    from app.ui import create_app
+    from app.ui.window import MainWindow, default_graph, resources_dir
+
+    app = create_app()
+    w = MainWindow(autosave=False)
+    w._closing_ok = True
+    w.show()
+    meter = GapMeter()
+    # (1) torch and the kernels load in a background thread while the window stays live
+    assert "torch" not in sys.modules, "torch must not be imported before the window shows"
+    warmed = []
+    w.runner.warmed.connect(lambda: warmed.append(1))
+    meter.start()
+    w.runner.warm_up()
+    wait_for(app, lambda: warmed, 120)
+    result = {"warm_up": meter.stop()}
+
+    graph = default_graph()
+    model = "builtin:shapes-t2i"
+    if not (resources_dir() / "models" / "shapes-t2i").exists():
+        from kernels.tiny import build_tiny_model
+
+        model = build_tiny_model(str(tmp / "tiny-model"))
+        for n in graph.nodes.values():
+            if n.type == "LoadModel":
+                n.params["path"] = model
+    w.doc.replace(graph, None)
+    result["model"] = "builtin:shapes-t2i" if model.startswith("builtin:") else "tiny random (shapes-t2i not shipped)"
+
+    def run_once(label):
+        done = []
+        w.runner.finished.connect(lambda r: done.append(r))
+        meter.start()
+        t0 = time.perf_counter()
+        w.run_all()
+        ok = wait_for(app, lambda: done, 600)
+        stats = meter.stop()
+        stats["run_s"] = round(time.perf_counter() - t0, 3)
+        report = done[0] if done else None
+        stats["ok"] = bool(ok and not isinstance(report, str) and report.ok)
+        if report is not None and not isinstance(report, str):
+            stats["sampler_steps"] = report.sampler_steps
+        w.runner.finished.disconnect()
+        w.runner.finished.connect(w._run_finished)
+        result[label] = stats
+
+    run_once("first_run")
+    sampler = next(i for i, n in w.doc.graph.nodes.items() if n.type == "Sampler")
+    w.doc.set_param(sampler, "seed", 12345)
+    run_once("rerun_after_edit")
+    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", "first_run", "rerun_after_edit")]
+    result["max_gap_during_runs_ms"] = max(result["first_run"]["max_gap_ms"], result["rerun_after_edit"]["max_gap_ms"])
+    result["max_gap_overall_ms"] = max(gaps)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launches", type=int, default=3)
+    args = parser.parse_args()
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    with tempfile.TemporaryDirectory(prefix="loomwork-bench-ui-") as t:
+        tmp = Path(t)
+        os.environ["LOOMWORK_DATA_DIR"] = str(tmp / "data")
+        os.environ["LOOMWORK_CACHE_DIR"] = str(tmp / "cache")
+        os.environ["LOOMWORK_OUTPUT_DIR"] = str(tmp / "out")
+        env = dict(os.environ, LOOMWORK_QUIT_AFTER_SHOWN="1", PYTHONPATH=str(ROOT))
+        out = {"platform": os.environ.get("QT_QPA_PLATFORM", "native")}
+        out.update(launch_times(args.launches, env))
+        out.update(event_loop_gaps(tmp))
+        out["targets"] = {"launch_to_window_s": 2.0, "max_gap_ms": 100.0}
+        out["meets_targets"] = bool(out["launch_to_window_s"] <= 2.0 and out["max_gap_during_runs_ms"] <= 100.0)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
