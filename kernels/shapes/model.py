@@ -1,0 +1,89 @@
+"""ShapesT2I: the built-in text-to-image model, built from configs, in the diffusers folder layout.
+
+A pixel-space UNet2DConditionModel at 32x32 (4.2M parameters; cross-attention at 16x16 and 8x8
+so position words can steer where things go; about one training step per second at batch 32 on
+one core), a small CLIP text encoder trained jointly, and a word-level tokenizer over the
+world's caption grammar. v-prediction on a cosine DDPM schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from kernels.shapes.world import vocabulary
+from kernels.tiny import build_word_tokenizer
+
+MAX_TOKENS = 32  # the longest caption (3 objects, positions, background) is 29 tokens with bos/eos
+IMAGE_SIZE = 32
+TEXT_HIDDEN = 128
+
+
+def build_tokenizer():
+    return build_word_tokenizer(vocabulary(), MAX_TOKENS)
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
+                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    return CLIPTextModel(config)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    # attention_head_dim sets the NUMBER of heads in this class (a legacy name): 4 heads keep
+    # attention cheap on a CPU; 64 made training 3x slower.
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3,
+        block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4)
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="v_prediction", clip_sample=False)
+
+
+def model_index() -> dict:
+    import diffusers
+
+    return {"_class_name": "ShapesT2IPipeline", "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "vae": [None, None]}
+
+
+def save_model(folder: str, unet, text_encoder, tokenizer, scheduler, dtype=torch.float32) -> None:
+    """Write the diffusers folder layout (weights in `dtype`, safetensors)."""
+    from kernels.models import quiet_hub_libraries
+
+    quiet_hub_libraries()
+    os.makedirs(folder, exist_ok=True)
+    unet_copy = type(unet).from_config(unet.config)
+    unet_copy.load_state_dict(unet.state_dict())
+    unet_copy.to(dtype).save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    te_copy = type(text_encoder)(text_encoder.config)
+    te_copy.load_state_dict(text_encoder.state_dict())
+    te_copy.to(dtype).save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(model_index(), f, indent=2)
+
+
+def parameter_counts(unet, text_encoder) -> dict:
+    return {"unet": sum(p.numel() for p in unet.parameters()),
+            "text_encoder": sum(p.numel() for p in text_encoder.parameters())}

@@ -1,0 +1,266 @@
+"""Train ShapesT2I on the synthetic world, on a CPU, resumably.
+
+    python -m kernels.shapes.train --workdir DIR [--resume MODEL_DIR] [--minutes N]
+
+Joint training of the text encoder and the pixel-space UNet: v-prediction on a cosine schedule,
+min-SNR-5 loss weights, EMA weights for sampling, 10% caption dropout (for classifier-free
+guidance), AdamW with warm-up, and a curriculum that shows more one-object scenes early.
+Every few minutes it writes DIR/state.pt (resume point) and DIR/latest/ (EMA weights in the
+diffusers layout); every eval interval it samples held-out prompts, scores them with the oracle
+and keeps DIR/best/ (by one-object colour+shape). Logs go to DIR/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels.shapes import model as shapes_model
+from kernels.shapes.world import generate_batch
+
+HELDOUT_PATH = Path(__file__).resolve().parents[2] / "resources" / "shapes" / "heldout_prompts.json"
+
+
+def load_heldout() -> list[dict]:
+    return json.loads(HELDOUT_PATH.read_text())["prompts"]
+
+
+class Data:
+    """Pre-generated 32x32 samples: a natural mix and a one-object pool for the curriculum."""
+
+    def __init__(self, workdir: Path, tokenizer, n_mixed: int, n_single: int, exclude: set[str]):
+        cache = workdir / f"data_{n_mixed}_{n_single}.npz"
+        if cache.exists():
+            z = np.load(cache, allow_pickle=False)
+            self.mixed, self.single = z["mixed"], z["single"]
+            self.mixed_caps, self.single_caps = list(z["mixed_caps"]), list(z["single_caps"])
+        else:
+            self.mixed, self.mixed_caps, _ = generate_batch(1, n_mixed, 32, exclude_captions=exclude)
+            self.single, self.single_caps, _ = generate_batch(2, n_single, 32, one_object_fraction=1.0,
+                                                              exclude_captions=exclude)
+            np.savez(cache, mixed=self.mixed, single=self.single, mixed_caps=np.array(self.mixed_caps),
+                     single_caps=np.array(self.single_caps))
+        self.mixed_ids = self._ids(tokenizer, self.mixed_caps)
+        self.single_ids = self._ids(tokenizer, self.single_caps)
+        self.empty_ids = self._ids(tokenizer, [""])[0]
+
+    @staticmethod
+    def _ids(tokenizer, captions):
+        return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+    def batch(self, rng: np.random.Generator, size: int, p_single: float, p_drop: float):
+        from_single = rng.random(size) < p_single
+        x = np.empty((size, 32, 32, 3), np.uint8)
+        ids = torch.empty((size, self.mixed_ids.shape[1]), dtype=torch.long)
+        for k in range(size):
+            pool, pool_ids = (self.single, self.single_ids) if from_single[k] else (self.mixed, self.mixed_ids)
+            j = int(rng.integers(len(pool)))
+            x[k], ids[k] = pool[j], pool_ids[j]
+        drop = rng.random(size) < p_drop
+        ids[torch.from_numpy(drop)] = self.empty_ids
+        images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return images, ids
+
+
+@torch.no_grad()
+def evaluate(unet, text_encoder, tokenizer, scheduler_config: dict, prompts: list[dict],
+             steps: int = 20, cfg: float = 4.0) -> dict:
+    """Sample each prompt once (its own seed) and score with the oracle."""
+    from kernels.images import model_to_image
+    from kernels.sampling import make_scheduler, sample
+    from kernels.shapes.oracle import score_prompt
+
+    unet.eval(), text_encoder.eval()
+    ids = tokenizer([p["caption"] for p in prompts] + [""], padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    hidden = text_encoder(ids).last_hidden_state
+    cond, empty = hidden[:-1], hidden[-1:].expand(len(prompts), -1, -1)
+    noise = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(p["seed"]))
+                         for p in prompts])
+    x = sample(unet, make_scheduler("dpmpp_2m", scheduler_config), cond, empty, noise, steps, cfg,
+               torch.Generator().manual_seed(0))
+    images = (model_to_image(x).numpy() * 255).round().astype(np.uint8)
+    scores = [score_prompt(p["objects"], img) for p, img in zip(prompts, images)]
+
+    def rate(key, subset):
+        vals = [s[key] for s, p in zip(scores, prompts) if subset(p)]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    single = lambda p: len(p["objects"]) == 1  # noqa: E731
+    return {"single_colour": rate("colour", single), "single_colour_shape": rate("colour_shape", single),
+            "single_cell": rate("cell", single),
+            "all_colour": rate("colour", lambda p: True), "all_colour_shape": rate("colour_shape", lambda p: True),
+            "all_cell": rate("cell", lambda p: True),
+            "two_object_both_right": rate("all_right", lambda p: len(p["objects"]) == 2),
+            "n": len(prompts)}, images
+
+
+def eval_subset(prompts: list[dict], n_single=24, n_two=16, n_three=8) -> list[dict]:
+    by = {1: [], 2: [], 3: []}
+    for p in prompts:
+        by[len(p["objects"])].append(p)
+    return by[1][:n_single] + by[2][:n_two] + by[3][:n_three]
+
+
+def lr_at(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--resume", help="start from a model folder (e.g. the shipped weights)")
+    parser.add_argument("--minutes", type=float, default=1e9)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--n-mixed", type=int, default=80000)
+    parser.add_argument("--n-single", type=int, default=30000)
+    parser.add_argument("--save-minutes", type=float, default=4.0)
+    parser.add_argument("--eval-minutes", type=float, default=15.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "log.jsonl", "a", buffering=1)
+
+    def emit(record):
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        log.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    if args.resume:
+        from kernels.models import load_model_folder
+        mb, cb, _ = load_model_folder(args.resume)
+        unet, text_encoder, tokenizer = mb.unet.float(), cb.text_encoder.float(), cb.tokenizer
+    else:
+        tokenizer = shapes_model.build_tokenizer()
+        text_encoder = shapes_model.build_text_encoder(tokenizer)
+        unet = shapes_model.build_unet()
+    scheduler = shapes_model.build_scheduler()
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    step, trained_seconds, best = 0, 0.0, -1.0
+    state_path = workdir / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"]), ema_te.load_state_dict(state["ema_te"])
+        opt.load_state_dict(state["opt"])
+        step, trained_seconds, best = state["step"], state["trained_seconds"], state["best"]
+        emit({"event": "resumed", "step": step})
+
+    heldout = load_heldout()
+    data = Data(workdir, tokenizer, args.n_mixed, args.n_single, {p["caption"] for p in heldout})
+    probe = eval_subset(heldout)
+    emit({"event": "start", "params": shapes_model.parameter_counts(unet, text_encoder),
+          "data": [len(data.mixed), len(data.single)], "args": vars(args)})
+
+    alphas = scheduler.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    weights = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
+    rng = np.random.default_rng(step)  # resumed runs draw new batches
+    started = time.monotonic()
+    last_save = last_eval = started
+    losses = []
+    while time.monotonic() - started < args.minutes * 60:
+        t0 = time.monotonic()
+        p_single = max(0.2, 0.7 - 0.5 * step / 6000)  # curriculum: one-object scenes first
+        x0, ids = data.batch(rng, args.batch, p_single, p_drop=0.1)
+        t = torch.from_numpy(rng.integers(0, 1000, args.batch))
+        noise = torch.randn_like(x0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        hidden = text_encoder(ids).last_hidden_state
+        pred = unet(xt, t, encoder_hidden_states=hidden).sample
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_te, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        step += 1
+        trained_seconds += time.monotonic() - t0
+        losses.append(float(loss))
+        if step % 50 == 0:
+            emit({"step": step, "loss": round(float(np.mean(losses)), 5), "lr": opt.param_groups[0]["lr"],
+                  "p_single": round(p_single, 3), "train_minutes": round(trained_seconds / 60, 2),
+                  "sec_per_step": round(trained_seconds / max(step, 1), 3)})
+            losses.clear()
+        now = time.monotonic()
+        if now - last_save > args.save_minutes * 60:
+            last_save = now
+            _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best,
+                        tokenizer, scheduler)
+        if now - last_eval > args.eval_minutes * 60:
+            last_eval = now
+            best = _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step,
+                                  trained_seconds, best, emit)
+            _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best,
+                        tokenizer, scheduler)
+    best = _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step, trained_seconds, best, emit)
+    _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best, tokenizer, scheduler)
+
+
+def _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best,
+                tokenizer, scheduler):
+    tmp = workdir / "state.pt.tmp"
+    torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "opt": opt.state_dict(),
+                "step": step, "trained_seconds": trained_seconds, "best": best}, tmp)
+    os.replace(tmp, workdir / "state.pt")
+    shapes_model.save_model(str(workdir / "latest"), ema_unet, ema_te, tokenizer, scheduler)
+
+
+def _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step, trained_seconds, best, emit):
+    try:
+        metrics, images = evaluate(ema_unet, ema_te, tokenizer, dict(scheduler.config), probe)
+    except ImportError as exc:  # the oracle may not exist yet in an early checkout
+        emit({"event": "eval-skipped", "why": str(exc)})
+        return best
+    emit({"event": "eval", "step": step, "train_minutes": round(trained_seconds / 60, 2), **metrics})
+    _save_grid(images, workdir / f"samples_{step:06d}.png")
+    score = metrics["single_colour_shape"] or 0.0
+    if score > best:
+        shapes_model.save_model(str(workdir / "best"), ema_unet, ema_te, tokenizer, scheduler)
+        (workdir / "best" / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        best = score
+    return best
+
+
+def _save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    rows = math.ceil(len(images) / cols)
+    grid = np.full((rows * 34, cols * 34, 3), 40, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * 34 + 1:r * 34 + 33, c * 34 + 1:c * 34 + 33] = img
+    Image.fromarray(grid).resize((cols * 34 * 3, rows * 34 * 3), Image.Resampling.NEAREST).save(path)
+
+
+if __name__ == "__main__":
+    main()
