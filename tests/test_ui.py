@@ -266,8 +266,21 @@ def test_layout_canvas_draw_move_delete_box(window, qtbot):
     window.act_undo.trigger()
     assert canvas.boxes[0]["x0"] == pytest.approx(0.25, abs=0.01)
     canvas.select(0)
-    canvas.delete_selected()
+    canvas.setFocus()
+    qtbot.keyClick(canvas, QtCore.Qt.Key_Delete)  # the box, not the selected Layout node
+    assert layout in doc.graph.nodes
     assert doc.graph.nodes[layout].params["boxes"] == []
+
+
+def test_delete_key_on_the_canvas_deletes_nodes(window, qtbot):
+    doc, load, text = _chain(window)
+    window.activateWindow()
+    window.canvas.select([text])
+    window.canvas.viewer.setFocus()
+    qtbot.keyClick(window.canvas.viewer, QtCore.Qt.Key_Delete)
+    assert set(doc.graph.nodes) == {load}
+    qtbot.keyClick(window.canvas.viewer, QtCore.Qt.Key_Z, QtCore.Qt.ControlModifier)
+    assert set(doc.graph.nodes) == {load, text}
 
 
 def test_tab_opens_the_search_and_adds_the_chosen_node(window, qtbot):

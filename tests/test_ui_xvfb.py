@@ -60,12 +60,15 @@ def _free_display() -> int:
     raise RuntimeError("no free X display number")
 
 
-@pytest.fixture(scope="module")
-def xvfb():
+@pytest.fixture
+def xvfb(request):
+    """An X server; at 200% a 3200x2000 screen, so both scales lay out 1600x1000 logical px."""
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb is not installed")
+    scale = int(request.node.callspec.params.get("scale", "1"))
     display = _free_display()
-    proc = subprocess.Popen(["Xvfb", f":{display}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+    size = f"{1600 * scale}x{1000 * scale}x24"
+    proc = subprocess.Popen(["Xvfb", f":{display}", "-screen", "0", size, "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         if Path(f"/tmp/.X11-unix/X{display}").exists():
@@ -97,7 +100,7 @@ def test_real_window_screenshot(xvfb, tmp_path, scale, tiny_pixel_model):
         pytest.skip(f"Qt cannot use the X server: {out.stderr[-400:]}")
     assert shot.exists(), out.stderr[-2000:]
     image = QtGui.QImage(str(shot))
-    assert image.width() >= 1600 and image.height() >= 1000
+    assert image.width() >= 1600 * int(scale) and image.height() >= 1000 * int(scale)
     # the window drew: the picture is not one flat colour
     colours = {image.pixel(x, y) for x in range(0, image.width(), 37) for y in range(0, image.height(), 37)}
     assert len(colours) > 20

@@ -221,37 +221,66 @@ class PathField(ParamField):
 
 
 class JsonField(ParamField):
+    """Structured data: a one-line summary, and the JSON text behind a toggle (boxes are
+    better edited on the layout canvas, but the text is there for anything else)."""
+
     def __init__(self, param: Json, commit):
         super().__init__(param, commit)
+        self.summary = QtWidgets.QLabel("")
+        self.summary.setObjectName("Hint")
+        self.hint = ""  # e.g. where else the value is edited
+        self.summary.setWordWrap(True)
+        self.summary.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        self.toggle = QtWidgets.QToolButton()
+        self.toggle.setText("JSON")
+        self.toggle.setCheckable(True)
+        self.toggle.setToolTip("show the value as JSON text")
         edit = QtWidgets.QPlainTextEdit()
-        edit.setMinimumHeight(QtGui.QFontMetrics(edit.font()).lineSpacing() * 4)
-        font = QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.FixedFont)
-        edit.setFont(font)
+        edit.setMinimumHeight(QtGui.QFontMetrics(edit.font()).lineSpacing() * 6)
+        edit.setFont(QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.FixedFont))
+        edit.setVisible(False)
+        self.toggle.toggled.connect(edit.setVisible)
         self._timer = QtCore.QTimer(self, singleShot=True, interval=600)
         self._timer.timeout.connect(self._parse)
         edit.textChanged.connect(self._timer.start)
         self.edit = edit
-        self.widget = edit
+        head = QtWidgets.QHBoxLayout()
+        head.setContentsMargins(0, 0, 0, 0)
+        head.addWidget(self.summary, 1)
+        head.addWidget(self.toggle)
+        box = QtWidgets.QWidget()
+        lay = QtWidgets.QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(head)
+        lay.addWidget(edit)
+        self.widget = box
 
     def _parse(self):
         try:
             value = json.loads(self.edit.toPlainText() or "null")
         except json.JSONDecodeError as exc:
-            self.widget.setProperty("invalid", True)
-            self.widget.setToolTip(f"not valid JSON: {exc.msg} (line {exc.lineno})")
-            self.widget.style().polish(self.widget)
+            self.edit.setProperty("invalid", True)
+            self.edit.setToolTip(f"not valid JSON: {exc.msg} (line {exc.lineno})")
+            self.edit.style().polish(self.edit)
             return
+        self.edit.setProperty("invalid", False)
+        self.edit.style().polish(self.edit)
         self.commit(value, merge=True)
 
     def load(self, value):
-        text = json.dumps(value, indent=1)
+        if isinstance(value, list):
+            self.summary.setText(f"{len(value)} item(s){self.hint}")
+        elif isinstance(value, dict):
+            self.summary.setText(f"{len(value)} field(s){self.hint}")
+        else:
+            self.summary.setText(json.dumps(value)[:60])
         try:
             same = json.loads(self.edit.toPlainText() or "null") == value
         except json.JSONDecodeError:
             same = False
         if not same:
             self.edit.blockSignals(True)
-            self.edit.setPlainText(text)
+            self.edit.setPlainText(json.dumps(value, indent=1))
             self.edit.blockSignals(False)
 
 
@@ -346,13 +375,15 @@ class Inspector(QtWidgets.QScrollArea):
         values = spec.resolved_params(node.params)
         for name, param in spec.params.items():
             field = field_for(param, self._committer(node.id, name))
+            if isinstance(field, JsonField) and name == "boxes":
+                field.hint = " · draw them on the Layout panel"
             field.widget.setObjectName(f"param:{name}")
             field.widget.setToolTip(param.help)
             field.load(values[name])
             label = QtWidgets.QLabel(name.replace("_", " "))
             label.setObjectName("ParamLabel")
             label.setToolTip(param.help)
-            if isinstance(param, (Json,)) or (isinstance(param, String) and param.multiline):
+            if isinstance(param, String) and param.multiline:
                 form.addRow(label)
                 form.addRow(field.widget)
             else:

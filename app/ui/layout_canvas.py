@@ -163,11 +163,20 @@ class BoxCanvas(QtWidgets.QWidget):
             self.update()
             if mode == "draw":
                 return
-        if self.boxes[i] if i < len(self.boxes) else None:
-            self.boxes[i] = {k: (round(v, 4) if k != "phrase" else v) for k, v in self.boxes[i].items()}
+        if i < len(self.boxes):  # 4 decimals: a tenth of a pixel at 8K; other keys (a mask) kept
+            self.boxes[i] = {k: (round(v, 4) if k in ("x0", "y0", "x1", "y1") else v)
+                             for k, v in self.boxes[i].items()}
         if mode != "draw" and i < len(self.boxes) and self.boxes[i] == box0:
             return  # a click that selected a box
         self.committed.emit(copy.deepcopy(self.boxes))
+
+    def event(self, event):
+        # Delete here removes a box: claim the key before the window's "delete nodes" shortcut
+        if event.type() == QtCore.QEvent.ShortcutOverride and \
+                event.key() in (QtCore.Qt.Key_Delete, QtCore.Qt.Key_Backspace) and self.selected >= 0:
+            event.accept()
+            return True
+        return super().event(event)
 
     def keyPressEvent(self, event):
         if event.key() in (QtCore.Qt.Key_Delete, QtCore.Qt.Key_Backspace):

@@ -52,6 +52,11 @@ class NodePalette(QtWidgets.QWidget):
         self.filter.textChanged.connect(self._rebuild)
         self.tree.itemActivated.connect(self._activated)
         self._rebuild()
+        # wide enough for the longest node name (indent + margins + scroll bar)
+        fm = QtGui.QFontMetrics(self.tree.font())
+        longest = max((fm.horizontalAdvance(n) for n in registry.all_types()), default=100)
+        em = fm.horizontalAdvance("M")
+        self.setMinimumWidth(min(longest + self.tree.indentation() + em * 4, em * 24))
 
     def _rebuild(self) -> None:
         words = self.filter.text().lower().split()

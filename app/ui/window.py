@@ -120,8 +120,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.tabifyDockWidget(self.image_dock, self.layout_dock)
         self.image_dock.raise_()
         em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
-        self.palette.setMinimumWidth(em * 15)  # long node names must fit
-        self.resizeDocks([self.palette_dock], [em * 15], QtCore.Qt.Horizontal)
+        self.resizeDocks([self.palette_dock], [self.palette.minimumWidth()], QtCore.Qt.Horizontal)
         self.resizeDocks([self.inspector_dock], [em * 26], QtCore.Qt.Horizontal)
         # the inspector gets the larger share: it is where most edits happen
         self.resizeDocks([self.inspector_dock, self.image_dock], [em * 30, em * 22], QtCore.Qt.Vertical)
@@ -155,11 +154,17 @@ class MainWindow(QtWidgets.QMainWindow):
         self.act_save = self._action("&Save", self.file_save, K.Save)
         self.act_save_as = self._action("Save &As…", self.file_save_as, K("Ctrl+Shift+S"))
         self.act_quit = self._action("&Quit", self.close, K.Quit)
-        self.act_undo = self.doc.undo.createUndoAction(self, "&Undo")
-        self.act_undo.setShortcuts([K("Ctrl+Z")])
-        self.act_redo = self.doc.undo.createRedoAction(self, "&Redo")
-        self.act_redo.setShortcuts([K("Ctrl+Y"), K("Ctrl+Shift+Z")])
-        self.addActions([self.act_undo, self.act_redo])
+        # Our own undo/redo actions (not createUndoAction): a fixed label keeps the toolbar still;
+        # what would be undone goes in the tooltip.
+        undo = self.doc.undo
+        self.act_undo = self._action("&Undo", undo.undo, [K("Ctrl+Z")])
+        self.act_redo = self._action("&Redo", undo.redo, [K("Ctrl+Y"), K("Ctrl+Shift+Z")])
+        self.act_undo.setEnabled(False)
+        self.act_redo.setEnabled(False)
+        undo.canUndoChanged.connect(self.act_undo.setEnabled)
+        undo.canRedoChanged.connect(self.act_redo.setEnabled)
+        undo.undoTextChanged.connect(lambda t: self.act_undo.setToolTip(f"Undo {t}" if t else "Undo"))
+        undo.redoTextChanged.connect(lambda t: self.act_redo.setToolTip(f"Redo {t}" if t else "Redo"))
         self.act_copy = self._action("&Copy", self.copy_selection, K.Copy)
         self.act_cut = self._action("Cu&t", self.cut_selection, K.Cut)
         self.act_paste = self._action("&Paste", self.paste, K.Paste)
@@ -223,6 +228,7 @@ class MainWindow(QtWidgets.QMainWindow):
         c.files_dropped.connect(self._open_dropped)
         c.tab_pressed.connect(self.show_search)
         c.context_requested.connect(self._context_menu)
+        c.node_activated.connect(self._on_activated)
         self.palette.add_requested.connect(lambda t: self.add_node(t))
         self.search.chosen.connect(lambda t: self.add_node(t, self._search_pos))
         self.inspector.message.connect(self.show_message)
@@ -328,6 +334,17 @@ class MainWindow(QtWidgets.QMainWindow):
             act.setEnabled(True)
         self.act_run_sel.setEnabled(not self.runner.busy)
 
+    def _on_activated(self, item_id: str) -> None:
+        """Double click: a group asks for its title; a node shows its inspector."""
+        group = self.doc.group(item_id)
+        if group is not None:
+            title, ok = QtWidgets.QInputDialog.getText(self, "Group", "Title:", text=group.title)
+            if ok:
+                self.doc.edit_group(item_id, title=title.strip() or "Group")
+        elif item_id in self.doc.graph.nodes:
+            self.inspector_dock.show()
+            self.inspector_dock.raise_()
+
     def _on_selection(self, ids: list[str]) -> None:
         nid = ids[0] if len(ids) == 1 else None
         self.inspector.show_node(nid)
@@ -336,7 +353,13 @@ class MainWindow(QtWidgets.QMainWindow):
             spec = registry.get(self.doc.graph.nodes[nid].type)
             if spec is not None and "boxes" in spec.params:
                 self.layout_panel.set_node(nid)
+                self.layout_dock.show()
                 self.layout_dock.raise_()
+                # drawing boxes wants room: give the layout panel most of the column
+                h = self.inspector_dock.height() + self.layout_dock.height()
+                if self.layout_dock.height() < h * 0.5:
+                    self.resizeDocks([self.inspector_dock, self.layout_dock], [int(h * 0.4), int(h * 0.6)],
+                                     QtCore.Qt.Vertical)
 
     def _show_node_status(self, nid: Optional[str]) -> None:
         if nid is None:
@@ -456,12 +479,16 @@ class MainWindow(QtWidgets.QMainWindow):
         failed = [r for r in report.nodes.values() if r.status == "failed"]
         if report.cancelled:
             summary = f"Cancelled after {seconds:.1f} s ({ran} node(s) finished and stay cached)"
+            short = "Cancelled"
         elif failed:
             first = failed[0]
             summary = f"{len(failed)} node(s) failed: {first.title}: {first.error}"
+            short = f"{len(failed)} failed"
         else:
             summary = f"Done in {seconds:.1f} s: {ran} ran, {cached} cached"
-        self.run_label.setText(summary if len(summary) < 60 else summary[:57] + "…")
+            short = f"Last run {seconds:.1f} s"
+        self.run_label.setText(short)
+        self.run_label.setToolTip(summary)
         self.show_message(summary, 15000)
         if self.inspector.node_id:
             self._show_node_status(self.inspector.node_id)
