@@ -406,3 +406,41 @@ def test_app_does_not_import_torch(window):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+def test_rename_on_canvas_and_group_edits_are_undoable(window):
+    doc, load, text = _chain(window)
+    window.canvas.viewer.node_name_changed.emit(text, "Prompt")
+    assert doc.graph.nodes[text].title == "Prompt"
+    assert window.canvas.item(text).view.name == "Prompt"
+    window.canvas.select([load, text])
+    gid = window.canvas.group_selection("Inputs")
+    x, y, w, h = doc.group(gid).rect
+    window.canvas.viewer.node_backdrop_updated.emit(gid, "sizer_mouse_release",
+                                                   {"pos": [x, y], "width": w + 100, "height": h})
+    assert doc.group(gid).rect == (x, y, w + 100, h)
+    assert window.canvas._backdrops[gid].view.width == w + 100
+    window.act_undo.trigger()
+    assert doc.group(gid).rect == (x, y, w, h)
+    window.act_undo.trigger()
+    window.act_undo.trigger()
+    assert doc.graph.nodes[text].title == "" and window.canvas.item(text).view.name == "TextEncode"
+
+
+def test_placeholder_nodes_show_and_survive(window, tmp_path):
+    from app.graph import load, save
+
+    src = tmp_path / "p.loom"
+    src.write_text(json.dumps({
+        "format": "loomwork.graph", "version": 2,
+        "nodes": [{"id": "a", "type": "FutureThing", "version": 3, "params": {"k": [1, 2]}, "pos": [0, 0]},
+                  {"id": "b", "type": "PreviewImage", "version": 1, "params": {}, "pos": [300, 0]}],
+        "edges": [{"from": {"node": "a", "port": "image"}, "to": {"node": "b", "port": "image"}}],
+        "groups": [], "meta": {}}))
+    assert window.open_path(str(src), ask=False)
+    assert window.canvas.shown_edges() == {("a", "image", "b", "image")}
+    window.canvas.select(["a"])
+    assert window.inspector.fields == {}  # nothing to edit, and no crash
+    out = tmp_path / "q.loom"
+    window._save_to(str(out))
+    assert json.loads(out.read_text())["nodes"][0]["params"] == {"k": [1, 2]}

@@ -106,3 +106,20 @@ def test_a_failing_node_is_shown_not_raised(window, qtbot, tmp_path):
     assert "failed" in window.statusBar().currentMessage()
     window.canvas.select([ids["load"]])
     assert window.inspector.status_text.startswith("Last run: failed")
+
+
+def test_editing_during_a_run_leaves_its_results_stale(window, qtbot, tiny_pixel_model):
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=30, size=16, seed=5)
+    window.doc.replace(graph, None)
+
+    def edit_once(nid, step, total):
+        if step == 1:
+            window.doc.set_param(ids["sampler"], "cfg", 2.5)  # the UI stays editable
+
+    window.runner.progress.connect(edit_once)
+    with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
+        window.act_run.trigger()
+    assert blocker.args[0].ok
+    assert window.states[ids["sampler"]] == "stale" and window.states[ids["save"]] == "stale"
+    assert window.states[ids["text"]] in ("done", "cached-memory")
+    assert window.doc.graph.nodes[ids["sampler"]].params["cfg"] == 2.5

@@ -376,7 +376,10 @@ class MainWindow(QtWidgets.QMainWindow):
     # -- run state ------------------------------------------------------------------------
     def _mark_stale(self, ids: list[str]) -> None:
         """A changed input (param or wire) makes the node and everything after it out of date."""
-        for nid in self.doc.graph.downstream(ids):
+        cone = self.doc.graph.downstream(ids)
+        if self.runner.busy:  # the running snapshot predates this edit: its results will be stale
+            self.edited_during_run |= cone
+        for nid in cone:
             if self.states.get(nid) not in (None, "stale", "running", "queued"):
                 self.states[nid] = "stale"
                 self.errors.pop(nid, None)
@@ -409,6 +412,7 @@ class MainWindow(QtWidgets.QMainWindow):
         path = self.doc.path if self.doc.path and not self.doc.path.lower().endswith(".png") else None
         out_dir = str(Path(path).parent / "output") if path else str(session.default_output_dir())
         self.run_started = time.monotonic()
+        self.edited_during_run = set()
         if self.runner.start(self.doc.graph, targets, graph_path=path, output_dir=out_dir):
             self.act_run.setEnabled(False)
             self.act_run_sel.setEnabled(False)
@@ -424,6 +428,8 @@ class MainWindow(QtWidgets.QMainWindow):
         for nid in cone:
             self.errors.pop(nid, None)
 
+    edited_during_run: set = set()
+
     def _on_node_state(self, nid: str, state: str, info: dict) -> None:
         if nid not in self.doc.graph.nodes:
             return
@@ -437,6 +443,9 @@ class MainWindow(QtWidgets.QMainWindow):
             text = f"done {info['seconds']:.1f}s"
         if state == "running":
             self.progress.setVisible(False)
+        if nid in self.edited_during_run and state in ("done", "cached-memory", "cached-disk"):
+            state, text, tip = "stale", "stale", "edited during the run: this result is out of date"
+            self.states[nid] = state
         self.canvas.set_state(nid, state, text, tip)
         if self.inspector.node_id == nid:
             self._show_node_status(nid)
