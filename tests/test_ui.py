@@ -8,6 +8,9 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("NodeGraphQt")
 
+# NodeGraphQt 0.6 still calls Qt5-era event methods (QMouseEvent.pos()...): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecated:DeprecationWarning")
+
 from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 
@@ -444,3 +447,45 @@ def test_placeholder_nodes_show_and_survive(window, tmp_path):
     out = tmp_path / "q.loom"
     window._save_to(str(out))
     assert json.loads(out.read_text())["nodes"][0]["params"] == {"k": [1, 2]}
+
+
+def _viewer_drag(viewer, p1, p2, steps=5):
+    """A real mouse drag on the canvas viewport (NodeGraphQt's own gesture code runs)."""
+    from PySide6.QtTest import QTest
+
+    vp = viewer.viewport()
+    QTest.mousePress(vp, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier, p1)
+    for k in range(1, steps + 1):
+        p = p1 + (p2 - p1) * k / steps
+        QtWidgets.QApplication.sendEvent(vp, QtGui.QMouseEvent(
+            QtCore.QEvent.MouseMove, QtCore.QPointF(p), QtCore.QPointF(vp.mapToGlobal(p)),
+            QtCore.Qt.NoButton, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier))
+    QTest.mouseRelease(vp, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier, p2)
+
+
+def test_mouse_gestures_on_the_canvas(window, qtbot):
+    doc = window.doc
+    load = window.add_node("LoadModel", QtCore.QPointF(0, 0))
+    text = window.add_node("TextEncode", QtCore.QPointF(300, 0))
+    sampler = window.add_node("Sampler", QtCore.QPointF(300, 200))
+    window.canvas.select([])
+    v = window.canvas.viewer
+
+    def at(nid, port, out):
+        return v.mapFromScene(window.canvas.port_view(nid, port, out).sceneBoundingRect().center())
+
+    _viewer_drag(v, at(load, "clip", True), at(text, "clip", False))  # wire
+    assert [(e.src_port, e.dst_port) for e in doc.graph.edges] == [("clip", "clip")]
+    _viewer_drag(v, at(load, "clip", True), at(sampler, "model", False))  # wrong type
+    assert len(doc.graph.edges) == 1 and "MODEL" in window.statusBar().currentMessage()
+    assert window.canvas.shown_edges() == {(load, "clip", text, "clip")}
+    inp = at(text, "clip", False)
+    _viewer_drag(v, inp, inp + QtCore.QPoint(-80, 120))  # pull the wire off the input
+    assert doc.graph.edges == [] and window.canvas.shown_edges() == set()
+    r = window.canvas.node_rect(sampler)
+    title = v.mapFromScene(QtCore.QPointF(r.center().x(), r.top() + 8))
+    _viewer_drag(v, title, title + QtCore.QPoint(50, 30))  # move by the title
+    assert doc.graph.nodes[sampler].pos != (300.0, 200.0)
+    assert doc.undo.text(doc.undo.index() - 1).startswith("move")
+    window.act_undo.trigger()
+    assert doc.graph.nodes[sampler].pos == (300.0, 200.0)

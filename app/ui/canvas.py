@@ -427,10 +427,12 @@ class GraphCanvas(QtCore.QObject):
     def _on_moved(self, moved: dict) -> None:
         node_moves, group_moves = {}, {}
         for view, _prev in moved.items():
+            # tenths of a unit: files stay tidy and nothing visible is lost
+            x, y = (round(float(c), 1) for c in view.xy_pos)
             if view.id in self._items:
-                node_moves[view.id] = tuple(view.xy_pos)
+                node_moves[view.id] = (x, y)
             elif view.id in self._backdrops:
-                group_moves[view.id] = tuple(view.xy_pos)
+                group_moves[view.id] = (x, y)
         self.doc.undo.beginMacro("move")
         self.doc.move_nodes(node_moves)
         for gid, (x, y) in group_moves.items():
