@@ -249,6 +249,14 @@ class MainWindow(QtWidgets.QMainWindow):
     def show_message(self, text: str, ms: int = 8000) -> None:
         self.statusBar().showMessage(text, ms)
 
+    def _notice(self, title: str, text: str) -> None:
+        """A warning that does not block (also at start-up, before the event loop runs)."""
+        if QtWidgets.QApplication.platformName() == "offscreen":
+            return  # no one to click it: the status bar has the message
+        box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Warning, title, text, QtWidgets.QMessageBox.Ok, self)
+        box.setAttribute(QtCore.Qt.WA_DeleteOnClose)
+        box.open()
+
     def _update_title(self) -> None:
         name = Path(self.doc.path).name if self.doc.path else "Untitled"
         self.setWindowTitle(f"{name}[*] — {APP_NAME}")
@@ -536,7 +544,7 @@ class MainWindow(QtWidgets.QMainWindow):
             graph = load(path, registry.get)
         except GraphFileError as exc:
             self.show_message(f"Cannot open: {exc}", 15000)
-            QtWidgets.QMessageBox.warning(self, "Cannot open graph", str(exc))
+            self._notice("Cannot open graph", str(exc))
             return False
         is_png = path.lower().endswith(".png")
         # A graph opened from a PNG saves as a new .loom, never over the image.
@@ -564,7 +572,8 @@ class MainWindow(QtWidgets.QMainWindow):
         try:
             save(self.doc.graph, path)
         except GraphFileError as exc:
-            QtWidgets.QMessageBox.warning(self, "Cannot save", str(exc))
+            self.show_message(f"Cannot save: {exc}", 15000)
+            self._notice("Cannot save", str(exc))
             return False
         self.doc.mark_saved(str(Path(path).resolve()))
         session.add_recent(path)
