@@ -9,8 +9,6 @@ pytest.importorskip("torch")
 # NodeGraphQt 0.6 still calls Qt5-era event methods (QMouseEvent.pos()...): not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecated:DeprecationWarning")
 
-from PySide6 import QtCore  # noqa: E402
-
 from tests.conftest import txt2img_graph  # noqa: E402
 
 

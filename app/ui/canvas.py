@@ -246,7 +246,7 @@ class GraphCanvas(QtCore.QObject):
         item.NODE_NAME = item.model.name = item.view.name = node.title or node.type
         for name, type_name, optional in shape[1]:
             color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
-            item.add_input(name + ("" if not optional else ""), color=color)
+            item.add_input(name, color=color)
         for name, type_name in shape[2]:
             color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
             item.add_output(name, multi_output=True, color=color)

@@ -9,14 +9,13 @@ included) one linear history tied to the document.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from typing import Any, Iterable, Optional
 
 from PySide6 import QtCore, QtGui
 
 from app.graph import Edge, Graph, GraphError, Group, Node, new_id
-from app.graph.fileformat import dumps, graph_from_dict, graph_to_dict
+from app.graph.fileformat import dumps
 from nodes import registry
 
 _ABSENT = object()  # a param that was not stored (so its default applied)
@@ -380,8 +379,7 @@ class SetParamCmd(QtGui.QUndoCommand):
 
 
 class MoveNodesCmd(QtGui.QUndoCommand):
-    def __init__(self, doc: Document, moves: dict[str, tuple[float, float]],
-                 group_moves: Optional[dict[str, tuple]] = None):
+    def __init__(self, doc: Document, moves: dict[str, tuple[float, float]]):
         super().__init__(f"move {len(moves)} node(s)")
         self.doc, self.new = doc, dict(moves)
         self.old = {i: tuple(doc.graph.nodes[i].pos) for i in moves}

@@ -169,6 +169,8 @@ class TextField(ParamField):
 
     def load(self, value):
         value = "" if value is None else str(value)
+        if self.param.multiline and self._timer.isActive():
+            return  # the user is typing: their text is newer than the document's
         if self.param.multiline:
             if self.edit.toPlainText() != value:
                 self.edit.blockSignals(True)

@@ -28,11 +28,10 @@ import os
 os.environ.setdefault("QT_PREFERRED_BINDING", "PySide6")
 os.environ.setdefault("QT_PREFERRED_BINDING_JSON", "")
 
-from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
+from PySide6 import QtCore  # noqa: E402
 
 import NodeGraphQt  # noqa: E402
 from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
-from NodeGraphQt.qgraphics.pipe import PipeItem  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
 
 __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",

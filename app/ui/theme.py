@@ -41,6 +41,8 @@ CATEGORY_TINTS = {
     "sampling": "#26343a",
     "image": "#233243",
     "layout": "#1f3a38",
+    "erasers": "#3a2629",
+    "analysis": "#2a3326",
     "misc": "#2b2f37",
 }
 

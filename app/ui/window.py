@@ -3,7 +3,6 @@ panels below it; menus, toolbar, shortcuts; files; runs and their display."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
