@@ -546,3 +546,34 @@ def test_command_line_opens_a_graph_or_survives_a_bad_one(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "LOOMWORK_SHOWN" in out.stdout and "torch_loaded=False" in out.stdout
+
+
+def test_dragging_a_node_onto_a_backdrop_joins_its_group(window):
+    doc, load, text = _chain(window)
+    window.canvas.select([load])
+    gid = window.canvas.group_selection()
+    assert doc.group(gid).nodes == [load]
+    x, y, w, h = doc.group(gid).rect
+    view = window.canvas.item(text).view
+    prev = view.xy_pos
+    view.xy_pos = [x + 10, y + 30]
+    window.canvas.viewer.moved_nodes.emit({view: prev})
+    assert set(doc.group(gid).nodes) == {load, text}
+    window.act_undo.trigger()  # one step: the move and the membership
+    assert doc.group(gid).nodes == [load] and doc.graph.nodes[text].pos == (300.0, 0.0)
+
+
+def test_window_layout_is_remembered(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
+    from app.ui import create_app
+    from app.ui.window import MainWindow
+
+    create_app()
+    w = MainWindow(autosave=False)
+    qtbot.addWidget(w)
+    w.image_dock.hide()
+    w.close()
+    w2 = MainWindow(autosave=False)
+    w2._closing_ok = True
+    qtbot.addWidget(w2)
+    assert w2.image_dock.isHidden()

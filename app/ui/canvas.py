@@ -439,8 +439,20 @@ class GraphCanvas(QtCore.QObject):
             group = self.doc.group(gid)
             if group is not None:
                 self.doc.edit_group(gid, rect=(x, y, group.rect[2], group.rect[3]))
+        self._update_memberships()
         self.doc.undo.endMacro()
         self.sync()
+
+    def _update_memberships(self) -> None:
+        """A group holds the nodes whose centre lies on its backdrop (dragging a node onto or
+        off a backdrop changes that, within the same undo step as the drag)."""
+        for group in self.doc.graph.groups:
+            x, y, w, h = group.rect
+            area = QtCore.QRectF(x, y, w, h)
+            inside = [nid for nid in self.doc.graph.nodes
+                      if nid in self._items and area.contains(self.node_rect(nid).center())]
+            if set(inside) != set(group.nodes):
+                self.doc.edit_group(group.id, nodes=inside)
 
     def _on_renamed(self, nid: str, name: str) -> None:
         if nid in self._items:
@@ -453,7 +465,10 @@ class GraphCanvas(QtCore.QObject):
     def _on_backdrop_updated(self, gid: str, what: str, value) -> None:
         if gid in self._backdrops and isinstance(value, dict):
             x, y = value.get("pos", self._backdrops[gid].view.xy_pos)
+            self.doc.undo.beginMacro("resize group")
             self.doc.edit_group(gid, rect=(float(x), float(y), float(value["width"]), float(value["height"])))
+            self._update_memberships()
+            self.doc.undo.endMacro()
         self.sync()
 
     def _emit_selection(self) -> None:

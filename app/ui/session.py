@@ -47,6 +47,11 @@ def default_output_dir() -> Path:
     return Path(platformdirs.user_pictures_dir()) / "Loomwork"
 
 
+def settings() -> QtCore.QSettings:
+    """Window layout and other preferences, as an ini file next to the recent-files list."""
+    return QtCore.QSettings(str(data_dir() / "settings.ini"), QtCore.QSettings.IniFormat)
+
+
 # -- recent files ---------------------------------------------------------------------------
 def _recent_file() -> Path:
     return data_dir() / "recent.json"

@@ -94,6 +94,22 @@ class MainWindow(QtWidgets.QMainWindow):
         self.autosave = session.Autosave(self.doc, self) if autosave else None
         self._update_title()
         self._initial_size()
+        self._restore_layout()
+
+    def _restore_layout(self) -> None:
+        """The window size and panel arrangement the user left last time."""
+        s = session.settings()
+        geometry, state = s.value("window/geometry"), s.value("window/state")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        if state is not None:
+            self.restoreState(state)
+
+    def _save_layout(self) -> None:
+        s = session.settings()
+        s.setValue("window/geometry", self.saveGeometry())
+        s.setValue("window/state", self.saveState())
+        s.sync()
 
     def _initial_size(self) -> None:
         """1360x820, or less on a small (or scaled-up) screen: the window must fit on it."""
@@ -645,4 +661,5 @@ class MainWindow(QtWidgets.QMainWindow):
         if self.autosave is not None:
             self.autosave.timer.stop()
             self.autosave.discard()
+        self._save_layout()
         event.accept()
