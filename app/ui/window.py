@@ -116,6 +116,9 @@ class MainWindow(QtWidgets.QMainWindow):
         screen = QtGui.QGuiApplication.primaryScreen()
         avail = screen.availableGeometry() if screen is not None else QtCore.QRect(0, 0, 1600, 1000)
         self.resize(min(1360, int(avail.width() * 0.95)), min(820, int(avail.height() * 0.92)))
+        frame = self.frameGeometry()
+        frame.moveCenter(avail.center())
+        self.move(frame.topLeft())
 
     # -- construction ---------------------------------------------------------------------
     def _dock(self, title: str, widget: QtWidgets.QWidget, area, name: str) -> QtWidgets.QDockWidget:
