@@ -348,6 +348,19 @@ def test_dropping_a_file_opens_it(window, tmp_path):
     mime.setUrls([QtCore.QUrl.fromLocalFile(str(path))])
     window.canvas.viewer.files_dropped.emit([str(path)], QtCore.QPointF())
     assert window.doc.path == str(path.resolve())
+    # and a real drop on the window (over a panel, not the canvas)
+    other = tmp_path / "other.loom"
+    save(default_graph(), other)
+    mime.setUrls([QtCore.QUrl.fromLocalFile(str(other))])
+    target = window.inspector
+    pos = QtCore.QPointF(target.mapTo(window, QtCore.QPoint(10, 10)))
+    enter = QtGui.QDragEnterEvent(pos.toPoint(), QtCore.Qt.CopyAction, mime, QtCore.Qt.LeftButton,
+                                  QtCore.Qt.NoModifier)
+    QtWidgets.QApplication.sendEvent(window, enter)
+    assert enter.isAccepted()
+    drop = QtGui.QDropEvent(pos, QtCore.Qt.CopyAction, mime, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier)
+    QtWidgets.QApplication.sendEvent(window, drop)
+    assert window.doc.path == str(other.resolve())
 
 
 def test_autosave_and_recovery(qtbot, tmp_path, monkeypatch):

@@ -124,3 +124,16 @@ def test_editing_during_a_run_leaves_its_results_stale(window, qtbot, tiny_pixel
     assert window.states[ids["sampler"]] == "stale" and window.states[ids["save"]] == "stale"
     assert window.states[ids["text"]] in ("done", "cached-memory")
     assert window.doc.graph.nodes[ids["sampler"]].params["cfg"] == 2.5
+
+
+def test_saving_a_result_from_the_viewer_keeps_its_graph(window, qtbot, tiny_pixel_model, tmp_path):
+    from app.graph import load
+    from nodes import registry
+
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16)
+    window.doc.replace(graph, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    out = window.images.save_current(str(tmp_path / "copy.png"))
+    reopened = load(out, registry.get)  # a Loomwork PNG: its graph comes back
+    assert set(reopened.nodes) == set(graph.nodes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Optional
 
 from PySide6 import QtCore, QtGui, QtWidgets
@@ -150,13 +152,28 @@ class ImageViewer(QtWidgets.QWidget):
             self.caption.setText(f"{label} · {image.width()}×{image.height()}" + (f" · {shown}" if path else ""))
             self.save_btn.setEnabled(True)
 
+    def current_path(self) -> Optional[str]:
+        row = self.strip.currentRow()
+        if 0 <= row < len(self.images) and self.images[row][0] is self.current:
+            return self.images[row][2]
+        return None
+
     def save_current(self, path: Optional[str] = None) -> Optional[str]:
+        """Save the shown image. One that Save Image wrote is copied as is, so the copy keeps
+        the graph inside it (opening it reopens the graph)."""
         if self.current is None:
             return None
         if not path:
             path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save image", "image.png", "PNG (*.png)")
-        if path:
-            if not self.current.save(path, "PNG"):
-                QtWidgets.QMessageBox.warning(self, "Save image", f"Could not write {path}.")
-                return None
-        return path or None
+        if not path:
+            return None
+        source = self.current_path()
+        try:
+            if source and os.path.isfile(source):
+                shutil.copyfile(source, path)
+            elif not self.current.save(path, "PNG"):
+                raise OSError("the image could not be encoded")
+        except OSError as exc:
+            QtWidgets.QMessageBox.warning(self, "Save image", f"Could not write {path}: {exc}")
+            return None
+        return path
