@@ -308,6 +308,20 @@ def test_side_palette_lists_categories_and_adds(window):
     assert set(names) >= {"VAEDecode", "VAEEncode"} and "Sampler" not in names
     window.palette.add_requested.emit("VAEDecode")
     assert [n.type for n in window.doc.graph.nodes.values()] == ["VAEDecode"]
+    # dragged onto the canvas: added where it was dropped
+    window.palette.filter.setText("sampler")
+    item = next(tree.topLevelItem(i).child(j) for i in range(tree.topLevelItemCount())
+                for j in range(tree.topLevelItem(i).childCount())
+                if tree.topLevelItem(i).child(j).text(0) == "Sampler")
+    mime = tree.mimeData([item])
+    v = window.canvas.viewer
+    at = QtCore.QPointF(120, 90)
+    drop = QtGui.QDropEvent(at, QtCore.Qt.CopyAction, mime, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier)
+    QtWidgets.QApplication.sendEvent(v.viewport(), drop)
+    added = [n for n in window.doc.graph.nodes.values() if n.type == "Sampler"]
+    assert len(added) == 1
+    expected = v.mapToScene(at.toPoint())
+    assert added[0].pos == pytest.approx((expected.x(), expected.y()), abs=1.0)
 
 
 def test_save_and_reopen(window, tmp_path):

@@ -91,6 +91,7 @@ class GraphCanvas(QtCore.QObject):
     message = QtCore.Signal(str)                # for the status bar (refusals and hints)
     node_activated = QtCore.Signal(str)         # double click
     files_dropped = QtCore.Signal(list)
+    node_type_dropped = QtCore.Signal(str, QtCore.QPointF)
     tab_pressed = QtCore.Signal()
     context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
 
@@ -119,6 +120,7 @@ class GraphCanvas(QtCore.QObject):
         v.node_selection_changed.connect(lambda *_: self._emit_selection())
         v.node_selected.connect(lambda *_: self._emit_selection())
         v.files_dropped.connect(lambda paths, _pos: self.files_dropped.emit(paths))
+        v.node_type_dropped.connect(self.node_type_dropped)
         v.tab_pressed.connect(self.tab_pressed)
         v.context_requested.connect(self.context_requested)
         doc.structure_changed.connect(self.sync)

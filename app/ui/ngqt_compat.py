@@ -12,7 +12,8 @@ to NodeGraphQt's model. What this module changes, and why:
    - hands Tab to us (QWidget would use it to move focus) for our node palette;
    - draws wires in the colour of their data type, also after selection highlights reset them;
    - has no context menu of its own (the window adds ours);
-   - reports dropped files instead of trying to import them as NodeGraphQt sessions.
+   - reports dropped files (and node types dragged from our palette) instead of trying to
+     import them as NodeGraphQt sessions.
 3. `detach_controller` unplugs NodeGraph's slots from the viewer's gesture signals, so a drag,
    a wire, a rename or a backdrop resize can never change NodeGraphQt's model behind our back.
 4. `show_scene_rect` frames a rectangle (F): NodeViewer keeps its visible range privately.
@@ -38,6 +39,9 @@ __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer",
            "make_node_graph", "detach_controller", "pipe_between", "show_scene_rect"]
 
 
+NODE_TYPE_MIME = "application/x-loomwork-node-type"  # a palette entry being dragged
+
+
 class LoomNode(BaseNode):
     """The one NodeGraphQt node class we use; ports and looks are set per instance."""
 
@@ -48,6 +52,7 @@ class LoomNode(BaseNode):
 class LoomViewer(NodeViewer):
     tab_pressed = QtCore.Signal()
     files_dropped = QtCore.Signal(list, QtCore.QPointF)
+    node_type_dropped = QtCore.Signal(str, QtCore.QPointF)
     context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
 
     def __init__(self, parent=None):
@@ -70,7 +75,8 @@ class LoomViewer(NodeViewer):
         self._set_viewer_zoom(delta, pos=event.position().toPoint())
 
     def dragEnterEvent(self, event):
-        if event.mimeData().hasUrls():
+        mime = event.mimeData()
+        if mime.hasUrls() or mime.hasFormat(NODE_TYPE_MIME):
             event.acceptProposedAction()
         else:
             event.ignore()
@@ -78,10 +84,16 @@ class LoomViewer(NodeViewer):
     dragMoveEvent = dragEnterEvent
 
     def dropEvent(self, event):
-        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        mime = event.mimeData()
+        scene_pos = self.mapToScene(event.position().toPoint())
+        if mime.hasFormat(NODE_TYPE_MIME):
+            event.acceptProposedAction()
+            self.node_type_dropped.emit(bytes(mime.data(NODE_TYPE_MIME)).decode("utf-8"), scene_pos)
+            return
+        paths = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()]
         if paths:
             event.acceptProposedAction()
-            self.files_dropped.emit(paths, self.mapToScene(event.position().toPoint()))
+            self.files_dropped.emit(paths, scene_pos)
 
     def establish_connection(self, start_port, end_port):
         super().establish_connection(start_port, end_port)

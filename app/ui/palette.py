@@ -25,6 +25,23 @@ def rank(name: str, query: str) -> tuple:
     return (not n.startswith(q), q not in n, name)
 
 
+NODE_TYPE_MIME = "application/x-loomwork-node-type"  # same as ngqt_compat's (no Qt-canvas import here)
+
+
+class PaletteTree(QtWidgets.QTreeWidget):
+    """Node types can be dragged from here onto the canvas."""
+
+    def mimeData(self, items):
+        mime = QtCore.QMimeData()
+        names = [i.data(0, TYPE_ROLE) for i in items if i.data(0, TYPE_ROLE)]
+        if names:
+            mime.setData(NODE_TYPE_MIME, names[0].encode("utf-8"))
+        return mime
+
+    def mimeTypes(self):
+        return [NODE_TYPE_MIME]
+
+
 class NodePalette(QtWidgets.QWidget):
     """The side list: a filter field over a tree of categories. Activating a type adds it."""
 
@@ -38,14 +55,15 @@ class NodePalette(QtWidgets.QWidget):
         self.filter = QtWidgets.QLineEdit()
         self.filter.setPlaceholderText("Filter nodes…")
         self.filter.setClearButtonEnabled(True)
-        self.tree = QtWidgets.QTreeWidget()
+        self.tree = PaletteTree()
         self.tree.setHeaderHidden(True)
         self.tree.setRootIsDecorated(True)
         self.tree.setIndentation(14)
-        self.tree.setDragEnabled(False)
+        self.tree.setDragEnabled(True)
+        self.tree.setDragDropMode(QtWidgets.QAbstractItemView.DragOnly)
         lay.addWidget(self.filter)
         lay.addWidget(self.tree, 1)
-        hint = QtWidgets.QLabel("Double-click to add · Tab on the canvas to search")
+        hint = QtWidgets.QLabel("Double-click or drag onto the canvas to add · Tab on the canvas to search")
         hint.setObjectName("Hint")
         hint.setWordWrap(True)
         lay.addWidget(hint)
@@ -73,6 +91,7 @@ class NodePalette(QtWidgets.QWidget):
             top.setFont(0, font)
             for name, spec in sorted(by_cat[cat]):
                 child = QtWidgets.QTreeWidgetItem([name])
+                child.setFlags(QtCore.Qt.ItemIsEnabled | QtCore.Qt.ItemIsSelectable | QtCore.Qt.ItemIsDragEnabled)
                 child.setData(0, TYPE_ROLE, name)
                 child.setToolTip(0, spec.doc())
                 top.addChild(child)

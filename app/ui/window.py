@@ -222,6 +222,8 @@ class MainWindow(QtWidgets.QMainWindow):
             m.addAction(dock.toggleViewAction())
         m = mb.addMenu("&Run")
         m.addActions([self.act_run, self.act_run_sel, self.act_cancel])
+        m = mb.addMenu("&Help")
+        m.addAction("Keyboard and mouse…", self.show_shortcuts)
 
         tb = self.addToolBar("Main")
         tb.setObjectName("MainToolbar")
@@ -244,6 +246,7 @@ class MainWindow(QtWidgets.QMainWindow):
         c.message.connect(self.show_message)
         c.selection_changed.connect(self._on_selection)
         c.files_dropped.connect(self._open_dropped)
+        c.node_type_dropped.connect(lambda t, pos: self.add_node(t, pos))
         c.tab_pressed.connect(self.show_search)
         c.context_requested.connect(self._context_menu)
         c.node_activated.connect(self._on_activated)
@@ -262,6 +265,22 @@ class MainWindow(QtWidgets.QMainWindow):
         r.preview.connect(self._on_preview)
         r.images.connect(self._on_images)
         r.finished.connect(self._run_finished)
+
+    SHORTCUTS = [
+        ("Tab", "add a node (search)"), ("Drag from a port", "wire; drop on nothing to cancel"),
+        ("Drag a wire off an input", "disconnect"), ("Alt+Shift+drag", "cut wires"),
+        ("Del / Backspace", "delete the selection"), ("Ctrl+C / Ctrl+V", "copy / paste (also between windows)"),
+        ("Ctrl+D", "duplicate"), ("Ctrl+G", "group the selection on a backdrop"),
+        ("Ctrl+Z / Ctrl+Y", "undo / redo (every edit, params included)"), ("F", "frame the selection or all"),
+        ("Middle drag / Alt+drag", "pan"), ("Wheel", "zoom"),
+        ("Ctrl+Enter", "run all outputs"), ("Ctrl+Shift+Enter", "run to the selected node"), ("Esc", "cancel the run"),
+        ("Ctrl+S / Ctrl+Shift+S / Ctrl+O", "save / save as / open"),
+        ("Double-click a title", "rename the node (or a group)"),
+    ]
+
+    def show_shortcuts(self) -> None:
+        rows = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in self.SHORTCUTS)
+        QtWidgets.QMessageBox.information(self, "Keyboard and mouse", f"<table>{rows}</table>")
 
     # -- messages -------------------------------------------------------------------------
     def show_message(self, text: str, ms: int = 8000) -> None:
