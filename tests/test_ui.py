@@ -316,6 +316,10 @@ def test_side_palette_lists_categories_and_adds(window):
     mime = tree.mimeData([item])
     v = window.canvas.viewer
     at = QtCore.QPointF(120, 90)
+    enter = QtGui.QDragEnterEvent(at.toPoint(), QtCore.Qt.CopyAction, mime, QtCore.Qt.LeftButton,
+                                  QtCore.Qt.NoModifier)
+    QtWidgets.QApplication.sendEvent(v.viewport(), enter)
+    assert enter.isAccepted()
     drop = QtGui.QDropEvent(at, QtCore.Qt.CopyAction, mime, QtCore.Qt.LeftButton, QtCore.Qt.NoModifier)
     QtWidgets.QApplication.sendEvent(v.viewport(), drop)
     added = [n for n in window.doc.graph.nodes.values() if n.type == "Sampler"]
