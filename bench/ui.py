@@ -137,27 +137,76 @@ def event_loop_gaps(tmp: Path) -> dict:
     sampler = next(i for i, n in w.doc.graph.nodes.items() if n.type == "Sampler")
     w.doc.set_param(sampler, "seed", 12345)
     run_once("rerun_after_edit")
-    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", "first_run", "rerun_after_edit")]
-    result["max_gap_during_runs_ms"] = max(result["first_run"]["max_gap_ms"], result["rerun_after_edit"]["max_gap_ms"])
+    # (4) a longer sampling run (live previews, progress on every step) for a steadier sample
+    w.doc.set_param(sampler, "steps", 200)
+    run_once("long_run_200_steps")
+    runs = ("first_run", "rerun_after_edit", "long_run_200_steps")
+    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", *runs)]
+    result["max_gap_during_runs_ms"] = max(result[k]["max_gap_ms"] for k in runs)
     result["max_gap_overall_ms"] = max(gaps)
     return result
+
+
+def start_xvfb():
+    """A private X server, so the bench paints through xcb as a desktop would."""
+    import shutil
+
+    if shutil.which("Xvfb") is None:
+        return None
+    for n in range(150, 250):
+        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
+            break
+    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if Path(f"/tmp/.X11-unix/X{n}").exists():
+            return proc, f":{n}"
+        time.sleep(0.05)
+    proc.kill()
+    return None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launches", type=int, default=3)
+    parser.add_argument("--platform", choices=["auto", "xvfb", "offscreen"], default="auto",
+                        help="auto: the current display, else a private Xvfb, else offscreen")
     args = parser.parse_args()
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    xvfb = None
+    if args.platform == "offscreen" or (args.platform == "auto" and not os.environ.get("DISPLAY")):
+        xvfb = start_xvfb() if args.platform != "offscreen" else None
+        if xvfb is not None:
+            os.environ["DISPLAY"], os.environ["QT_QPA_PLATFORM"] = xvfb[1], "xcb"
+        else:
+            os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    elif args.platform == "xvfb":
+        xvfb = start_xvfb()
+        if xvfb is None:
+            parser.error("Xvfb is not installed")
+        os.environ["DISPLAY"], os.environ["QT_QPA_PLATFORM"] = xvfb[1], "xcb"
+    label = os.environ.get("QT_QPA_PLATFORM", "native") + (" on a private Xvfb" if xvfb else "")
+    try:
+        return _run(args, label)
+    finally:
+        if xvfb is not None:
+            xvfb[0].terminate()
+            xvfb[0].wait(10)
+
+
+def _run(args, label: str) -> int:
+    from app.ui import desktop_environment
+
+    desktop_environment()  # as `loomwork` does before torch loads
     with tempfile.TemporaryDirectory(prefix="loomwork-bench-ui-") as t:
         tmp = Path(t)
         os.environ["LOOMWORK_DATA_DIR"] = str(tmp / "data")
         os.environ["LOOMWORK_CACHE_DIR"] = str(tmp / "cache")
         os.environ["LOOMWORK_OUTPUT_DIR"] = str(tmp / "out")
         env = dict(os.environ, LOOMWORK_QUIT_AFTER_SHOWN="1", PYTHONPATH=str(ROOT))
-        out = {"platform": os.environ.get("QT_QPA_PLATFORM", "native")}
+        out = {"platform": label}
         out.update(launch_times(args.launches, env))
         out.update(event_loop_gaps(tmp))
+        out["machine"] = {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
         out["targets"] = {"launch_to_window_s": 2.0, "max_gap_ms": 100.0}
         out["meets_targets"] = bool(out["launch_to_window_s"] <= 2.0 and out["max_gap_during_runs_ms"] <= 100.0)
     print(json.dumps(out, indent=2))
