@@ -195,6 +195,19 @@ class BoxCanvas(QtWidgets.QWidget):
         else:
             self.setCursor(QtCore.Qt.CrossCursor)
 
+    @staticmethod
+    def _mask_image(mask: list, color: QtGui.QColor) -> QtGui.QImage:
+        h, w = len(mask), len(mask[0]) if mask and isinstance(mask[0], list) else 0
+        image = QtGui.QImage(max(1, w), max(1, h), QtGui.QImage.Format_ARGB32)
+        image.fill(QtCore.Qt.transparent)
+        tint = QtGui.QColor(color)
+        for y, row in enumerate(mask):
+            for x, v in enumerate(row[:w]):
+                if isinstance(v, (int, float)) and v > 0:
+                    tint.setAlpha(int(110 * min(1.0, float(v))))
+                    image.setPixelColor(x, y, tint)
+        return image
+
     # -- paint ---------------------------------------------------------------------------
     def paintEvent(self, event):
         p = QtGui.QPainter(self)
@@ -223,6 +236,9 @@ class BoxCanvas(QtWidgets.QWidget):
             br = self.box_rect(box)
             fill = QtGui.QColor(color)
             fill.setAlpha(60 if i == self.selected else 35)
+            mask = box.get("mask")
+            if mask:  # a painted region (over the whole image) that stands in for the rectangle
+                p.drawImage(r, self._mask_image(mask, color))
             p.setBrush(fill)
             p.setPen(QtGui.QPen(color, 2.2 if i == self.selected else 1.4))
             p.drawRect(br)
