@@ -177,12 +177,15 @@ def box_hits(detections, layout, scene, need_shape: bool = True):
 def method_table(args):
     """name -> function(model, clip, layout) -> patched model (None: unpatched)."""
     from kernels.layout import (AStarPatch, BoxGuidancePatch, RegionAttentionPatch,
-                                RegionalPromptPatch, ZestGuidePatch)
+                                RegionalPromptPatch, ZestGuidePatch, phrase_positions)
     from kernels.text import encode_text
 
     def regional(model, clip, layout):
-        embeds = [encode_text(clip.tokenizer, clip.text_encoder, b["phrase"]).embeds for b in layout["boxes"]]
-        return model.with_patch(RegionalPromptPatch(layout, embeds, mix=1.0, end=args.regional_end))
+        conds = [encode_text(clip.tokenizer, clip.text_encoder, b["phrase"]) for b in layout["boxes"]]
+        tokens = [phrase_positions(c, b["phrase"]) for c, b in zip(conds, layout["boxes"])]
+        return model.with_patch(RegionalPromptPatch(layout, [c.embeds for c in conds], mix=args.mix,
+                                                    end=args.regional_end, emphasis=args.emphasis,
+                                                    region_tokens=tokens))
 
     def pww(model, clip, layout):
         return model.with_patch(RegionAttentionPatch(layout, args.pww, suppress_outside=True))
@@ -227,11 +230,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--scheduler", default="euler")
-    parser.add_argument("--pww", type=float, default=1.0, help="Paint-with-Words w'")
-    parser.add_argument("--eta", type=float, default=0.5, help="guidance step size")
+    parser.add_argument("--pww", type=float, default=2.0, help="Paint-with-Words w'")
+    parser.add_argument("--eta", type=float, default=1.0, help="guidance step size")
     parser.add_argument("--iterations", type=int, default=1, help="guidance steps per step")
     parser.add_argument("--regional-end", type=float, default=1.0)
+    parser.add_argument("--mix", type=float, default=1.0, help="regional prompts: phrase weight in its box")
+    parser.add_argument("--emphasis", type=float, default=2.0,
+                        help="regional prompts: Paint-with-Words w' on the phrase inside its box")
     parser.add_argument("--methods", help="comma-separated subset of the methods")
+    parser.add_argument("--layout-seed", type=int, default=LAYOUT_SEED,
+                        help="another stream for tuning, so the reported layouts stay unseen")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
     model, clip, vae = load_model_folder(model_path)
     size = int(model.unet.config.sample_size) * vae.scale_factor
     oracle_name, detect = oracle_detector()
-    layouts = make_layouts(args.n)
+    layouts = make_layouts(args.n, args.layout_seed)
     methods = method_table(args)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
@@ -329,7 +337,8 @@ def main(argv=None) -> int:
               "boxes": n_all, "detector_on_true_scenes": round(truth_hits / max(n_all, 1), 4),
               "settings": {"steps": args.steps, "cfg": args.cfg, "scheduler": args.scheduler,
                            "pww": args.pww, "eta": args.eta, "iterations": args.iterations,
-                           "layout_seed": LAYOUT_SEED, "threads": args.threads},
+                           "mix": args.mix, "emphasis": args.emphasis,
+                           "layout_seed": args.layout_seed, "threads": args.threads},
               "methods": results, "summary": summary}
     text = json.dumps(report, indent=2)
     print(text)

@@ -20,7 +20,8 @@ weight 0).
 The transform interface (all optional, duck-typed):
     bias(ctl, layer, q, k) -> (B_cond, 1|heads, N, L) additive logits bias (pre-softmax, post-scale)
     edit_probs(ctl, layer, probs) -> probs      (probs of the cond rows, (B_cond, heads, N, L))
-    regions(ctl, layer) -> list of (mask (N,), embeds (1, L', D), weight)   per-region prompts
+    regions(ctl, layer) -> list of (mask (N,), embeds (1, L', D), weight[, emphasis, tokens (L',)])
+        per-region prompts; `emphasis` > 0 raises the region's `tokens` Paint-with-Words style
     wants_probs(ctl, layer) -> bool;  record(ctl, layer, probs)           (attention stores)
 """
 
@@ -194,13 +195,20 @@ class LayoutCrossAttnProcessor:
             q_c = query[rows]
             n_rows = q_c.shape[0]
             weights, outs = [], []
-            for mask, embeds, weight in regions:
+            for mask, embeds, weight, *extra in regions:
                 ctx_r = embeds.to(context.dtype).expand(n_rows, -1, -1)
                 if attn.norm_cross:
                     ctx_r = attn.norm_encoder_hidden_states(ctx_r)
                 k_r = attn.to_k(ctx_r).view(n_rows, -1, attn.heads, head_dim).transpose(1, 2)
                 v_r = attn.to_v(ctx_r).view(n_rows, -1, attn.heads, head_dim).transpose(1, 2)
-                outs.append(F.scaled_dot_product_attention(q_c, k_r, v_r))
+                region_bias = None
+                if extra and extra[0]:
+                    emphasis, tokens = extra[0], extra[1].to(q_c.dtype)
+                    with torch.no_grad():
+                        qk_max = (q_c @ k_r.transpose(-1, -2)).amax().clamp_min(0.0)
+                    w = emphasis * math.log1p(ctl.sigma) * qk_max * scale
+                    region_bias = (w * tokens).view(1, 1, 1, -1)
+                outs.append(F.scaled_dot_product_attention(q_c, k_r, v_r, attn_mask=region_bias))
                 weights.append(mask.to(q_c.dtype).view(1, 1, -1, 1) * float(weight))
             total = torch.stack(weights).sum(0)
             norm = torch.clamp(total, min=1.0)  # overlapping regions share, never exceed 1

@@ -224,16 +224,21 @@ class RegionalPromptPatch(_LayoutPatch):
     kind = "regional-prompts"
 
     def __init__(self, layout, region_embeds: Sequence[torch.Tensor], mix: float = 1.0,
-                 start: float = 0.0, end: float = 1.0):
+                 start: float = 0.0, end: float = 1.0, emphasis: float = 0.0,
+                 region_tokens: Optional[Sequence[Sequence[int]]] = None):
         super().__init__(layout, start, end)
         self.region_embeds = list(region_embeds)
         self.mix = float(mix)
+        # emphasis: a Paint-with-Words push (w') on each region's own phrase tokens inside it
+        self.emphasis = float(emphasis)
+        self.region_tokens = [list(t) for t in (region_tokens or [[] for _ in self.region_embeds])]
 
     def params_key(self):
         digest = hashlib.blake2b(digest_size=8)
         for e in self.region_embeds:
             digest.update(e.detach().float().cpu().numpy().tobytes())
-        return {"mix": self.mix, "embeds": digest.hexdigest()}
+        return {"mix": self.mix, "embeds": digest.hexdigest(), "emphasis": self.emphasis,
+                "tokens": self.region_tokens}
 
     def is_noop(self):
         return super().is_noop() or self.mix == 0.0 or not self.region_embeds
@@ -247,8 +252,13 @@ class RegionalPromptPatch(_LayoutPatch):
         if not ctl.in_range(self.start, self.end):
             return []
         masks = self.cache.masks(layer.height, layer.width)
-        return [(masks[i], e, self.mix) for i, e in enumerate(self.region_embeds)
-                if i < len(self.boxes)]
+        out = []
+        for i, e in enumerate(self.region_embeds[:len(self.boxes)]):
+            tokens = torch.zeros(e.shape[1])
+            toks = [t for t in self.region_tokens[i] if t < e.shape[1]] if i < len(self.region_tokens) else []
+            tokens[toks] = 1.0
+            out.append((masks[i], e, self.mix, self.emphasis if toks else 0.0, tokens))
+        return out
 
 
 # -- attention maps for losses ---------------------------------------------------------------

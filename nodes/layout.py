@@ -117,19 +117,23 @@ class RegionalPrompts(Node):
     inputs = {"model": MODEL, "clip": CLIP, "layout": LAYOUT}
     params = {"mix": Float(1.0, 0.0, 1.0, step=0.05,
                            help="weight of the box's phrase inside the box (1 = only the phrase)"),
+              "emphasis": Float(1.0, 0.0, 10.0, step=0.1,
+                                help="Paint-with-Words push (w') on the phrase inside its box; 0 = off"),
               **_range_params()}
     outputs = {"model": MODEL}
 
-    def run(self, ctx, model, clip, layout, mix, start, end):
-        from kernels.layout import RegionalPromptPatch
+    def run(self, ctx, model, clip, layout, mix, emphasis, start, end):
+        from kernels.layout import RegionalPromptPatch, phrase_positions
         from kernels.patching import applied_patches
         from kernels.text import encode_text
 
         _check_range(start, end)
         with applied_patches(clip.patches, clip.text_encoder):
-            embeds = [encode_text(clip.tokenizer, clip.text_encoder, b.get("phrase", "")).embeds
-                      for b in layout["boxes"]]
-        return {"model": model.with_patch(RegionalPromptPatch(layout, embeds, mix, start, end))}
+            conds = [encode_text(clip.tokenizer, clip.text_encoder, b.get("phrase", ""))
+                     for b in layout["boxes"]]
+        tokens = [phrase_positions(c, b.get("phrase", "")) for c, b in zip(conds, layout["boxes"])]
+        return {"model": model.with_patch(RegionalPromptPatch(
+            layout, [c.embeds for c in conds], mix, start, end, emphasis=emphasis, region_tokens=tokens))}
 
 
 _GUIDE_PARAMS = {

@@ -25,26 +25,26 @@ EXAMPLES = {
     "layout-region-attention": (
         "Layout: Paint-with-Words", "Each phrase's cross-attention is raised inside its box "
         "(eDiff-I Paint-with-Words), strongest while the image is noisy.",
-        [("RegionAttention", {"strength": 1.0, "suppress_outside": True}, {})]),
+        [("RegionAttention", {"strength": 2.0, "suppress_outside": True}, {})]),
     "layout-regional-prompts": (
         "Layout: per-region prompts", "Inside each box the model reads that box's own phrase; "
         "elsewhere it reads the whole prompt.",
-        [("RegionalPrompts", {"mix": 1.0}, {"clip": "clip"})]),
+        [("RegionalPrompts", {"mix": 1.0, "emphasis": 2.0}, {"clip": "clip"})]),
     "layout-zestguide": (
         "Layout: ZestGuide + Paint-with-Words", "ZestGuide steers the latent in the first half of "
         "sampling so each phrase's attention map matches its box; combined with Paint-with-Words "
         "as in its paper.",
-        [("RegionAttention", {"strength": 1.0}, {}),
-         ("ZestGuide", {"eta": 0.5, "iterations": 1, "end": 0.5}, {})]),
+        [("RegionAttention", {"strength": 2.0, "suppress_outside": True}, {}),
+         ("ZestGuide", {"eta": 1.0, "iterations": 1, "end": 0.5}, {})]),
     "layout-box-guidance": (
         "Layout: box constraints (CSG / BoxDiff)", "Inner-box, outer-box and corner losses guide "
         "the latent; CSG redistribution moves each phrase's attention into its box early on.",
-        [("BoxGuidance", {"eta": 0.5, "redistribute": True, "redistribute_end": 0.3}, {})]),
+        [("BoxGuidance", {"eta": 1.0, "redistribute": True, "redistribute_end": 0.3}, {})]),
     "layout-a-star": (
         "Layout: A-STAR with per-region prompts", "A-STAR keeps the two concepts' attention apart "
         "and alive across steps (it ignores positions); per-region prompts place them.",
-        [("RegionalPrompts", {"mix": 1.0}, {"clip": "clip"}),
-         ("AStar", {"eta": 0.5}, {})]),
+        [("RegionalPrompts", {"mix": 1.0, "emphasis": 2.0}, {"clip": "clip"}),
+         ("AStar", {"eta": 1.0}, {})]),
 }
 
 
