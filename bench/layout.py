@@ -216,6 +216,7 @@ def method_table(args):
         "box_guidance": box,
         "a_star": astar,
         "combo_pww_zest": chain(pww, zest),
+        "combo_pww_box": chain(pww, box),
         "combo_regional_pww": chain(regional, pww),
         "combo_regional_pww_zest": chain(regional, pww, zest),
         "combo_regional_pww_box_astar": chain(regional, pww, box, astar),
