@@ -608,3 +608,21 @@ def test_window_layout_is_remembered(qtbot, tmp_path, monkeypatch):
     w2._closing_ok = True
     qtbot.addWidget(w2)
     assert w2.image_dock.isHidden()
+
+
+def test_nodes_that_cannot_run_say_why_before_running(window, qtbot):
+    doc = window.doc
+    sampler = window.add_node("Sampler", QtCore.QPointF(300, 0))
+    qtbot.waitUntil(lambda: window.canvas.badge_text(sampler) == "needs input", timeout=2000)
+    assert "'model' (MODEL) is not connected" in window.canvas._badges[sampler].toolTip()
+    load = window.add_node("LoadModel", QtCore.QPointF(0, 0))
+    window.canvas.request_connection(load, "model", sampler, "model")
+    qtbot.wait(10)
+    assert "'model'" not in window.canvas._badges[sampler].toolTip()  # what is left to wire
+    doc.set_param(load, "dtype", "float16")
+    qtbot.wait(10)
+    assert window.canvas.badge_text(load) == ""  # a valid, never-run node has no badge
+    doc.remove_nodes([sampler])
+    window.act_undo.trigger()
+    qtbot.wait(10)
+    assert window.canvas.badge_text(sampler) == "needs input"

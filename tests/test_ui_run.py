@@ -59,6 +59,13 @@ def test_run_shows_the_image_on_the_output_node(window, qtbot, tiny_pixel_model,
     assert window.act_run.isEnabled() and not window.act_cancel.isEnabled()
     assert "Done" in window.statusBar().currentMessage()
 
+    # Deleting the output node and undoing brings back its badge and image too.
+    window.canvas.select([ids["save"]])
+    window.act_delete.trigger()
+    window.act_undo.trigger()
+    assert window.canvas.thumbnail(ids["save"]) is not None
+    assert window.canvas.badge_text(ids["save"]).startswith("done")
+
     # A param edit marks its downstream cone stale at once; a re-run only redoes that part.
     window.doc.set_param(ids["sampler"], "seed", 7)
     assert window.states[ids["sampler"]] == "stale" and window.states[ids["decode"]] == "stale"

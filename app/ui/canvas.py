@@ -93,6 +93,7 @@ class GraphCanvas(QtCore.QObject):
     files_dropped = QtCore.Signal(list)
     node_type_dropped = QtCore.Signal(str, QtCore.QPointF)
     tab_pressed = QtCore.Signal()
+    item_created = QtCore.Signal(str)           # a node item was (re)built: re-apply its badge
     context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
 
     def __init__(self, doc: Document, parent=None):
@@ -106,6 +107,7 @@ class GraphCanvas(QtCore.QObject):
         self._shape: dict[str, tuple] = {}               # node id -> (type, ports) it was built with
         self._badges: dict[str, BadgeItem] = {}
         self._thumbs: dict[str, ThumbItem] = {}
+        self._images: dict[str, QtGui.QImage] = {}       # last image per node, kept across undo
         self._syncing = False
         self.ng.set_background_color(24, 26, 31)
         self.ng.set_grid_color(34, 37, 44)
@@ -188,6 +190,7 @@ class GraphCanvas(QtCore.QObject):
 
     # -- document -> canvas -------------------------------------------------------------
     def _on_replaced(self):
+        self._images.clear()
         for nid in list(self._items):
             self._remove_item(nid)
         for gid in list(self._backdrops):
@@ -275,6 +278,9 @@ class GraphCanvas(QtCore.QObject):
         self._badges[node.id] = badge
         self._thumbs[node.id] = ThumbItem(item.view)
         self._refresh_node(node.id)
+        if node.id in self._images:  # deleted and brought back by undo: its result comes too
+            self.show_image(node.id, self._images[node.id])
+        self.item_created.emit(node.id)
 
     def _remove_item(self, nid: str) -> None:
         item = self._items.pop(nid)
@@ -341,10 +347,11 @@ class GraphCanvas(QtCore.QObject):
             return
         color = STATE_COLORS.get(state, "#666a74")
         self._badges[nid].set(text or state, color, tooltip)
-        item.view.border_color = (*hex_to_rgb(color), 255) if state not in ("idle",) else (58, 63, 75, 255)
+        item.view.border_color = (*hex_to_rgb(color), 255) if state != "idle" else (58, 63, 75, 255)
         item.view._state_tip = tooltip
         if state == "idle":
             self._badges[nid].setVisible(False)
+            self._badges[nid].setToolTip("")
         self._refresh_node(nid)
         item.view.update()
 
@@ -353,6 +360,7 @@ class GraphCanvas(QtCore.QObject):
         return badge.text if badge is not None and badge.isVisible() else ""
 
     def show_image(self, nid: str, image: QtGui.QImage) -> None:
+        self._images[nid] = image
         thumb = self._thumbs.get(nid)
         if thumb is not None:
             thumb.show_image(image, max(THUMB_WIDTH, self._items[nid].view.width))

@@ -30,6 +30,7 @@ STATE_COLORS = {
     "done": "#4caf70",
     "failed": "#e5606a",
     "skipped": "#9a6b5c",
+    "invalid": "#c9824a",
     "idle": "#3a3f4b",
 }
 

@@ -76,6 +76,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.runner.setParent(self)
         self.states: dict[str, str] = {}       # node id -> last run state shown
         self.errors: dict[str, str] = {}
+        self._badges: dict[str, tuple] = {}    # node id -> (state, text, tooltip) of the last run
+        self.problems: dict[str, list[str]] = {}  # node id -> why it cannot run as drawn
         self.run_started = 0.0
         self._closing_ok = False
         self.setAcceptDrops(True)
@@ -250,12 +252,17 @@ class MainWindow(QtWidgets.QMainWindow):
         c.tab_pressed.connect(self.show_search)
         c.context_requested.connect(self._context_menu)
         c.node_activated.connect(self._on_activated)
+        c.item_created.connect(self._apply_badge)
         self.palette.add_requested.connect(lambda t: self.add_node(t))
         self.search.chosen.connect(lambda t: self.add_node(t, self._search_pos))
         self.inspector.message.connect(self.show_message)
         self.layout_panel.message.connect(self.show_message)
         self.doc.dirty_changed.connect(lambda _d: self._update_title())
         self.doc.inputs_changed.connect(self._mark_stale)
+        self._problem_timer = QtCore.QTimer(self, singleShot=True, interval=0)
+        self._problem_timer.timeout.connect(self._check_problems)
+        self.doc.structure_changed.connect(self._problem_timer.start)
+        self.doc.inputs_changed.connect(self._problem_timer.start)
         self.doc.structure_changed.connect(self._forget_removed)
         self.doc.replaced.connect(self._on_replaced)
         r = self.runner
@@ -428,17 +435,52 @@ class MainWindow(QtWidgets.QMainWindow):
             if self.states.get(nid) not in (None, "stale", "running", "queued"):
                 self.states[nid] = "stale"
                 self.errors.pop(nid, None)
-                self.canvas.set_state(nid, "stale", "stale", "out of date: an input changed since the last run")
+                self._set_badge(nid, "stale", "stale", "out of date: an input changed since the last run")
 
     def _forget_removed(self) -> None:
         for nid in [n for n in self.states if n not in self.doc.graph.nodes]:
             self.states.pop(nid, None)
             self.errors.pop(nid, None)
+        for nid in [n for n in self._badges if n not in self.doc.graph.nodes]:
+            del self._badges[nid]
 
     def _on_replaced(self) -> None:
         self.states.clear()
         self.errors.clear()
+        self._badges.clear()
+        self.problems = {}
         self._update_title()
+
+    # Badges: a node's run state, unless the graph as drawn cannot run it (then what to fix).
+    def _set_badge(self, nid: str, state: str, text: str = "", tip: str = "") -> None:
+        self._badges[nid] = (state, text, tip)
+        self._apply_badge(nid)
+
+    def _apply_badge(self, nid: str) -> None:
+        state, text, tip = self._badges.get(nid, ("idle", "", ""))
+        problems = self.problems.get(nid)
+        if problems and state not in ("running", "queued", "failed"):
+            short = "needs input" if all("is not connected" in m for m in problems) else "invalid"
+            self.canvas.set_state(nid, "invalid", short, "\n".join(problems))
+        else:
+            self.canvas.set_state(nid, state, text, tip)
+
+    def _check_problems(self) -> None:
+        """Validate the document (cheap: no torch) and mark nodes that could not run as drawn:
+        a required input not wired, a bad param, an unknown type. Coalesced to once per edit."""
+        from app.graph import validate
+
+        found: dict[str, list[str]] = {}
+        for problem in validate(self.doc.graph, registry.get):
+            if problem.node_id in self.doc.graph.nodes:
+                node = self.doc.graph.nodes[problem.node_id]
+                message = problem.message.removeprefix(f"{node.label}: ")
+                found.setdefault(problem.node_id, []).append(message)
+        changed = set(found) | set(self.problems)
+        self.problems = found
+        for nid in changed:
+            if nid in self.doc.graph.nodes:
+                self._apply_badge(nid)
 
     def run_all(self) -> None:
         self._start_run(None)
@@ -491,7 +533,7 @@ class MainWindow(QtWidgets.QMainWindow):
         if nid in self.edited_during_run and state in ("done", "cached-memory", "cached-disk"):
             state, text, tip = "stale", "stale", "edited during the run: this result is out of date"
             self.states[nid] = state
-        self.canvas.set_state(nid, state, text, tip)
+        self._set_badge(nid, state, text, tip)
         if self.inspector.node_id == nid:
             self._show_node_status(nid)
 
@@ -499,7 +541,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.progress.setVisible(True)
         self.progress.setRange(0, max(1, total))
         self.progress.setValue(step)
-        self.canvas.set_state(nid, "running", f"running {step}/{total}")
+        self._set_badge(nid, "running", f"running {step}/{total}")
 
     def _on_preview(self, nid: str, image: QtGui.QImage) -> None:
         self.canvas.show_image(nid, image)
