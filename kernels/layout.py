@@ -405,8 +405,9 @@ class _GuidancePatch(_LayoutPatch):
         ctl = getattr(self, "ctl", None)
         if ctl is None or len(self.boxes) < self.needs_boxes():
             return x
-        n = len(run.scheduler.timesteps)
-        frac = i / max(n, 1)
+        ts = run.scheduler.timesteps  # the full schedule: img2img keeps only its tail
+        step = int(torch.argmin((ts.float().cpu() - torch.as_tensor(t).float().cpu()).abs()))
+        frac = step / max(len(ts), 1)
         if not (self.start <= frac < self.end):
             return x
         unet = run.unet
@@ -427,8 +428,8 @@ class _GuidancePatch(_LayoutPatch):
                 return x.detach()
             h, w = maps.shape[-2:]
             masks = self.cache.masks(h, w, x.device).view(-1, h, w).to(maps.dtype)
-            loss = self.loss(maps, masks, i)
-            self.trace.append({"step": i, "iteration": it, "loss": float(loss.detach())})
+            loss = self.loss(maps, masks, step)
+            self.trace.append({"step": step, "iteration": it, "loss": float(loss.detach())})
             if not loss.requires_grad:
                 return x.detach()
             (grad,) = torch.autograd.grad(loss, x)

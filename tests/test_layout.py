@@ -400,3 +400,18 @@ def test_joint_attention_mask_node_explains_unet_models(tiny_pixel_model, tmp_pa
     report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
     assert report.status(ids["tech"]) == "failed"
     assert "SD3 or FLUX" in report.nodes[ids["tech"]].error
+
+
+def test_step_ranges_are_fractions_of_the_full_schedule_in_img2img(tiny):
+    model, clip, cond = tiny
+    latent = torch.rand(1, 3, 16, 16) * 2 - 1
+
+    def img2img(m):
+        return Sampler().run(Ctx(), m, cond, None, latent, "euler", 4, 4.0, 3, 0.5)["latent"]
+
+    early = ZestGuidePatch(LAYOUT, eta=1.0, end=0.5)   # steps 0-1 of 4: skipped by denoise 0.5
+    late = ZestGuidePatch(LAYOUT, eta=1.0, start=0.5, end=1.0)
+    base = img2img(model)
+    assert torch.equal(img2img(model.with_patch(early)), base) and early.trace == []
+    assert not torch.equal(img2img(model.with_patch(late)), base)
+    assert [t["step"] for t in late.trace] == [2, 3]
