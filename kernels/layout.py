@@ -10,19 +10,37 @@ Techniques (each a `ModelPatch`; they compose through one processor stack, kerne
 - `RegionalPromptPatch` -- per-region prompts: inside box i the cross-attention output is that
   of box i's own encoded phrase (mixed with the global prompt by `mix`), elsewhere the global
   prompt's (the multi-context attention of Spatial-Temporal attention control, #19, with
-  user-given weights instead of its CLIP-optimised ones).
-- `ZestGuidePatch` -- ZestGuide: before each early step, one extra forward with gradients; the
-  loss is sum_i BCE(S_i / max S_i, M_i) between the max-normalised cross-attention map of
-  segment i's tokens (averaged over heads and layers, upsampled) and its mask; the latent moves
-  by a normalised gradient step.
-- `BoxGuidancePatch` -- CSG / BoxDiff family: inner-box, outer-box and corner constraints on
-  the token maps as a guidance loss, plus optional CSG attention redistribution in the
-  denoising forward (token i's attention is moved inside box i and is exactly 0 outside).
+  user-given weights instead of its CLIP-optimised ones). `emphasis` adds a Paint-with-Words
+  push on the region's own phrase tokens: without it the phrase alone barely moved objects on
+  the proxy model (a phrase says what, not where).
+- `ZestGuidePatch` -- ZestGuide: in the first half of the steps, one extra forward with
+  gradients; the loss is sum_i BCE(S_i / max S_i, M_i) between the max-normalised
+  cross-attention map of segment i's tokens (softmax over tokens, averaged over heads and
+  layers, upsampled) and its mask; the latent moves by a gradient step normalised by its
+  largest entry, scaled by sqrt(1 - abar_t) (as in the official code).
+- `BoxGuidancePatch` -- CSG / BoxDiff family: inner-box, outer-box and corner constraints plus
+  CSG's within-token loss on the token maps as a guidance loss, and optional CSG attention
+  redistribution in the denoising forward (token i's attention is moved inside box i and is
+  exactly 0 outside). CSG's inter-token and self-attention losses are not implemented.
 - `AStarPatch` -- A-STAR: attention segregation (overlap of concept maps) and retention (keep
   each concept's previous-step binarised map) as a guidance loss. It ignores box positions.
 - `AttentionRecordPatch` -- records per-token maps of a run (the AttentionMaps node).
 - `joint_attention_mask` / `JointAttentionMaskPatch` -- 3DIS-FLUX renderer masks for MM-DiT
-  joint attention (FLUX; SD3 order is handled by `text_first=False`).
+  joint attention (FLUX processors; SD3's [image, text] order is supported by the mask kernel
+  with `text_first=False`, but no SD3 processor is written yet). Loomwork's loader does not
+  load SD3/FLUX folders yet, so this runs from code and tests only.
+
+Sources checked (the papers' own text was not reachable here, only abstracts):
+- Paint-with-Words: cloneofsimo/paint-with-words-sd (bias added to QK^T before the 1/sqrt(d)
+  scale, w = w' log(1 + sigma) max(QK^T), 0 in the unconditional pass).
+- ZestGuide: the authors' gcouairon/zestguide (first tau = 0.5 of the steps, maps from the
+  16x16/8x8(/32x32) layers softmaxed over tokens and averaged, L-inf-normalised gradient,
+  lr * sqrt(1 - abar_t), used together with the eDiff-I bias). Their released configs add a
+  BCE term on scaled, unnormalised maps and skip gradients of near-correct pixels; we keep the
+  paper's max-normalised BCE only.
+- 3DIS-FLUX: limuloo/3DIS detail_renderer_flux.py (mask rules and step windows).
+- A-STAR: no code found; the retention loss form (soft IoU with the previous step's map
+  binarised at half its max) is our reading and is not confirmed.
 
 Boxes are {"x0","y0","x1","y1" in 0..1, "phrase"}; a box may carry "mask": a 2-D list of 0/1
 rows (any size) used instead of the rectangle.
