@@ -34,7 +34,7 @@ The techniques (see ../shared/TECHNIQUES.md, rows 18, 24, 41, 63):
     available to check: the alternative concept and model preservation);
   * SPM membrane: rank 1 on every Linear (and 1x1 Conv) inside the transformer blocks, the ESD
     loss with the empty prompt as neutral, plus latent anchoring (anchor prompts' predictions
-    held at the frozen model's). At inference each membrane's strength is the facilitated
+    held at the frozen model's, on the concept's x_t as in SPM and also on the anchors' own). At inference each membrane's strength is the facilitated
     transport m = max(cos(flat E(prompt), flat E(concept)), |words(prompt) & words(concept)| /
     |words(concept)|) (checked against Con6924/SPM infer_spm.py `calculate_matching_score`;
     we compare words where SPM compares non-special token ids, the same thing for word-level
@@ -602,13 +602,15 @@ def _pred(unet, x, t, embeds):
 
 @torch.no_grad()
 def concept_trajectories(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, *, count: int,
-                         steps: int, cfg: float, generator: torch.Generator, sample_shape: tuple
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t and t at every step of `count` sampling runs of the model on `cond` (ESD's data)."""
+                         steps: int, cfg: float, generator: torch.Generator, sample_shape: tuple,
+                         with_prompts: bool = False):
+    """x_t and t at every step of `count` sampling runs of the model on `cond` (ESD's data);
+    with_prompts: also which row of `cond` each x_t was sampled for."""
     scheduler.set_timesteps(steps)
     x = torch.randn((count,) + tuple(sample_shape), generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
     x = x.to(cond.device, cond.dtype)
-    c = cond[torch.arange(count) % cond.shape[0]]
+    which = torch.arange(count) % cond.shape[0]
+    c = cond[which]
     u = uncond.expand(count, -1, -1)
     xs, ts = [], []
     for t in scheduler.timesteps:
@@ -618,6 +620,8 @@ def concept_trajectories(unet, scheduler, cond: torch.Tensor, uncond: torch.Tens
         out = _pred(unet, torch.cat([x_in, x_in]), t, torch.cat([u, c]))
         e_u, e_c = out.chunk(2)
         x = scheduler.step(e_u + cfg * (e_c - e_u), t, x).prev_sample
+    if with_prompts:
+        return torch.cat(xs), torch.cat(ts), which.repeat(len(xs))
     return torch.cat(xs), torch.cat(ts)
 
 
@@ -668,6 +672,15 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
     pool_x, pool_t = concept_trajectories(teacher, scheduler, target_embeds, empty_embeds, count=pool_runs,
                                           steps=pool_steps, cfg=pool_cfg, generator=gen,
                                           sample_shape=sample_shape)
+    anchor_pool = None
+    if objective == "spm" and anchor_embeds is not None and anchor_weight > 0:
+        # Anchors are held on their own trajectories as well as on the concept's (SPM holds them
+        # on the concept's only): what a neighbour concept draws is what must not change.
+        anchor_embeds = anchor_embeds.to(dev, dt)
+        anchor_pool = concept_trajectories(teacher, scheduler, anchor_embeds, empty_embeds,
+                                           count=max(pool_runs, min(anchor_embeds.shape[0], 4 * pool_runs)),
+                                           steps=pool_steps, cfg=pool_cfg, generator=gen,
+                                           sample_shape=sample_shape, with_prompts=True)
     report = TrainReport()
     student.train()
     for step in range(steps):
@@ -685,15 +698,20 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
                 e_u, e_c = _pred(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
                 target = e_u - eta * (e_c - e_u)
             anchors = None
-            if objective == "spm" and anchor_embeds is not None and anchor_weight > 0:
-                anc = anchor_embeds.to(dev, dt)
-                anchors = anc[torch.randint(0, anc.shape[0], (batch,), generator=gen)]
-                e_anchor = _pred(teacher, x, t, anchors)
+            if anchor_pool is not None:
+                half = batch // 2
+                ax, at, ap = anchor_pool
+                j = torch.randint(0, ax.shape[0], (batch - half,), generator=gen)
+                anchors = torch.cat([anchor_embeds[torch.randint(0, anchor_embeds.shape[0], (half,), generator=gen)],
+                                     anchor_embeds[ap[j]]])
+                x_anchor = torch.cat([x[:half], ax[j]])
+                t_anchor = torch.cat([t[:half], at[j].to(dev)])
+                e_anchor = _pred(teacher, x_anchor, t_anchor, anchors)
         xs, ts, es = [x], [t], [c]
         if objective == "all_but_one" and uncond_weight > 0:
             xs.append(x), ts.append(t), es.append(u)
         if anchors is not None:
-            xs.append(x), ts.append(t), es.append(anchors)
+            xs.append(x_anchor), ts.append(t_anchor), es.append(anchors)
         out = _pred(student, torch.cat(xs), torch.cat(ts), torch.cat(es)).split(batch)
         loss = torch.nn.functional.mse_loss(out[0].float(), target.float())
         k = 1
