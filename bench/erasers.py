@@ -168,7 +168,37 @@ class Bench:
 
     def detections(self, gen) -> dict:
         """prompt -> per image list of (colour, shape)."""
-        return {p: [self.detect(a) for a in self.images(gen, p)] for _, _, p in self.prompts}
+        from kernels.erasers import MembranePatch
+
+        if any(isinstance(p, MembranePatch) for p in gen.model.patches):  # strength follows the prompt
+            return {p: [self.detect(a) for a in self.images(gen, p)] for _, _, p in self.prompts}
+        return self.batched_detections(gen)
+
+    @torch.no_grad()
+    def batched_detections(self, gen, rows: int = 48) -> dict:
+        """All prompts x seeds in batches of `rows` (same noise per seed as one prompt at a time)."""
+        from kernels.patching import SamplingRun, applied_patches
+        from kernels.sampling import make_scheduler, sample
+
+        jobs = [(p, s) for _, _, p in self.prompts for s in self.seeds]
+        conds = {p: gen.encode(p) for _, _, p in self.prompts}
+        unet = gen.model.unet
+        size, ch = unet.config.sample_size, unet.config.in_channels
+        out: dict = {p: [] for _, _, p in self.prompts}
+        for i in range(0, len(jobs), rows):
+            chunk = jobs[i:i + rows]
+            noise = torch.stack([torch.randn((ch, size, size), generator=torch.Generator("cpu").manual_seed(s))
+                                 for _, s in chunk])
+            pos = torch.cat([conds[p].embeds for p, _ in chunk])
+            neg = torch.cat([conds[p].empty for p, _ in chunk])
+            sched = make_scheduler("flow_match_euler" if gen.model.is_flow else "ddim", gen.model.scheduler_config)
+            run = SamplingRun(unet=unet, scheduler=sched, positive=conds[chunk[0][0]], negative=None,
+                              cfg=self.args.cfg, steps=self.args.steps, latent_shape=tuple(noise.shape))
+            with applied_patches(gen.model.patches, unet, run):
+                x = sample(unet, sched, pos, neg, noise, self.args.steps, self.args.cfg)
+            for (p, _), a in zip(chunk, to_uint8(self.vae.decode(x))):
+                out[p].append(self.detect(a))
+        return out
 
     def rates(self, dets: dict, target: str) -> dict:
         """Rate of each concept (the target, other shapes/colours, the pair's halves)."""
