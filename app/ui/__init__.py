@@ -63,6 +63,19 @@ def create_app(argv: Optional[list[str]] = None):
     app.setOrganizationName("Loomwork")
     app.setDesktopFileName("loomwork")
     theme.apply(app)
+    if app.platformName() == "offscreen" and not getattr(create_app, "_clipboard_guard", False):
+        # PySide6 6.12's offscreen platform segfaults at exit if the clipboard still holds mime
+        # data we set (tests, headless runs). Empty it while Python is still alive.
+        import atexit
+
+        def release_clipboard():
+            from PySide6 import QtWidgets as _w
+
+            if _w.QApplication.instance() is not None:
+                _w.QApplication.clipboard().clear()
+
+        atexit.register(release_clipboard)
+        create_app._clipboard_guard = True
     return app
 
 

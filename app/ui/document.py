@@ -301,7 +301,9 @@ class RemoveNodesCmd(QtGui.QUndoCommand):
             grp = self.doc.group(gid)
             if grp is not None:
                 grp.nodes.insert(min(k, len(grp.nodes)), m)
-        self.doc._announce(structure=True, inputs={e.dst for _, e in self.wires})
+        # restored nodes get back the inputs they had; only their survivors' inputs change
+        restored_ids = {n.id for n in self.saved}
+        self.doc._announce(structure=True, inputs={e.dst for _, e in self.wires if e.dst not in restored_ids})
 
 
 class ConnectCmd(QtGui.QUndoCommand):

@@ -74,6 +74,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.canvas = GraphCanvas(self.doc, self)
         self.runner = runner or Runner(self)
         self.runner.setParent(self)
+        # Run states stay after a node is deleted, so undo brings the node back as it was.
         self.states: dict[str, str] = {}       # node id -> last run state shown
         self.errors: dict[str, str] = {}
         self._badges: dict[str, tuple] = {}    # node id -> (state, text, tooltip) of the last run
@@ -263,7 +264,6 @@ class MainWindow(QtWidgets.QMainWindow):
         self._problem_timer.timeout.connect(self._check_problems)
         self.doc.structure_changed.connect(self._problem_timer.start)
         self.doc.inputs_changed.connect(self._problem_timer.start)
-        self.doc.structure_changed.connect(self._forget_removed)
         self.doc.replaced.connect(self._on_replaced)
         r = self.runner
         r.started.connect(self._run_started)
@@ -436,13 +436,6 @@ class MainWindow(QtWidgets.QMainWindow):
                 self.states[nid] = "stale"
                 self.errors.pop(nid, None)
                 self._set_badge(nid, "stale", "stale", "out of date: an input changed since the last run")
-
-    def _forget_removed(self) -> None:
-        for nid in [n for n in self.states if n not in self.doc.graph.nodes]:
-            self.states.pop(nid, None)
-            self.errors.pop(nid, None)
-        for nid in [n for n in self._badges if n not in self.doc.graph.nodes]:
-            del self._badges[nid]
 
     def _on_replaced(self) -> None:
         self.states.clear()
