@@ -38,7 +38,10 @@ def images_to_qimages(images) -> list[QtGui.QImage]:
     return out
 
 
-WARM_MODULES = ("kernels.images", "kernels.sampling", "kernels.models", "kernels.text")
+# The heavy third-party modules a first run needs (the UI layer does not import our kernels; these
+# are what they pull in). Missing ones are skipped: they only make the first run slower.
+WARM_MODULES = ("diffusers.models.unets.unet_2d_condition", "diffusers.schedulers",
+                "diffusers.models.autoencoders.autoencoder_kl", "transformers.models.clip.modeling_clip")
 
 
 def import_torch_gently(*more: str) -> None:
@@ -80,8 +83,11 @@ def import_torch_gently(*more: str) -> None:
     try:
         import torch  # noqa: F401
 
-        for name in more:  # the kernels' own heavy imports (diffusers...) likewise
-            importlib.import_module(name)
+        for name in more:  # the kernels' heavy dependencies (diffusers...) likewise
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
     finally:
         gc.freeze()
         if was_enabled:
