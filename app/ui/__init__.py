@@ -1,5 +1,22 @@
 """The Loomwork desktop app (PySide6). `main(argv)` opens the window.
 
+Map of the package (each module's docstring says more):
+  document.py       the open Graph + the one QUndoStack; every edit is a command here
+  canvas.py         NodeGraphQt as a view of the document: sync one way, gestures the other way
+  ngqt_compat.py    everything we change about NodeGraphQt, in one place
+  inspector.py      param forms generated from node declarations
+  layout_canvas.py  drawing Layout boxes (edits the node's `boxes` param through the stack)
+  image_viewer.py   results and live previews, zoom, save
+  runner.py         the engine in a worker thread, events as Qt signals; torch warm-up
+  palette.py        side list of node types and the Tab search popup
+  session.py        recent files, autosave and crash recovery, window layout (user data dir)
+  theme.py          the dark palette and stylesheet
+  window.py         the main window tying it together: menus, shortcuts, files, runs
+
+Decisions a user would notice: New starts from the default graph (a working text-to-image chain),
+not an empty canvas; a graph opened from a PNG saves as a new .loom, never over the image; images
+from unsaved graphs go to ~/Pictures/Loomwork (saved graphs: an `output` folder beside them).
+
 Start-up order matters for speed: Qt and our widgets first, window shown, then torch is imported
 in a background thread (Runner.warm_up), so the window never waits on it.
 """
