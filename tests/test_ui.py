@@ -615,6 +615,8 @@ def test_nodes_that_cannot_run_say_why_before_running(window, qtbot):
     sampler = window.add_node("Sampler", QtCore.QPointF(300, 0))
     qtbot.waitUntil(lambda: window.canvas.badge_text(sampler) == "needs input", timeout=2000)
     assert "'model' (MODEL) is not connected" in window.canvas._badges[sampler].toolTip()
+    window.canvas.select([sampler])
+    assert "⚠ input 'model' (MODEL) is not connected" in window.inspector.status_text
     load = window.add_node("LoadModel", QtCore.QPointF(0, 0))
     window.canvas.request_connection(load, "model", sampler, "model")
     qtbot.wait(10)
@@ -626,3 +628,11 @@ def test_nodes_that_cannot_run_say_why_before_running(window, qtbot):
     window.act_undo.trigger()
     qtbot.wait(10)
     assert window.canvas.badge_text(sampler) == "needs input"
+
+
+def test_examples_open_as_untitled_copies(window):
+    examples = window.example_graphs()
+    assert examples and any(p.name == "default.loom" for p in examples)
+    for path in examples:  # every shipped graph opens (and shows) without a problem
+        assert window.open_example(path), path
+        assert window.doc.path is None and len(window.canvas._items) == len(window.doc.graph.nodes)

@@ -208,6 +208,8 @@ class MainWindow(QtWidgets.QMainWindow):
         m.addActions([self.act_new, self.act_open])
         self.recent_menu = m.addMenu("Open &Recent")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
+        self.examples_menu = m.addMenu("&Examples")
+        self.examples_menu.aboutToShow.connect(self._fill_examples)
         m.addSeparator()
         m.addActions([self.act_save, self.act_save_as])
         m.addSeparator()
@@ -418,12 +420,14 @@ class MainWindow(QtWidgets.QMainWindow):
             self.inspector.set_status("")
             return
         state = self.states.get(nid)
-        text = ""
+        lines = []
         if state:
-            text = f"Last run: {STATE_LABELS.get(state, state)}"
+            lines.append(f"Last run: {STATE_LABELS.get(state, state)}")
             if nid in self.errors:
-                text += f"\n{self.errors[nid]}"
-        self.inspector.set_status(text)
+                lines.append(self.errors[nid])
+        for problem in self.problems.get(nid, []):
+            lines.append(f"⚠ {problem}")
+        self.inspector.set_status("\n".join(lines))
 
     # -- run state ------------------------------------------------------------------------
     def _mark_stale(self, ids: list[str]) -> None:
@@ -474,6 +478,8 @@ class MainWindow(QtWidgets.QMainWindow):
         for nid in changed:
             if nid in self.doc.graph.nodes:
                 self._apply_badge(nid)
+        if self.inspector.node_id in changed:
+            self._show_node_status(self.inspector.node_id)
 
     def run_all(self) -> None:
         self._start_run(None)
@@ -663,6 +669,22 @@ class MainWindow(QtWidgets.QMainWindow):
             a.setEnabled(False)
         for p in items:
             self.recent_menu.addAction(p, lambda p=p: self.open_path(p))
+
+    def example_graphs(self) -> list[Path]:
+        return sorted((resources_dir() / "graphs").glob("*.loom"))
+
+    def _fill_examples(self) -> None:
+        self.examples_menu.clear()
+        for p in self.example_graphs():
+            self.examples_menu.addAction(p.stem.replace("-", " "), lambda p=p: self.open_example(p))
+
+    def open_example(self, path: Path) -> bool:
+        """Examples open as untitled copies: Save asks where, the shipped file stays as it is."""
+        if not self.open_path(str(path)):
+            return False
+        self.doc.path = None
+        self._update_title()
+        return True
 
     def offer_recovery(self) -> bool:
         """After a crash: offer the newest autosave left behind. True if one was opened."""
