@@ -636,3 +636,65 @@ def test_examples_open_as_untitled_copies(window):
     for path in examples:  # every shipped graph opens (and shows) without a problem
         assert window.open_example(path), path
         assert window.doc.path is None and len(window.canvas._items) == len(window.doc.graph.nodes)
+
+
+def test_random_edits_keep_canvas_and_document_in_step(window):
+    """A seeded random walk of edits: after each one the canvas shows exactly the document, and
+    undoing everything returns the empty graph, redoing everything the final one."""
+    import random
+
+    from app.graph import dumps
+    from nodes import registry
+
+    rng = random.Random(4)
+    doc, canvas = window.doc, window.canvas
+    types = [n for n, spec in registry.all_types().items() if spec.inputs or spec.outputs]
+    start = dumps(doc.graph)
+
+    def check():
+        assert set(canvas._items) == set(doc.graph.nodes)
+        assert canvas.shown_edges() == {(e.src, e.src_port, e.dst, e.dst_port) for e in doc.graph.edges}
+        assert set(canvas._backdrops) == {g.id for g in doc.graph.groups}
+        for nid, node in doc.graph.nodes.items():
+            assert tuple(canvas.item(nid).view.xy_pos) == tuple(node.pos)
+
+    for _ in range(70):
+        ids = list(doc.graph.nodes)
+        op = rng.choice(["add", "add", "wire", "wire", "wire", "param", "move", "delete", "group", "dup"])
+        if op == "add" or not ids:
+            window.add_node(rng.choice(types), QtCore.QPointF(rng.uniform(0, 900), rng.uniform(0, 600)))
+        elif op == "wire":
+            a, b = rng.choice(ids), rng.choice(ids)
+            sa, sb = registry.get(doc.graph.nodes[a].type), registry.get(doc.graph.nodes[b].type)
+            if sa and sb and sa.outputs and sb.inputs:
+                canvas.request_connection(a, rng.choice(list(sa.outputs)), b, rng.choice(list(sb.inputs)))
+        elif op == "param":
+            nid = rng.choice(ids)
+            spec = registry.get(doc.graph.nodes[nid].type)
+            ints = [k for k, p in spec.params.items() if p.kind in ("int", "seed") and p.min is not None and p.max is not None]
+            if ints:
+                k = rng.choice(ints)
+                p = spec.params[k]
+                doc.set_param(nid, k, rng.randint(p.min, min(p.max, p.min + 50)))
+        elif op == "move":
+            nid = rng.choice(ids)
+            doc.move_nodes({nid: (rng.uniform(0, 900), rng.uniform(0, 600))})
+        elif op == "delete":
+            canvas.select(rng.sample(ids, k=min(len(ids), rng.randint(1, 2))))
+            window.act_delete.trigger()
+        elif op == "group":
+            canvas.select(rng.sample(ids, k=min(len(ids), 2)))
+            window.act_group.trigger()
+        elif op == "dup":
+            canvas.select([rng.choice(ids)])
+            window.act_duplicate.trigger()
+        check()
+    final = dumps(doc.graph)
+    while doc.undo.canUndo():
+        doc.undo.undo()
+        check()
+    assert dumps(doc.graph) == start
+    while doc.undo.canRedo():
+        doc.undo.redo()
+    check()
+    assert dumps(doc.graph) == final
