@@ -698,3 +698,26 @@ def test_random_edits_keep_canvas_and_document_in_step(window):
         doc.undo.redo()
     check()
     assert dumps(doc.graph) == final
+
+
+def test_many_qt_calls_do_not_wear_out_none(window):
+    """PySide6 6.12 on Python 3.11 drops a reference to None on every void C++ call; without
+    ngqt_compat.keep_none_alive the interpreter aborts after a few thousand (as a 300-node graph
+    did). Here: far more calls than None had references, then a big graph."""
+    import sys
+
+    from app.graph import Graph
+
+    w = QtWidgets.QWidget()
+    for _ in range(20000):
+        w.setToolTip("x")
+    assert sys.getrefcount(None) > 10000
+    g = Graph()
+    prev = None
+    for i in range(300):
+        n = g.add_node("ImageScale", {}, pos=((i % 20) * 200, (i // 20) * 120))
+        if prev:
+            g.connect(prev, "image", n.id, "image")
+        prev = n.id
+    window.doc.replace(g, None)
+    assert len(window.canvas._items) == 300

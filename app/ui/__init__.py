@@ -75,6 +75,9 @@ def create_app(argv: Optional[list[str]] = None):
 
     from . import theme
 
+    from .ngqt_compat import keep_none_alive
+
+    keep_none_alive()  # PySide6 6.12 + Python 3.11 otherwise aborts after a few thousand Qt calls
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["loomwork", *(argv or [])])
     app.setApplicationName("Loomwork")
     app.setOrganizationName("Loomwork")

@@ -214,7 +214,8 @@ class GraphCanvas(QtCore.QObject):
                     view = self._items[nid].view
                     if tuple(view.xy_pos) != tuple(node.pos):
                         view.xy_pos = [node.pos[0], node.pos[1]]
-                    self._refresh_node(nid)
+                    if view.name != (node.title or node.type):
+                        self._refresh_node(nid)
             want = {(e.src, e.src_port, e.dst, e.dst_port) for e in graph.edges}
             have = self.shown_edges()
             for src, sp, dst, dp in have - want:

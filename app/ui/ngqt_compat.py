@@ -17,6 +17,7 @@ to NodeGraphQt's model. What this module changes, and why:
 3. `detach_controller` unplugs NodeGraph's slots from the viewer's gesture signals, so a drag,
    a wire, a rename or a backdrop resize can never change NodeGraphQt's model behind our back.
 4. `show_scene_rect` frames a rectangle (F): NodeViewer keeps its visible range privately.
+6. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (see there).
 5. Qt6 removed QWheelEvent.delta(); NodeViewer.wheelEvent falls back to angleDelta by catching
    AttributeError, which works, but the zoom position comes from `event.pos()`, gone from
    QWheelEvent in Qt6: we pass `position()` instead.
@@ -36,7 +37,7 @@ from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
 
 __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",
-           "make_node_graph", "detach_controller", "pipe_between", "show_scene_rect"]
+           "make_node_graph", "detach_controller", "pipe_between", "show_scene_rect", "keep_none_alive"]
 
 
 NODE_TYPE_MIME = "application/x-loomwork-node-type"  # a palette entry being dragged
@@ -105,6 +106,40 @@ class LoomViewer(NodeViewer):
                 pipe.color = color
                 if not pipe.highlighted():
                     pipe.reset()
+
+
+_none_guarded = False
+
+
+def keep_none_alive() -> bool:
+    """Stop PySide6 from wearing None's reference count down to zero (a fatal abort).
+
+    PySide6 6.12 on Python 3.11: every call of a C++ method that returns void (setToolTip,
+    update, setPen, drawRect, signal.emit, ...) gives back None without taking a reference, as
+    if None were immortal (it is from Python 3.12, PEP 683; not in 3.11). Each such call costs
+    None one reference; None starts with ~5000, so an app that paints and updates aborts with
+    "Fatal Python error: none_dealloc" after a few thousand calls (300 nodes on the canvas were
+    enough). We detect the leak with a probe, and if it is there give None a reference count it
+    can never spend (2**56, as good as 3.12's immortality). Returns True if the guard was set.
+    """
+    global _none_guarded
+    import ctypes
+    import sys
+
+    if _none_guarded or sys.version_info >= (3, 12):
+        return False
+    probe = QtCore.QObject()
+    before = sys.getrefcount(None)
+    for _ in range(64):
+        probe.setObjectName("probe")  # a void C++ method
+    if before - sys.getrefcount(None) < 32:
+        return False  # a binding that counts correctly: nothing to do
+    ctypes.c_ssize_t.from_address(id(None)).value += 1 << 56  # ob_refcnt is PyObject's first field
+    _none_guarded = True
+    return True
+
+
+keep_none_alive()  # before any canvas work: importing this module is the first Qt use of the UI
 
 
 def show_scene_rect(viewer: NodeViewer, rect: QtCore.QRectF, max_zoom: float = 0.1) -> None:
