@@ -507,6 +507,9 @@ def test_mouse_gestures_on_the_canvas(window, qtbot):
 
     _viewer_drag(v, at(load, "clip", True), at(text, "clip", False))  # wire
     assert [(e.src_port, e.dst_port) for e in doc.graph.edges] == [("clip", "clip")]
+    clip_out = window.canvas.port_view(load, "clip", True)
+    assert not v._validate_accept_connection(clip_out, window.canvas.port_view(sampler, "model", False))
+    assert v._validate_accept_connection(clip_out, window.canvas.port_view(text, "clip", False))
     _viewer_drag(v, at(load, "clip", True), at(sampler, "model", False))  # wrong type
     assert len(doc.graph.edges) == 1 and "MODEL" in window.statusBar().currentMessage()
     assert window.canvas.shown_edges() == {(load, "clip", text, "clip")}

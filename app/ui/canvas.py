@@ -125,6 +125,8 @@ class GraphCanvas(QtCore.QObject):
         v.node_type_dropped.connect(self.node_type_dropped)
         v.tab_pressed.connect(self.tab_pressed)
         v.context_requested.connect(self.context_requested)
+        v.connection_check = self._check_ports
+        v.connection_refused.connect(self._on_refused)
         doc.structure_changed.connect(self.sync)
         doc.node_changed.connect(self._refresh_node)
         doc.replaced.connect(self._on_replaced)
@@ -380,6 +382,16 @@ class GraphCanvas(QtCore.QObject):
         if out.port_type != PortTypeEnum.OUT.value or inp.port_type != PortTypeEnum.IN.value:
             return None
         return out.node.id, out.name, inp.node.id, inp.name
+
+    def _check_ports(self, p1, p2) -> Optional[str]:
+        pair = self._pair(p1, p2)
+        if pair is None:
+            return "connect an output to an input"
+        return self.doc.connection_problem(*pair)
+
+    def _on_refused(self, why: str) -> None:
+        self._last_refusal = why
+        self.message.emit(f"Not connected: {why}")
 
     def request_connection(self, src: str, src_port: str, dst: str, dst_port: str) -> Optional[str]:
         """Wire as a drag on the canvas would (same path, same refusal): returns the refusal."""

@@ -11,6 +11,8 @@ to NodeGraphQt's model. What this module changes, and why:
      (two actions with one shortcut in a window are ambiguous in Qt and neither fires);
    - hands Tab to us (QWidget would use it to move focus) for our node palette;
    - draws wires in the colour of their data type, also after selection highlights reset them;
+   - asks our document whether a wire being dragged may land on a port (live "refused" tip,
+     and the reason in the status bar on drop) instead of NodeGraphQt's per-name constraints;
    - has no context menu of its own (the window adds ours);
    - reports dropped files (and node types dragged from our palette) instead of trying to
      import them as NodeGraphQt sessions.
@@ -34,6 +36,7 @@ from PySide6 import QtCore  # noqa: E402
 
 import NodeGraphQt  # noqa: E402
 from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
+from NodeGraphQt.qgraphics.port import PortItem  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
 
 __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",
@@ -54,6 +57,7 @@ class LoomViewer(NodeViewer):
     tab_pressed = QtCore.Signal()
     files_dropped = QtCore.Signal(list, QtCore.QPointF)
     node_type_dropped = QtCore.Signal(str, QtCore.QPointF)
+    connection_refused = QtCore.Signal(str)
     context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
 
     def __init__(self, parent=None):
@@ -95,6 +99,26 @@ class LoomViewer(NodeViewer):
         if paths:
             event.acceptProposedAction()
             self.files_dropped.emit(paths, scene_pos)
+
+    # Live wire feedback: the dragged wire's tip turns to "refused" over a port our document would
+    # refuse (wrong type, a loop), and dropping it there reports why instead of silently undoing.
+    connection_check = None  # fn(port_item, port_item) -> reason or None; set by the canvas
+
+    def _validate_accept_connection(self, from_port, to_port):
+        if self.connection_check is not None and from_port.port_type != to_port.port_type \
+                and from_port.node is not to_port.node:
+            return self.connection_check(from_port, to_port) is None
+        return super()._validate_accept_connection(from_port, to_port)
+
+    def apply_live_connection(self, event):
+        if self._LIVE_PIPE.isVisible() and self._start_port is not None and self.connection_check:
+            end = next((i for i in self.scene().items(event.scenePos()) if isinstance(i, PortItem)), None)
+            if end is not None and end is not self._start_port and end.port_type != self._start_port.port_type \
+                    and end.node is not self._start_port.node:
+                why = self.connection_check(self._start_port, end)
+                if why:
+                    self.connection_refused.emit(why)
+        super().apply_live_connection(event)
 
     def establish_connection(self, start_port, end_port):
         super().establish_connection(start_port, end_port)
