@@ -19,10 +19,14 @@ to NodeGraphQt's model. What this module changes, and why:
 3. `detach_controller` unplugs NodeGraph's slots from the viewer's gesture signals, so a drag,
    a wire, a rename or a backdrop resize can never change NodeGraphQt's model behind our back.
 4. `show_scene_rect` frames a rectangle (F): NodeViewer keeps its visible range privately.
-6. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (see there).
 5. Qt6 removed QWheelEvent.delta(); NodeViewer.wheelEvent falls back to angleDelta by catching
    AttributeError, which works, but the zoom position comes from `event.pos()`, gone from
-   QWheelEvent in Qt6: we pass `position()` instead.
+   QWheelEvent in Qt6: LoomViewer.wheelEvent passes `position()` instead.
+6. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
+   wears None's reference count down until the interpreter aborts).
+
+Tests: tests/test_ui.py (test_nodegraphqt_is_only_a_view, test_mouse_gestures_on_the_canvas,
+test_many_qt_calls_do_not_wear_out_none and the canvas tests around them).
 """
 
 from __future__ import annotations
