@@ -144,3 +144,18 @@ def test_saving_a_result_from_the_viewer_keeps_its_graph(window, qtbot, tiny_pix
     out = window.images.save_current(str(tmp_path / "copy.png"))
     reopened = load(out, registry.get)  # a Loomwork PNG: its graph comes back
     assert set(reopened.nodes) == set(graph.nodes)
+
+
+def test_opening_a_result_png_reopens_its_graph(window, qtbot, tiny_pixel_model):
+    from app.graph import dumps
+
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16)
+    window.doc.replace(graph, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    png = window.images.images[0][2]
+    expected = dumps(window.doc.graph)
+    window.doc.replace(__import__("app.graph", fromlist=["Graph"]).Graph(), None)
+    assert window.open_path(png, ask=False)
+    assert dumps(window.doc.graph) == expected
+    assert window.doc.path is None  # Save asks for a .loom name rather than overwrite the image
