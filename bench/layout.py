@@ -188,7 +188,8 @@ def method_table(args):
                                                     region_tokens=tokens))
 
     def pww(model, clip, layout):
-        return model.with_patch(RegionAttentionPatch(layout, args.pww, suppress_outside=True))
+        return model.with_patch(RegionAttentionPatch(layout, args.pww, end=args.pww_end,
+                                                     suppress_outside=True))
 
     def zest(model, clip, layout):
         return model.with_patch(ZestGuidePatch(layout, eta=args.eta, end=0.5, iterations=args.iterations))
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--scheduler", default="euler")
     parser.add_argument("--pww", type=float, default=2.0, help="Paint-with-Words w'")
+    parser.add_argument("--pww-end", type=float, default=1.0, help="Paint-with-Words stops here")
     parser.add_argument("--eta", type=float, default=1.0, help="guidance step size")
     parser.add_argument("--iterations", type=int, default=1, help="guidance steps per step")
     parser.add_argument("--regional-end", type=float, default=1.0)
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
               "oracle": oracle_name, "layouts": len(layouts),
               "boxes": n_all, "detector_on_true_scenes": round(truth_hits / max(n_all, 1), 4),
               "settings": {"steps": args.steps, "cfg": args.cfg, "scheduler": args.scheduler,
-                           "pww": args.pww, "eta": args.eta, "iterations": args.iterations,
+                           "pww": args.pww, "pww_end": args.pww_end, "eta": args.eta, "iterations": args.iterations,
                            "mix": args.mix, "emphasis": args.emphasis,
                            "layout_seed": args.layout_seed, "threads": args.threads},
               "methods": results, "summary": summary}
