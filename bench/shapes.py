@@ -1,0 +1,159 @@
+"""How well a ShapesT2I model follows prompts, scored by the oracle over the 200 held-out prompts.
+
+    python bench/shapes.py [--model DIR] [--log TRAIN_DIR/log.jsonl] [--steps 20] [--cfg 4]
+
+Prints one JSON object:
+- "scores": per-object rates (colour, colour+shape, cell) for one-object prompts, for
+  multi-object prompts and for all; "two_object_both_right" / "three_object_all_right": the
+  share of prompts whose every object has the right colour and shape. Cell rates count an object
+  right only when the oracle puts it in the cell its caption names.
+- "curve": the training log's eval records (oracle figures on a 48-prompt subset against
+  training minutes), when --log is given.
+- "seconds_per_image": batched generation time per image, and one prompt alone (batch 1).
+
+Each prompt is sampled once from its own seed, so two runs on one machine give the same figures.
+The model folder is read with each component's from_pretrained, as the app's loader does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "resources" / "models" / "shapes-t2i"
+HELDOUT = ROOT / "resources" / "shapes" / "heldout_prompts.json"
+
+
+def load_components(folder: str):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    from kernels.models import quiet_hub_libraries
+
+    quiet_hub_libraries()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        scheduler_config = json.load(f)
+    return tokenizer, text_encoder, unet, scheduler_config
+
+
+@torch.no_grad()
+def generate(components, prompts: list[dict], steps: int, cfg: float, scheduler: str) -> np.ndarray:
+    """One 32x32 uint8 image per prompt, from the prompt's own noise seed."""
+    from kernels.sampling import make_scheduler, sample
+
+    tokenizer, text_encoder, unet, scheduler_config = components
+    # Encoded as the app encodes text: padded to max length, no attention mask, "" = unconditional.
+    ids = tokenizer([p["caption"] for p in prompts] + [""], padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    hidden = text_encoder(ids).last_hidden_state
+    cond, empty = hidden[:-1], hidden[-1:].expand(len(prompts), -1, -1)
+    size = unet.config.sample_size
+    noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["seed"]))
+                         for p in prompts])
+    x = sample(unet, make_scheduler(scheduler, scheduler_config), cond, empty, noise, steps, cfg,
+               torch.Generator().manual_seed(0))
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def aggregate(prompts: list[dict], per_prompt: list[dict]) -> dict:
+    """Per-object rates for one-object, multi-object and all prompts, and all-right rates."""
+    def rates(subset):
+        objs = [(p, s) for p, s in zip(prompts, per_prompt) if subset(p)]
+        n_objects = sum(len(p["objects"]) for p, _ in objs)
+        if not n_objects:
+            return None
+        total = lambda key: sum(s[key] * len(p["objects"]) for p, s in objs)  # noqa: E731
+        with_cell = sum(sum(o.get("cell") is not None for o in p["objects"]) for p, _ in objs)
+        return {"prompts": len(objs), "objects": n_objects,
+                "colour": round(total("colour") / n_objects, 4),
+                "colour_shape": round(total("colour_shape") / n_objects, 4),
+                "cell": round(total("cell") / with_cell, 4) if with_cell else None}
+
+    def all_right(n):
+        vals = [s["all_right"] for p, s in zip(prompts, per_prompt) if len(p["objects"]) == n]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    return {"single": rates(lambda p: len(p["objects"]) == 1),
+            "multi": rates(lambda p: len(p["objects"]) > 1),
+            "all": rates(lambda p: True),
+            "two_object_both_right": all_right(2),
+            "three_object_all_right": all_right(3)}
+
+
+def training_curve(log_path: str) -> list[dict]:
+    curve = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by a killed run
+            if record.get("event") == "eval":
+                curve.append({k: v for k, v in record.items() if k not in ("event", "time")})
+    return curve
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a ShapesT2I folder (diffusers layout)")
+    ap.add_argument("--log", help="a training log.jsonl: adds its eval curve")
+    ap.add_argument("--prompts", default=str(HELDOUT))
+    ap.add_argument("--limit", type=int, default=0, help="score only the first N prompts (0: all)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--scheduler", default="dpmpp_2m")
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    from kernels.shapes.oracle import score_prompt
+
+    result: dict = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "scheduler": args.scheduler}
+    if args.log:
+        result["curve"] = training_curve(args.log)
+    if not os.path.isdir(args.model):
+        result["error"] = f"no model folder at {args.model}"
+        print(json.dumps(result, indent=2))
+        return 1
+
+    prompts = json.loads(Path(args.prompts).read_text())["prompts"]
+    if args.limit:
+        prompts = prompts[:args.limit]
+    components = load_components(args.model)
+    generate(components, prompts[:1], 2, args.cfg, args.scheduler)  # warm-up
+
+    t0 = time.perf_counter()
+    images = np.concatenate([generate(components, prompts[i:i + args.batch], args.steps, args.cfg, args.scheduler)
+                             for i in range(0, len(prompts), args.batch)])
+    batched = (time.perf_counter() - t0) / len(prompts)
+    t0 = time.perf_counter()
+    generate(components, prompts[:1], args.steps, args.cfg, args.scheduler)
+    alone = time.perf_counter() - t0
+
+    per_prompt = [score_prompt(p["objects"], img) for p, img in zip(prompts, images)]
+    result["n_prompts"] = len(prompts)
+    result["scores"] = aggregate(prompts, per_prompt)
+    result["seconds_per_image"] = {"batched": round(batched, 4), "batch_1": round(alone, 4),
+                                   "threads": args.threads}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
