@@ -1,42 +1,11 @@
-"""The shapes world (generator) and its oracle."""
+"""The shapes oracle: accuracy on generator images at 64 and 32 px, scoring, the command."""
 
 import json
 
 import numpy as np
-import pytest
 
 from kernels.shapes.oracle import box_iou, detect, match, score_prompt
-from kernels.shapes.world import (cell_bounds, downsample, generate_batch, render_array, sample,
-                                  sample_scene)
-
-
-def test_generator_is_deterministic():
-    a_img, a_caps, _ = generate_batch(7, 20, 32)
-    b_img, b_caps, _ = generate_batch(7, 20, 32)
-    c_img, c_caps, _ = generate_batch(8, 20, 32)
-    assert np.array_equal(a_img, b_img) and a_caps == b_caps
-    assert not np.array_equal(a_img, c_img)
-
-
-def test_objects_sit_inside_distinct_cells():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        scene = sample_scene(rng)
-        cells = [o.cell for o in scene.objects]
-        assert len(set(cells)) == len(cells)
-        for o in scene.objects:
-            x0, y0, x1, y1 = o.box
-            cx0, cy0, cx1, cy1 = cell_bounds(o.cell)
-            assert cx0 <= x0 and x1 <= cx1 and cy0 <= y0 and y1 <= cy1
-
-
-def test_captions_name_every_object():
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        img, text, scene = sample(rng)
-        assert img.shape == (64, 64, 3)
-        for o in scene.objects:
-            assert f"{o.colour} {o.shape}" in text
+from kernels.shapes.world import downsample, render_array, sample_scene
 
 
 def _oracle_rates(size, n=150, seed=5):
@@ -65,7 +34,8 @@ def test_oracle_meets_its_bar_at_64px():
 
 
 def test_oracle_at_32px():
-    # Measured 100% colour+shape, mean IoU 0.92 on 300 scenes; the bar leaves a margin.
+    # Measured 99.9% colour+shape (one square read as a circle in 1,074 objects), mean IoU
+    # 0.92 with 99.7% of boxes at IoU >= 0.8, on 600 scenes; the bar leaves a margin.
     rate, ious = _oracle_rates(32)
     assert rate >= 0.95
     assert ious.mean() >= 0.85
@@ -99,14 +69,17 @@ def test_oracle_command_prints_json(tmp_path, capsys):
     assert main(["oracle", str(tmp_path / "missing.png")]) == 1
 
 
-def test_heldout_prompts_are_fixed_and_unseen_in_training():
-    from kernels.shapes.prompts import make_heldout_prompts
-    from kernels.shapes.train import load_heldout
+def test_oracle_module_main_prints_json(tmp_path, capsys):
+    from PIL import Image
 
-    shipped = load_heldout()
-    assert shipped == make_heldout_prompts()
-    assert len(shipped) == 200
-    counts = {n: sum(len(p["objects"]) == n for p in shipped) for n in (1, 2, 3)}
-    assert counts == {1: 100, 2: 60, 3: 40}
-    _, captions, _ = generate_batch(1, 300, 32, exclude_captions={p["caption"] for p in shipped})
-    assert not set(captions) & {p["caption"] for p in shipped}
+    from kernels.shapes.oracle import main
+
+    rng = np.random.default_rng(6)
+    scene = sample_scene(rng, 2)
+    path = tmp_path / "two.png"
+    Image.fromarray(downsample(render_array(scene, 64), 32)).save(path)
+    assert main([str(path)]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["size"] == 32
+    found = {(o["colour"], o["shape"], o["cell"]) for o in result["objects"]}
+    assert found == {(o.colour, o.shape, o.cell) for o in scene.objects}
