@@ -11,7 +11,9 @@ For each eraser and target concept (a shape, a colour, a shape-colour pair) it m
   target's own words): the share of the erased model's images for the found prompt that show
   the target;
 - the seconds each eraser took to build (edit or training).
-Goal: target rate <= 10% while every other concept keeps >= 90% of its baseline rate.
+Goal: target rate <= 10% while every other concept keeps >= 90% of its baseline rate (also
+reported over the concepts the model draws at least half the time, and with the anchor's own
+baseline rate: an anchor the model cannot draw cannot replace the target).
 
   python bench/erasers.py --model resources/models/shapes-t2i --n 8
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers quickfix,uce --targets circle   # smoke
@@ -459,6 +461,14 @@ def main(argv=None) -> int:
             # nothing to erase when the model never drew the target: that is no success
             row["meets_goal"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and ratios
                                      and min(ratios) >= 0.90)
+            # the same over the concepts the model draws at least half the time (rarer ones are noise
+            # at small N); and whether the anchor is something the model can draw at all
+            steady = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] >= 0.5]
+            row["min_other_ratio_drawn"] = round(min(steady), 4) if steady else None
+            row["meets_goal_drawn"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and steady
+                                           and min(steady) >= 0.90)
+            if info.get("anchor"):
+                row["anchor_rate_before"] = round(bench.rates(base_dets, info["anchor"]).get(info["anchor"], 0.0), 4)
             if args.attack_steps > 0:
                 cs, ss = parse_concept(target)
                 attack_prompt = prompt_for(next(iter(cs)) if cs else "blue", next(iter(ss)) if ss else "square")
@@ -486,6 +496,8 @@ def main(argv=None) -> int:
            "baseline_seconds": round(base_seconds, 2), "results": results, "best_per_target": best,
            "goal": "target <= 0.10 (from > 0.10) and every other concept >= 0.90 of its baseline",
            "goal_met_by": sorted({(r["eraser"], r["target"]) for r in meeting}),
+           "goal_met_on_drawn_concepts_by": sorted({(r["eraser"], r["target"]) for r in results
+                                                    if r["meets_goal_drawn"]}),
            "seconds": round(time.perf_counter() - started, 1)}
     print_table(results)
     text = json.dumps(out, indent=2)
@@ -498,14 +510,16 @@ def main(argv=None) -> int:
 
 def print_table(results) -> None:
     head = f"{'eraser':14s} {'target':11s} {'secs':>7s} {'tgt before':>10s} {'tgt after':>9s} " \
-           f"{'others min':>10s} {'others mean':>11s} {'ASR':>5s} goal"
+           f"{'others min':>10s} {'drawn min':>9s} {'others mean':>11s} {'ASR':>5s} goal"
     print(head, file=sys.stderr)
     print("-" * len(head), file=sys.stderr)
     for r in results:
         asr = r.get("attack", {}).get("success_rate")
         print(f"{r['eraser']:14s} {r['target']:11s} {r['seconds']:7.1f} {r['target_before']:10.2f} "
-              f"{r['target_after']:9.2f} {str(r['min_other_ratio']):>10s} {str(r['mean_other_ratio']):>11s} "
-              f"{'-' if asr is None else f'{asr:.2f}':>5s} {'yes' if r['meets_goal'] else 'no'}", file=sys.stderr)
+              f"{r['target_after']:9.2f} {str(r['min_other_ratio']):>10s} {str(r.get('min_other_ratio_drawn')):>9s} "
+              f"{str(r['mean_other_ratio']):>11s} "
+              f"{'-' if asr is None else f'{asr:.2f}':>5s} "
+              f"{'yes' if r['meets_goal'] else 'drawn' if r.get('meets_goal_drawn') else 'no'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
