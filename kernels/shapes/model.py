@@ -51,8 +51,13 @@ def build_unet():
 def build_scheduler():
     from diffusers import DDPMScheduler
 
+    # "trailing" spacing makes sampling start at t=999, where the capped cosine schedule has
+    # (almost) zero SNR, as in training. With diffusers' default "leading" spacing the first
+    # step is t=950, where the model reads the image's mean from x_t: started from pure noise
+    # it then drew every background mid-gray (measured: trailing turns white/black
+    # backgrounds on and lifts single-object cell accuracy 0.13 -> 0.21 at the same weights).
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="v_prediction", clip_sample=False)
+                         prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
 
 
 def model_index() -> dict:
