@@ -56,12 +56,11 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
