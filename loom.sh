@@ -27,8 +27,9 @@ ensure_env() {
         echo "loom.sh: installing dependencies (torch is large; this takes a few minutes)" >&2
         "$venv/bin/python" -m pip install -q -e "$repo[test]"
         echo "$want" > "$stamp"
-    elif ! "$venv/bin/python" -c "import app, os, sys; sys.exit(os.path.dirname(os.path.dirname(app.__file__)) != sys.argv[1])" "$repo" 2>/dev/null; then
-        # Same dependencies, different clone: point the editable install here.
+    elif ! (cd / && "$venv/bin/python" -c "import app, os, sys; sys.exit(os.path.dirname(os.path.dirname(app.__file__)) != sys.argv[1])" "$repo") 2>/dev/null; then
+        # Same dependencies, different clone: point the editable install here. (The check runs
+        # from / so that the current folder's own app/ package cannot answer for the install.)
         "$venv/bin/python" -m pip install -q --no-deps -e "$repo"
     fi
 }
