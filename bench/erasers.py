@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,71 +68,11 @@ def names(colour: str, shape: str, concept: str) -> bool:
 
 
 # -- the judge ---------------------------------------------------------------------------------
-def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    h, w = mask.shape
-    seen = np.zeros_like(mask, dtype=bool)
-    out = []
-    for y in range(h):
-        for x in range(w):
-            if not mask[y, x] or seen[y, x]:
-                continue
-            comp, queue = [], deque([(y, x)])
-            seen[y, x] = True
-            while queue:
-                cy, cx = queue.popleft()
-                comp.append((cy, cx))
-                for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
-                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                        seen[ny, nx] = True
-                        queue.append((ny, nx))
-            out.append(comp)
-    return out
+def detect_pairs(arr: np.ndarray) -> list[tuple[str, str]]:
+    """(colour, shape) of every object the oracle finds in a uint8 HxWx3 image."""
+    from kernels.shapes.oracle import detect
 
-
-def fallback_detect(arr: np.ndarray) -> list[tuple[str, str]]:
-    """A small stand-in for the oracle (used only when kernels.shapes.oracle is missing):
-    background from the border, objects as connected components, colour by the nearest palette
-    entry, shape by how much of its bounding box the object fills and how wide its bottom row is
-    (on 300 single-object 32 px generator images: colour 98%, shape 99%)."""
-    img = arr.astype(np.float32)
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    bg = np.median(border, axis=0)
-    mask = np.abs(img - bg).max(axis=-1) > 60
-    palette = np.array(list(world.COLOURS.values()), dtype=np.float32)
-    found = []
-    size = arr.shape[0]
-    for comp in _components(mask):
-        if len(comp) < max(4, (size * size) // 200):
-            continue
-        ys, xs = np.array(comp).T
-        mean = img[ys, xs].mean(axis=0)
-        colour = COLOURS[int(np.argmin(((palette - mean) ** 2).sum(axis=1)))]
-        width = np.ptp(xs) + 1
-        fill = len(comp) / float((np.ptp(ys) + 1) * width)
-        bottom = (ys == ys.max()).sum() / width  # an upright triangle's base spans its box
-        shape = "square" if fill >= 0.9 else "circle" if fill >= 0.68 else "triangle" if bottom >= 0.8 else "star"
-        found.append((colour, shape))
-    return found
-
-
-def make_detector():
-    """(name, detect(uint8 HxWx3) -> [(colour, shape)]): the project's oracle if it is there."""
-    try:
-        from kernels.shapes import oracle
-    except ImportError:
-        return "fallback (kernels.shapes.oracle not available)", fallback_detect
-    fn = getattr(oracle, "detect", None) or getattr(oracle, "detect_objects", None)
-    if fn is None:
-        return "fallback (kernels.shapes.oracle has no detect())", fallback_detect
-
-    def detect(arr):
-        out = []
-        for obj in fn(arr):
-            get = obj.get if isinstance(obj, dict) else (lambda k, o=obj: getattr(o, k, None))
-            out.append((get("colour"), get("shape")))
-        return out
-
-    return "kernels.shapes.oracle", detect
+    return [(d.colour, d.shape) for d in detect(arr)]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -149,7 +88,7 @@ class Bench:
         self.args = args
         self.model, self.clip, self.vae = load_model_folder(args.model)
         self.base = Generator(self.model, self.clip)
-        self.detector_name, self.detect = make_detector()
+        self.detector_name, self.detect = "kernels.shapes.oracle", detect_pairs
         self.seeds = list(range(args.seed, args.seed + args.n))
         self.prompts = [(c, s, prompt_for(c, s)) for c in COLOURS for s in SHAPES]
 

@@ -66,100 +66,14 @@ def make_layouts(n: int, seed: int = LAYOUT_SEED):
 
 
 # -- detection ---------------------------------------------------------------------------------
-def _get(obj, *names):
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    return None
-
-
 def oracle_detector():
-    """(name, detect(uint8 HxWx3) -> [{"colour","shape","center": (x, y) in 0..1}])."""
-    try:
-        from kernels.shapes import oracle as mod
-    except ImportError:
-        mod = None
-    fn = None
-    if mod is not None:
-        for name in ("detect", "detect_objects", "find_objects", "analyse", "analyze"):
-            if callable(getattr(mod, name, None)):
-                fn = getattr(mod, name)
-                break
-    if fn is None:
-        return "fallback (colour blobs + fill-ratio shapes; the oracle module is not there yet)", fallback_detect
+    """(name, detect(uint8 HxWx3) -> [{"colour", "shape", "center": (x, y) in 0..1}])."""
+    from kernels.shapes.oracle import detect as oracle_detect
 
     def detect(img):
-        import numpy as np
+        return [{"colour": d.colour, "shape": d.shape, "center": d.center} for d in oracle_detect(img)]
 
-        size = img.shape[0]
-        found = fn(img)
-        if isinstance(found, dict):
-            found = found.get("objects", [])
-        out = []
-        for o in found:
-            box = _get(o, "box", "bbox")
-            centre = _get(o, "center", "centre")
-            if centre is None and box is not None:
-                centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-            if centre is None:
-                continue
-            cx, cy = float(centre[0]), float(centre[1])
-            if max(cx, cy) > 1.5:  # pixels
-                cx, cy = cx / size, cy / size
-            out.append({"colour": _get(o, "colour", "color"), "shape": _get(o, "shape"),
-                        "center": (cx, cy)})
-        return out
-
-    return f"kernels.shapes.oracle.{fn.__name__}", detect
-
-
-def fallback_detect(img):
-    """A crude stand-in: pixels near a world colour, 4-connected blobs, shape by fill ratio."""
-    import numpy as np
-
-    from kernels.shapes import world
-
-    arr = img.astype(np.float32)
-    names = list(world.COLOURS)
-    ref = np.array([world.COLOURS[c] for c in names], dtype=np.float32)
-    dist = np.linalg.norm(arr[:, :, None, :] - ref[None, None], axis=-1)
-    label = dist.argmin(-1)
-    near = dist.min(-1) < 60
-    h, w = near.shape
-    seen = np.zeros_like(near)
-    out = []
-    for y in range(h):
-        for x in range(w):
-            if not near[y, x] or seen[y, x]:
-                continue
-            c = label[y, x]
-            stack, pix = [(y, x)], []
-            seen[y, x] = True
-            while stack:
-                py, px = stack.pop()
-                pix.append((py, px))
-                for qy, qx in ((py + 1, px), (py - 1, px), (py, px + 1), (py, px - 1)):
-                    if 0 <= qy < h and 0 <= qx < w and near[qy, qx] and not seen[qy, qx] and label[qy, qx] == c:
-                        seen[qy, qx] = True
-                        stack.append((qy, qx))
-            if len(pix) < max(3, h * w // 200):
-                continue
-            ys, xs = np.array(pix).T
-            bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-            fill = len(pix) / float(bw * bh)
-            if fill > 0.88:
-                shape = "square"
-            elif fill > 0.68:
-                shape = "circle"
-            else:  # a triangle is widest at its base; a star's arms are above its feet
-                widths = np.bincount(ys - ys.min(), minlength=bh)
-                base = widths[-max(1, bh // 4):].mean() / widths.max()
-                shape = "triangle" if base > 0.75 else "star"
-            out.append({"colour": names[c], "shape": shape,
-                        "center": ((xs.min() + xs.max() + 1) / 2 / w, (ys.min() + ys.max() + 1) / 2 / h)})
-    return out
+    return "kernels.shapes.oracle.detect", detect
 
 
 def box_hits(detections, layout, scene, need_shape: bool = True):

@@ -25,14 +25,14 @@ def test_bench_smoke_run_writes_the_table_fields(tiny_pixel_model, tmp_path, cap
     assert "tgt after" in capsys.readouterr().err  # the table
 
 
-def test_fallback_detector_reads_the_world():
+def test_bench_judges_with_the_oracle():
     from kernels.shapes import world
 
     rng = np.random.default_rng(3)
     hits = 0
     for _ in range(40):
         scene = world.sample_scene(rng, n_objects=1)
-        found = bench.fallback_detect(world.downsample(world.render_array(scene, 64), 32))
+        found = bench.detect_pairs(world.downsample(world.render_array(scene, 64), 32))
         obj = scene.objects[0]
         hits += found == [(obj.colour, obj.shape)]
-    assert hits >= 36
+    assert hits >= 38
