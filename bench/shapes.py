@@ -12,7 +12,7 @@ Prints one JSON object:
 - "seconds_per_image": batched generation time per image, and one prompt alone (batch 1).
 
 Each prompt is sampled once from its own seed, so two runs on one machine give the same figures.
-The model folder is read with each component's from_pretrained, as the app's loader does.
+The model folder is read by the app's own loader (kernels.models.load_model_folder).
 """
 
 from __future__ import annotations
@@ -36,37 +36,18 @@ HELDOUT = ROOT / "resources" / "shapes" / "heldout_prompts.json"
 
 
 def load_components(folder: str):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+    from kernels.models import load_model_folder
 
-    from kernels.models import quiet_hub_libraries
-
-    quiet_hub_libraries()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        scheduler_config = json.load(f)
-    return tokenizer, text_encoder, unet, scheduler_config
+    model, clip, _ = load_model_folder(folder)
+    return clip.tokenizer, clip.text_encoder, model.unet, model.scheduler_config
 
 
-@torch.no_grad()
 def generate(components, prompts: list[dict], steps: int, cfg: float, scheduler: str) -> np.ndarray:
     """One 32x32 uint8 image per prompt, from the prompt's own noise seed."""
-    from kernels.sampling import make_scheduler, sample
+    from kernels.shapes.train import generate_images
 
     tokenizer, text_encoder, unet, scheduler_config = components
-    # Encoded as the app encodes text: padded to max length, no attention mask, "" = unconditional.
-    ids = tokenizer([p["caption"] for p in prompts] + [""], padding="max_length",
-                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    hidden = text_encoder(ids).last_hidden_state
-    cond, empty = hidden[:-1], hidden[-1:].expand(len(prompts), -1, -1)
-    size = unet.config.sample_size
-    noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["seed"]))
-                         for p in prompts])
-    x = sample(unet, make_scheduler(scheduler, scheduler_config), cond, empty, noise, steps, cfg,
-               torch.Generator().manual_seed(0))
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return generate_images(unet, text_encoder, tokenizer, scheduler_config, prompts, steps, cfg, scheduler)
 
 
 def aggregate(prompts: list[dict], per_prompt: list[dict]) -> dict:

@@ -72,23 +72,33 @@ class Data:
 
 
 @torch.no_grad()
-def evaluate(unet, text_encoder, tokenizer, scheduler_config: dict, prompts: list[dict],
-             steps: int = 20, cfg: float = 4.0) -> dict:
-    """Sample each prompt once (its own seed) and score with the oracle."""
+def generate_images(unet, text_encoder, tokenizer, scheduler_config: dict, prompts: list[dict],
+                    steps: int = 20, cfg: float = 4.0, scheduler: str = "dpmpp_2m") -> np.ndarray:
+    """One uint8 HxWx3 image per prompt, each from its own seed, text encoded as the app does
+    (padded to max length, no mask, "" as the unconditional prompt)."""
     from kernels.images import model_to_image
     from kernels.sampling import make_scheduler, sample
-    from kernels.shapes.oracle import score_prompt
 
-    unet.eval(), text_encoder.eval()
     ids = tokenizer([p["caption"] for p in prompts] + [""], padding="max_length",
                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     hidden = text_encoder(ids).last_hidden_state
     cond, empty = hidden[:-1], hidden[-1:].expand(len(prompts), -1, -1)
-    noise = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(p["seed"]))
+    size = unet.config.sample_size
+    noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["seed"]))
                          for p in prompts])
-    x = sample(unet, make_scheduler("dpmpp_2m", scheduler_config), cond, empty, noise, steps, cfg,
+    x = sample(unet, make_scheduler(scheduler, scheduler_config), cond, empty, noise, steps, cfg,
                torch.Generator().manual_seed(0))
-    images = (model_to_image(x).numpy() * 255).round().astype(np.uint8)
+    return (model_to_image(x).numpy() * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def evaluate(unet, text_encoder, tokenizer, scheduler_config: dict, prompts: list[dict],
+             steps: int = 20, cfg: float = 4.0) -> dict:
+    """Sample each prompt once (its own seed) and score with the oracle."""
+    from kernels.shapes.oracle import score_prompt
+
+    unet.eval(), text_encoder.eval()
+    images = generate_images(unet, text_encoder, tokenizer, scheduler_config, prompts, steps, cfg)
     scores = [score_prompt(p["objects"], img) for p, img in zip(prompts, images)]
 
     def rate(key, subset):
