@@ -164,7 +164,7 @@ class NodeContext:
         for pil in to_pil(images):
             path = target / f"{safe}_{counter:05d}.png"
             counter += 1
-            atomic_write(path, png_bytes(pil, graph_text))
+            atomic_write(path, png_bytes(pil, graph_text), durable=False)
             paths.append(str(path))
         return paths
 

@@ -279,8 +279,11 @@ def _umask() -> int:
 _NEW_FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(path: os.PathLike | str, data: bytes) -> None:
+def atomic_write(path: os.PathLike | str, data: bytes, durable: bool = True) -> None:
     """Write via a temporary file in the same folder and rename: a failed save keeps the old file.
+
+    `durable` also fsyncs before the rename, so the file survives a power cut; rendered images
+    (which a re-run can make again) skip it, as it costs tens of milliseconds per file.
 
     The file gets the permissions a plain write would give it (the old file's, or the umask's
     for a new one), not mkstemp's private 0600.
@@ -295,7 +298,8 @@ def atomic_write(path: os.PathLike | str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
