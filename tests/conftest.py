@@ -63,3 +63,27 @@ def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, siz
         ids["save"] = add_node(g, "SaveImage", {"prefix": "test"}, title="Save", pos=(800, 0)).id
         g.connect(ids["decode"], "image", ids["save"], "image")
     return g, ids
+
+
+# A test node that keeps the latent it receives (layout and eraser tests compare samples).
+CAPTURED: dict = {}
+
+
+def _register_capture_node():
+    from nodes.base import LATENT, Node
+    from nodes.registry import register
+
+    @register
+    class TestCaptureLatent(Node):
+        """Test node: keeps the latent it receives in conftest.CAPTURED["latent"]."""
+        category = "test"
+        inputs = {"latent": LATENT}
+        output_node = True
+        always_run = True
+
+        def run(self, ctx, latent):
+            CAPTURED["latent"] = latent.clone()
+            return {}
+
+
+_register_capture_node()

@@ -95,20 +95,7 @@ def test_uce_edit_keeps_preserved_and_orthogonal_outputs(tiny):
 
 
 # -- patches in graphs ----------------------------------------------------------------------------
-CAPTURED: dict = {}
-
-
-@register
-class TestCaptureLatent(Node):
-    """Test node: keeps the latent it receives."""
-    category = "test"
-    inputs = {"latent": LATENT}
-    output_node = True
-    always_run = True
-
-    def run(self, ctx, latent):
-        CAPTURED["latent"] = latent.clone()
-        return {}
+from conftest import CAPTURED  # noqa: E402  (filled by the TestCaptureLatent node)
 
 
 CF = "ClosedFormErase"

@@ -315,19 +315,7 @@ def test_flux_joint_attention_mask_gives_exactly_zero_attention_to_other_instanc
 
 
 # -- nodes through the executor ----------------------------------------------------------------------
-CAPTURED = {}
-
-
-@register
-class LayoutTestCapture(Node):
-    category = "test"
-    inputs = {"latent": LATENT}
-    output_node = True
-    always_run = True
-
-    def run(self, ctx, latent):
-        CAPTURED["latent"] = latent
-        return {}
+from conftest import CAPTURED  # noqa: E402  (filled by the TestCaptureLatent node)
 
 
 def layout_graph(model_path, technique="RegionAttention", params=None):
@@ -336,7 +324,7 @@ def layout_graph(model_path, technique="RegionAttention", params=None):
     g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=3, save=False)
     ids["layout"] = add_node(g, "Layout", {"width": 16, "height": 16, "boxes": LAYOUT["boxes"]}).id
     ids["tech"] = add_node(g, technique, params or {}).id
-    ids["capture"] = add_node(g, "LayoutTestCapture", {}).id
+    ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["load"], "model", ids["tech"], "model")
     g.connect(ids["layout"], "layout", ids["tech"], "layout")
     g.connect(ids["tech"], "model", ids["sampler"], "model")
