@@ -9,7 +9,7 @@ pytest.importorskip("torch")
 # NodeGraphQt 0.6 still calls Qt5-era event methods (QMouseEvent.pos()...): not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecated:DeprecationWarning")
 
-from tests.conftest import txt2img_graph  # noqa: E402
+from conftest import txt2img_graph  # noqa: E402
 
 
 @pytest.fixture
