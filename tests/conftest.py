@@ -65,6 +65,26 @@ def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, siz
     return g, ids
 
 
+@pytest.fixture
+def window(qtbot, tmp_path, monkeypatch):
+    """The main window on private data, cache and output folders (the UI tests' common start)."""
+    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOOMWORK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOOMWORK_OUTPUT_DIR", str(tmp_path / "out"))
+    from app.ui import create_app
+    from app.ui.window import MainWindow
+
+    create_app()
+    w = MainWindow(autosave=False)
+    w._closing_ok = True  # no unsaved-changes dialog when the test ends
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    yield w
+    w.runner.cancel()
+    w.runner.wait(30)
+
+
 # A test node that keeps the latent it receives (layout and eraser tests compare samples).
 CAPTURED: dict = {}
 

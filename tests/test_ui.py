@@ -14,22 +14,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecate
 from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, monkeypatch):
-    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LOOMWORK_CACHE_DIR", str(tmp_path / "cache"))
-    from app.ui import create_app
-    from app.ui.window import MainWindow
-
-    create_app()
-    w = MainWindow(autosave=False)
-    w._closing_ok = True  # no unsaved-changes dialog when the test ends
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    return w
-
-
 def _chain(w):
     """LoadModel -> TextEncode through the canvas, as a drag would."""
     doc = w.doc

@@ -12,24 +12,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecate
 from conftest import txt2img_graph  # noqa: E402
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, monkeypatch):
-    monkeypatch.setenv("LOOMWORK_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LOOMWORK_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("LOOMWORK_OUTPUT_DIR", str(tmp_path / "out"))
-    from app.ui import create_app
-    from app.ui.window import MainWindow
-
-    create_app()
-    w = MainWindow(autosave=False)
-    w._closing_ok = True
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    w.runner.cancel()
-    w.runner.wait(30)
-
-
 def _finished(qtbot, w, timeout=120_000):
     with qtbot.waitSignal(w.runner.finished, timeout=timeout) as blocker:
         pass
