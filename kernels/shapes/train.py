@@ -7,7 +7,7 @@ min-SNR-5 loss weights, EMA weights for sampling, 10% caption dropout (for class
 guidance), AdamW with warm-up, and a curriculum that shows more one-object scenes early.
 Every few minutes it writes DIR/state.pt (resume point) and DIR/latest/ (EMA weights in the
 diffusers layout); every eval interval it samples held-out prompts, scores them with the oracle
-and keeps DIR/best/ (by one-object colour+shape). Logs go to DIR/log.jsonl.
+and keeps DIR/best/ (by one- and multi-object colour+shape). Logs go to DIR/log.jsonl.
 """
 
 from __future__ import annotations
@@ -272,7 +272,10 @@ def _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step,
         return best
     emit({"event": "eval", "step": step, "train_minutes": round(trained_seconds / 60, 2), **metrics})
     _save_grid(images, workdir / f"samples_{step:06d}.png")
-    score = metrics["single_colour_shape"] or 0.0
+    # Keep the checkpoint that is best over one-object and multi-object scenes: layout and erasure
+    # both need several objects drawn right, not just one.
+    score = float(np.mean([metrics[k] or 0.0 for k in ("single_colour_shape", "all_colour_shape",
+                                                       "two_object_both_right")]))
     if score > best:
         shapes_model.save_model(str(workdir / "best"), ema_unet, ema_te, tokenizer, scheduler)
         (workdir / "best" / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
