@@ -106,14 +106,14 @@ def method_table(args):
                                                      suppress_outside=True))
 
     def zest(model, clip, layout):
-        return model.with_patch(ZestGuidePatch(layout, eta=args.eta, end=0.5, iterations=args.iterations))
+        return model.with_patch(ZestGuidePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations))
 
     def box(model, clip, layout):
-        return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=0.5, iterations=args.iterations,
+        return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations,
                                                  redistribute=True, redistribute_end=0.3))
 
     def astar(model, clip, layout):
-        return model.with_patch(AStarPatch(layout, eta=args.eta, end=0.5, iterations=args.iterations))
+        return model.with_patch(AStarPatch(layout, eta=args.eta, end=1.0, iterations=args.iterations))  # every step, as the paper
 
     def chain(*fns):
         def make(model, clip, layout):
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pww-end", type=float, default=1.0, help="Paint-with-Words stops here")
     parser.add_argument("--eta", type=float, default=1.0, help="guidance step size")
     parser.add_argument("--iterations", type=int, default=1, help="guidance steps per step")
+    parser.add_argument("--guide-end", type=float, default=0.5, help="gradient guidance stops here")
     parser.add_argument("--regional-end", type=float, default=1.0)
     parser.add_argument("--mix", type=float, default=1.0, help="regional prompts: phrase weight in its box")
     parser.add_argument("--emphasis", type=float, default=2.0,
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
               "boxes": n_all, "detector_on_true_scenes": round(truth_hits / max(n_all, 1), 4),
               "settings": {"steps": args.steps, "cfg": args.cfg, "scheduler": args.scheduler,
                            "pww": args.pww, "pww_end": args.pww_end, "eta": args.eta, "iterations": args.iterations,
+                           "guide_end": args.guide_end,
                            "mix": args.mix, "emphasis": args.emphasis,
                            "layout_seed": args.layout_seed, "threads": args.threads},
               "methods": results, "summary": summary}

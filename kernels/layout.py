@@ -39,8 +39,13 @@ Sources checked (the papers' own text was not reachable here, only abstracts):
   BCE term on scaled, unnormalised maps and skip gradients of near-correct pixels; we keep the
   paper's max-normalised BCE only.
 - 3DIS-FLUX: limuloo/3DIS detail_renderer_flux.py (mask rules and step windows).
-- A-STAR: no code found; the retention loss form (soft IoU with the previous step's map
-  binarised at half its max) is our reading and is not confirmed.
+- A-STAR: the ICCV 2023 paper's text (openaccess.thecvf.com, Agarwal et al.; no code found).
+  Eq. 2 (segregation) and Eq. 3 (retention: 1 - sum min(A_t-1, B_t) / sum (A_t-1 + B_t), B_t
+  the previous step's binarised map, refreshed every step, both losses weighted equally and
+  applied at every step) are as written there. Not given in the main text, so our choices: the
+  binarisation threshold (half the map's max), the 3x3 Gaussian (sigma 0.5, as Attend-and-
+  Excite), and the step rule, which is ZestGuide's normalised step rather than a plain
+  gradient step.
 
 Boxes are {"x0","y0","x1","y1" in 0..1, "phrase"}; a box may carry "mask": a 2-D list of 0/1
 rows (any size) used instead of the rectangle.
@@ -337,7 +342,7 @@ def box_losses(box_maps: torch.Tensor, masks: torch.Tensor, topk: float = 0.8) -
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
-    """3x3 Gaussian smoothing of (B, n, h, w) maps (as A-STAR and Attend-and-Excite do)."""
+    """3x3 Gaussian smoothing of (B, n, h, w) maps (Attend-and-Excite's; A-STAR does not say)."""
     if sigma <= 0:
         return maps
     x = torch.tensor([-1.0, 0.0, 1.0])
@@ -361,17 +366,17 @@ def segregation_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def retention_loss(maps: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
-    """A-STAR retention: each concept's max-normalised map should keep covering its previous
-    step's binarised map B (threshold 0.5 of the max): sum_m (1 - sum min(A, B) / sum max(A, B))."""
+    """A-STAR retention (the paper's Eq. 3): each concept's map A should keep covering its
+    previous step's binarised map B: sum_m (1 - sum_p min(A, B) / sum_p (A + B))."""
     if previous is None:
         return maps.new_zeros(())
-    a = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-    inter = torch.minimum(a, previous).sum((-2, -1))
-    union = torch.maximum(a, previous).sum((-2, -1)).clamp_min(1e-8)
-    return (1 - inter / union).sum(1).mean()
+    inter = torch.minimum(maps, previous).sum((-2, -1))
+    total = (maps + previous).sum((-2, -1)).clamp_min(1e-8)
+    return (1 - inter / total).sum(1).mean()
 
 
 def binarise(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """A-STAR's B_t: the paper does not give its threshold; half of each map's max is ours."""
     m = maps.detach()
     return (m >= threshold * m.amax(dim=(-2, -1), keepdim=True)).to(m.dtype)
 
@@ -533,7 +538,7 @@ class AStarPatch(_GuidancePatch):
 
     kind = "a-star"
 
-    def __init__(self, layout, eta: float = 0.5, start: float = 0.0, end: float = 0.5,
+    def __init__(self, layout, eta: float = 0.5, start: float = 0.0, end: float = 1.0,
                  iterations: int = 1, retention: float = 1.0, smoothing: float = 0.5):
         super().__init__(layout, eta, start, end, iterations)
         self.retention = float(retention)

@@ -214,6 +214,22 @@ def test_a_star_retention_uses_the_previous_step(tiny):
     assert patch.trace[1]["loss"] != pytest.approx(seg_only.trace[1]["loss"])
 
 
+def test_a_star_losses_follow_the_paper_equations():
+    from kernels.layout import retention_loss, segregation_loss
+
+    b = torch.zeros(1, 2, 4, 4)
+    b[0, 0, :2], b[0, 1, 2:] = 1.0, 1.0
+    # Eq. 3: 1 - sum min(A, B) / sum (A + B) per concept, summed: a map equal to B gives 1/2 each,
+    # an empty map gives 1 each.
+    assert float(retention_loss(b.clone(), b)) == pytest.approx(1.0)
+    assert float(retention_loss(torch.zeros_like(b), b)) == pytest.approx(2.0)
+    assert float(retention_loss(b, None)) == 0.0
+    # Eq. 2: disjoint concept maps do not overlap; identical ones give 1/2 per pair.
+    assert float(segregation_loss(b)) == 0.0
+    same = b[:, :1].expand(1, 3, 4, 4)
+    assert float(segregation_loss(same)) == pytest.approx(1.5)
+
+
 # -- tokens, masks, maps ---------------------------------------------------------------------------
 def test_phrases_find_their_own_tokens(tiny):
     _, clip, _ = tiny
