@@ -44,7 +44,9 @@ SHAPES = list(world.SHAPES)
 ERASERS = ("quickfix", "uce", "membrane", "esd", "all_but_one", "safe_guidance")
 # Default anchors (closed-form edits and All-but-One's alternative): a concrete concept of the
 # same kind, so the erased concept's prompts draw something definite instead of noise.
-ANCHORS = {"circle": "square", "square": "circle", "triangle": "circle", "star": "circle",
+# Fallback anchors (closed-form edits and All-but-One's alternative) when there is no baseline to
+# choose from: a concrete concept of the same kind, so the erased prompts draw something definite.
+ANCHORS = {"circle": "triangle", "square": "triangle", "triangle": "star", "star": "triangle",
            "red": "blue", "green": "purple", "blue": "red", "yellow": "purple", "purple": "green",
            "orange": "blue"}
 
@@ -176,11 +178,31 @@ def world_templates(target: str) -> list[str]:
     return [f"a {{}} {s}" for s in SHAPES] + [f"a {{}} circle{p}" for p in spots[1:]]
 
 
-def default_anchor(target: str) -> str:
+def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> str:
+    """The anchor concept for `target`: of the same kind (shape or colour; a pair keeps its colour
+    and changes its shape), chosen as the one the model draws most reliably *and* least often
+    drawn as the target. An anchor that the oracle reads as the target cannot erase it: the
+    session-1 model drew "a red square" as a circle 4 times in 5, so circle -> square left the
+    circle rate at 0.67-0.72."""
     cs, ss = parse_concept(target)
-    if cs and ss:  # keep the colour, change the shape
-        return f"{next(iter(cs))} {ANCHORS[next(iter(ss))]}"
-    return ANCHORS.get(target, "")
+    kind, pool = (SHAPES, ss) if ss else (COLOURS, cs)
+    if not pool:
+        return ""
+    word = next(iter(pool))
+    choice = ANCHORS[word]
+    if base_dets:
+        def score(candidate: str) -> float:
+            own = leak = total = 0
+            for colour, shape, prompt in prompts:
+                if (shape if ss else colour) != candidate:
+                    continue
+                for found in base_dets[prompt]:
+                    total += 1
+                    own += any((s if ss else c) == candidate for c, s in found)
+                    leak += any((s if ss else c) == word for c, s in found)
+            return (own - leak) / total if total else -1.0
+        choice = max((k for k in kind if k != word), key=lambda k: (score(k), k == ANCHORS[word]))
+    return f"{next(iter(cs))} {choice}" if cs and ss else choice
 
 
 def build_eraser(bench: Bench, name: str, target: str, args):
@@ -191,7 +213,7 @@ def build_eraser(bench: Bench, name: str, target: str, args):
 
     model, clip = bench.model, bench.clip
     tok, te = clip.tokenizer, clip.text_encoder
-    anchor = default_anchor(target)
+    anchor = args.anchor or default_anchor(target, getattr(bench, "base_dets", None), bench.prompts)
     temps = world_templates(target)
     keep = [p for c, s, p in bench.prompts if not names(c, s, target)]
     info = {"anchor": anchor, "templates": len(temps), "preserved": len(keep)}
@@ -357,6 +379,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="circle,red,red circle")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--anchor", default="", help="anchor concept (default: chosen from the baseline)")
     ap.add_argument("--guidance", type=float, default=4.0, help="safe guidance scale")
     ap.add_argument("--attack-steps", type=int, default=30, help="red-team steps (0: no attack)")
     ap.add_argument("--attack-ban", choices=("none", "concept"), default="none",
@@ -377,7 +400,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     bench = Bench(args)
     t = time.perf_counter()
-    base_dets = bench.detections(bench.base)
+    base_dets = bench.base_dets = bench.detections(bench.base)
     base_seconds = time.perf_counter() - t
     targets = [x.strip() for x in args.targets.split(",") if x.strip()]
     erasers = [x.strip() for x in args.erasers.split(",") if x.strip()]
