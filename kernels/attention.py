@@ -13,6 +13,12 @@ redistribution) switches the output to the explicit softmax path. Probabilities 
 records are computed on the side (with autograd when guidance needs it) and never feed the
 output, so recording changes nothing.
 
+Self-attention (`attn1`) is left alone unless a transform asks for its probabilities (CSG's
+self-attention loss): `self_attention_recording` then wraps the chosen `attn1` processors in a
+`SelfAttnRecorder`, which always runs the wrapped processor for the output (SDPA, bit-identical)
+and only when a transform `wants_self_probs` computes the softmax on the side for the
+conditional rows. Denoising forwards that nobody records take the plain path.
+
 Classifier-free guidance batches [uncond, cond] in one forward; transforms act on the
 conditional rows only (`ctl.cond_rows`), as Paint-with-Words does (its unconditional pass has
 weight 0).
@@ -23,6 +29,8 @@ The transform interface (all optional, duck-typed):
     regions(ctl, layer) -> list of (mask (N,), embeds (1, L', D), weight[, emphasis, tokens (L',)])
         per-region prompts; `emphasis` > 0 raises the region's `tokens` Paint-with-Words style
     wants_probs(ctl, layer) -> bool;  record(ctl, layer, probs)           (attention stores)
+    wants_self_probs(ctl, layer) -> bool;  record_self(ctl, layer, probs)  (attn1 layers that
+        `self_attention_recording` wrapped; probs (B_cond, heads, N, N), query rows, key columns)
 """
 
 from __future__ import annotations
@@ -275,6 +283,80 @@ def controller_for(unet, run, key: str = "loomwork.attention") -> Iterator[Atten
         state.pop(key, None)
 
 
+class SelfAttnRecorder:
+    """Wraps a self-attention (`attn1`) processor: the output is always the wrapped processor's;
+    when a transform `wants_self_probs` for this layer, the conditional rows' softmax(QK^T/sqrt(d))
+    is computed on the side (with autograd during guidance) and handed to `record_self`."""
+
+    def __init__(self, name: str, ctl: AttentionController, inner: Any):
+        self.name = name
+        self.ctl = ctl
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                         *args, **kwargs)
+        ctl = self.ctl
+        if encoder_hidden_states is not None:  # not self-attention after all
+            return out
+        recorders = [tr for tr in ctl.transforms if getattr(tr, "wants_self_probs", None) is not None]
+        if not recorders:
+            return out
+        hs = hidden_states
+        if attn.spatial_norm is not None:
+            hs = attn.spatial_norm(hs, temb)
+        if hs.ndim == 4:
+            b, c, h, w = hs.shape
+            hs = hs.view(b, c, h * w).transpose(1, 2)
+        layer = ctl.layer(self.name, hs.shape[1])
+        recorders = [tr for tr in recorders if tr.wants_self_probs(ctl, layer)]
+        if not recorders:
+            return out
+        batch_size, n, _ = hs.shape
+        if attn.group_norm is not None:
+            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+        rows = ctl.cond_rows
+        hs = hs[rows]
+        query, key = attn.to_q(hs), attn.to_k(hs)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(hs.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(hs.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        logits = (query @ key.transpose(-1, -2)) * head_dim ** -0.5
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, n, batch_size)
+            logits = logits + mask.view(batch_size, attn.heads, -1, mask.shape[-1])[rows]
+        probs = logits.softmax(dim=-1)
+        for tr in recorders:
+            tr.record_self(ctl, layer, probs)
+        return out
+
+
+def self_attention_names(unet) -> list[str]:
+    """Processor names of the UNet's self-attention layers (`...attn1.processor`)."""
+    return [n for n in unet.attn_processors if n.endswith("attn1.processor")]
+
+
+@contextlib.contextmanager
+def self_attention_recording(unet, ctl: AttentionController, names) -> Iterator[None]:
+    """Wrap the named `attn1` processors in `SelfAttnRecorder`s for as long as the caller needs
+    them (restored on exit); nothing is installed for an empty `names`."""
+    from kernels.patching import attention_processors
+
+    current = unet.attn_processors
+    procs = {n: SelfAttnRecorder(n, ctl, current[n]) for n in names
+             if not (isinstance(current.get(n), SelfAttnRecorder) and current[n].ctl is ctl)}
+    if not procs:
+        yield
+        return
+    with attention_processors(unet, procs):
+        yield
+
+
 @contextlib.contextmanager
 def registered(ctl: AttentionController, transform) -> Iterator[None]:
     ctl.transforms.append(transform)
@@ -293,20 +375,41 @@ class AttentionStore:
     per resolution so memory stays bounded.
     """
 
-    def __init__(self, mode: str = "guide", start: float = 0.0, end: float = 1.0):
+    def __init__(self, mode: str = "guide", start: float = 0.0, end: float = 1.0,
+                 self_layers=()):
         self.mode = mode
         self.start, self.end = start, end
         self.layers: list[tuple[LayerInfo, torch.Tensor]] = []  # guide: this forward's maps
+        # guide mode: attn1 layers (processor names) whose self-attention is also kept
+        self.self_layers = set(self_layers)
+        self.self_maps_: list[tuple[LayerInfo, torch.Tensor]] = []
         self.sums: dict[tuple[int, int], torch.Tensor] = {}     # observe: accumulated
         self.counts: dict[tuple[int, int], int] = {}
 
     def reset(self) -> None:
         self.layers = []
+        self.self_maps_ = []
 
     def wants_probs(self, ctl: AttentionController, layer: LayerInfo) -> bool:
         if self.mode == "guide":
             return ctl.guiding
         return not ctl.guiding and ctl.in_range(self.start, self.end)
+
+    def wants_self_probs(self, ctl: AttentionController, layer: LayerInfo) -> bool:
+        return self.mode == "guide" and ctl.guiding and layer.name in self.self_layers
+
+    def record_self(self, ctl, layer: LayerInfo, probs: torch.Tensor) -> None:
+        self.self_maps_.append((layer, probs.mean(dim=1)))  # over heads: (B, N, N)
+
+    def self_maps(self) -> Optional[tuple[torch.Tensor, tuple[int, int]]]:
+        """This guidance forward's self-attention (B, N, N) averaged over heads and layers, and
+        its (h, w) with h * w = N (the largest recorded resolution if several were recorded)."""
+        if not self.self_maps_:
+            return None
+        layer = max((lay for lay, _ in self.self_maps_), key=lambda lay: lay.height * lay.width)
+        hw = (layer.height, layer.width)
+        kept = [m for lay, m in self.self_maps_ if (lay.height, lay.width) == hw]
+        return torch.stack(kept).mean(0), hw
 
     def record(self, ctl, layer: LayerInfo, probs: torch.Tensor) -> None:
         maps = probs.mean(dim=1)  # over heads: (B, N, L)

@@ -18,10 +18,19 @@ Techniques (each a `ModelPatch`; they compose through one processor stack, kerne
   cross-attention map of segment i's tokens (softmax over tokens, averaged over heads and
   layers, upsampled) and its mask; the latent moves by a gradient step normalised by its
   largest entry, scaled by sqrt(1 - abar_t) (as in the official code).
-- `BoxGuidancePatch` -- CSG / BoxDiff family: inner-box, outer-box and corner constraints plus
-  CSG's within-token loss on the token maps as a guidance loss, and optional CSG attention
-  redistribution in the denoising forward (token i's attention is moved inside box i and is
-  exactly 0 outside). CSG's inter-token and self-attention losses are not implemented.
+- `BoxGuidancePatch` -- CSG / BoxDiff family: inner-box, outer-box and corner constraints
+  (BoxDiff-style, ours), a within-token loss (1 - in/(in + out))^2 on each map's whole mass
+  (CSG's form, theirs on sampled pixels), CSG's inter-token loss
+  50 (min(mean_in - margin, max_other) - max_other)^2 and CSG's self-attention loss
+  (1 - in/(in + out))^2 on the self-attention mass sent into each box, as one guidance loss;
+  and optional CSG attention redistribution in the denoising forward (token i's attention is
+  moved inside box i and is exactly 0 outside). The two CSG losses follow the authors' code:
+  top k = 0.8 * box area in-box pixels, a random half of them, margin 0.1; self-attention from
+  the up-block attn1 layers at the resolution nearest 16x16, recorded in the guidance forward
+  only. Ours: the per-box map is the mean of the phrase's word tokens' maps renormalised over
+  the prompt's words (CSG: one token, raw probabilities); cross maps come from every
+  cross-attention layer; the sampling is seeded by the step index (CSG: global RNG); the
+  guidance step is ZestGuide's normalised one (CSG: plain gradient step, 5 refinements).
 - `AStarPatch` -- A-STAR: attention segregation (overlap of concept maps) and retention (keep
   each concept's previous-step binarised map) as a guidance loss. It ignores box positions.
 - `AttentionRecordPatch` -- records per-token maps of a run (the AttentionMaps node).
@@ -39,6 +48,8 @@ Sources checked (the papers' own text was not reachable here, only abstracts):
   BCE term on scaled, unnormalised maps and skip gradients of near-correct pixels; we keep the
   paper's max-normalised BCE only.
 - 3DIS-FLUX: limuloo/3DIS detail_renderer_flux.py (mask rules and step windows).
+- CSG: the authors' Papple-F/csg (utils.py compute_cross_loss / compute_self_loss, config.py:
+  topk_coef 0.8, dropout 0.5, margin 0.1, target_res 16, loss 5 (within + 50 inter) + 5 self).
 - A-STAR: the ICCV 2023 paper's text (openaccess.thecvf.com, Agarwal et al.; no code found).
   Eq. 2 (segregation) and Eq. 3 (retention: 1 - sum min(A_t-1, B_t) / sum (A_t-1 + B_t), B_t
   the previous step's binarised map, refreshed every step, both losses weighted equally and
@@ -63,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import (AttentionController, AttentionStore, LayerInfo, controller_for,
-                               registered)
+                               registered, self_attention_names, self_attention_recording)
 from kernels.patching import ModelPatch, SamplingRun
 
 STOPWORDS = frozenset("a an the and of with at on in to".split())
@@ -194,13 +205,19 @@ class _LayoutPatch(ModelPatch):
         self.boxes = resolve_layout(self.layout, run.positive)
         self.cache = _MaskCache(self.boxes)
 
+    def self_attention_layers(self, unet, run) -> list[str]:
+        """attn1 processor names whose self-attention this patch records (none by default)."""
+        return []
+
     @contextlib.contextmanager
     def applied(self, unet, run) -> Iterator[None]:
         if run is None or self.is_noop():
             yield
             return
         self.prepare(run)
-        with controller_for(unet, run) as ctl, registered(ctl, self):
+        names = self.self_attention_layers(unet, run)
+        with controller_for(unet, run) as ctl, self_attention_recording(unet, ctl, names), \
+                registered(ctl, self):
             self.ctl = ctl
             yield
         self.ctl = None
@@ -341,6 +358,119 @@ def box_losses(box_maps: torch.Tensor, masks: torch.Tensor, topk: float = 0.8) -
             "within": within, "corner": corner.sum(1).mean()}
 
 
+def _csg_sample(values: torch.Tensor, inside: torch.Tensor, topk: float, dropout: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """CSG's selective sampling: the top k = max(1, floor(topk * area)) of `values` (N,) among the
+    pixels `inside` (N,) bool, then a random r = max(1, round(k * dropout)) of those. Indices."""
+    area = int(inside.sum())
+    k = max(1, int(area * topk))
+    r = max(1, int(round(k * dropout)))
+    top = values.detach().masked_fill(~inside, float("-inf")).topk(min(k, area)).indices
+    pick = torch.randperm(top.shape[0], generator=generator)[:r].to(top.device)
+    return top[pick]
+
+
+def inter_token_loss(box_maps: torch.Tensor, masks: torch.Tensor, topk: float = 0.8,
+                     dropout: float = 0.5, margin: float = 0.1,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """CSG's inter-token (their "across-token") loss on per-box maps (B, n, h, w), masks (n, h, w).
+
+    For each box i: P = CSG's sampled in-box pixels of map i (`_csg_sample`); mean_in = map i's
+    mean over P; max_other = the largest mean over P of any other box's map; then
+    50 * (min(mean_in - margin, max_other) - max_other)^2, i.e. zero once map i leads every
+    other map on its own pixels by `margin`, else the squared shortfall. Summed over boxes,
+    averaged over the batch; 0 with fewer than two boxes. (Papple-F/csg utils.py,
+    compute_cross_loss.)
+    """
+    b, n = box_maps.shape[:2]
+    if n < 2:
+        return box_maps.new_zeros(())
+    flat = box_maps.flatten(2)
+    inside = masks.flatten(1) >= 0.5
+    total = box_maps.new_zeros(())
+    for bi in range(b):
+        for i in range(n):
+            if not inside[i].any():
+                continue
+            pix = _csg_sample(flat[bi, i], inside[i], topk, dropout, generator)
+            mean_in = flat[bi, i, pix].mean()
+            others = [flat[bi, j, pix].mean() for j in range(n) if j != i]
+            max_other = torch.stack(others).max()
+            total = total + 50.0 * (torch.minimum(mean_in - margin, max_other) - max_other) ** 2
+    return total / b
+
+
+def self_attention_loss(self_maps: torch.Tensor, masks: torch.Tensor, topk: float = 0.8,
+                        dropout: float = 0.5,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """CSG's self-attention loss on self-attention S (B, N, N) (rows: query pixels, columns: key
+    pixels) and box masks (n, h, w), h * w = N.
+
+    For box i, a[q] = sum over the box's pixels p of S[q, p], the mass query q sends into the
+    box. in = the sum of a over CSG's sampled in-box queries (`_csg_sample` on a), out = the sum
+    of the r largest a over queries outside the box; loss_i = (1 - in / (in + out))^2: the box
+    should be attended from inside, not from outside. 0 when no outside pixel looks into the box,
+    1 when no inside pixel does. Summed over boxes, averaged over the batch. (Papple-F/csg
+    utils.py, compute_self_loss: their within-token form on the self-attention mass.)
+    """
+    b = self_maps.shape[0]
+    inside_all = masks.flatten(1) >= 0.5
+    total = self_maps.new_zeros(())
+    for bi in range(b):
+        for m in inside_all:
+            area = int(m.sum())
+            if area == 0:
+                continue
+            a = self_maps[bi] @ m.to(self_maps.dtype)  # (N,): mass each query sends into the box
+            pix = _csg_sample(a, m, topk, dropout, generator)
+            mass_in = a[pix].sum()
+            n_out = int((~m).sum())
+            if n_out:
+                r = min(pix.shape[0], n_out)
+                mass_out = a.masked_fill(m, float("-inf")).topk(r).values.sum()
+            else:
+                mass_out = a.new_zeros(())
+            total = total + (1 - mass_in / (mass_in + mass_out).clamp_min(1e-12)) ** 2
+    return total / b
+
+
+def csg_self_attention_layers(unet, latent_hw, target_tokens: int = 16 * 16) -> list[str]:
+    """The attn1 layers CSG's self-attention loss reads: the up-block layers (CSG reads "up")
+    of the one resolution whose token count is nearest 16x16 (CSG's target_res at SD's 512 px)
+    on a log scale, the smaller on a tie. Falls back to down/mid layers if no up block has
+    attention; [] for models whose layer names are not diffusers UNet names."""
+    n_down = len(getattr(unet, "down_blocks", ()))
+    n_up = len(getattr(unet, "up_blocks", ()))
+    h, w = (int(v) for v in latent_hw)
+
+    def level(name):
+        parts = name.split(".")
+        try:
+            if parts[0] == "down_blocks":
+                return int(parts[1]), False
+            if parts[0] == "up_blocks":
+                return n_up - 1 - int(parts[1]), True
+            if parts[0] == "mid_block":
+                return n_down - 1, False
+        except (IndexError, ValueError):
+            pass
+        return None, False
+
+    found = [(name, *level(name)) for name in self_attention_names(unet)]
+    found = [f for f in found if f[1] is not None]
+    if any(up for _, _, up in found):
+        found = [f for f in found if f[2]]
+    if not found:
+        return []
+
+    def distance(lv):
+        tokens = max(1.0, (h / 2 ** lv) * (w / 2 ** lv))
+        return abs(math.log(tokens / target_tokens)), tokens
+
+    best = min({lv for _, lv, _ in found}, key=distance)
+    return [name for name, lv, _ in found if lv == best]
+
+
 def gaussian_smooth(maps: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
     """3x3 Gaussian smoothing of (B, n, h, w) maps (Attend-and-Excite's; A-STAR does not say)."""
     if sigma <= 0:
@@ -409,6 +539,7 @@ class _GuidancePatch(_LayoutPatch):
     def prepare(self, run):
         super().prepare(run)
         self.store = AttentionStore("guide")
+        self.self_maps = None
         self.trace = []
         self.n_text = max((p for p, _ in prompt_tokens(run.positive)), default=0) + 1
 
@@ -417,6 +548,20 @@ class _GuidancePatch(_LayoutPatch):
 
     def record(self, ctl, layer, probs):
         self.store.record(ctl, layer, probs)
+
+    def wants_self_probs(self, ctl, layer):
+        return self.store.wants_self_probs(ctl, layer)
+
+    def record_self(self, ctl, layer, probs):
+        self.store.record_self(ctl, layer, probs)
+
+    def self_attention_layers(self, unet, run):
+        names = self.self_attention_wanted(unet, run)
+        self.store.self_layers = set(names)
+        return names
+
+    def self_attention_wanted(self, unet, run) -> list[str]:
+        return []
 
     def loss(self, maps: torch.Tensor, masks: torch.Tensor, step: int) -> torch.Tensor:
         raise NotImplementedError
@@ -446,6 +591,7 @@ class _GuidancePatch(_LayoutPatch):
             finally:
                 ctl.guiding = False
             maps = self.store.maps(min_size=self.min_map_size)
+            self.self_maps = self.store.self_maps()  # None unless self-attention was recorded
             self.store.reset()
             if maps is None:
                 return x.detach()
@@ -488,29 +634,75 @@ class ZestGuidePatch(_GuidancePatch):
 
 
 class BoxGuidancePatch(_GuidancePatch):
-    """Box constraints (inner, outer, corner, within) + optional CSG attention redistribution."""
+    """Box constraints (inner, outer, corner, within), CSG's inter-token and self-attention
+    losses, and optional CSG attention redistribution.
+
+    The new weights default to 0 here (code and bench keep their old behaviour); the BoxGuidance
+    node gives new nodes CSG's balance, inter = self_attention = within = 1 (CSG weighs
+    5 * (within + 50 * inter) + 5 * self, the 50 being inside `inter_token_loss`).
+    CSG's random 50% sampling uses a generator seeded with the step index, so a run is
+    reproducible; the iterations of one step draw fresh samples from it, as CSG's do.
+    """
 
     kind = "box-guidance"
 
     def __init__(self, layout, eta: float = 0.5, start: float = 0.0, end: float = 0.5,
                  iterations: int = 1, inner: float = 1.0, outer: float = 1.0, corner: float = 0.5,
-                 within: float = 1.0, redistribute: bool = False, redistribute_end: float = 0.5):
+                 within: float = 1.0, redistribute: bool = False, redistribute_end: float = 0.5,
+                 inter: float = 0.0, self_attention: float = 0.0, topk: float = 0.8,
+                 dropout: float = 0.5, margin: float = 0.1):
         super().__init__(layout, eta, start, end, iterations)
         self.weights = {"inner": inner, "outer": outer, "corner": corner, "within": within}
+        self.inter = float(inter)
+        self.self_attention = float(self_attention)
+        self.topk, self.dropout, self.margin = float(topk), float(dropout), float(margin)
         self.redistribute = bool(redistribute)
         self.redistribute_end = float(redistribute_end)
+        self.last_parts: dict = {}  # the last guidance loss's parts (unweighted), for tests/bench
 
     def params_key(self):
-        return {**super().params_key(), **self.weights, "redistribute": self.redistribute,
-                "rend": self.redistribute_end}
+        key = {**super().params_key(), **self.weights, "redistribute": self.redistribute,
+               "rend": self.redistribute_end}
+        if self.inter or self.self_attention:  # old keys stay as they were
+            key.update(inter=self.inter, self_attention=self.self_attention, topk=self.topk,
+                       dropout=self.dropout, margin=self.margin)
+        return key
 
     def is_noop(self):
         return not self.layout.get("boxes") or (
             (self.eta == 0.0 or self.iterations <= 0) and not self.redistribute)
 
+    def prepare(self, run):
+        super().prepare(run)
+        self._generator, self._generator_step = None, None
+
+    def self_attention_wanted(self, unet, run):
+        if not self.self_attention or self.eta == 0.0 or self.iterations <= 0:
+            return []
+        return csg_self_attention_layers(unet, run.latent_shape[2:])
+
+    def _sampler(self, step: int) -> torch.Generator:
+        if self._generator_step != step:
+            self._generator = torch.Generator().manual_seed(int(step))
+            self._generator_step = step
+        return self._generator
+
     def loss(self, maps, masks, step):
-        parts = box_losses(token_maps(maps, self.boxes, text_normalise=True, n_text=self.n_text), masks)
-        return sum(self.weights[k] * v for k, v in parts.items())
+        box_maps = token_maps(maps, self.boxes, text_normalise=True, n_text=self.n_text)
+        parts = box_losses(box_maps, masks)
+        total = sum(self.weights[k] * v for k, v in parts.items())
+        if self.inter:
+            parts["inter"] = inter_token_loss(box_maps, masks, self.topk, self.dropout, self.margin,
+                                              self._sampler(step))
+            total = total + self.inter * parts["inter"]
+        if self.self_attention and self.self_maps is not None:
+            s, (h, w) = self.self_maps
+            self_masks = self.cache.masks(h, w, s.device).view(-1, h, w).to(s.dtype)
+            parts["self_attention"] = self_attention_loss(s, self_masks, self.topk, self.dropout,
+                                                          self._sampler(step))
+            total = total + self.self_attention * parts["self_attention"]
+        self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
+        return total
 
     # CSG attention redistribution (denoising forwards only, no grad)
     def edit_active(self, ctl, layer):

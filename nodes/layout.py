@@ -160,32 +160,47 @@ class ZestGuide(Node):
         return {"model": model.with_patch(ZestGuidePatch(layout, eta, start, end, iterations))}
 
 
+def _box_guidance_v1_to_v2(params: dict) -> dict:
+    """v2 added CSG's inter-token and self-attention losses; a v1 graph keeps its old loss."""
+    return {**params, "inter": 0.0, "self_attention": 0.0}
+
+
 @register
 class BoxGuidance(Node):
-    """Box constraints (CSG / BoxDiff family): guidance from inner-box, outer-box, corner and
-    within-token losses on the attention maps; optionally CSG's attention redistribution, which
-    moves each phrase's attention into its box (exactly 0 outside) while it acts."""
+    """Box constraints (CSG / BoxDiff family): guidance from inner-box, outer-box, corner,
+    within-token, inter-token and self-attention losses on the attention maps; optionally CSG's
+    attention redistribution, which moves each phrase's attention into its box (exactly 0
+    outside) while it acts. The inter-token and self-attention defaults are CSG's balance
+    against `within`; graphs saved before they existed load with both at 0."""
 
     category = "layout"
+    version = 2
+    migrations = {1: _box_guidance_v1_to_v2}
     inputs = {"model": MODEL, "layout": LAYOUT}
     params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance"),
               "inner": Float(1.0, 0.0, 10.0, help="weight: strong responses inside the box"),
               "outer": Float(1.0, 0.0, 10.0, help="weight: no strong responses outside the box"),
               "corner": Float(0.5, 0.0, 10.0, help="weight: the map spans the box's extent"),
               "within": Float(1.0, 0.0, 10.0, help="weight: the map's mass lies in the box"),
+              "inter": Float(1.0, 0.0, 10.0, help="weight: inside its box each phrase's map leads "
+                             "every other phrase's by a margin (CSG inter-token loss)"),
+              "self_attention": Float(1.0, 0.0, 10.0, help="weight: the box's pixels attend to "
+                                      "each other more than outside pixels attend to them (CSG "
+                                      "self-attention loss)"),
               "redistribute": Bool(False, help="CSG attention redistribution in the denoising pass"),
               "redistribute_end": Float(0.5, 0.0, 1.0, step=0.05,
                                         help="fraction of the steps where redistribution stops")}
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, layout, eta, iterations, start, end, inner, outer, corner, within,
-            redistribute, redistribute_end):
+            inter, self_attention, redistribute, redistribute_end):
         from kernels.layout import BoxGuidancePatch
 
         _check_range(start, end)
         return {"model": model.with_patch(BoxGuidancePatch(
             layout, eta, start, end, iterations, inner=inner, outer=outer, corner=corner,
-            within=within, redistribute=redistribute, redistribute_end=redistribute_end))}
+            within=within, redistribute=redistribute, redistribute_end=redistribute_end,
+            inter=inter, self_attention=self_attention))}
 
 
 @register

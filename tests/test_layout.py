@@ -190,9 +190,11 @@ def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny):
 @pytest.mark.parametrize("make,drop", [
     (lambda: ZestGuidePatch(LAYOUT, eta=1.0, end=0.2, iterations=6), 0.1),
     (lambda: BoxGuidancePatch(LAYOUT, eta=1.0, end=0.2, iterations=6), 0.1),
+    (lambda: BoxGuidancePatch(LAYOUT, eta=1.0, end=0.2, iterations=6, inter=1.0,
+                              self_attention=1.0), 0.1),
     # random weights barely separate two concepts' maps: measured -7%
     (lambda: AStarPatch(LAYOUT, eta=1.0, end=0.2, iterations=6, retention=0.0), 0.05),
-], ids=["zestguide", "box", "a-star"])
+], ids=["zestguide", "box", "box-csg", "a-star"])
 def test_guidance_losses_fall_over_guided_steps(tiny, make, drop):
     model, clip, cond = tiny
     patch = make()
@@ -228,6 +230,135 @@ def test_a_star_losses_follow_the_paper_equations():
     assert float(segregation_loss(b)) == 0.0
     same = b[:, :1].expand(1, 3, 4, 4)
     assert float(segregation_loss(same)) == pytest.approx(1.5)
+
+
+# -- CSG inter-token and self-attention losses ---------------------------------------------------
+def test_csg_inter_token_loss_matches_hand_computed_values():
+    from kernels.layout import inter_token_loss
+
+    # one-pixel boxes: k = max(1, floor(0.8)) = 1 and r = 1, so the sampling is exact
+    maps = torch.tensor([[0.5, 0.1, 0.2], [0.3, 0.6, 0.6], [0.45, 0.2, 0.3]]).view(1, 3, 1, 3)
+    masks = torch.eye(3).view(3, 1, 3)
+    # box 0: mean_in 0.5, max_other 0.45 -> 50 (min(0.4, 0.45) - 0.45)^2 = 0.125
+    # box 1: mean_in 0.6 leads max_other 0.2 by more than the margin -> 0
+    # box 2: mean_in 0.3, max_other 0.6 -> 50 (0.2 - 0.6)^2 = 8
+    assert float(inter_token_loss(maps, masks)) == pytest.approx(8.125)
+    assert float(inter_token_loss(maps[:, :1], masks[:1])) == 0.0  # one box: nothing to compare
+    # two-pixel boxes, every in-box pixel kept (topk = dropout = 1): means over the box
+    maps = torch.tensor([[0.5, 0.3, 0.1, 0.0], [0.4, 0.4, 0.6, 0.2]]).view(1, 2, 2, 2)
+    masks = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]]).view(2, 2, 2)
+    # box 0: 0.4 vs 0.4 -> 50 * 0.1^2 = 0.5; box 1: 0.4 vs 0.05 -> 0
+    assert float(inter_token_loss(maps, masks, topk=1.0, dropout=1.0)) == pytest.approx(0.5)
+    assert float(inter_token_loss(maps, masks, topk=1.0, dropout=1.0, margin=0.0)) == 0.0
+
+
+def test_csg_sampling_is_a_seeded_half_of_the_top_k():
+    from kernels.layout import _csg_sample
+
+    values = torch.arange(16.0)
+    inside = torch.zeros(16, dtype=torch.bool)
+    inside[:10] = True
+    picks = [_csg_sample(values, inside, 0.8, 0.5, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(picks[0], picks[1])  # the same seed, the same pixels
+    assert len(picks[0]) == 4 and set(picks[0].tolist()) <= {2, 3, 4, 5, 6, 7, 8, 9}  # k = 8, r = 4
+
+
+def test_csg_self_attention_loss_is_zero_in_the_box_and_one_out_of_it():
+    from kernels.layout import self_attention_loss
+
+    box = torch.tensor([[1.0, 1.0], [0.0, 0.0]])[None]  # the top row of a 2x2 map
+    stay = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
+    swap = stay[[2, 3, 0, 1]]  # in-box pixels look only outside, outside pixels only inside
+    assert float(self_attention_loss(stay[None], box)) == 0.0
+    assert float(self_attention_loss(swap[None], box)) == 1.0
+    none_in = stay.clone()
+    none_in[:2] = swap[:2]  # nobody looks into the box: in = out = 0 counts as the worst case
+    assert float(self_attention_loss(none_in[None], box)) == 1.0
+    mixed = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2],
+                          [0.1, 0.1, 0.4, 0.4], [0.05, 0.05, 0.45, 0.45]])
+    both = torch.stack([box[0], 1 - box[0]])
+    # box 0: a = (0.6, 0.6, 0.2, 0.1): in 0.6 (k = r = 1), out 0.2 -> (1 - 0.6/0.8)^2
+    # box 1: a = (0.4, 0.4, 0.8, 0.9): in 0.9, out 0.4 -> (1 - 0.9/1.3)^2
+    expected = (1 - 0.6 / 0.8) ** 2 + (1 - 0.9 / 1.3) ** 2
+    assert float(self_attention_loss(mixed[None], both)) == pytest.approx(expected)
+
+
+def test_box_guidance_records_self_attention_only_in_its_guidance_forward(tiny, monkeypatch):
+    import torch.nn.functional as F
+
+    model, clip, cond = tiny
+    n_layers = len(model.unet.attn_processors)
+    forwards = []  # per UNet forward: [SDPA calls, processor types]
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        forwards[-1][0] += 1
+        return sdpa(*args, **kwargs)
+
+    def pre_hook(module, args):
+        forwards.append([0, {type(p).__name__ for p in module.attn_processors.values()}])
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    handle = model.unet.register_forward_pre_hook(pre_hook)
+    try:
+        sample(model, cond, steps=2)  # no layout patch: diffusers' own SDPA processors
+        plain, forwards[:] = list(forwards), []
+        patch = BoxGuidancePatch(LAYOUT, eta=1.0, end=0.5, inter=1.0, self_attention=1.0)
+        calls = []
+        record_self = patch.record_self
+
+        def spy(ctl, layer, probs):
+            calls.append((ctl.guiding, layer, probs.shape, probs.requires_grad))
+            record_self(ctl, layer, probs)
+
+        patch.record_self = spy
+        sample(model.with_patch(patch), cond, steps=2)
+    finally:
+        handle.remove()
+    assert len(plain) == 2 and all(n == n_layers and t == {"AttnProcessor2_0"} for n, t in plain)
+    # one guidance forward (step 0) and two denoising forwards, every one of them through SDPA:
+    # the self-attention probabilities are computed on the side, in the guidance forward only
+    assert len(forwards) == 3 and all(n == n_layers for n, _ in forwards)
+    assert "SelfAttnRecorder" in forwards[0][1]
+    assert calls and all(guiding and grad for guiding, _, _, grad in calls)
+    assert {c[1].name.split(".")[0] for c in calls} == {"up_blocks"}  # CSG reads the up blocks
+    assert all(c[2][-2:] == (64, 64) for c in calls)  # the tiny UNet attends at 8x8 only
+    assert patch.last_parts["self_attention"] > 0 and "inter" in patch.last_parts
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in model.unet.attn_processors.values())
+    # with the CSG weights at 0 no self-attention layer is touched
+    old = BoxGuidancePatch(LAYOUT, eta=1.0, end=0.5)
+    forwards[:] = []
+    handle = model.unet.register_forward_pre_hook(pre_hook)
+    try:
+        sample(model.with_patch(old), cond, steps=2)
+    finally:
+        handle.remove()
+    assert all("SelfAttnRecorder" not in t for _, t in forwards)
+    assert set(old.last_parts) == {"inner", "outer", "within", "corner"}
+
+
+def test_box_guidance_v1_nodes_load_without_the_csg_losses():
+    import json
+
+    from app.graph import dumps, loads
+    from nodes import registry
+
+    spec = registry.get("BoxGuidance")
+    assert spec.version == 2
+    assert spec.params["inter"].default == 1.0 and spec.params["self_attention"].default == 1.0
+    doc = {"format": "loomwork.graph", "version": 2, "nodes": [
+        {"id": "b0c5a1e2-0000-4000-8000-000000000001", "type": "BoxGuidance", "version": 1,
+         "params": {"eta": 1.0, "redistribute": True, "redistribute_end": 0.3}}], "edges": []}
+    g = loads(json.dumps(doc), registry.get)
+    node = g.nodes["b0c5a1e2-0000-4000-8000-000000000001"]
+    assert node.version == 2 and not node.is_placeholder
+    assert node.params == {"eta": 1.0, "redistribute": True, "redistribute_end": 0.3,
+                           "inter": 0.0, "self_attention": 0.0}
+    resolved = spec.resolved_params(node.params)
+    assert resolved["inter"] == 0.0 and resolved["self_attention"] == 0.0
+    # a migrated node is saved as v2 and read back unchanged; a new v2 node gets CSG's weights
+    assert dumps(loads(dumps(g), registry.get)) == dumps(g)
+    assert spec.resolved_params({})["inter"] == 1.0
 
 
 # -- tokens, masks, maps ---------------------------------------------------------------------------
