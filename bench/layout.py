@@ -112,6 +112,11 @@ def method_table(args):
         return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations,
                                                  redistribute=True, redistribute_end=0.3))
 
+    def box_csg(model, clip, layout):  # + CSG's inter-token and self-attention losses
+        return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations,
+                                                 redistribute=True, redistribute_end=0.3, inter=1.0,
+                                                 self_attention=1.0))
+
     def astar(model, clip, layout):
         return model.with_patch(AStarPatch(layout, eta=args.eta, end=1.0, iterations=args.iterations))  # every step, as the paper
 
@@ -129,6 +134,7 @@ def method_table(args):
         "regional_prompts": regional,
         "zestguide": zest,
         "box_guidance": box,
+        "box_guidance_csg": box_csg,
         "a_star": astar,
         "combo_pww_zest": chain(pww, zest),
         "combo_pww_box": chain(pww, box),
