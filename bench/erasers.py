@@ -224,7 +224,7 @@ def build_eraser(bench: Bench, name: str, target: str, args):
         return model, clip.with_patch(WeightDeltaPatch("text_encoder", d, meta={"concept": target})), info
     if name == "uce":
         d = uce_edit(model.unet, tok, te, target, anchor, templates=temps, preserve=keep, lam=0.5,
-                     positions="to_end")
+                     positions="to_end", preserve_scale=args.preserve_scale)
         return model.with_patch(WeightDeltaPatch("unet", d, meta={"concept": target})), clip, info
     fill = lambda word: [t.replace("{}", word) for t in temps]  # noqa: E731
     if name == "membrane":
@@ -379,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="circle,red,red circle")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--preserve-scale", type=float, default=1.0,
+                    help="closed-form edits: weight of the preserved prompts against the erased ones")
     ap.add_argument("--anchor", default="", help="anchor concept (default: chosen from the baseline)")
     ap.add_argument("--guidance", type=float, default=4.0, help="safe guidance scale")
     ap.add_argument("--attack-steps", type=int, default=30, help="red-team steps (0: no attack)")
