@@ -17,6 +17,10 @@ baseline rate: an anchor the model cannot draw cannot replace the target).
 
   python bench/erasers.py --model resources/models/shapes-t2i --n 8
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers quickfix,uce --targets circle   # smoke
+  python bench/erasers.py --model /tmp/tiny --n 1 --erasers prune --targets circle --attack-steps 0
+
+"prune" (row 70) prunes --prune-fraction of each UNet feed-forward layer's neurons, contrasting the
+target's world templates filled in against the prompts that do not name the target.
 
 The table goes to stderr, the JSON to stdout (and to --out if given). Run long jobs with `nice`.
 `--graphs DIR` instead writes the example graphs resources/graphs/erase-*.loom.
@@ -41,7 +45,7 @@ from kernels.shapes import world  # noqa: E402
 
 COLOURS = list(world.COLOURS)
 SHAPES = list(world.SHAPES)
-ERASERS = ("quickfix", "uce", "membrane", "esd", "all_but_one", "safe_guidance")
+ERASERS = ("quickfix", "uce", "prune", "membrane", "esd", "all_but_one", "safe_guidance")
 # Default anchors (closed-form edits and All-but-One's alternative): a concrete concept of the
 # same kind, so the erased concept's prompts draw something definite instead of noise.
 # Fallback anchors (closed-form edits and All-but-One's alternative) when there is no baseline to
@@ -208,7 +212,7 @@ def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> 
 def build_eraser(bench: Bench, name: str, target: str, args):
     """(model, clip, info) with the eraser applied."""
     from kernels.erasers import (LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch, encode_embeds,
-                                 quickfix_edit, train_erasure_lora, uce_edit, words_of)
+                                 prune_concept_neurons, quickfix_edit, train_erasure_lora, uce_edit, words_of)
     from kernels.sampling import make_scheduler
 
     model, clip = bench.model, bench.clip
@@ -227,6 +231,13 @@ def build_eraser(bench: Bench, name: str, target: str, args):
                      positions="to_end", preserve_scale=args.preserve_scale)
         return model.with_patch(WeightDeltaPatch("unet", d, meta={"concept": target})), clip, info
     fill = lambda word: [t.replace("{}", word) for t in temps]  # noqa: E731
+    if name == "prune":
+        d = prune_concept_neurons(model.unet, tok, te, fill(target), keep, fraction=args.prune_fraction,
+                                  scheduler=sched, timesteps=4, seed=args.seed, samples=2)
+        pruned = sum(int((x.abs().sum(dim=0) > 0).sum()) for x in d.values())
+        info.update(anchor=None, fraction=args.prune_fraction, pruned=pruned, layers=len(d))
+        meta = {"concept": target, "method": "prune", "fraction": args.prune_fraction}
+        return model.with_patch(WeightDeltaPatch("unet", d, meta=meta)), clip, info
     if name == "membrane":
         loras, scale, rep = train_erasure_lora(
             model.unet, sched, emb(fill(target)), emb([""]), objective="spm", anchor_embeds=emb(keep),
@@ -381,6 +392,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--preserve-scale", type=float, default=1.0,
                     help="closed-form edits: weight of the preserved prompts against the erased ones")
+    ap.add_argument("--prune-fraction", type=float, default=0.02,
+                    help="prune: share of each feed-forward layer's neurons to prune")
     ap.add_argument("--anchor", default="", help="anchor concept (default: chosen from the baseline)")
     ap.add_argument("--guidance", type=float, default=4.0, help="safe guidance scale")
     ap.add_argument("--attack-steps", type=int, default=30, help="red-team steps (0: no attack)")
@@ -456,7 +469,8 @@ def main(argv=None) -> int:
             best[target] = b["eraser"]
     out = {"bench": "erasers", "model": os.path.abspath(args.model), "oracle": bench.detector_name,
            "n_per_prompt": args.n, "prompts": len(bench.prompts), "steps": args.steps, "cfg": args.cfg,
-           "train_steps": args.train_steps, "attack_steps": args.attack_steps, "attack_ban": args.attack_ban,
+           "train_steps": args.train_steps, "prune_fraction": args.prune_fraction,
+           "attack_steps": args.attack_steps, "attack_ban": args.attack_ban,
            "baseline_seconds": round(base_seconds, 2), "results": results, "best_per_target": best,
            "goal": "target <= 0.10 (from > 0.10) and every other concept >= 0.90 of its baseline",
            "goal_met_by": sorted({(r["eraser"], r["target"]) for r in meeting}),

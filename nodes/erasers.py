@@ -81,6 +81,68 @@ class ClosedFormErase(Node):
         return {"model": out_model, "clip": out_clip}
 
 
+DEFAULT_GENERAL = ("a photo\nan image\na red square\na blue triangle\na green star\na yellow circle\n"
+                   "a purple square on the left\nan orange star at the top right\na cat\na dog\n"
+                   "a landscape\na portrait of a person\na city street\na bowl of fruit")
+
+
+def _names_concept(prompt: str, concept: str) -> bool:
+    """Whether `prompt` contains every word of `concept` (then it is not a general prompt)."""
+    from kernels.erasers import words_of
+
+    need = set(words_of(concept))
+    return bool(need) and need <= set(words_of(prompt))
+
+
+@register
+class PruneConcept(Node):
+    """Erase a concept without training by pruning the UNet feed-forward neurons its prompts use and
+    general prompts do not (after "Memorized Images in Diffusion Models share a Subspace that can
+    be Located and Deleted"). Each neuron is scored by how much more the concept's prompts activate
+    it than the general prompts, times the size of its output weights; the top `fraction` of each
+    layer's neurons are switched off. General prompts that name the concept are left out."""
+
+    category = "erasers"
+    inputs = {"model": MODEL, "clip": CLIP}
+    params = {
+        "concept": String("", help="the concept to erase, e.g. circle"),
+        "templates": String(DEFAULT_TEMPLATES, multiline=True,
+                            help="prompts the concept appears in, one per line, {} = the concept"),
+        "general": String(DEFAULT_GENERAL, multiline=True,
+                          help="prompts about other things, one per line: neurons they use are spared"),
+        "fraction": Float(0.02, 0.0, 0.5, step=0.005,
+                          help="share of each feed-forward layer's neurons to prune (0 = none)"),
+        "timesteps": Int(4, 1, 50, help="noise levels at which activations are measured"),
+        "samples": Int(2, 1, 16, help="fixed-seed noise images per prompt and noise level"),
+        "seed": Seed(),
+        "strength": _strength(),
+    }
+    outputs = {"model": MODEL}
+
+    def run(self, ctx, model, clip, concept, templates, general, fraction, timesteps, samples, seed, strength):
+        from kernels.erasers import WeightDeltaPatch, prune_concept_neurons
+        from kernels.patching import applied_patches
+
+        concept = _need(concept)
+        prompts = [t.replace("{}", concept) for t in _templates(templates)]
+        given = _lines(general)
+        keep = [p for p in given if not _names_concept(p, concept)]
+        if not keep:
+            raise NodeError(f"PruneConcept needs general prompts that do not name {concept!r} "
+                            f"(the 'general' list is {'empty' if not given else 'all about the concept'})")
+        with applied_patches(clip.patches, clip.text_encoder), applied_patches(model.patches, model.unet):
+            try:
+                deltas = prune_concept_neurons(model.unet, clip.tokenizer, clip.text_encoder, prompts, keep,
+                                               fraction=fraction, scheduler=_train_scheduler(model),
+                                               timesteps=timesteps, seed=seed, samples=samples)
+            except ValueError as exc:
+                raise NodeError(f"PruneConcept: {exc}") from None
+        meta = {"method": "prune", "concept": concept, "fraction": fraction, "timesteps": timesteps,
+                "samples": samples, "seed": seed, "general": len(keep),
+                "pruned": sum(int((d.abs().sum(dim=0) > 0).sum()) for d in deltas.values())}
+        return {"model": model.with_patch(WeightDeltaPatch("unet", deltas, strength, meta))}
+
+
 def _encode(clip, prompts):
     from kernels.erasers import encode_embeds
     from kernels.patching import applied_patches

@@ -13,11 +13,13 @@ import erasers as bench  # noqa: E402
 
 def test_bench_smoke_run_writes_the_table_fields(tiny_pixel_model, tmp_path, capsys):
     out = tmp_path / "erasers.json"
-    rc = bench.main(["--model", tiny_pixel_model, "--n", "1", "--steps", "2", "--erasers", "quickfix,safe_guidance",
+    rc = bench.main(["--model", tiny_pixel_model, "--n", "1", "--steps", "2",
+                     "--erasers", "quickfix,safe_guidance,prune",
                      "--targets", "red circle", "--attack-steps", "1", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["prompts"] == 24 and len(data["results"]) == 2
+    assert data["prompts"] == 24 and len(data["results"]) == 3
+    assert data["results"][2]["eraser"] == "prune" and data["results"][2]["pruned"] > 0
     row = data["results"][0]
     for key in ("target_before", "target_after", "others", "min_other_ratio", "seconds", "attack", "meets_goal"):
         assert key in row
