@@ -24,8 +24,9 @@ BOXES = [
 EXAMPLES = {
     "layout-region-attention": (
         "Layout: Paint-with-Words", "Each phrase's cross-attention is raised inside its box "
-        "(eDiff-I Paint-with-Words), strongest while the image is noisy.",
-        [("RegionAttention", {"strength": 2.0, "suppress_outside": True}, {})]),
+        "(eDiff-I Paint-with-Words), strongest while the image is noisy, for the first 30% of the "
+        "steps: held to the end it paints the whole box, and small shapes come out square.",
+        [("RegionAttention", {"strength": 2.0, "suppress_outside": True, "end": 0.3}, {})]),
     "layout-regional-prompts": (
         "Layout: per-region prompts", "Inside each box the model reads that box's own phrase; "
         "elsewhere it reads the whole prompt.",
