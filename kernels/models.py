@@ -4,6 +4,12 @@ A folder is read through its `model_index.json`; each component is loaded by its
 diffusers/transformers class with `from_pretrained(subfolder=...)`. A folder with no `vae`
 (or `"vae": [null, null]`) is a pixel-space model, as DeepFloyd IF is in diffusers: its VAE is
 the identity, so graphs treat every model alike.
+
+Stable Diffusion 3 folders (`_class_name` StableDiffusion3Pipeline) load into the same three
+bundles: MODEL's `unet` is the SD3Transformer2DModel (the attribute keeps its name: it is "the
+denoiser" everywhere), and CLIP carries the three text encoders and tokenizers
+(kernels.text.SD3TextEncoders / SD3Tokenizers). T5 may be absent (`[null, null]`), as diffusers
+allows. FLUX folders are refused with a clear message: not supported yet.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 # Components a text-to-image folder may name that sampling never uses.
 IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
 SUPPORTED_COMPONENTS = {"unet", "text_encoder", "tokenizer", "scheduler", "vae"}
+SD3_COMPONENTS = {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                  "tokenizer_2", "tokenizer_3", "scheduler", "vae"}
+SD3_PIPELINES = {"StableDiffusion3Pipeline"}
 
 
 class ModelLoadError(RuntimeError):
@@ -169,19 +178,10 @@ def quiet_hub_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
-                      device: str = "cpu") -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
-    """Load MODEL, CLIP and VAE from a diffusers folder. Nothing is fetched from a hub."""
-    index = read_model_index(path)
-    quiet_hub_libraries()
-    unknown = {k for k in index if not k.startswith("_")} - SUPPORTED_COMPONENTS - IGNORED_COMPONENTS
-    if unknown:
-        raise ModelLoadError(f"{path}: components {sorted(unknown)} are not supported yet "
-                             f"(Loomwork loads UNet text-to-image folders: SD 1.x/2.x and "
-                             f"pixel-space models)")
-    load_key = _key_hash(folder_fingerprint(path), str(dtype), device)
+def _load_components(path: str, index: dict, names, dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """Load the listed components that the index names (a `[null, null]` entry is skipped)."""
     parts: dict[str, Any] = {}
-    for name in ("unet", "text_encoder", "tokenizer", "vae"):
+    for name in names:
         spec = index.get(name)
         if not spec or spec == [None, None]:
             continue
@@ -191,34 +191,90 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):
             raise ModelLoadError(f"{path}: model_index.json lists {name!r} but the folder {sub!r} is missing")
+        is_tokenizer = name.startswith("tokenizer")
         kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
-        if name != "tokenizer":
+        if not is_tokenizer:
             # safetensors only: pickled weights are never unpickled freely.
             kwargs.update(use_safetensors=True, torch_dtype=dtype)
         try:
             module = cls.from_pretrained(path, **kwargs)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(f"{sub}: cannot load {spec[1]}: {exc}") from None
-        if name != "tokenizer":
+        if not is_tokenizer:
             module = module.to(device).eval().requires_grad_(False)
         parts[name] = module
-    for required in ("unet", "text_encoder", "tokenizer"):
-        if required not in parts:
-            raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
+    return parts
+
+
+def _read_scheduler_config(path: str) -> dict:
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     try:
         with open(sched_path, encoding="utf-8") as f:
-            scheduler_config = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{sched_path}: cannot read the scheduler config ({exc})") from None
 
-    vae = parts.get("vae")
+
+def _vae_bundle(vae, path: str, load_key: str, pixel_channels: int) -> VaeBundle:
     if vae is None:
-        vae_bundle = VaeBundle(None, path, load_key, latent_channels=parts["unet"].config.in_channels, scale_factor=1)
-    else:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        vae_bundle = VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels,
-                               scale_factor=factor)
+        return VaeBundle(None, path, load_key, latent_channels=pixel_channels, scale_factor=1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels, scale_factor=factor)
+
+
+def _check_components(path: str, index: dict, supported: set, what: str) -> None:
+    unknown = {k for k in index if not k.startswith("_")} - supported - IGNORED_COMPONENTS
+    if unknown:
+        raise ModelLoadError(f"{path}: components {sorted(unknown)} are not supported yet ({what})")
+
+
+def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
+    """Load MODEL, CLIP and VAE from a diffusers folder. Nothing is fetched from a hub."""
+    index = read_model_index(path)
+    quiet_hub_libraries()
+    pipeline = str(index.get("_class_name", ""))
+    if pipeline.startswith("Flux"):
+        raise ModelLoadError(f"{path}: a FLUX folder ({pipeline}); Loomwork does not load FLUX "
+                             f"models yet (SD 1.x/2.x, SD3 and pixel-space folders load)")
+    if pipeline in SD3_PIPELINES:
+        return _load_sd3_folder(path, index, dtype, device)
+    _check_components(path, index, SUPPORTED_COMPONENTS,
+                      "Loomwork loads UNet text-to-image folders: SD 1.x/2.x and pixel-space "
+                      "models, and SD3 folders")
+    load_key = _key_hash(folder_fingerprint(path), str(dtype), device)
+    parts = _load_components(path, index, ("unet", "text_encoder", "tokenizer", "vae"), dtype, device)
+    for required in ("unet", "text_encoder", "tokenizer"):
+        if required not in parts:
+            raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
+    scheduler_config = _read_scheduler_config(path)
+    vae_bundle = _vae_bundle(parts.get("vae"), path, load_key, parts["unet"].config.in_channels)
     return (ModelBundle(parts["unet"], scheduler_config, path, load_key),
             TextEncoderBundle(parts["tokenizer"], parts["text_encoder"], path, load_key),
             vae_bundle)
+
+
+def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
+                     device: str) -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
+    """An SD3 folder: the MM-DiT as MODEL, CLIP-L + CLIP-G (+ T5) as CLIP."""
+    from kernels.text import SD3TextEncoders, SD3Tokenizers
+
+    _check_components(path, index, SD3_COMPONENTS, "an SD3 folder has transformer, vae, "
+                      "scheduler, text_encoder(_2, _3) and tokenizer(_2, _3)")
+    load_key = _key_hash(folder_fingerprint(path), str(dtype), device)
+    parts = _load_components(path, index, sorted(SD3_COMPONENTS - {"scheduler"}), dtype, device)
+    for required in ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if required not in parts:
+            raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
+    if ("text_encoder_3" in parts) != ("tokenizer_3" in parts):
+        raise ModelLoadError(f"{path}: text_encoder_3 (T5) and tokenizer_3 come together or not at all")
+    scheduler_config = _read_scheduler_config(path)
+    transformer = parts["transformer"]
+    t5_tok = parts.get("tokenizer_3")
+    t5_length = 256 if t5_tok is None else min(256, int(t5_tok.model_max_length))
+    encoders = SD3TextEncoders(parts["text_encoder"], parts["text_encoder_2"],
+                               parts.get("text_encoder_3"), transformer.config.joint_attention_dim)
+    tokenizers = SD3Tokenizers(parts["tokenizer"], parts["tokenizer_2"], t5_tok, t5_length)
+    return (ModelBundle(transformer, scheduler_config, path, load_key),
+            TextEncoderBundle(tokenizers, encoders, path, load_key),
+            _vae_bundle(parts.get("vae"), path, load_key, transformer.config.in_channels))
