@@ -4,6 +4,11 @@ Plain functions in the k-diffusion spirit: no graph, no Qt. The loop is the one 
 Stable Diffusion pipeline in diffusers runs; it is written out here (rather than calling a
 pipeline) because the engine needs a cancel/progress hook at every step, img2img by `denoise`,
 and pixel-space models without a VAE, which no single diffusers pipeline offers together.
+
+An MM-DiT (SD3Transformer2DModel) is called as StableDiffusion3Pipeline calls it:
+`transformer(hidden_states=x, timestep=t.expand(B), encoder_hidden_states=text,
+pooled_projections=pooled)`, with the same cond/uncond batching for guidance; `sample` tells the
+two kinds apart by the denoiser's signature. FLUX (packed latents, position ids) is not handled.
 """
 
 from __future__ import annotations
@@ -94,6 +99,35 @@ def noised_start(scheduler, noise: torch.Tensor, timesteps: torch.Tensor,
     return scheduler.add_noise(init, noise, first)
 
 
+def takes_pooled_projections(denoiser) -> bool:
+    """An MM-DiT (SD3) denoiser: it takes pooled text projections next to the text sequence."""
+    try:
+        return "pooled_projections" in inspect.signature(denoiser.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def predict_mmdit_cfg(transformer, x: torch.Tensor, t, positive: torch.Tensor,
+                      negative: Optional[torch.Tensor], pooled: torch.Tensor,
+                      negative_pooled: Optional[torch.Tensor], cfg: float,
+                      unet_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """One MM-DiT call with classifier-free guidance, as StableDiffusion3Pipeline makes it."""
+    unet_kwargs = unet_kwargs or {}
+    t = torch.as_tensor(t, device=x.device)
+    if negative is None or cfg == 1.0:
+        return transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=positive,
+                           pooled_projections=pooled, return_dict=False, **unet_kwargs)[0]
+    if negative_pooled is None:
+        raise ValueError("guidance with an MM-DiT needs the negative's pooled projections too")
+    xx = torch.cat([x, x])
+    out = transformer(hidden_states=xx, timestep=t.expand(xx.shape[0]),
+                      encoder_hidden_states=torch.cat([negative.expand_as(positive), positive]),
+                      pooled_projections=torch.cat([negative_pooled.expand_as(pooled), pooled]),
+                      return_dict=False, **unet_kwargs)[0]
+    uncond, cond = out.chunk(2)
+    return uncond + cfg * (cond - uncond)
+
+
 def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
                       negative: Optional[torch.Tensor], cfg: float,
                       unet_kwargs: Optional[dict] = None) -> torch.Tensor:
@@ -113,15 +147,21 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
            denoise: float = 1.0, init: Optional[torch.Tensor] = None,
            progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None,
            before_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-           ) -> torch.Tensor:
+           pooled: Optional[tuple] = None) -> torch.Tensor:
     """Denoise `noise` (or `init` noised by `denoise`) into a clean latent.
 
-    unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`.
+    unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`,
+    or an MM-DiT (SD3Transformer2DModel), which also needs `pooled`.
     positive/negative: text embeddings (B, L, D); negative None means no guidance.
+    pooled: (positive pooled, negative pooled or None) projections, for an MM-DiT only.
     progress(i, n, x): called after every step; it may raise to cancel.
     before_step(i, t, x) -> x: steers the sample before step i (gradient guidance); it runs
     with gradients enabled.
     """
+    mmdit = takes_pooled_projections(unet)
+    if mmdit and (pooled is None or pooled[0] is None):
+        raise ValueError(f"{type(unet).__name__} needs pooled text projections: encode the prompt "
+                         f"with this model's own text encoders")
     timesteps = denoise_timesteps(scheduler, steps, denoise, device=noise.device)
     x = noised_start(scheduler, noise, timesteps, init)
     with_generator = _step_accepts_generator(scheduler)
@@ -131,7 +171,11 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
             with torch.enable_grad():
                 x = before_step(i, t, x).detach()
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        pred = predict_noise_cfg(unet, x_in, t, positive, negative, cfg, unet_kwargs)
+        if mmdit:
+            pred = predict_mmdit_cfg(unet, x_in, t, positive, negative, pooled[0], pooled[1], cfg,
+                                     unet_kwargs)
+        else:
+            pred = predict_noise_cfg(unet, x_in, t, positive, negative, cfg, unet_kwargs)
         kwargs = {"generator": generator} if with_generator else {}
         x = scheduler.step(pred, t, x, **kwargs).prev_sample
         if progress is not None:

@@ -133,6 +133,11 @@ class Sampler(Node):
         device = model.unet.device
         neg = negative.embeds if negative is not None else positive.empty
         init = latent.to(device, dtype) if denoise < 1.0 else None
+        pooled = None  # an MM-DiT (SD3) also takes the pooled text projections
+        if positive.pooled is not None:
+            neg_pooled = negative.pooled if negative is not None else positive.empty_pooled
+            pooled = (positive.pooled.to(device, dtype),
+                      None if neg_pooled is None else neg_pooled.to(device, dtype))
 
         def progress(i, n, x):
             ctx.progress(i, n, preview=lambda: latent_preview(x))
@@ -152,7 +157,7 @@ class Sampler(Node):
                          None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
                          unet_kwargs=merged_unet_kwargs(patches, run) or None,
-                         before_step=before_step if steering else None)
+                         before_step=before_step if steering else None, pooled=pooled)
         return {"latent": out.float().cpu()}
 
 
