@@ -35,9 +35,10 @@ Techniques (each a `ModelPatch`; they compose through one processor stack, kerne
   each concept's previous-step binarised map) as a guidance loss. It ignores box positions.
 - `AttentionRecordPatch` -- records per-token maps of a run (the AttentionMaps node).
 - `joint_attention_mask` / `JointAttentionMaskPatch` -- 3DIS-FLUX renderer masks for MM-DiT
-  joint attention (FLUX processors; SD3's [image, text] order is supported by the mask kernel
-  with `text_first=False`, but no SD3 processor is written yet). Loomwork's loader does not
-  load SD3/FLUX folders yet, so this runs from code and tests only.
+  joint attention: SD3 (its joint attention orders [image, text]: the mask kernel's
+  `text_first=False`, `SD3LayoutAttnProcessor`) and FLUX ([text, image],
+  `FluxLayoutAttnProcessor`). SD3 folders load and sample in graphs; FLUX folders do not load
+  yet, so the FLUX processors run from code and tests only.
 
 Sources checked (the papers' own text was not reachable here, only abstracts):
 - Paint-with-Words: cloneofsimo/paint-with-words-sd (bias added to QK^T before the 1/sqrt(d)
@@ -899,12 +900,70 @@ class FluxLayoutAttnProcessor:
         return out
 
 
+class SD3LayoutAttnProcessor:
+    """SD3's joint attention (diffusers' JointAttnProcessor2_0, sequence [image, text]) with the
+    3DIS mask of `ctl.mask_for(seq)` (built with text_first=False). With no mask it runs the very
+    SDPA call of JointAttnProcessor2_0. SD3.5's image-only `attn2` gets the image->image part of
+    the mask. Set `record` to keep the last probabilities (tests, analysis)."""
+
+    def __init__(self, ctl: "JointMaskController"):
+        self.ctl = ctl
+        self.record = False
+        self.last_probs: Optional[torch.Tensor] = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), \
+            heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            eq = heads(attn.add_q_proj(encoder_hidden_states))
+            ek = heads(attn.add_k_proj(encoder_hidden_states))
+            ev = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
+            mask = self.ctl.mask_for(query.shape[2])
+        else:
+            mask = self.ctl.image_mask_for(query.shape[2])
+        if self.record:
+            logits = (query @ key.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
+            if mask is not None:
+                logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
+            probs = logits.softmax(-1)
+            self.last_probs = probs.detach()
+            out = probs @ value
+        elif mask is not None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.device),
+                                                 dropout_p=0.0, is_causal=False)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, ctx_out = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                ctx_out = attn.to_add_out(ctx_out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, ctx_out) if encoder_hidden_states is not None else out
+
+
 class JointMaskController:
-    """Step-aware 3DIS mask source for the FLUX processors."""
+    """Step-aware 3DIS mask source for the MM-DiT processors (FLUX: text first; SD3: image first)."""
 
     def __init__(self, n_text: int, image_hw, text_groups, layout_boxes, *, i2i_steps: int = 4,
                  i2t_steps: int = 20, t2i_steps: int = 20, t2t_steps: int = 20,
-                 global_text: Sequence[int] = ()):
+                 global_text: Sequence[int] = (), text_first: bool = True):
+        self.text_first = bool(text_first)
         self.n_text, self.image_hw = n_text, tuple(image_hw)
         self.text_groups, self.global_text = [list(g) for g in text_groups], list(global_text)
         self.masks = [box_mask(b, *self.image_hw) for b in layout_boxes]
@@ -922,24 +981,52 @@ class JointMaskController:
             self._cache[key] = joint_attention_mask(
                 self.n_text, self.image_hw, self.text_groups, self.masks,
                 image_to_image=on["i2i"], image_to_text=on["i2t"], text_to_image=on["t2i"],
-                text_to_text=on["t2t"], global_text=() if on["i2i"] else self.global_text)
+                text_to_text=on["t2t"], global_text=() if on["i2i"] else self.global_text,
+                text_first=self.text_first)
         return self._cache[key]
+
+    def image_mask_for(self, seq: int) -> Optional[torch.Tensor]:
+        """The image->image part of the mask, for image-only attention (SD3.5's attn2)."""
+        n_img = self.image_hw[0] * self.image_hw[1]
+        if seq != n_img:
+            return None
+        full = self.mask_for(self.n_text + n_img)
+        if full is None:
+            return None
+        i0 = self.n_text if self.text_first else 0
+        return full[i0:i0 + n_img, i0:i0 + n_img]
 
 
 def flux_attention_names(transformer) -> list[str]:
     return list(transformer.attn_processors)
 
 
+def is_sd3(module: Any) -> bool:
+    return type(module).__name__ == "SD3Transformer2DModel"
+
+
+def mmdit_tokens_hw(transformer, latent_shape) -> tuple[int, int]:
+    """The image-token grid of an SD3 transformer for a latent of `latent_shape` (..., H, W):
+    one token per patch_size x patch_size latent pixels, so it follows the image size."""
+    p = int(getattr(transformer.config, "patch_size", 2) or 2)
+    return int(latent_shape[-2]) // p, int(latent_shape[-1]) // p
+
+
 class JointAttentionMaskPatch(ModelPatch):
-    """3DIS-FLUX masks on an MM-DiT transformer (FLUX). Loomwork's loader does not load SD3/FLUX
-    folders yet, so this runs from code (and tests) today, and from the graph once it does."""
+    """3DIS-FLUX masks on an MM-DiT transformer: SD3 (loaded from folders, used by the
+    JointAttentionMask node) or FLUX (from code and tests: FLUX folders do not load yet).
+
+    `image_hw` None takes the token grid from the sampled latent (SD3 only: FLUX packs its
+    latents, so a FLUX caller gives the grid). No boxes: nothing is installed, so the run is
+    bit-identical to the unpatched model."""
 
     kind = "joint-attention-mask"
 
-    def __init__(self, layout, text_groups, n_text: int, image_hw, i2i_steps: int = 4,
+    def __init__(self, layout, text_groups, n_text: int, image_hw=None, i2i_steps: int = 4,
                  i2t_steps: int = 20, t2i_steps: int = 20, t2t_steps: int = 20, global_text=()):
         self.layout = layout or {"boxes": []}
-        self.args = dict(n_text=n_text, image_hw=tuple(image_hw), text_groups=[list(g) for g in text_groups],
+        self.args = dict(n_text=n_text, image_hw=None if image_hw is None else tuple(image_hw),
+                         text_groups=[list(g) for g in text_groups],
                          i2i_steps=i2i_steps, i2t_steps=i2t_steps, t2i_steps=t2i_steps,
                          t2t_steps=t2t_steps, global_text=list(global_text))
 
@@ -950,11 +1037,21 @@ class JointAttentionMaskPatch(ModelPatch):
     def applied(self, transformer, run):
         from kernels.patching import attention_processors
 
+        if not self.layout.get("boxes"):
+            yield
+            return
         a = self.args
-        ctl = JointMaskController(a["n_text"], a["image_hw"], a["text_groups"], self.layout["boxes"],
+        sd3 = is_sd3(transformer)
+        image_hw = a["image_hw"]
+        if image_hw is None:
+            if not sd3 or getattr(run, "latent_shape", None) is None:
+                raise ValueError("JointAttentionMaskPatch needs image_hw unless it patches an SD3 "
+                                 "transformer during a sampling run")
+            image_hw = mmdit_tokens_hw(transformer, run.latent_shape)
+        ctl = JointMaskController(a["n_text"], image_hw, a["text_groups"], self.layout["boxes"],
                                   i2i_steps=a["i2i_steps"], i2t_steps=a["i2t_steps"],
                                   t2i_steps=a["t2i_steps"], t2t_steps=a["t2t_steps"],
-                                  global_text=a["global_text"])
+                                  global_text=a["global_text"], text_first=not sd3)
         self.controller = ctl
         ts = getattr(getattr(run, "scheduler", None), "timesteps", None)
 
@@ -963,10 +1060,12 @@ class JointAttentionMaskPatch(ModelPatch):
             sched_ts = getattr(getattr(run, "scheduler", None), "timesteps", ts)
             if t is not None and sched_ts is not None and len(sched_ts):
                 tt = torch.as_tensor(t).flatten()[0].float().cpu()
-                scale = 1000.0 if float(tt) <= 1.0 and float(sched_ts.max()) > 1.0 else 1.0
+                # FLUX is called with t / 1000, SD3 with the scheduler's own timestep
+                scale = 1000.0 if not sd3 and float(tt) <= 1.0 and float(sched_ts.max()) > 1.0 else 1.0
                 ctl.step = int(torch.argmin((sched_ts.float().cpu() - tt * scale).abs()))
 
-        procs = {n: FluxLayoutAttnProcessor(ctl) for n in flux_attention_names(transformer)}
+        proc = SD3LayoutAttnProcessor if sd3 else FluxLayoutAttnProcessor
+        procs = {n: proc(ctl) for n in flux_attention_names(transformer)}
         self.processors = procs
         handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:

@@ -231,9 +231,9 @@ class AStar(Node):
 
 @register
 class JointAttentionMask(Node):
-    """3DIS-FLUX renderer for MM-DiT models (SD3, FLUX): inside each box, image tokens attend
-    only to that box's phrase and to their own region for the first steps. Needs an SD3/FLUX
-    model: Loomwork's loader does not load those folders yet, so today it reports that."""
+    """3DIS-FLUX renderer for MM-DiT models (SD3): inside each box, image tokens attend only to
+    that box's phrase (its CLIP and T5 tokens) and to their own region for the first steps.
+    FLUX folders do not load yet, so in a graph this is for SD3 models."""
 
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT, "positive": CONDITIONING}
@@ -242,24 +242,25 @@ class JointAttentionMask(Node):
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, layout, positive, image_steps, text_steps):
-        from kernels.layout import JointAttentionMaskPatch, is_mmdit, resolve_layout
+        from kernels.layout import JointAttentionMaskPatch, is_mmdit, is_sd3, resolve_layout
 
         if not is_mmdit(model.unet):
             raise NodeError("JointAttentionMask needs an SD3 or FLUX (MM-DiT) model; this model "
-                            "has a UNet. Use RegionAttention or RegionalPrompts instead. (Loomwork "
-                            "cannot load SD3/FLUX folders yet.)")
+                            "has a UNet. Use RegionAttention or RegionalPrompts instead.")
+        if not is_sd3(model.unet):
+            raise NodeError("JointAttentionMask runs on SD3 models in graphs; FLUX is not "
+                            "supported by Loomwork's sampler yet")
+        if positive.pooled is None:
+            raise NodeError("the positive conditioning is not from this model's text encoders "
+                            "(an MM-DiT prompt has pooled projections)")
         boxes = resolve_layout(layout, positive)
+        # A phrase found in the CLIP part of SD3's sequence also claims its T5 twin tokens.
+        groups = [positive.linked(b["tokens"]) for b in boxes]
+        # image_hw None: the token grid comes from the sampled latent's size at run time.
         patch = JointAttentionMaskPatch(
-            {"boxes": boxes}, [b["tokens"] for b in boxes], positive.embeds.shape[1],
-            image_hw=_mmdit_tokens_hw(model), i2i_steps=image_steps, i2t_steps=text_steps,
-            t2i_steps=text_steps, t2t_steps=text_steps)
+            {"boxes": boxes}, groups, positive.embeds.shape[1], image_hw=None,
+            i2i_steps=image_steps, i2t_steps=text_steps, t2i_steps=text_steps, t2t_steps=text_steps)
         return {"model": model.with_patch(patch)}
-
-
-def _mmdit_tokens_hw(model):  # pragma: no cover - needs an MM-DiT loader
-    size = int(getattr(model.unet.config, "sample_size", 64))
-    patch = int(getattr(model.unet.config, "patch_size", 2) or 2)
-    return size // patch, size // patch
 
 
 @register
