@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pww-end", type=float, default=1.0, help="Paint-with-Words stops here")
     parser.add_argument("--early-end", type=float, default=0.3,
                         help="where the early Paint-with-Words rows stop (tuned on --layout-seed 777)")
-    parser.add_argument("--eta", type=float, default=1.0, help="guidance step size")
+    parser.add_argument("--eta", type=float, default=1.5,
+                        help="guidance step size (tuned for ZestGuide on --layout-seed 777)")
     parser.add_argument("--iterations", type=int, default=1, help="guidance steps per step")
     parser.add_argument("--guide-end", type=float, default=0.5, help="gradient guidance stops here")
     parser.add_argument("--regional-end", type=float, default=1.0)
