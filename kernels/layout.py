@@ -57,7 +57,8 @@ Sources checked (the papers' own text was not reachable here, only abstracts):
   applied at every step) are as written there. Not given in the main text, so our choices: the
   binarisation threshold (half the map's max), the 3x3 Gaussian (sigma 0.5, as Attend-and-
   Excite), and the step rule, which is ZestGuide's normalised step rather than a plain
-  gradient step.
+  gradient step. Our default window is the first half of the steps: with this step rule,
+  guiding to the last step wrecked ShapesT2I's images (bench/layout.py).
 
 Boxes are {"x0","y0","x1","y1" in 0..1, "phrase"}; a box may carry "mask": a 2-D list of 0/1
 rows (any size) used instead of the rectangle.
@@ -731,7 +732,7 @@ class AStarPatch(_GuidancePatch):
 
     kind = "a-star"
 
-    def __init__(self, layout, eta: float = 0.5, start: float = 0.0, end: float = 1.0,
+    def __init__(self, layout, eta: float = 0.5, start: float = 0.0, end: float = 0.5,
                  iterations: int = 1, retention: float = 1.0, smoothing: float = 0.5):
         super().__init__(layout, eta, start, end, iterations)
         self.retention = float(retention)

@@ -45,7 +45,7 @@ EXAMPLES = {
         "Layout: A-STAR with per-region prompts", "A-STAR keeps the two concepts' attention apart "
         "and alive across steps (it ignores positions); per-region prompts place them.",
         [("RegionalPrompts", {"mix": 1.0, "emphasis": 2.0}, {"clip": "clip"}),
-         ("AStar", {"eta": 1.0}, {})]),
+         ("AStar", {"eta": 0.3}, {})]),
 }
 
 
