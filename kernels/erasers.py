@@ -815,6 +815,8 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
     "all_but_one": eps*(x_t) + eta (eps*(x_t, c_alt) - eps*(x_t)) with alt_embeds (n or 1, L, D),
     plus `uncond_weight` * |eps(x_t) - eps*(x_t)|^2;
     "spm": the ESD target plus `anchor_weight` * |eps(x_t, a) - eps*(x_t, a)|^2 over anchor_embeds.
+    Given anchor_embeds, "esd" and "all_but_one" get the same anchoring term (our addition: without
+    it they also unlearn the words the concept's prompts share, e.g. every colour for a shape).
     Returns ({param name: (A, B)}, scale, report); `unet` is not modified.
     """
     from peft import LoraConfig, inject_adapter_in_model
@@ -848,7 +850,7 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
                                           steps=pool_steps, cfg=pool_cfg, generator=gen,
                                           sample_shape=sample_shape)
     anchor_pool = None
-    if objective == "spm" and anchor_embeds is not None and anchor_weight > 0:
+    if anchor_embeds is not None and anchor_weight > 0:  # SPM's anchoring; optional for ESD/All-but-One
         # Anchors are held on their own trajectories as well as on the concept's (SPM holds them
         # on the concept's only): what a neighbour concept draws is what must not change.
         anchor_embeds = anchor_embeds.to(dev, dt)

@@ -339,3 +339,23 @@ def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
     g.connect(ids["load"], "clip", bad.id, "clip")
     report = ex.run(g, targets=[bad.id], output_dir=tmp_path)
     assert "alternative" in report.nodes[bad.id].error
+
+
+def test_all_but_one_with_anchors_holds_the_kept_prompts(tiny):
+    """Anchoring (SPM's term, our addition for ESD/All-but-One) keeps a kept prompt's image closer
+    to the original than the same training without it."""
+    model, clip = tiny
+    emb = lambda ps: encode_embeds(clip.tokenizer, clip.text_encoder, ps)  # noqa: E731
+    sched = make_scheduler("ddim", model.scheduler_config)
+    gen = Generator(model, clip)
+    kept = gen.encode("a blue star")
+    plain = gen.sample(kept, seeds=[0], steps=3)
+    drift = {}
+    for held in (False, True):
+        loras, scale, _ = train_erasure_lora(
+            model.unet, sched, emb(["a red circle", "a blue circle"]), emb([""]), objective="all_but_one",
+            alt_embeds=emb(["a red square"]), anchor_embeds=emb(["a blue star"]) if held else None,
+            rank=2, steps=20, pool_runs=2, pool_steps=2, lr=3e-2, seed=0)
+        erased = Generator(model.with_patch(LoraPatch(loras, scale)), clip).sample(kept, seeds=[0], steps=3)
+        drift[held] = float((erased - plain).abs().mean())
+    assert drift[True] < drift[False], drift
