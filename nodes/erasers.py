@@ -222,13 +222,16 @@ class EraseFinetune(Node):
         "lr": Float(1e-3, 1e-6, 1.0, step=1e-4, help="learning rate"),
         "eta": Float(1.0, 0.0, 10.0, help="guidance scale of the target"),
         "uncond_weight": Float(1.0, 0.0, 100.0, help="All-but-One: weight of the unconditional-preservation loss"),
+        "preserve": String("", multiline=True,
+                           help="prompts whose predictions are held (one per line); without them the LoRA "
+                                "also unlearns words the training prompts share"),
         "seed": Seed(),
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
-            uncond_weight, seed, strength):
+            uncond_weight, preserve, seed, strength):
         from kernels.erasers import LoraPatch, train_erasure_lora
         from kernels.patching import applied_patches
 
@@ -241,9 +244,11 @@ class EraseFinetune(Node):
             if not alternative.strip():
                 raise NodeError("All-but-One needs an alternative concept")
             alt = _encode(clip, [t.replace("{}", alternative.strip()) for t in temps])
+        keep = _lines(preserve)
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
                 model.unet, _train_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
+                anchor_embeds=_encode(clip, keep) if keep else None,
                 scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,

@@ -316,7 +316,8 @@ def test_red_team_finds_a_prompt_without_the_banned_words(tiny):
 
 def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
     esd = ("EraseFinetune", {"concept": "circle", "steps": 2, "templates": "a red {}"})
-    abo = ("EraseFinetune", {"objective": "all_but_one", "concept": "red", "alternative": "blue", "steps": 2})
+    abo = ("EraseFinetune", {"objective": "all_but_one", "concept": "red", "alternative": "blue", "steps": 2,
+                            "preserve": "a green star\na yellow square"})
     spm = ("ConceptMembrane", {"concept": "star", "anchors": "a blue square", "steps": 2})
     plain, _, ex = _run(*_graph(tiny_pixel_model, prompt="a red star"), tmp_path)
     erased, _, _ = _run(*_graph(tiny_pixel_model, esd, abo, spm, prompt="a red star"), tmp_path, ex)
