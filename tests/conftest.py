@@ -110,3 +110,62 @@ def _register_capture_node():
 
 
 _register_capture_node()
+
+
+# -- erasers: a tiny model bundle, weight snapshots, txt2img with eraser nodes chained in ----------
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_pixel_model):
+    """(model, clip) of the tiny pixel-space model, loaded once per test module."""
+    from kernels.models import load_model_folder
+
+    model, clip, _ = load_model_folder(tiny_pixel_model)
+    return model, clip
+
+
+def state_copy(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(module, state: dict) -> bool:
+    import torch
+
+    now = module.state_dict()
+    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def eraser_graph(model_path, *erasers, prompt="a red circle"):
+    """txt2img with (type, params) eraser nodes chained between the loader and the sampler / text
+    encoder, and a TestCaptureLatent after the sampler."""
+    from nodes.registry import add_node, get
+
+    g, ids = txt2img_graph(model_path, prompt=prompt, steps=2, save=False)
+    cap = add_node(g, "TestCaptureLatent", {})
+    g.connect(ids["sampler"], "latent", cap.id, "latent")
+    ids["capture"] = cap.id
+    model_src, clip_src = (ids["load"], "model"), (ids["load"], "clip")
+    ids["erasers"] = []
+    for type_name, params in erasers:
+        n = add_node(g, type_name, params)
+        spec = get(type_name)
+        if "model" in spec.inputs:
+            g.connect(*model_src, n.id, "model")
+        if "clip" in spec.inputs:
+            g.connect(*clip_src, n.id, "clip")
+        if "model" in spec.outputs:
+            model_src = (n.id, "model")
+        if "clip" in spec.outputs:
+            clip_src = (n.id, "clip")
+        ids["erasers"].append(n.id)
+    g.connect(*model_src, ids["sampler"], "model")
+    g.connect(*clip_src, ids["text"], "clip")
+    return g, ids
+
+
+def run_captured(g, ids, tmp_path, ex=None):
+    """Run an eraser_graph to its capture node: (latent, report, executor)."""
+    from app.engine import Executor
+
+    ex = ex or Executor(device="cpu", disk_cache=False)
+    report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    return CAPTURED.pop("latent"), report, ex

@@ -12,23 +12,8 @@ from kernels.erasers import (Generator, LoraPatch, MembranePatch, SafeGuidancePa
 from kernels.models import load_model_folder
 from kernels.patching import applied_patches
 from kernels.sampling import make_scheduler
-from nodes.base import LATENT, Node
-from nodes.registry import add_node, get, register
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_pixel_model):
-    model, clip, _ = load_model_folder(tiny_pixel_model)
-    return model, clip
-
-
-def _state(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _same_state(module, state):
-    now = module.state_dict()
-    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+from conftest import eraser_graph, run_captured, same_state, state_copy
+from nodes.registry import add_node
 
 
 # -- closed form -------------------------------------------------------------------------------
@@ -56,8 +41,8 @@ def _out_proj_io(text_encoder, name, ids):
     return seen["inp"], seen["out"]
 
 
-def test_quickfix_edit_maps_concept_keys_and_keeps_orthogonal_ones(tiny):
-    _, clip = tiny
+def test_quickfix_edit_maps_concept_keys_and_keeps_orthogonal_ones(tiny_bundle):
+    _, clip = tiny_bundle
     tok, te = clip.tokenizer, clip.text_encoder
     name = text_encoder_out_proj(te)
     deltas = quickfix_edit(tok, te, "circle", "square", templates=["a red {}"])
@@ -81,8 +66,8 @@ def test_quickfix_edit_maps_concept_keys_and_keeps_orthogonal_ones(tiny):
         assert torch.allclose(edited_x, module(x), atol=1e-5)
 
 
-def test_uce_edit_keeps_preserved_and_orthogonal_outputs(tiny):
-    model, clip = tiny
+def test_uce_edit_keeps_preserved_and_orthogonal_outputs(tiny_bundle):
+    model, clip = tiny_bundle
     deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, "circle", "square",
                       templates=["a red {}"], preserve=["a blue star"], lam=0.01)
     assert deltas and all(".attn2.to_" in k for k in deltas)
@@ -95,71 +80,37 @@ def test_uce_edit_keeps_preserved_and_orthogonal_outputs(tiny):
 
 
 # -- patches in graphs ----------------------------------------------------------------------------
-from conftest import CAPTURED  # noqa: E402  (filled by the TestCaptureLatent node)
 
 
 CF = "ClosedFormErase"
 
 
-def _graph(model_path, *erasers, prompt="a red circle"):
-    """txt2img with eraser nodes chained between the loader and the sampler / text encoder."""
-    from conftest import txt2img_graph
-
-    g, ids = txt2img_graph(model_path, prompt=prompt, steps=2, save=False)
-    cap = add_node(g, "TestCaptureLatent", {})
-    g.connect(ids["sampler"], "latent", cap.id, "latent")
-    ids["capture"] = cap.id
-    model_src, clip_src = (ids["load"], "model"), (ids["load"], "clip")
-    ids["erasers"] = []
-    for type_name, params in erasers:
-        n = add_node(g, type_name, params)
-        spec = get(type_name)
-        if "model" in spec.inputs:
-            g.connect(*model_src, n.id, "model")
-        if "clip" in spec.inputs:
-            g.connect(*clip_src, n.id, "clip")
-        if "model" in spec.outputs:
-            model_src = (n.id, "model")
-        if "clip" in spec.outputs:
-            clip_src = (n.id, "clip")
-        ids["erasers"].append(n.id)
-    g.connect(*model_src, ids["sampler"], "model")
-    g.connect(*clip_src, ids["text"], "clip")
-    return g, ids
-
-
-def _run(g, ids, tmp_path, ex=None):
-    ex = ex or Executor(device="cpu", disk_cache=False)
-    report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
-    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
-    return CAPTURED.pop("latent"), report, ex
-
-
 def test_strength_zero_is_bit_identical_and_input_weights_untouched(tiny_pixel_model, tmp_path):
-    plain, _, _ = _run(*_graph(tiny_pixel_model), tmp_path)
+    plain, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path)
     zero = {"concept": "circle", "anchor": "square", "target": "both", "strength": 0.0}
-    same, _, ex = _run(*_graph(tiny_pixel_model, (CF, zero), ("SafeGuidance", {"concept": "red", "strength": 0.0})),
-                       tmp_path)
+    same, _, ex = run_captured(*eraser_graph(tiny_pixel_model, (CF, zero),
+                                             ("SafeGuidance", {"concept": "red", "strength": 0.0})),
+                               tmp_path)
     assert torch.equal(plain, same)
     full = {**zero, "strength": 1.0}
-    erased, _, ex = _run(*_graph(tiny_pixel_model, (CF, full)), tmp_path, ex)
+    erased, _, ex = run_captured(*eraser_graph(tiny_pixel_model, (CF, full)), tmp_path, ex)
     assert not torch.equal(plain, erased)
     model, clip, _ = ex.models.load(tiny_pixel_model, "float32", load_model_folder)
     fresh_model, fresh_clip, _ = load_model_folder(tiny_pixel_model)
-    assert _same_state(model.unet, fresh_model.unet.state_dict())
-    assert _same_state(clip.text_encoder, fresh_clip.text_encoder.state_dict())
-    again, _, _ = _run(*_graph(tiny_pixel_model), tmp_path, ex)
+    assert same_state(model.unet, fresh_model.unet.state_dict())
+    assert same_state(clip.text_encoder, fresh_clip.text_encoder.state_dict())
+    again, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path, ex)
     assert torch.equal(plain, again)
 
 
 def test_cache_key_changes_with_the_concept(tiny_pixel_model, tmp_path):
-    g, ids = _graph(tiny_pixel_model, (CF, {"concept": "circle", "anchor": "square", "target": "both"}))
+    g, ids = eraser_graph(tiny_pixel_model, (CF, {"concept": "circle", "anchor": "square", "target": "both"}))
     ex = Executor(device="cpu", disk_cache=False)
-    first, _, _ = _run(g, ids, tmp_path, ex)
-    _, report, _ = _run(g, ids, tmp_path, ex)
+    first, _, _ = run_captured(g, ids, tmp_path, ex)
+    _, report, _ = run_captured(g, ids, tmp_path, ex)
     assert report.status(ids["sampler"]) == "cached-memory"
     g.nodes[ids["erasers"][0]].params["concept"] = "star"
-    second, report, _ = _run(g, ids, tmp_path, ex)
+    second, report, _ = run_captured(g, ids, tmp_path, ex)
     assert report.status(ids["sampler"]) == "ran"
     assert not torch.equal(first, second)
     model, clip = load_model_folder(tiny_pixel_model)[:2]
@@ -170,8 +121,8 @@ def test_cache_key_changes_with_the_concept(tiny_pixel_model, tmp_path):
     assert len(keys) == 2
 
 
-def test_two_erasers_chained_compose(tiny):
-    model, clip = tiny
+def test_two_erasers_chained_compose(tiny_bundle):
+    model, clip = tiny_bundle
     tok, te = clip.tokenizer, clip.text_encoder
     d1 = quickfix_edit(tok, te, "circle", "square", templates=["a red {}"])
     p1 = WeightDeltaPatch("text_encoder", d1)
@@ -196,9 +147,9 @@ def test_chained_nodes_in_a_graph(tiny_pixel_model, tmp_path):
     a = (CF, {"concept": "circle", "anchor": "square", "target": "text_encoder"})
     b = (CF, {"concept": "red", "anchor": "blue", "target": "cross_attention"})
     ex = Executor(device="cpu", disk_cache=False)
-    only_a, _, _ = _run(*_graph(tiny_pixel_model, a), tmp_path, ex)
-    only_b, _, _ = _run(*_graph(tiny_pixel_model, b), tmp_path, ex)
-    chain, _, _ = _run(*_graph(tiny_pixel_model, a, b), tmp_path, ex)
+    only_a, _, _ = run_captured(*eraser_graph(tiny_pixel_model, a), tmp_path, ex)
+    only_b, _, _ = run_captured(*eraser_graph(tiny_pixel_model, b), tmp_path, ex)
+    chain, _, _ = run_captured(*eraser_graph(tiny_pixel_model, a, b), tmp_path, ex)
     assert not torch.equal(chain, only_a) and not torch.equal(chain, only_b)
 
 
@@ -206,25 +157,26 @@ def test_saved_eraser_reloads_bit_identical(tiny_pixel_model, tmp_path, monkeypa
     monkeypatch.setenv("LOOMWORK_ERASER_DIR", str(tmp_path / "erasers"))
     a = (CF, {"concept": "circle", "anchor": "square", "target": "both"})
     b = ("SafeGuidance", {"concept": "red", "scale": 1.5})
-    direct, _, _ = _run(*_graph(tiny_pixel_model, a, b), tmp_path)
-    g, ids = _graph(tiny_pixel_model, a, b)
+    direct, _, _ = run_captured(*eraser_graph(tiny_pixel_model, a, b), tmp_path)
+    g, ids = eraser_graph(tiny_pixel_model, a, b)
     save = add_node(g, "SaveEraser", {"name": "two"})
     g.connect(ids["erasers"][-1], "model", save.id, "model")
     g.connect(ids["erasers"][0], "clip", save.id, "clip")
     report = Executor(device="cpu", disk_cache=False).run(g, targets=[save.id], output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
     assert os.path.exists(tmp_path / "erasers" / "two.safetensors")
-    loaded, _, _ = _run(*_graph(tiny_pixel_model, ("LoadEraser", {"path": "two"})), tmp_path)
+    loaded, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("LoadEraser", {"path": "two"})), tmp_path)
     assert torch.equal(direct, loaded)
-    half, _, _ = _run(*_graph(tiny_pixel_model, ("LoadEraser", {"path": "two", "strength": 0.0})), tmp_path)
-    plain, _, _ = _run(*_graph(tiny_pixel_model), tmp_path)
+    half, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("LoadEraser", {"path": "two", "strength": 0.0})),
+                              tmp_path)
+    plain, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path)
     assert torch.equal(half, plain)
 
 
 def test_bad_eraser_file_is_a_node_error(tiny_pixel_model, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    g, ids = _graph(tiny_pixel_model, ("LoadEraser", {"path": str(bad)}))
+    g, ids = eraser_graph(tiny_pixel_model, ("LoadEraser", {"path": str(bad)}))
     report = Executor(device="cpu", disk_cache=False).run(g, targets=[ids["capture"]], output_dir=tmp_path)
     assert "not a readable safetensors file" in (report.nodes[ids["erasers"][0]].error or "")
 
@@ -241,11 +193,11 @@ def _trained(model, clip, objective, steps=3):
 
 
 @pytest.mark.parametrize("objective", ["esd", "all_but_one", "spm"])
-def test_lora_training_leaves_the_model_alone_and_strength_zero_is_identity(tiny, objective):
-    model, clip = tiny
-    before = _state(model.unet)
+def test_lora_training_leaves_the_model_alone_and_strength_zero_is_identity(tiny_bundle, objective):
+    model, clip = tiny_bundle
+    before = state_copy(model.unet)
     loras, scale, report = _trained(model, clip, objective)
-    assert _same_state(model.unet, before)
+    assert same_state(model.unet, before)
     assert report.steps == 3 and all(torch.isfinite(torch.tensor(report.losses)))
     assert any(b.abs().sum() > 0 for _, b in loras.values())  # B started at zero and moved
     gen = Generator(model, clip)
@@ -255,11 +207,11 @@ def test_lora_training_leaves_the_model_alone_and_strength_zero_is_identity(tiny
     assert torch.equal(plain, zero)
     on = Generator(model.with_patch(LoraPatch(loras, scale)), clip).sample(cond, seeds=[0], steps=2)
     assert not torch.equal(plain, on)
-    assert _same_state(model.unet, before)
+    assert same_state(model.unet, before)
 
 
-def test_membrane_transport_strength(tiny):
-    model, clip = tiny
+def test_membrane_transport_strength(tiny_bundle):
+    model, clip = tiny_bundle
     gen = Generator(model, clip)
     concept = encode_embeds(clip.tokenizer, clip.text_encoder, ["circle"])
     names = ["down_blocks.1.attentions.0.proj_in.weight"]
@@ -277,8 +229,8 @@ def test_membrane_transport_strength(tiny):
     assert not torch.equal(plain, Generator(model.with_patch(patch), clip).sample(cond, seeds=[0], steps=2))
 
 
-def test_safe_guidance_restores_the_forward(tiny):
-    model, clip = tiny
+def test_safe_guidance_restores_the_forward(tiny_bundle):
+    model, clip = tiny_bundle
     gen = Generator(model, clip)
     cond = gen.encode("a red circle")
     patch = SafeGuidancePatch(encode_embeds(clip.tokenizer, clip.text_encoder, ["red"]), scale=3.0)
@@ -289,8 +241,8 @@ def test_safe_guidance_restores_the_forward(tiny):
     assert torch.equal(plain, gen.sample(cond, seeds=[0], steps=2))
 
 
-def test_eraser_file_round_trip_keeps_every_kind(tiny, tmp_path):
-    model, clip = tiny
+def test_eraser_file_round_trip_keeps_every_kind(tiny_bundle, tmp_path):
+    model, clip = tiny_bundle
     loras, scale, _ = _trained(model, clip, "esd", steps=1)
     concept = encode_embeds(clip.tokenizer, clip.text_encoder, ["circle"])
     patches = [WeightDeltaPatch("text_encoder", quickfix_edit(clip.tokenizer, clip.text_encoder, "circle", "square")),
@@ -302,8 +254,8 @@ def test_eraser_file_round_trip_keeps_every_kind(tiny, tmp_path):
     assert [p.cache_key() for p in back] == [p.cache_key() for p in patches]
 
 
-def test_red_team_finds_a_prompt_without_the_banned_words(tiny):
-    model, clip = tiny
+def test_red_team_finds_a_prompt_without_the_banned_words(tiny_bundle):
+    model, clip = tiny_bundle
     deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, "circle", "square", templates=["a red {}"])
     erased = Generator(model.with_patch(WeightDeltaPatch("unet", deltas)), clip)
     result = red_team_prompt(erased, Generator(model, clip), "a red circle", n_tokens=3, steps=3, eval_every=2,
@@ -319,10 +271,10 @@ def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
     abo = ("EraseFinetune", {"objective": "all_but_one", "concept": "red", "alternative": "blue", "steps": 2,
                             "preserve": "a green star\na yellow square"})
     spm = ("ConceptMembrane", {"concept": "star", "anchors": "a blue square", "steps": 2})
-    plain, _, ex = _run(*_graph(tiny_pixel_model, prompt="a red star"), tmp_path)
-    erased, _, _ = _run(*_graph(tiny_pixel_model, esd, abo, spm, prompt="a red star"), tmp_path, ex)
+    plain, _, ex = run_captured(*eraser_graph(tiny_pixel_model, prompt="a red star"), tmp_path)
+    erased, _, _ = run_captured(*eraser_graph(tiny_pixel_model, esd, abo, spm, prompt="a red star"), tmp_path, ex)
     assert not torch.equal(plain, erased)
-    g, ids = _graph(tiny_pixel_model, esd)
+    g, ids = eraser_graph(tiny_pixel_model, esd)
     rt = add_node(g, "RedTeamPrompt", {"prompt": "a red circle", "tokens": 2, "steps": 2, "samples": 2,
                                        "sample_steps": 2, "avoid_words": "circle",
                                        "report": str(tmp_path / "attack.json")})
@@ -342,10 +294,10 @@ def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
     assert "alternative" in report.nodes[bad.id].error
 
 
-def test_all_but_one_with_anchors_holds_the_kept_prompts(tiny):
+def test_all_but_one_with_anchors_holds_the_kept_prompts(tiny_bundle):
     """Anchoring (SPM's term, our addition for ESD/All-but-One) keeps a kept prompt's image closer
     to the original than the same training without it."""
-    model, clip = tiny
+    model, clip = tiny_bundle
     emb = lambda ps: encode_embeds(clip.tokenizer, clip.text_encoder, ps)  # noqa: E731
     sched = make_scheduler("ddim", model.scheduler_config)
     gen = Generator(model, clip)

@@ -12,25 +12,11 @@ from kernels.erasers import (Generator, WeightDeltaPatch, concept_neuron_scores,
 from kernels.models import load_model_folder
 from kernels.patching import applied_patches
 from kernels.sampling import make_scheduler
+from conftest import eraser_graph, run_captured, same_state, state_copy
 from nodes.registry import add_node
 
 CONCEPT = ["a red circle", "a blue circle", "a circle on the left"]
 GENERAL = ["a red square", "a blue star", "a green triangle on the left"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_pixel_model):
-    model, clip, _ = load_model_folder(tiny_pixel_model)
-    return model, clip
-
-
-def _state(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _same_state(module, state):
-    now = module.state_dict()
-    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
 
 
 def _prune(model, clip, fraction=0.05):
@@ -46,11 +32,11 @@ def test_probe_timesteps_and_counts():
         pruned_count(1.5, 10)
 
 
-def test_prune_leaves_the_model_alone_and_strength_zero_is_identity(tiny):
-    model, clip = tiny
-    before = _state(model.unet)
+def test_prune_leaves_the_model_alone_and_strength_zero_is_identity(tiny_bundle):
+    model, clip = tiny_bundle
+    before = state_copy(model.unet)
     deltas = _prune(model, clip)
-    assert deltas and _same_state(model.unet, before)
+    assert deltas and same_state(model.unet, before)
     gen = Generator(model, clip)
     cond = gen.encode("a red circle")
     plain = gen.sample(cond, seeds=[0], steps=2)
@@ -58,12 +44,12 @@ def test_prune_leaves_the_model_alone_and_strength_zero_is_identity(tiny):
     assert torch.equal(plain, zero.sample(cond, seeds=[0], steps=2))
     on = Generator(model.with_patch(WeightDeltaPatch("unet", deltas)), clip)
     assert not torch.equal(plain, on.sample(cond, seeds=[0], steps=2))
-    assert _same_state(model.unet, before)
+    assert same_state(model.unet, before)
     assert torch.equal(plain, gen.sample(cond, seeds=[0], steps=2))
 
 
-def test_prune_zeroes_exactly_the_top_scoring_columns(tiny):
-    model, clip = tiny
+def test_prune_zeroes_exactly_the_top_scoring_columns(tiny_bundle):
+    model, clip = tiny_bundle
     fraction = 0.05
     layers = ffn_output_layers(model.unet)
     assert layers and all(n.endswith(".ff.net.2") for n in layers)
@@ -141,7 +127,7 @@ def test_the_concepts_own_neurons_are_pruned():
         proj.weight[5, word("circle")] = 0.5   # concept only, half as strong as neuron 0
         out.weight.fill_(1.0 / vocab ** 0.5)   # unit columns ...
         out.weight[:, 2] *= 0.01               # ... except neuron 2's
-    before = _state(unet)
+    before = state_copy(unet)
     name = "block.ff.net.2.weight"
     scores = concept_neuron_scores(unet, tok, te, CONCEPT, GENERAL, timesteps=[999, 500], samples=1)[name]
     assert torch.argsort(scores, descending=True)[:3].tolist() == [0, 5, 2]
@@ -151,39 +137,12 @@ def test_the_concepts_own_neurons_are_pruned():
     assert pruned(prune_concept_neurons(unet, tok, te, CONCEPT, GENERAL, fraction=0.25, timesteps=2)) == [0, 5]
     # every neuron allowed: only the three the concept uses more than the general prompts go
     assert pruned(prune_concept_neurons(unet, tok, te, CONCEPT, GENERAL, fraction=1.0, timesteps=2)) == [0, 2, 5]
-    assert _same_state(unet, before)
+    assert same_state(unet, before)
     with pytest.raises(ValueError, match="general prompts"):
         prune_concept_neurons(unet, tok, te, CONCEPT, [], fraction=0.1)
 
 
 # -- the node, saving and loading -------------------------------------------------------------------
-from conftest import CAPTURED  # noqa: E402
-
-
-def _graph(model_path, *erasers, prompt="a red circle"):
-    from conftest import txt2img_graph
-
-    g, ids = txt2img_graph(model_path, prompt=prompt, steps=2, save=False)
-    cap = add_node(g, "TestCaptureLatent", {})
-    g.connect(ids["sampler"], "latent", cap.id, "latent")
-    ids["capture"] = cap.id
-    model_src = (ids["load"], "model")
-    ids["erasers"] = []
-    for type_name, params in erasers:
-        n = add_node(g, type_name, params)
-        g.connect(*model_src, n.id, "model")
-        g.connect(ids["load"], "clip", n.id, "clip")
-        model_src = (n.id, "model")
-        ids["erasers"].append(n.id)
-    g.connect(*model_src, ids["sampler"], "model")
-    return g, ids
-
-
-def _run(g, ids, tmp_path, ex=None):
-    ex = ex or Executor(device="cpu", disk_cache=False)
-    report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
-    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
-    return CAPTURED.pop("latent"), ex
 
 
 PRUNE = {"concept": "circle", "fraction": 0.05, "timesteps": 2, "samples": 1}
@@ -192,12 +151,13 @@ PRUNE = {"concept": "circle", "fraction": 0.05, "timesteps": 2, "samples": 1}
 def test_prune_node_saves_and_reloads_bit_identical(tiny_pixel_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOMWORK_ERASER_DIR", str(tmp_path / "erasers"))
     ex = Executor(device="cpu", disk_cache=False)
-    plain, _ = _run(*_graph(tiny_pixel_model), tmp_path, ex)
-    zero, _ = _run(*_graph(tiny_pixel_model, ("PruneConcept", {**PRUNE, "strength": 0.0})), tmp_path, ex)
+    plain, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path, ex)
+    zero, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("PruneConcept", {**PRUNE, "strength": 0.0})),
+                              tmp_path, ex)
     assert torch.equal(plain, zero)
-    direct, _ = _run(*_graph(tiny_pixel_model, ("PruneConcept", PRUNE)), tmp_path, ex)
+    direct, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("PruneConcept", PRUNE)), tmp_path, ex)
     assert not torch.equal(plain, direct)
-    g, ids = _graph(tiny_pixel_model, ("PruneConcept", PRUNE))
+    g, ids = eraser_graph(tiny_pixel_model, ("PruneConcept", PRUNE))
     save = add_node(g, "SaveEraser", {"name": "pruned"})
     g.connect(ids["erasers"][0], "model", save.id, "model")
     report = ex.run(g, targets=[save.id], output_dir=tmp_path)
@@ -209,13 +169,14 @@ def test_prune_node_saves_and_reloads_bit_identical(tiny_pixel_model, tmp_path, 
     assert patch.meta["pruned"] > 0
     again = load_erasers(save_erasers(str(tmp_path / "copy.safetensors"), [patch]))[0]
     assert again.cache_key() == patch.cache_key()
-    loaded, _ = _run(*_graph(tiny_pixel_model, ("LoadEraser", {"path": "pruned"})), tmp_path, ex)
+    loaded, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("LoadEraser", {"path": "pruned"})), tmp_path, ex)
     assert torch.equal(direct, loaded)
-    off, _ = _run(*_graph(tiny_pixel_model, ("LoadEraser", {"path": "pruned", "strength": 0.0})), tmp_path, ex)
+    off, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("LoadEraser", {"path": "pruned", "strength": 0.0})),
+                             tmp_path, ex)
     assert torch.equal(plain, off)
     model, clip, _ = ex.models.load(tiny_pixel_model, "float32", load_model_folder)
     fresh = load_model_folder(tiny_pixel_model)[0]
-    assert _same_state(model.unet, fresh.unet.state_dict())
+    assert same_state(model.unet, fresh.unet.state_dict())
 
 
 def test_prune_node_errors_name_the_problem(tiny_pixel_model, tmp_path):
@@ -223,6 +184,6 @@ def test_prune_node_errors_name_the_problem(tiny_pixel_model, tmp_path):
     for params, words in (({**PRUNE, "general": "a red circle\na circle on the left"}, "PruneConcept"),
                           ({**PRUNE, "general": ""}, "general"),
                           ({**PRUNE, "concept": " "}, "concept")):
-        g, ids = _graph(tiny_pixel_model, ("PruneConcept", params))
+        g, ids = eraser_graph(tiny_pixel_model, ("PruneConcept", params))
         report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
         assert words in (report.nodes[ids["erasers"][0]].error or ""), report.nodes[ids["erasers"][0]].error
