@@ -97,6 +97,7 @@ class Bench:
         self.detector_name, self.detect = "kernels.shapes.oracle", detect_pairs
         self.seeds = list(range(args.seed, args.seed + args.n))
         self.prompts = [(c, s, prompt_for(c, s)) for c in COLOURS for s in SHAPES]
+        self.base_dets: "dict | None" = None  # the unerased model's detections, once measured
 
     def images(self, gen, prompt: str, seeds=None) -> np.ndarray:
         x = gen.sample(gen.encode(prompt), seeds=seeds or self.seeds, steps=self.args.steps, cfg=self.args.cfg)
@@ -217,7 +218,7 @@ def build_eraser(bench: Bench, name: str, target: str, args):
 
     model, clip = bench.model, bench.clip
     tok, te = clip.tokenizer, clip.text_encoder
-    anchor = args.anchor or default_anchor(target, getattr(bench, "base_dets", None), bench.prompts)
+    anchor = args.anchor or default_anchor(target, bench.base_dets, bench.prompts)
     temps = world_templates(target)
     keep = [p for c, s, p in bench.prompts if not names(c, s, target)]
     info = {"anchor": anchor, "templates": len(temps), "preserved": len(keep)}

@@ -103,28 +103,29 @@ def method_table(args):
                                                     end=args.regional_end, emphasis=args.emphasis,
                                                     region_tokens=tokens))
 
-    def pww(model, clip, layout):  # eDiff-I's schedule: the whole run
-        return model.with_patch(RegionAttentionPatch(layout, args.pww, end=args.pww_end,
-                                                     suppress_outside=True))
+    def pww_until(end):
+        def pww(model, clip, layout):
+            return model.with_patch(RegionAttentionPatch(layout, args.pww, end=end, suppress_outside=True))
+        return pww
 
-    def pww_early(model, clip, layout):
-        # Only the first steps: a bias held to the end paints the whole box, so small shapes come
-        # out as box-shaped blobs (triangles and stars read as squares); released early, the box
-        # places the object and the model draws its shape.
-        return model.with_patch(RegionAttentionPatch(layout, args.pww, end=args.early_end,
-                                                     suppress_outside=True))
+    pww = pww_until(args.pww_end)  # eDiff-I's schedule: the whole run
+    # Only the first steps: a bias held to the end paints the whole box, so small shapes come out
+    # as box-shaped blobs (triangles and stars read as squares); released early, the box places
+    # the object and the model draws its shape.
+    pww_early = pww_until(args.early_end)
 
     def zest(model, clip, layout):
         return model.with_patch(ZestGuidePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations))
 
-    def box(model, clip, layout):
-        return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations,
-                                                 redistribute=True, redistribute_end=0.3))
+    def box_with(**losses):
+        def box(model, clip, layout):
+            return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=args.guide_end,
+                                                     iterations=args.iterations, redistribute=True,
+                                                     redistribute_end=0.3, **losses))
+        return box
 
-    def box_csg(model, clip, layout):  # + CSG's inter-token and self-attention losses
-        return model.with_patch(BoxGuidancePatch(layout, eta=args.eta, end=args.guide_end, iterations=args.iterations,
-                                                 redistribute=True, redistribute_end=0.3, inter=1.0,
-                                                 self_attention=1.0))
+    box = box_with()
+    box_csg = box_with(inter=1.0, self_attention=1.0)  # + CSG's inter-token and self-attention losses
 
     def astar(model, clip, layout):
         # its own step size and window (the paper guides every step; see --astar-end)
