@@ -126,18 +126,17 @@ class Bench:
     @torch.no_grad()
     def batched_detections(self, gen, rows: int = 48) -> dict:
         """All prompts x seeds in batches of `rows` (same noise per seed as one prompt at a time)."""
+        from kernels.erasers import seed_noise
         from kernels.patching import SamplingRun, applied_patches
         from kernels.sampling import make_scheduler, sample
 
         jobs = [(p, s) for _, _, p in self.prompts for s in self.seeds]
         conds = {p: gen.encode(p) for _, _, p in self.prompts}
         unet = gen.model.unet
-        size, ch = unet.config.sample_size, unet.config.in_channels
         out: dict = {p: [] for _, _, p in self.prompts}
         for i in range(0, len(jobs), rows):
             chunk = jobs[i:i + rows]
-            noise = torch.stack([torch.randn((ch, size, size), generator=torch.Generator("cpu").manual_seed(s))
-                                 for _, s in chunk])
+            noise = seed_noise(unet, [s for _, s in chunk])
             pos = torch.cat([conds[p].embeds for p, _ in chunk])
             neg = torch.cat([conds[p].empty for p, _ in chunk])
             sched = make_scheduler("flow_match_euler" if gen.model.is_flow else "ddim", gen.model.scheduler_config)

@@ -614,10 +614,17 @@ def probe_timesteps(count: int, num_train_timesteps: int = 1000) -> list[int]:
     return [max(0, int(round(n - 1 - i * n / count))) for i in range(count)]
 
 
-def _sample_shape(unet) -> tuple:
+def latent_sample_shape(unet) -> tuple:
+    """(C, H, W) of one sample the denoiser takes at its native size."""
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (unet.config.in_channels, h, w)
+
+
+def seed_noise(unet, seeds: Sequence[int]) -> torch.Tensor:
+    """One unit-noise sample per seed (B, C, H, W): a seed draws the same noise alone or in a batch."""
+    shape = latent_sample_shape(unet)
+    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
 @torch.no_grad()
@@ -629,7 +636,7 @@ def ffn_activations(unet, embeds: torch.Tensor, layers: Sequence[str], *, timest
     seed see the same inputs and differ only in their text."""
     params = next(unet.parameters())
     dev, dt = params.device, params.dtype
-    noise = torch.randn((samples,) + _sample_shape(unet), generator=torch.Generator("cpu").manual_seed(seed))
+    noise = torch.randn((samples,) + latent_sample_shape(unet), generator=torch.Generator("cpu").manual_seed(seed))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in layers}
 
@@ -842,7 +849,7 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
 
-    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    sample_shape = latent_sample_shape(unet)
     dev, dt = next(unet.parameters()).device, next(unet.parameters()).dtype
     target_embeds = target_embeds.to(dev, dt)
     empty_embeds = empty_embeds.to(dev, dt)
@@ -939,10 +946,7 @@ class Generator:
         from kernels.sampling import make_scheduler, sample
 
         unet = self.model.unet
-        size = unet.config.sample_size
-        noise = torch.stack([torch.randn((unet.config.in_channels, size, size),
-                                         generator=torch.Generator("cpu").manual_seed(int(s)))
-                             for s in seeds])
+        noise = seed_noise(unet, seeds)
         sched = make_scheduler("flow_match_euler" if self.model.is_flow else scheduler,
                                self.model.scheduler_config)
         run = SamplingRun(unet=unet, scheduler=sched, positive=cond, negative=None, cfg=cfg, steps=steps,
