@@ -39,6 +39,7 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "flow_match_euler": (FlowMatchEulerDiscreteScheduler, {}),
 }
 FLOW_SCHEDULERS = {"flow_match_euler"}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)  # what node declarations offer
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 
@@ -47,9 +48,55 @@ class SchedulerMismatch(ValueError):
     """A scheduler that cannot drive this model's noise process (flow vs. DDPM family)."""
 
 
-def is_flow_config(config: dict) -> bool:
-    """A model trained with flow matching ships a FlowMatch* scheduler config."""
-    return str(config.get("_class_name", "")).startswith("FlowMatch")
+def is_flow_config(config) -> bool:
+    """A model trained with flow matching ships a FlowMatch* scheduler config (a dict, or a
+    scheduler's FrozenDict config)."""
+    return str(dict(config).get("_class_name", "")).startswith("FlowMatch")
+
+
+def cfg_mix(uncond: torch.Tensor, cond: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + cfg (cond - uncond)."""
+    return uncond + cfg * (cond - uncond)
+
+
+def in_step_window(fraction: float, start: float, end: float) -> bool:
+    """Whether a run that is `fraction` (0 at the first step) through its steps is inside the
+    window [start, end); a window that ends at 1 includes the last step."""
+    return start <= fraction < end or (end >= 1.0 and fraction >= start)
+
+
+def latent_sample_shape(denoiser) -> tuple:
+    """(C, H, W) of one sample a UNet-style denoiser takes at its native size."""
+    size = denoiser.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (denoiser.config.in_channels, h, w)
+
+
+def seed_noise(denoiser, seeds) -> torch.Tensor:
+    """One unit-noise sample per seed (B, C, H, W) at the denoiser's native size: a seed draws
+    the same noise alone or in a batch."""
+    shape = latent_sample_shape(denoiser)
+    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)))
+                        for s in seeds])
+
+
+def training_timesteps(scheduler, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` training timesteps drawn uniformly, for losses on noised samples: integers in
+    [0, T) for DDPM-family schedulers; for flow matching, entries of the scheduler's own
+    (shifted) schedule, which is where `scale_noise` can place a sample."""
+    if hasattr(scheduler, "scale_noise"):
+        schedule = scheduler.timesteps
+        return schedule[torch.randint(0, len(schedule), (count,), generator=generator)]
+    n_train = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+    return torch.randint(0, n_train, (count,), generator=generator)
+
+
+def noised_sample(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """`clean` noised to `timesteps` (one per sample) by the scheduler itself: DDPM schedulers
+    add noise, flow-matching ones interpolate (`scale_noise`)."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(clean, timesteps, noise)
+    return scheduler.add_noise(clean, noise, timesteps)
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -125,7 +172,7 @@ def predict_mmdit_cfg(transformer, x: torch.Tensor, t, positive: torch.Tensor,
                       pooled_projections=torch.cat([negative_pooled.expand_as(pooled), pooled]),
                       return_dict=False, **unet_kwargs)[0]
     uncond, cond = out.chunk(2)
-    return uncond + cfg * (cond - uncond)
+    return cfg_mix(uncond, cond, cfg)
 
 
 def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
@@ -138,7 +185,7 @@ def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
     both = torch.cat([negative.expand_as(positive), positive])
     out = unet(torch.cat([x, x]), t, encoder_hidden_states=both, **unet_kwargs).sample
     uncond, cond = out.chunk(2)
-    return uncond + cfg * (cond - uncond)
+    return cfg_mix(uncond, cond, cfg)
 
 
 @torch.no_grad()

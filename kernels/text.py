@@ -18,7 +18,13 @@ from typing import Any, Optional
 
 import torch
 
-_WORD = re.compile(r"\w+(?:['-]\w+)*")
+WORD_PATTERN = re.compile(r"\w+(?:['-]\w+)*")
+
+
+def words_of(text: str) -> list[str]:
+    """The words of a text, lower-cased, as prompts are split everywhere (apostrophes and
+    hyphens stay inside a word)."""
+    return [w.lower() for w in WORD_PATTERN.findall(text)]
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Conditioning:
     def positions(self, phrase: str) -> list[int]:
         """Token positions of every word of `phrase` that occurs in the prompt."""
         out: list[int] = []
-        for w in _WORD.findall(phrase.lower()):
+        for w in words_of(phrase):
             out.extend(self.words.get(w, ()))
         return sorted(set(out))
 
@@ -62,7 +68,7 @@ def tokenize(tokenizer, prompts: list[str]):
 
 def _span_positions(tokenizer, prompt: str, max_length: Optional[int] = None) -> list[tuple[str, list[int]]]:
     """(word, token positions) of each word occurrence of `prompt`, in order."""
-    spans = [(m.start(), m.end(), m.group(0).lower()) for m in _WORD.finditer(prompt)]
+    spans = [(m.start(), m.end(), m.group(0).lower()) for m in WORD_PATTERN.finditer(prompt)]
     enc = tokenizer(prompt, truncation=True, max_length=max_length or tokenizer.model_max_length,
                     return_offsets_mapping=True)
     out: list[tuple[str, list[int]]] = [(w, []) for _, _, w in spans]

@@ -3,55 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
 
-
-class Unhashable(TypeError):
-    pass
-
-
-def key_of(*parts: Any) -> str:
-    """A stable hash of JSON-able parts (params, fingerprints, input hashes)."""
-    text = json.dumps(parts, sort_keys=True, default=repr, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
-
-
-def _feed(h, value: Any) -> None:
-    import torch  # values are only hashed after a node ran, so torch is loaded by then
-
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif hasattr(value, "content_key"):
-        h.update(b"K" + value.content_key().encode())
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        h.update(f"D{type(value).__qualname__}".encode())
-        for f in dataclasses.fields(value):
-            h.update(f.name.encode())
-            _feed(h, getattr(value, f.name))
-    elif isinstance(value, dict):
-        h.update(b"M%d" % len(value))
-        for k in sorted(value, key=repr):
-            _feed(h, k)
-            _feed(h, value[k])
-    elif isinstance(value, (list, tuple)):
-        h.update(b"L%d" % len(value))
-        for v in value:
-            _feed(h, v)
-    elif value is None or isinstance(value, (str, int, float, bool, bytes)):
-        h.update(f"P{type(value).__name__}:{value!r}".encode())
-    else:
-        raise Unhashable(f"cannot hash a {type(value).__name__}")
-
-
-def content_hash(value: Any) -> str:
-    """A hash of what a value is (tensor bytes, not identity). Raises Unhashable."""
-    h = hashlib.blake2b(digest_size=20)
-    _feed(h, value)
-    return h.hexdigest()
+# One content hash for the engine and the kernels (patches, model keys) alike.
+from kernels.hashing import Unhashable, content_hash, key_of  # noqa: F401  (re-exported)
 
 
 def size_of(value: Any) -> int:

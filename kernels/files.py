@@ -1,0 +1,80 @@
+"""File helpers every layer shares: one atomic write, one fingerprint of a file or folder.
+
+Standard library only (no torch), so the document layer (`app/graph`) can use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (umask is process-wide; setting it later, while a worker thread may be
+# creating files, would be a race).
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+Writer = Callable[[str], None]
+
+
+def atomic_write(path: Union[os.PathLike, str], data: Union[bytes, Writer], durable: bool = True) -> None:
+    """Write via a uniquely named temporary file in the same folder and rename it over `path`: a
+    failed or interrupted write keeps the old file, and two writers never share a temp name.
+
+    `data` is the bytes, or a function that writes the file at the temporary path it is given
+    (for libraries that write by name, as safetensors' `save_file`). `durable` fsyncs before the
+    rename so the file survives a power cut; results a re-run can make again may skip it (tens of
+    milliseconds per file). The file gets the permissions a plain write would give it (the old
+    file's, or the umask's for a new one), not mkstemp's private 0600.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = _NEW_FILE_MODE
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+            if durable:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def path_fingerprint(path: str) -> Any:
+    """Size and mtime of a file, or of every file under a folder: enough to notice a change
+    (the value goes into cache keys; it is never read back)."""
+    if not path or not os.path.exists(path):
+        return ("missing", path)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (path, st.st_size, st.st_mtime_ns)
+    entries = []
+    for root, _dirs, files in os.walk(path):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            entries.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
+    return (path, sorted(entries))
