@@ -60,12 +60,22 @@ def test_sd3_folder_loads_with_all_text_encoders(sd3_model):
     assert isinstance(clip.text_encoder, SD3TextEncoders) and clip.text_encoder.text_encoder_3 is not None
     assert (vae.latent_channels, vae.scale_factor) == (4, 2)
     cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
-    # the joint sequence and pooled projections are diffusers' own
+    # the joint sequence and pooled projections are what the pipeline itself feeds its
+    # transformer (uncond half first), caught on the way in
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model, local_files_only=True)
-    with torch.no_grad():  # as the pipeline's __call__ runs it
-        ref = pipe.encode_prompt(PROMPT, None, None, device="cpu", max_sequence_length=16)
-    for ours, theirs in zip((cond.embeds, cond.empty, cond.pooled, cond.empty_pooled), ref):
-        assert torch.equal(ours, theirs)
+    pipe.set_progress_bar_config(disable=True)
+    fed = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _args, kwargs: fed.append((kwargs["encoder_hidden_states"], kwargs["pooled_projections"])),
+        with_kwargs=True)
+    try:
+        pipe(PROMPT, height=16, width=16, num_inference_steps=1, guidance_scale=4.0,
+             max_sequence_length=16, output_type="latent")
+    finally:
+        hook.remove()
+    (text, pooled), = fed
+    assert torch.equal(text, torch.cat([cond.empty, cond.embeds]))
+    assert torch.equal(pooled, torch.cat([cond.empty_pooled, cond.pooled]))
     # each word sits in the CLIP part (0..15 here) and in the T5 part after it; links pair them
     n_clip = clip.tokenizer.tokenizer.model_max_length
     assert cond.words["red"] == (2, n_clip + 1) and cond.words["a"] == (1, 5, n_clip, n_clip + 4)

@@ -1,0 +1,73 @@
+"""The UNet (SD1.x/2.x) text-to-image path against diffusers' StableDiffusionPipeline on the same
+tiny random model, seed and scheduler: the graph's latents must equal the pipeline's."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from app.engine import Executor
+from conftest import CAPTURED, txt2img_graph
+from nodes.registry import add_node
+
+PROMPT = "a red circle on the left"
+
+
+@pytest.fixture(scope="module")
+def sd_model(tiny_latent_model, tmp_path_factory):
+    """The tiny latent model with `steps_offset` 1, as SD1.x checkpoints ship it: the pipeline
+    rewrites any other value to 1 when it is built, which would compare two schedules."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    shutil.copytree(tiny_latent_model, path)
+    config_path = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["steps_offset"] = 1
+    config_path.write_text(json.dumps(config))
+    return str(path)
+
+
+def sd_pipeline(model_path, scheduler_name):
+    """StableDiffusionPipeline over the folder's own components (the tiny folder has no safety
+    checker), with the scheduler the graph's Sampler builds for `scheduler_name`."""
+    from diffusers import StableDiffusionPipeline
+
+    from kernels.models import load_model_folder
+    from kernels.sampling import make_scheduler
+
+    model, clip, vae = load_model_folder(model_path)
+    pipe = StableDiffusionPipeline(
+        vae=vae.vae, text_encoder=clip.text_encoder, tokenizer=clip.tokenizer, unet=model.unet,
+        scheduler=make_scheduler(scheduler_name, model.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed):
+    g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=steps, scheduler=scheduler, cfg=cfg,
+                           seed=seed, save=False)
+    ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
+    g.connect(ids["sampler"], "latent", ids["capture"], "latent")
+    report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    return CAPTURED.pop("latent")
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "euler_ancestral"])
+def test_unet_txt2img_graph_matches_stable_diffusion_pipeline(sd_model, tmp_path, scheduler):
+    ours = graph_latent(sd_model, tmp_path, scheduler=scheduler, steps=4, cfg=4.0, seed=3)
+    pipe = sd_pipeline(sd_model, scheduler)
+    ref = pipe(PROMPT, height=16, width=16, num_inference_steps=4, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert ours.shape == ref.shape == (1, 4, 8, 8)
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+def test_unet_without_guidance_matches_the_pipeline(sd_model, tmp_path):
+    # cfg 1 takes the single-batch path (no uncond half) in both
+    ours = graph_latent(sd_model, tmp_path, scheduler="euler", steps=3, cfg=1.0, seed=5)
+    ref = sd_pipeline(sd_model, "euler")(
+        PROMPT, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
