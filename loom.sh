@@ -2,6 +2,7 @@
 # Loomwork's one entry point for people and CI. Each command installs what it needs first.
 #   ./loom.sh render   render resources/graphs/default.loom headless into ./out/
 #   ./loom.sh test     run the test suite
+#   ./loom.sh lint     ruff over the tree (CI runs it before the tests)
 #   ./loom.sh app      open the desktop app
 #   ./loom.sh bench    run the benchmarks (JSON to stdout)
 #   ./loom.sh env      only install the environment; prints its folder
@@ -46,6 +47,11 @@ case "$cmd" in
         cd "$repo"
         QT_QPA_PLATFORM=offscreen "$venv/bin/python" -m pytest -q "$@"
         ;;
+    lint)
+        ensure_env
+        cd "$repo"
+        "$venv/bin/ruff" check . "$@"
+        ;;
     app)
         ensure_env
         "$venv/bin/loomwork" "$@"
@@ -60,6 +66,6 @@ case "$cmd" in
         for b in bench/*.py; do "$venv/bin/python" "$b" "$@"; done
         ;;
     *)
-        sed -n '2,8p' "$0"
+        sed -n '2,9p' "$0"
         ;;
 esac
