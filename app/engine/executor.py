@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from app.graph import CycleError, Graph, dumps, validate
 from app.graph.png import png_bytes
-from app.graph.fileformat import atomic_write
+from kernels.files import atomic_write
 from nodes import registry
 from nodes.base import NodeError
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
+
+# The one atomic write (standard library only, so this layer stays free of torch); the UI's
+# session store imports it from here too.
+from kernels.files import atomic_write
 
 from .document import Edge, Graph, Group, Node
 
@@ -266,48 +269,6 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
         except UnicodeDecodeError:
             raise GraphFileError("not a text file (not UTF-8); a .loom file is JSON", path) from None
     return loads(text, catalog, path=path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import (umask is process-wide; setting it later, while a worker thread may be
-# creating files, would be a race).
-_NEW_FILE_MODE = 0o666 & ~_umask()
-
-
-def atomic_write(path: os.PathLike | str, data: bytes, durable: bool = True) -> None:
-    """Write via a temporary file in the same folder and rename: a failed save keeps the old file.
-
-    `durable` also fsyncs before the rename, so the file survives a power cut; rendered images
-    (which a re-run can make again) skip it, as it costs tens of milliseconds per file.
-
-    The file gets the permissions a plain write would give it (the old file's, or the umask's
-    for a new one), not mkstemp's private 0600.
-    """
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except OSError:
-        mode = _NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save(graph: Graph, path: os.PathLike | str) -> None:
