@@ -27,17 +27,11 @@ from typing import Any, Callable, Optional, Protocol
 from kernels.files import atomic_write
 
 from .document import Edge, Graph, Group, Node
+from .errors import GraphFileError
+from .png import PNG_SIGNATURE, read_graph_text
 
 FORMAT_NAME = "loomwork.graph"
 FORMAT_VERSION = 2
-
-
-class GraphFileError(ValueError):
-    """A file that cannot be read as a graph. The message names the file and the problem."""
-
-    def __init__(self, message: str, path: Optional[os.PathLike | str] = None):
-        self.path = str(path) if path is not None else None
-        super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
 class NodeTypeInfo(Protocol):
@@ -244,9 +238,6 @@ def loads(text: str, catalog: Optional[Catalog] = None, *, path=None) -> Graph:
         raise
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
     """Open a `.loom` file, or a PNG that Loomwork saved (its graph is in a text chunk)."""
     path = Path(path)
@@ -259,7 +250,6 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
     except OSError as exc:
         raise GraphFileError(f"cannot read: {exc.strerror}", path) from None
     if data.startswith(PNG_SIGNATURE):
-        from .png import read_graph_text
         text = read_graph_text(path)
     else:
         if not data.strip():
