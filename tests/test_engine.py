@@ -344,20 +344,23 @@ print(json.dumps(report.as_json()))
 """
 
 
+def _run_in_a_fresh_process(graph_path: Path, out_dir: Path, cache_dir: Path) -> dict:
+    """The run report of `graph_path` run by a new Python process on the disk cache `cache_dir`."""
+    env = {**os.environ, "LOOMWORK_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", DISK_SCRIPT, str(graph_path), str(out_dir)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_disk_tier_is_hit_from_a_second_process(tiny_pixel_model, tmp_path):
     from conftest import txt2img_graph
 
     g, ids = txt2img_graph(tiny_pixel_model, steps=3)
     path = tmp_path / "g.loom"
     save(g, path)
-    env = {**os.environ, "LOOMWORK_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    root = Path(__file__).resolve().parents[1]
-    reports = []
-    for i in range(2):
-        out = subprocess.run([sys.executable, "-c", DISK_SCRIPT, str(path), str(tmp_path / f"out{i}")],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    reports = [_run_in_a_fresh_process(path, tmp_path / f"out{i}", tmp_path / "cache") for i in range(2)]
     first, second = ({n["title"]: n["status"] for n in r["nodes"]} for r in reports)
     assert set(first.values()) == {"ran"}
     assert reports[1]["sampler_steps"] == 0
@@ -365,6 +368,57 @@ def test_disk_tier_is_hit_from_a_second_process(tiny_pixel_model, tmp_path):
     assert second["Load"] == "cached-disk"  # the model was not even loaded
     assert second["Save"] == "ran"
     assert (tmp_path / "out1" / "test_00001.png").exists()
+
+
+def test_a_restart_reads_conditioning_from_disk_instead_of_encoding_again(tiny_pixel_model, tmp_path):
+    """A new process that must re-run the sampler takes the prompt's conditioning from the disk
+    cache, before anything in that process has imported the conditioning's class."""
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(tiny_pixel_model, steps=3)
+    Executor(device="cpu", disk_cache=tmp_path / "cache").run(g, output_dir=tmp_path / "out0")
+    g.set_param(ids["sampler"], "steps", 2)
+    path = tmp_path / "g.loom"
+    save(g, path)
+    report = _run_in_a_fresh_process(path, tmp_path / "out1", tmp_path / "cache")
+    status = {n["title"]: n["status"] for n in report["nodes"]}
+    assert status["Prompt"] == "cached-disk"  # read back, not encoded again
+    assert status["Sampler"] == "ran" and report["sampler_steps"] == 2
+    assert report["ok"]
+
+
+def test_conditioning_round_trips_through_the_disk_cache_exactly(tmp_path):
+    import torch
+
+    from app.engine.cache import DiskCache
+    from kernels.text import Conditioning
+
+    cond = Conditioning(embeds=torch.randn(1, 4, 8), prompt="a red circle", words={"red": (2,), "a": (1, 5)},
+                        empty=torch.randn(1, 4, 8), pooled=torch.randn(1, 6), links=((2, 79), (3, 80)))
+    DiskCache(tmp_path).put("k1", {"conditioning": "hash"}, {"conditioning": cond, "n": 3})
+    back = DiskCache(tmp_path).get("k1")  # a new cache object: nothing held in memory
+    assert back["n"] == 3
+    got = back["conditioning"]
+    assert type(got) is Conditioning
+    assert got.prompt == cond.prompt and got.words == cond.words and got.links == cond.links
+    for name in ("embeds", "empty", "pooled"):
+        assert torch.equal(getattr(got, name), getattr(cond, name)), name
+    assert got.empty_pooled is None
+
+
+def test_a_dataclass_not_declared_storable_keeps_only_its_trace_on_disk(tmp_path):
+    from dataclasses import dataclass
+
+    from app.engine.cache import DiskCache
+
+    @dataclass
+    class Scratch:
+        value: int
+
+    cache = DiskCache(tmp_path)
+    cache.put("k2", {"out": "hash"}, {"out": Scratch(1)})
+    assert cache.trace("k2") == {"out": "hash"}  # downstream keys can still be computed
+    assert not cache.has_values("k2") and cache.get("k2") is None
 
 
 def test_memory_cache_evicts_big_cheap_results_before_small_slow_ones():
