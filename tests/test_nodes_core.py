@@ -10,16 +10,23 @@ from PIL import Image
 from app.engine import EngineEvents, Executor
 from app.graph import Graph
 from kernels.models import ModelLoadError, load_model_folder
-from kernels.sampling import SCHEDULERS, SchedulerMismatch, make_scheduler, sample
+from kernels.sampling import FLOW_SCHEDULERS, SCHEDULERS, SchedulerMismatch, make_scheduler, sample
 from kernels.text import encode_text
 from nodes.registry import add_node
 
-DDPM_SCHEDULERS = [s for s in SCHEDULERS if s != "flow_match_euler"]
+DDPM_SCHEDULERS = [s for s in SCHEDULERS if s not in FLOW_SCHEDULERS]
 
 
 @pytest.fixture(scope="module")
 def pixel(tiny_pixel_model):
     return load_model_folder(tiny_pixel_model)
+
+
+def test_sampler_node_offers_exactly_the_samplers_schedulers():
+    from nodes.core import Sampler
+
+    assert tuple(Sampler.params["scheduler"].options) == tuple(SCHEDULERS)
+    assert Sampler.params["scheduler"].default in SCHEDULERS
 
 
 @pytest.mark.parametrize("name", DDPM_SCHEDULERS)
