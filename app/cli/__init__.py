@@ -197,10 +197,12 @@ def cmd_nodes(args) -> int:
 
 def cmd_oracle(args) -> int:
     try:
-        from kernels.shapes.oracle import main as oracle_main
+        from kernels.shapes.oracle import detect_in_files
     except ImportError as exc:
         raise UsageError(f"the shapes oracle is not available: {exc}") from None
-    return oracle_main(args.images) or EXIT_OK
+    results = detect_in_files(args.images)
+    print(json.dumps(results, indent=2))
+    return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
