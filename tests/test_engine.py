@@ -88,6 +88,18 @@ class TestFail(Node):
 
 
 @register
+class TestBug(Node):
+    """A node with a bug in it: raises something other than a NodeError."""
+    category = "test"
+    inputs = {"a": IMAGE}
+    outputs = {"out": IMAGE}
+
+    def run(self, ctx, a):
+        _count("bug")
+        return {"out": a * (1 / 0)}
+
+
+@register
 class TestCancel(Node):
     """Cancels the run from inside, as a user pressing Cancel mid-node would."""
     category = "test"
@@ -217,14 +229,23 @@ def test_failure_is_isolated_to_its_cone(executor):
 
 
 def test_node_raising_a_bug_reports_traceback_without_crashing(executor):
+    """A bug (not a NodeError) fails its node with the exception and its traceback in the report;
+    the independent branch still runs."""
     g = Graph()
-    v = g.add_node("TestValue", {"value": 1.0})
-    m = g.add_node("TestMod", {"modulus": 0.0}, pos=(100, 0))  # x % 0 on a tensor gives nan, fine
-    s = g.add_node("TestSink", {}, pos=(200, 0))
-    g.connect(v.id, "out", m.id, "a")
-    g.connect(m.id, "out", s.id, "a")
+    v, a, s = chain(g)
+    bug = g.add_node("TestBug", {}, pos=(100, 200))
+    after = g.add_node("TestSink", {"tag": 2}, pos=(200, 200))
+    g.connect(v.id, "out", bug.id, "a")
+    g.connect(bug.id, "out", after.id, "a")
     report = executor.run(g)
-    assert report.ok
+    rep = report.nodes[bug.id]
+    assert report.status(bug.id) == "failed" and not report.ok
+    assert rep.error == "ZeroDivisionError: division by zero"
+    assert rep.traceback.startswith("Traceback (most recent call last)")
+    assert "in run" in rep.traceback and "1 / 0" in rep.traceback  # the node's own frame
+    assert rep.traceback.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "traceback" not in rep.as_json()  # reports name the error; tracebacks are for --debug
+    assert report.status(after.id) == "skipped" and report.status(s.id) == "ran"
 
 
 def test_invalid_node_fails_but_others_run(executor):

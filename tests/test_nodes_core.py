@@ -103,11 +103,16 @@ def test_previews_arrive_during_sampling(tiny_pixel_model, tmp_path):
     from conftest import txt2img_graph
 
     g, ids = txt2img_graph(tiny_pixel_model, steps=3)
-    previews = []
-    events = EngineEvents(preview=lambda nid, im: previews.append((nid, im.shape)))
+    events_seen = []  # previews and node states, in the order they arrive
+    events = EngineEvents(preview=lambda nid, im: events_seen.append(("preview", nid, im.shape)),
+                          node_state=lambda nid, state, info: events_seen.append((state, nid, None)))
     Executor(device="cpu", disk_cache=False).run(g, events=events, output_dir=tmp_path)
-    assert previews and all(nid == ids["sampler"] for nid, _ in previews)
-    assert previews[-1][1] == (1, 16, 16, 3)
+    previews = [(i, nid, shape) for i, (kind, nid, shape) in enumerate(events_seen) if kind == "preview"]
+    assert previews and all(nid == ids["sampler"] for _, nid, _ in previews)
+    assert previews[-1][2] == (1, 16, 16, 3)
+    started = events_seen.index(("running", ids["sampler"], None))
+    finished = events_seen.index(("done", ids["sampler"], None))
+    assert started < previews[0][0] and previews[-1][0] < finished  # while the sampler runs
 
 
 def test_save_image_embeds_the_graph(tiny_pixel_model, tmp_path):
