@@ -74,6 +74,7 @@ def hand_written_loop(model_dir: str, steps: int, size: int, out_dir: Path):
             x = torch.randn(shape, generator=gen) * 1.0
             sched.set_timesteps(steps)
             x = x * sched.init_noise_sigma
+            # Guidance written out, not kernels.sampling.cfg_mix: the reference shares no engine code.
             for t in sched.timesteps:
                 inp = sched.scale_model_input(x, t)
                 out = unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
