@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from app.graph import Graph, dumps, load, save
+from app.graph import Graph, load, save
 from conftest import txt2img_graph
 from nodes import registry
 

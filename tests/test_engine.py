@@ -30,7 +30,7 @@ class TestValue(Node):
 
     def run(self, ctx, value):
         import torch
-        _count(f"value")
+        _count("value")
         return {"out": torch.full((1, 1, 1, 1), float(value))}
 
 

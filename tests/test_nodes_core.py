@@ -1,14 +1,11 @@
 """Core nodes and the sampling kernel on tiny random models (nothing downloaded)."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from app.engine import EngineEvents, Executor
-from app.graph import Graph
 from kernels.models import ModelLoadError, load_model_folder
 from kernels.sampling import FLOW_SCHEDULERS, SCHEDULERS, SchedulerMismatch, make_scheduler, sample
 from kernels.text import encode_text

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from kernels.shapes.world import (cell_bounds, downsample, generate_batch, render_array, sample,
-                                  sample_scene)
+from kernels.shapes.world import cell_bounds, downsample, generate_batch, sample, sample_scene
 
 
 def test_generator_is_deterministic():

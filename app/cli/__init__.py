@@ -152,8 +152,8 @@ def cmd_run(args) -> int:
 
 
 def _problems(graph):
-    from app.graph import validate
     from app.engine import Executor
+    from app.graph import validate
     from nodes import registry
 
     return validate(graph, registry.get, set(Executor.output_nodes(graph)) or None)

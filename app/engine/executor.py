@@ -275,7 +275,7 @@ class Executor:
             order = graph.topological_order(cone - set(stuck))
             for nid in stuck:
                 run.blocked[nid] = (f"{graph.nodes[nid].label}: is on a cycle" if nid in exc.on_cycle
-                                    else f"not run: it is fed through a cycle")
+                                    else "not run: it is fed through a cycle")
         for nid in order + stuck:
             node = graph.nodes[nid]
             run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)
