@@ -74,6 +74,7 @@ def hand_written_loop(model_dir: str, steps: int, size: int, out_dir: Path):
             x = torch.randn(shape, generator=gen) * 1.0
             sched.set_timesteps(steps)
             x = x * sched.init_noise_sigma
+            # Guidance written out, not kernels.sampling.cfg_mix: the reference shares no engine code.
             for t in sched.timesteps:
                 inp = sched.scale_model_input(x, t)
                 out = unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
@@ -115,12 +116,78 @@ def fresh_process(graph_path: Path, cache: Path, out: Path) -> dict:
     return result
 
 
+def _cold_run(executor, graph, out: Path):
+    """One run with the engine's caches emptied: (seconds, report)."""
+    executor.memory.clear()
+    executor.traces.clear()
+    t = time.perf_counter()
+    report = executor.run(graph, output_dir=out)
+    return time.perf_counter() - t, report
+
+
+def measure_overhead(executor, graph, reference, repeats: int, out: Path) -> tuple[bool, dict]:
+    """1. The engine vs a hand-written loop, the model loaded once for both: (pixels identical,
+    medians of interleaved repeats)."""
+    import torch
+
+    from app.engine import EngineEvents
+    from kernels.images import resize
+
+    captured = {}
+    events = EngineEvents(images=lambda nid, im, paths: captured.__setitem__("image", im))
+    executor.run(graph, events=events, output_dir=out)  # load the model once
+    ref_image = reference()
+    ref_scaled = resize(ref_image, ref_image.shape[2] * 4, ref_image.shape[1] * 4, "bicubic")
+    identical = bool(torch.equal(captured["image"], ref_scaled))
+    assert identical, "engine pixels differ from the hand-written loop"
+    engine_times, loop_times = [], []
+    for _ in range(repeats):
+        engine_times.append(_cold_run(executor, graph, out)[0])
+        t = time.perf_counter()
+        reference()
+        loop_times.append(time.perf_counter() - t)
+    engine_s, loop_s = statistics.median(engine_times), statistics.median(loop_times)
+    return identical, {"engine_s": round(engine_s, 4), "hand_loop_s": round(loop_s, 4),
+                       "ratio": round(engine_s / loop_s, 4), "target": 1.03}
+
+
+def measure_edits(executor, graph, ids: dict, out: Path) -> tuple[dict, dict]:
+    """2. A full run vs re-running after editing the last computing node (the scale factor);
+    3. a no-op upstream edit (whitespace in the prompt)."""
+    full_s, _ = _cold_run(executor, graph, out)
+    graph.set_param(ids["scale"], "factor", 3.0)
+    t = time.perf_counter()
+    last_report = executor.run(graph, output_dir=out)
+    last_s = time.perf_counter() - t
+    graph.set_param(ids["text"], "text", PROMPT.replace(" ", "  ") + " ")
+    noop = executor.run(graph, output_dir=out)
+    return ({"full_run_s": round(full_s, 4), "edit_run_s": round(last_s, 4),
+             "ratio": round(last_s / full_s, 4), "ran": [last_report.nodes[n].title for n in last_report.ran()],
+             "target": 0.05},
+            {"sampler_steps": noop.sampler_steps, "ran": [noop.nodes[n].title for n in noop.ran()], "target": 0})
+
+
+def measure_fresh_process(graph, tmp: Path) -> dict:
+    """4. A new process on an empty disk tier vs one on the warm tier the first one left."""
+    from app.graph import save
+
+    path = tmp / "bench.loom"
+    save(graph, path)
+    cold = fresh_process(path, tmp / "cache", tmp / "out1")
+    warm = fresh_process(path, tmp / "cache", tmp / "out2")
+    return {"cold_run_s": round(cold["run_seconds"], 4), "warm_run_s": round(warm["run_seconds"], 4),
+            "ratio": round(warm["run_seconds"] / cold["run_seconds"], 4),
+            "cold_wall_s": round(cold["wall_seconds"], 3), "warm_wall_s": round(warm["wall_seconds"], 3),
+            "wall_ratio": round(warm["wall_seconds"] / cold["wall_seconds"], 4),
+            "warm_statuses": warm["statuses"], "warm_sampler_steps": warm["sampler_steps"],
+            "target": 0.15}
+
+
 def main() -> None:
     import torch
 
-    from app.engine import EngineEvents, Executor
-    from app.graph import save
     from app.cli import set_threads
+    from app.engine import Executor
     from kernels.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser()
@@ -136,68 +203,15 @@ def main() -> None:
         model = build_tiny_model(str(tmp / "tiny"), kind="latent")
         args.size = max(args.size, 64)
 
-    # 1. overhead vs a hand-written loop (model loaded once for both; engine caches cleared)
     reference = hand_written_loop(model, args.steps, args.size, tmp)
     graph, ids = build_graph(model, args.steps, args.size)
     executor = Executor(device="cpu", disk_cache=False)
-    captured = {}
-    events = EngineEvents(images=lambda nid, im, paths: captured.__setitem__("image", im))
-    executor.run(graph, events=events, output_dir=tmp / "out")  # load the model once
-    from kernels.images import resize
-
-    ref_image = reference()
-    ref_scaled = resize(ref_image, ref_image.shape[2] * 4, ref_image.shape[1] * 4, "bicubic")
-    identical = bool(torch.equal(captured["image"], ref_scaled))
-    assert identical, "engine pixels differ from the hand-written loop"
-    engine_times, loop_times = [], []
-    for _ in range(args.repeats):
-        executor.memory.clear()
-        executor.traces.clear()
-        t = time.perf_counter()
-        executor.run(graph, output_dir=tmp / "out")
-        engine_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        reference()
-        loop_times.append(time.perf_counter() - t)
-    engine_s, loop_s = statistics.median(engine_times), statistics.median(loop_times)
-
-    # 2. full run vs editing the last computing node (the scale factor)
-    executor.memory.clear()
-    executor.traces.clear()
-    t = time.perf_counter()
-    executor.run(graph, output_dir=tmp / "out")
-    full_s = time.perf_counter() - t
-    graph.set_param(ids["scale"], "factor", 3.0)
-    t = time.perf_counter()
-    last_report = executor.run(graph, output_dir=tmp / "out")
-    last_s = time.perf_counter() - t
-
-    # 3. no-op upstream edit: whitespace in the prompt
-    graph.set_param(ids["text"], "text", PROMPT.replace(" ", "  ") + " ")
-    noop = executor.run(graph, output_dir=tmp / "out")
-
-    # 4. fresh process: empty disk tier vs warm disk tier
-    path = tmp / "bench.loom"
-    save(graph, path)
-    cold = fresh_process(path, tmp / "cache", tmp / "out1")
-    warm = fresh_process(path, tmp / "cache", tmp / "out2")
-
+    identical, overhead = measure_overhead(executor, graph, reference, args.repeats, tmp / "out")
+    last_node_edit, noop_upstream_edit = measure_edits(executor, graph, ids, tmp / "out")
     print(json.dumps({
         "model": model, "steps": args.steps, "size": args.size, "torch_threads": torch.get_num_threads(),
-        "pixels_identical": identical,
-        "overhead": {"engine_s": round(engine_s, 4), "hand_loop_s": round(loop_s, 4),
-                     "ratio": round(engine_s / loop_s, 4), "target": 1.03},
-        "last_node_edit": {"full_run_s": round(full_s, 4), "edit_run_s": round(last_s, 4),
-                           "ratio": round(last_s / full_s, 4), "ran": [last_report.nodes[n].title for n in last_report.ran()],
-                           "target": 0.05},
-        "noop_upstream_edit": {"sampler_steps": noop.sampler_steps,
-                               "ran": [noop.nodes[n].title for n in noop.ran()], "target": 0},
-        "fresh_process": {"cold_run_s": round(cold["run_seconds"], 4), "warm_run_s": round(warm["run_seconds"], 4),
-                          "ratio": round(warm["run_seconds"] / cold["run_seconds"], 4),
-                          "cold_wall_s": round(cold["wall_seconds"], 3), "warm_wall_s": round(warm["wall_seconds"], 3),
-                          "wall_ratio": round(warm["wall_seconds"] / cold["wall_seconds"], 4),
-                          "warm_statuses": warm["statuses"], "warm_sampler_steps": warm["sampler_steps"],
-                          "target": 0.15},
+        "pixels_identical": identical, "overhead": overhead, "last_node_edit": last_node_edit,
+        "noop_upstream_edit": noop_upstream_edit, "fresh_process": measure_fresh_process(graph, tmp),
     }, indent=2))
 
 

@@ -14,13 +14,15 @@ allows. FLUX folders are refused with a clear message: not supported yet.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
+
+from kernels.files import path_fingerprint
+from kernels.hashing import key_of
 
 # Components a text-to-image folder may name that sampling never uses.
 IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
@@ -32,10 +34,6 @@ SD3_PIPELINES = {"StableDiffusion3Pipeline"}
 
 class ModelLoadError(RuntimeError):
     """A model folder that cannot be loaded; the message names the folder and what is wrong."""
-
-
-def _key_hash(*parts: Any) -> str:
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,9 @@ class ModelBundle:
 
     @property
     def is_flow(self) -> bool:
-        return str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+        from kernels.sampling import is_flow_config  # diffusers' schedulers load only when asked
+
+        return is_flow_config(self.scheduler_config)
 
     @property
     def in_channels(self) -> int:
@@ -60,7 +60,7 @@ class ModelBundle:
         return replace(self, patches=self.patches + (patch,))
 
     def content_key(self) -> str:
-        return _key_hash("MODEL", self.load_key, tuple(p.cache_key() for p in self.patches))
+        return key_of("MODEL", self.load_key, tuple(p.cache_key() for p in self.patches))
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class TextEncoderBundle:
         return replace(self, patches=self.patches + (patch,))
 
     def content_key(self) -> str:
-        return _key_hash("CLIP", self.load_key, tuple(p.cache_key() for p in self.patches))
+        return key_of("CLIP", self.load_key, tuple(p.cache_key() for p in self.patches))
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class VaeBundle:
     scale_factor: int = 1
 
     def content_key(self) -> str:
-        return _key_hash("VAE", self.load_key)
+        return key_of("VAE", self.load_key)
 
     def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.vae is None:
@@ -126,14 +126,10 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
 
 
-def folder_fingerprint(path: str) -> tuple:
-    """(path, newest mtime, total size) of the files under a model folder."""
-    newest, total = 0, 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            st = os.stat(os.path.join(root, f))
-            newest, total = max(newest, st.st_mtime_ns), total + st.st_size
-    return (os.path.abspath(path), newest, total)
+def model_folder_key(path: str, dtype, device: str) -> str:
+    """What a loaded model is, for the keys of its bundles: the folder's files (any change on
+    disk gives a new key), the dtype and the device."""
+    return key_of(path_fingerprint(os.path.abspath(path)), str(dtype), device)
 
 
 def _component_class(library: str, class_name: str, folder: str, name: str):
@@ -242,7 +238,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
     _check_components(path, index, SUPPORTED_COMPONENTS,
                       "Loomwork loads UNet text-to-image folders: SD 1.x/2.x and pixel-space "
                       "models, and SD3 folders")
-    load_key = _key_hash(folder_fingerprint(path), str(dtype), device)
+    load_key = model_folder_key(path, dtype, device)
     parts = _load_components(path, index, ("unet", "text_encoder", "tokenizer", "vae"), dtype, device)
     for required in ("unet", "text_encoder", "tokenizer"):
         if required not in parts:
@@ -261,7 +257,7 @@ def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
 
     _check_components(path, index, SD3_COMPONENTS, "an SD3 folder has transformer, vae, "
                       "scheduler, text_encoder(_2, _3) and tokenizer(_2, _3)")
-    load_key = _key_hash(folder_fingerprint(path), str(dtype), device)
+    load_key = model_folder_key(path, dtype, device)
     parts = _load_components(path, index, sorted(SD3_COMPONENTS - {"scheduler"}), dtype, device)
     for required in ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         if required not in parts:

@@ -16,30 +16,15 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Optional
 
+import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    LCMScheduler,
-    UniPCMultistepScheduler,
-)
 
-# name -> (scheduler class, config overrides). Names are what graphs store: never rename one
-# without a node migration.
+# The one table of scheduler names lives without torch, for node declarations; re-exported here.
+from kernels.scheduler_names import FLOW_SCHEDULERS, SCHEDULER_CLASSES, SCHEDULER_NAMES  # noqa: F401
+
+# name -> (scheduler class, config overrides)
 SCHEDULERS: dict[str, tuple[type, dict]] = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-    "flow_match_euler": (FlowMatchEulerDiscreteScheduler, {}),
-}
-FLOW_SCHEDULERS = {"flow_match_euler"}
-SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)  # what node declarations offer
+    name: (getattr(diffusers, class_name), overrides) for name, (class_name, overrides) in SCHEDULER_CLASSES.items()}
 
 ProgressFn = Callable[[int, int, torch.Tensor], None]
 

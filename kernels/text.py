@@ -34,6 +34,9 @@ class Conditioning:
     `empty` is the same encoder's embedding of "" so a sampler can guide without a negative;
     `pooled`/`empty_pooled` are the pooled projections an MM-DiT (SD3) also takes. `links` holds,
     for each word occurrence, every position it took across the encoders of a joint sequence.
+
+    Declared storable in kernels.storage, so the disk cache keeps it between runs: every field
+    stays a tensor or plain data.
     """
 
     embeds: torch.Tensor

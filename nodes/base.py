@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
+
+from kernels.files import path_fingerprint
 
 
 # -- port types ------------------------------------------------------------------------------
@@ -310,19 +312,5 @@ class Node:
         raise NotImplementedError
 
 
-def file_fingerprint(path: str) -> Any:
-    """Size and mtime of a file, or of every file under a folder: enough to notice a change."""
-    import os
-
-    if not path or not os.path.exists(path):
-        return ("missing", path)
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return (path, st.st_size, st.st_mtime_ns)
-    entries = []
-    for root, _dirs, files in os.walk(path):
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            entries.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
-    return (path, sorted(entries))
+# The former name of kernels.files.path_fingerprint: node modules still import it from here.
+file_fingerprint = path_fingerprint

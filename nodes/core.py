@@ -1,16 +1,18 @@
 """Core nodes: load a model, encode text, make/sample/decode latents, load/save/preview images.
 
-Kernels (and so torch) are imported inside `run`: the catalogue itself must import fast, since
+Kernels that load torch are imported inside `run`: the catalogue itself must import fast, since
 the app builds its palette and inspector from it before torch is loaded.
 """
 
 from __future__ import annotations
 
+from kernels.files import path_fingerprint
+from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free, unlike kernels.sampling
+
 from .base import (CLIP, CONDITIONING, IMAGE, LATENT, MASK, MODEL, VAE, Bool, Choice, Float, Int,
-                   Node, NodeError, Path, Seed, String, file_fingerprint)
+                   Node, NodeError, Path, Seed, String)
 from .registry import register
 
-SCHEDULER_NAMES = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "lcm", "flow_match_euler")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -29,7 +31,7 @@ class LoadModel(Node):
 
     @classmethod
     def fingerprint(cls, params, ctx):
-        return file_fingerprint(ctx.resolve_path(params["path"]))
+        return path_fingerprint(ctx.resolve_path(params["path"]))
 
     def run(self, ctx, path, dtype):
         from kernels.models import ModelLoadError, load_model_folder
@@ -209,7 +211,7 @@ class LoadImage(Node):
 
     @classmethod
     def fingerprint(cls, params, ctx):
-        return file_fingerprint(ctx.resolve_path(params["path"]))
+        return path_fingerprint(ctx.resolve_path(params["path"]))
 
     def run(self, ctx, path):
         from PIL import Image, UnidentifiedImageError

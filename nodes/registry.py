@@ -1,4 +1,9 @@
-"""The node registry: every node type by its type name."""
+"""The node registry: every node type by its type name.
+
+Node modules register their classes here when they are imported (the `nodes` package imports the
+built-in ones, none of which loads torch); the registry imports no node module, so the
+dependency goes one way.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ def register(cls: type[Node]) -> type[Node]:
 
 
 def get(name: str) -> Optional[type[Node]]:
-    _load_builtin()
     return _REGISTRY.get(name)
 
 
@@ -31,16 +35,4 @@ def add_node(graph, type_name: str, params: Optional[dict] = None, **kwargs):
 
 
 def all_types() -> dict[str, type[Node]]:
-    _load_builtin()
     return dict(sorted(_REGISTRY.items()))
-
-
-_loaded = False
-
-
-def _load_builtin() -> None:
-    # Imported on first use so that `import nodes.registry` stays cheap (no torch) for the UI.
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import core, erasers, layout  # noqa: F401

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from app.graph import Graph, dumps, load, save
+from app.graph import Graph, load, save
 from conftest import txt2img_graph
 from nodes import registry
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ("LoadModel", "TextEncode", "EmptyLatent", "Sampler", "VAEEncode", "VAEDecode", "LoadImage",
-        "SaveImage", "PreviewImage")
+# Every node type nodes/core.py declares, read from the registry so a new one is not left out.
+CORE = tuple(name for name, cls in registry.all_types().items() if cls.__module__ == "nodes.core")
 STATUSES = {"ran", "cached-memory", "cached-disk", "failed", "skipped"}
 
 
@@ -62,6 +62,8 @@ def _by_title(rep: dict) -> dict[str, dict]:
 
 # -- nodes -------------------------------------------------------------------------------------
 def test_nodes_lists_every_core_node_with_ports_and_params(capsys):
+    assert set(CORE) >= {"LoadModel", "TextEncode", "EmptyLatent", "Sampler", "VAEEncode", "VAEDecode",
+                         "LoadImage", "ImageScale", "SaveImage", "PreviewImage"}
     assert main(["nodes"]) == 0
     out = capsys.readouterr().out
     blocks: dict[str, str] = {}

@@ -30,7 +30,7 @@ class TestValue(Node):
 
     def run(self, ctx, value):
         import torch
-        _count(f"value")
+        _count("value")
         return {"out": torch.full((1, 1, 1, 1), float(value))}
 
 
@@ -85,6 +85,18 @@ class TestFail(Node):
     def run(self, ctx, a):
         _count("fail")
         raise NodeError("this node always fails")
+
+
+@register
+class TestBug(Node):
+    """A node with a bug in it: raises something other than a NodeError."""
+    category = "test"
+    inputs = {"a": IMAGE}
+    outputs = {"out": IMAGE}
+
+    def run(self, ctx, a):
+        _count("bug")
+        return {"out": a * (1 / 0)}
 
 
 @register
@@ -217,14 +229,23 @@ def test_failure_is_isolated_to_its_cone(executor):
 
 
 def test_node_raising_a_bug_reports_traceback_without_crashing(executor):
+    """A bug (not a NodeError) fails its node with the exception and its traceback in the report;
+    the independent branch still runs."""
     g = Graph()
-    v = g.add_node("TestValue", {"value": 1.0})
-    m = g.add_node("TestMod", {"modulus": 0.0}, pos=(100, 0))  # x % 0 on a tensor gives nan, fine
-    s = g.add_node("TestSink", {}, pos=(200, 0))
-    g.connect(v.id, "out", m.id, "a")
-    g.connect(m.id, "out", s.id, "a")
+    v, a, s = chain(g)
+    bug = g.add_node("TestBug", {}, pos=(100, 200))
+    after = g.add_node("TestSink", {"tag": 2}, pos=(200, 200))
+    g.connect(v.id, "out", bug.id, "a")
+    g.connect(bug.id, "out", after.id, "a")
     report = executor.run(g)
-    assert report.ok
+    rep = report.nodes[bug.id]
+    assert report.status(bug.id) == "failed" and not report.ok
+    assert rep.error == "ZeroDivisionError: division by zero"
+    assert rep.traceback.startswith("Traceback (most recent call last)")
+    assert "in run" in rep.traceback and "1 / 0" in rep.traceback  # the node's own frame
+    assert rep.traceback.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "traceback" not in rep.as_json()  # reports name the error; tracebacks are for --debug
+    assert report.status(after.id) == "skipped" and report.status(s.id) == "ran"
 
 
 def test_invalid_node_fails_but_others_run(executor):
@@ -344,20 +365,23 @@ print(json.dumps(report.as_json()))
 """
 
 
+def _run_in_a_fresh_process(graph_path: Path, out_dir: Path, cache_dir: Path) -> dict:
+    """The run report of `graph_path` run by a new Python process on the disk cache `cache_dir`."""
+    env = {**os.environ, "LOOMWORK_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", DISK_SCRIPT, str(graph_path), str(out_dir)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_disk_tier_is_hit_from_a_second_process(tiny_pixel_model, tmp_path):
     from conftest import txt2img_graph
 
     g, ids = txt2img_graph(tiny_pixel_model, steps=3)
     path = tmp_path / "g.loom"
     save(g, path)
-    env = {**os.environ, "LOOMWORK_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    root = Path(__file__).resolve().parents[1]
-    reports = []
-    for i in range(2):
-        out = subprocess.run([sys.executable, "-c", DISK_SCRIPT, str(path), str(tmp_path / f"out{i}")],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    reports = [_run_in_a_fresh_process(path, tmp_path / f"out{i}", tmp_path / "cache") for i in range(2)]
     first, second = ({n["title"]: n["status"] for n in r["nodes"]} for r in reports)
     assert set(first.values()) == {"ran"}
     assert reports[1]["sampler_steps"] == 0
@@ -365,6 +389,57 @@ def test_disk_tier_is_hit_from_a_second_process(tiny_pixel_model, tmp_path):
     assert second["Load"] == "cached-disk"  # the model was not even loaded
     assert second["Save"] == "ran"
     assert (tmp_path / "out1" / "test_00001.png").exists()
+
+
+def test_a_restart_reads_conditioning_from_disk_instead_of_encoding_again(tiny_pixel_model, tmp_path):
+    """A new process that must re-run the sampler takes the prompt's conditioning from the disk
+    cache, before anything in that process has imported the conditioning's class."""
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph(tiny_pixel_model, steps=3)
+    Executor(device="cpu", disk_cache=tmp_path / "cache").run(g, output_dir=tmp_path / "out0")
+    g.set_param(ids["sampler"], "steps", 2)
+    path = tmp_path / "g.loom"
+    save(g, path)
+    report = _run_in_a_fresh_process(path, tmp_path / "out1", tmp_path / "cache")
+    status = {n["title"]: n["status"] for n in report["nodes"]}
+    assert status["Prompt"] == "cached-disk"  # read back, not encoded again
+    assert status["Sampler"] == "ran" and report["sampler_steps"] == 2
+    assert report["ok"]
+
+
+def test_conditioning_round_trips_through_the_disk_cache_exactly(tmp_path):
+    import torch
+
+    from app.engine.cache import DiskCache
+    from kernels.text import Conditioning
+
+    cond = Conditioning(embeds=torch.randn(1, 4, 8), prompt="a red circle", words={"red": (2,), "a": (1, 5)},
+                        empty=torch.randn(1, 4, 8), pooled=torch.randn(1, 6), links=((2, 79), (3, 80)))
+    DiskCache(tmp_path).put("k1", {"conditioning": "hash"}, {"conditioning": cond, "n": 3})
+    back = DiskCache(tmp_path).get("k1")  # a new cache object: nothing held in memory
+    assert back["n"] == 3
+    got = back["conditioning"]
+    assert type(got) is Conditioning
+    assert got.prompt == cond.prompt and got.words == cond.words and got.links == cond.links
+    for name in ("embeds", "empty", "pooled"):
+        assert torch.equal(getattr(got, name), getattr(cond, name)), name
+    assert got.empty_pooled is None
+
+
+def test_a_dataclass_not_declared_storable_keeps_only_its_trace_on_disk(tmp_path):
+    from dataclasses import dataclass
+
+    from app.engine.cache import DiskCache
+
+    @dataclass
+    class Scratch:
+        value: int
+
+    cache = DiskCache(tmp_path)
+    cache.put("k2", {"out": "hash"}, {"out": Scratch(1)})
+    assert cache.trace("k2") == {"out": "hash"}  # downstream keys can still be computed
+    assert not cache.has_values("k2") and cache.get("k2") is None
 
 
 def test_memory_cache_evicts_big_cheap_results_before_small_slow_ones():

@@ -1,25 +1,29 @@
 """Core nodes and the sampling kernel on tiny random models (nothing downloaded)."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from app.engine import EngineEvents, Executor
-from app.graph import Graph
 from kernels.models import ModelLoadError, load_model_folder
-from kernels.sampling import SCHEDULERS, SchedulerMismatch, make_scheduler, sample
+from kernels.sampling import FLOW_SCHEDULERS, SCHEDULERS, SchedulerMismatch, make_scheduler, sample
 from kernels.text import encode_text
 from nodes.registry import add_node
 
-DDPM_SCHEDULERS = [s for s in SCHEDULERS if s != "flow_match_euler"]
+DDPM_SCHEDULERS = [s for s in SCHEDULERS if s not in FLOW_SCHEDULERS]
 
 
 @pytest.fixture(scope="module")
 def pixel(tiny_pixel_model):
     return load_model_folder(tiny_pixel_model)
+
+
+def test_sampler_node_offers_exactly_the_samplers_schedulers():
+    from nodes.core import Sampler
+
+    assert tuple(Sampler.params["scheduler"].options) == tuple(SCHEDULERS)
+    assert Sampler.params["scheduler"].default in SCHEDULERS
 
 
 @pytest.mark.parametrize("name", DDPM_SCHEDULERS)
@@ -96,11 +100,16 @@ def test_previews_arrive_during_sampling(tiny_pixel_model, tmp_path):
     from conftest import txt2img_graph
 
     g, ids = txt2img_graph(tiny_pixel_model, steps=3)
-    previews = []
-    events = EngineEvents(preview=lambda nid, im: previews.append((nid, im.shape)))
+    events_seen = []  # previews and node states, in the order they arrive
+    events = EngineEvents(preview=lambda nid, im: events_seen.append(("preview", nid, im.shape)),
+                          node_state=lambda nid, state, info: events_seen.append((state, nid, None)))
     Executor(device="cpu", disk_cache=False).run(g, events=events, output_dir=tmp_path)
-    assert previews and all(nid == ids["sampler"] for nid, _ in previews)
-    assert previews[-1][1] == (1, 16, 16, 3)
+    previews = [(i, nid, shape) for i, (kind, nid, shape) in enumerate(events_seen) if kind == "preview"]
+    assert previews and all(nid == ids["sampler"] for _, nid, _ in previews)
+    assert previews[-1][2] == (1, 16, 16, 3)
+    started = events_seen.index(("running", ids["sampler"], None))
+    finished = events_seen.index(("done", ids["sampler"], None))
+    assert started < previews[0][0] and previews[-1][0] < finished  # while the sampler runs
 
 
 def test_save_image_embeds_the_graph(tiny_pixel_model, tmp_path):

@@ -67,6 +67,8 @@ def test_oracle_command_prints_json(tmp_path, capsys):
     (obj,) = result["objects"]
     assert obj["colour"] == scene.objects[0].colour and obj["shape"] == scene.objects[0].shape
     assert main(["oracle", str(tmp_path / "missing.png")]) == 1
+    (missing,) = json.loads(capsys.readouterr().out)
+    assert missing["image"] == str(tmp_path / "missing.png") and "error" in missing
 
 
 def test_oracle_module_main_prints_json(tmp_path, capsys):

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from kernels.shapes.world import (cell_bounds, downsample, generate_batch, render_array, sample,
-                                  sample_scene)
+from kernels.shapes.world import cell_bounds, downsample, generate_batch, sample, sample_scene
 
 
 def test_generator_is_deterministic():
@@ -17,6 +16,7 @@ def test_generator_is_deterministic():
 def test_same_seed_same_scene_pixels_and_caption_at_64px():
     first = [sample(np.random.default_rng(42)) for _ in range(2)]
     (img_a, cap_a, scene_a), (img_b, cap_b, scene_b) = first
+    assert img_a.shape == (64, 64, 3)
     assert np.array_equal(img_a, img_b) and cap_a == cap_b and scene_a.to_dict() == scene_b.to_dict()
     img_c, cap_c, _ = sample(np.random.default_rng(43))
     assert not np.array_equal(img_a, img_c)

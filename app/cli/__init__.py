@@ -152,8 +152,8 @@ def cmd_run(args) -> int:
 
 
 def _problems(graph):
-    from app.graph import validate
     from app.engine import Executor
+    from app.graph import validate
     from nodes import registry
 
     return validate(graph, registry.get, set(Executor.output_nodes(graph)) or None)
@@ -197,10 +197,12 @@ def cmd_nodes(args) -> int:
 
 def cmd_oracle(args) -> int:
     try:
-        from kernels.shapes.oracle import main as oracle_main
+        from kernels.shapes.oracle import detect_in_files
     except ImportError as exc:
         raise UsageError(f"the shapes oracle is not available: {exc}") from None
-    return oracle_main(args.images) or EXIT_OK
+    results = detect_in_files(args.images)
+    print(json.dumps(results, indent=2))
+    return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """The engine's caches: results in memory (byte budget, cost-aware eviction), results on disk
-(images, latents, conditioning, bounded), and traces (cache key -> output content hashes).
+(tensors, plain data and the dataclasses kernels.storage declares storable, such as
+conditioning; bounded), and traces (cache key -> output content hashes).
 
 Traces are what make early cutoff and lazy reuse work: knowing a node's output hashes is enough
 to compute its downstream keys, so an unchanged upstream never has to be loaded or run.
@@ -16,6 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from kernels.files import atomic_write
+from kernels.storage import storable_class, storage_name
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +88,6 @@ class NotStorable(TypeError):
     pass
 
 
-def _storable_classes() -> dict[str, type]:
-    # Only these dataclasses are rebuilt from disk: cache files are read as data, never as code.
-    from kernels.text import Conditioning
-
-    return {"Conditioning": Conditioning}
-
-
 def _encode(value: Any, tensors: dict) -> Any:
     import torch
 
@@ -99,11 +96,11 @@ def _encode(value: Any, tensors: dict) -> Any:
         tensors[name] = value.detach().cpu().contiguous()
         return {"$t": name}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        cls = type(value).__name__
-        if cls not in _storable_classes():
-            raise NotStorable(cls)
-        return {"$c": cls, "f": {f.name: _encode(getattr(value, f.name), tensors)
-                                for f in dataclasses.fields(value)}}
+        name = storage_name(value)  # only dataclasses the kernels declare storable
+        if name is None:
+            raise NotStorable(type(value).__name__)
+        return {"$c": name, "f": {f.name: _encode(getattr(value, f.name), tensors)
+                                 for f in dataclasses.fields(value)}}
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise NotStorable("dict with non-string keys")
@@ -120,7 +117,7 @@ def _decode(obj: Any, tensors: dict) -> Any:
         if "$t" in obj:
             return tensors[obj["$t"]]
         if "$c" in obj:
-            cls = _storable_classes()[obj["$c"]]
+            cls = storable_class(obj["$c"])
             return cls(**{k: _decode(v, tensors) for k, v in obj["f"].items()})
         if "$d" in obj:
             return {k: _decode(v, tensors) for k, v in obj["$d"].items()}
@@ -198,14 +195,12 @@ class DiskCache:
         try:
             meta_path.parent.mkdir(parents=True, exist_ok=True)
             added = 0
+            # Unique temporary names: two processes writing the same entry never clobber each
+            # other's half-written file. No fsync: an entry lost in a power cut is recomputed.
             if tensors:
-                tmp = data_path.with_suffix(".tmp")
-                save_file(tensors, str(tmp))
-                os.replace(tmp, data_path)
+                atomic_write(data_path, lambda tmp: save_file(tensors, tmp), durable=False)
                 added += data_path.stat().st_size
-            tmp = meta_path.with_suffix(".jtmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_path)
+            atomic_write(meta_path, json.dumps(meta).encode("utf-8"), durable=False)
             added += meta_path.stat().st_size
         except OSError as exc:  # a full disk must not fail the run
             log.warning("cannot write disk cache entry %s: %s", key, exc)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from app.graph import CycleError, Graph, dumps, validate
 from app.graph.png import png_bytes
-from app.graph.fileformat import atomic_write
+from kernels.files import atomic_write
 from nodes import registry
 from nodes.base import NodeError
 
@@ -275,7 +275,7 @@ class Executor:
             order = graph.topological_order(cone - set(stuck))
             for nid in stuck:
                 run.blocked[nid] = (f"{graph.nodes[nid].label}: is on a cycle" if nid in exc.on_cycle
-                                    else f"not run: it is fed through a cycle")
+                                    else "not run: it is fed through a cycle")
         for nid in order + stuck:
             node = graph.nodes[nid]
             run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)

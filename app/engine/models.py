@@ -1,4 +1,4 @@
-"""The model manager: loads each model once per (folder, files' mtimes, dtype, device)."""
+"""The model manager: loads each model once per (folder, its files' sizes and mtimes, dtype, device)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ class ModelManager:
     def __init__(self, device: str = "cpu", max_models: int = 3):
         self.device = device
         self.max_models = max_models
-        self._loaded: "OrderedDict[tuple, Any]" = OrderedDict()
+        self._loaded: "OrderedDict[str, Any]" = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # how many times a loader actually ran (tests and benches read it)
 
     def load(self, folder: str, dtype: str, loader: Callable[..., Any]) -> Any:
         import torch
 
-        from kernels.models import folder_fingerprint
+        from kernels.models import model_folder_key
 
-        key = (folder_fingerprint(folder), dtype, self.device)
+        key = model_folder_key(folder, dtype, self.device)
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)

@@ -19,22 +19,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
+# The one atomic write (standard library only, so this layer stays free of torch); the UI's
+# session store imports it from here too.
+from kernels.files import atomic_write
+
 from .document import Edge, Graph, Group, Node
+from .errors import GraphFileError
+from .png import PNG_SIGNATURE, read_graph_text
 
 FORMAT_NAME = "loomwork.graph"
 FORMAT_VERSION = 2
-
-
-class GraphFileError(ValueError):
-    """A file that cannot be read as a graph. The message names the file and the problem."""
-
-    def __init__(self, message: str, path: Optional[os.PathLike | str] = None):
-        self.path = str(path) if path is not None else None
-        super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
 class NodeTypeInfo(Protocol):
@@ -241,9 +238,6 @@ def loads(text: str, catalog: Optional[Catalog] = None, *, path=None) -> Graph:
         raise
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
     """Open a `.loom` file, or a PNG that Loomwork saved (its graph is in a text chunk)."""
     path = Path(path)
@@ -256,7 +250,6 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
     except OSError as exc:
         raise GraphFileError(f"cannot read: {exc.strerror}", path) from None
     if data.startswith(PNG_SIGNATURE):
-        from .png import read_graph_text
         text = read_graph_text(path)
     else:
         if not data.strip():
@@ -266,48 +259,6 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
         except UnicodeDecodeError:
             raise GraphFileError("not a text file (not UTF-8); a .loom file is JSON", path) from None
     return loads(text, catalog, path=path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import (umask is process-wide; setting it later, while a worker thread may be
-# creating files, would be a race).
-_NEW_FILE_MODE = 0o666 & ~_umask()
-
-
-def atomic_write(path: os.PathLike | str, data: bytes, durable: bool = True) -> None:
-    """Write via a temporary file in the same folder and rename: a failed save keeps the old file.
-
-    `durable` also fsyncs before the rename, so the file survives a power cut; rendered images
-    (which a re-run can make again) skip it, as it costs tens of milliseconds per file.
-
-    The file gets the permissions a plain write would give it (the old file's, or the umask's
-    for a new one), not mkstemp's private 0600.
-    """
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except OSError:
-        mode = _NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save(graph: Graph, path: os.PathLike | str) -> None:

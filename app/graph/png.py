@@ -1,19 +1,34 @@
-"""The graph inside the PNGs Loomwork saves: an iTXt chunk keyed `loomwork.graph`."""
+"""The graph inside the PNGs Loomwork saves: an iTXt chunk keyed `loomwork.graph`.
+
+Pillow writes and reads the chunk. It is imported on first use, so loading a `.loom` file never
+loads it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import zlib
-from typing import Optional
+import struct
+import threading
+from typing import TYPE_CHECKING, Iterator, Optional
 
-from PIL import Image, PngImagePlugin
+from .errors import GraphFileError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PNG_KEY = "loomwork.graph"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Bounds for reading: a graph is text, so anything near these is a damaged or hostile file.
+MAX_GRAPH_BYTES = 64 << 20
 
 
-def png_bytes(image: Image.Image, graph_text: Optional[str], extra: Optional[dict[str, str]] = None) -> bytes:
+def png_bytes(image: "Image.Image", graph_text: Optional[str], extra: Optional[dict[str, str]] = None) -> bytes:
     """Encode `image` as PNG carrying the graph JSON (and any extra text fields)."""
+    from PIL import PngImagePlugin
+
     info = PngImagePlugin.PngInfo()
     if graph_text is not None:
         info.add_itxt(PNG_KEY, graph_text, zip=True)
@@ -24,79 +39,66 @@ def png_bytes(image: Image.Image, graph_text: Optional[str], extra: Optional[dic
     return buf.getvalue()
 
 
-# Bounds for reading: a graph is text, so anything near these is a damaged or hostile file.
-MAX_GRAPH_BYTES = 64 << 20
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow's text limits are module settings; reads that raise them take turns.
+_TEXT_LIMITS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _graph_sized_text_limits() -> Iterator[None]:
+    """Pillow's text-chunk limits raised to a graph's size for one read, then put back: by
+    default it refuses text that inflates past 1 MB, less than a big graph we wrote ourselves."""
+    from PIL import PngImagePlugin
+
+    with _TEXT_LIMITS_LOCK:
+        saved = PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY
+        PngImagePlugin.MAX_TEXT_CHUNK = max(saved[0], MAX_GRAPH_BYTES)
+        PngImagePlugin.MAX_TEXT_MEMORY = max(saved[1], 2 * MAX_GRAPH_BYTES)  # the graph and other text
+        try:
+            yield
+        finally:
+            PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = saved
+
+
+def _text_after_image_data(image) -> Optional[str]:
+    """The graph of a PNG whose text chunks follow the image data (some tools move them there):
+    Pillow reads those only while decoding the pixels, which a pixel bomb must not get to."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        return None
+    image.load()
+    return image.text.get(PNG_KEY)
+
+
+def _problem(exc: BaseException) -> str:
+    """Pillow's complaint about a PNG, as the sentence a person reads."""
+    if isinstance(exc, ValueError) and "MAX_TEXT" in str(exc):  # the text limit it hit, by name
+        return f"its text is larger than {MAX_GRAPH_BYTES >> 20} MB, more than any graph"
+    if isinstance(exc.__cause__, struct.error) or (isinstance(exc, OSError) and "truncated" in str(exc).lower()):
+        return "a damaged PNG, no Loomwork graph can be read from it: the file is cut short"
+    return f"a damaged PNG, no Loomwork graph can be read from it: {exc}"
 
 
 def read_graph_text(path: os.PathLike | str) -> str:
     """The graph JSON of a PNG Loomwork saved. Raises GraphFileError.
 
-    The chunks are read here rather than through Pillow: Pillow refuses text chunks over
-    1 MB (MAX_TEXT_CHUNK), so a big graph we wrote ourselves could not be read back; and the
-    graph of a PNG whose image data is cut short is still recovered if its own chunk is whole.
+    The graph of a PNG whose image data is cut short is still recovered if its own chunk, which
+    Loomwork writes before the image data, is whole.
     """
-    from .fileformat import GraphFileError
+    from PIL import PngImagePlugin
 
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except OSError as exc:
         raise GraphFileError(f"cannot read: {exc.strerror}", path) from None
     try:
-        text = _find_graph_chunk(data)
-    except _Damaged as exc:
-        raise GraphFileError(f"a damaged PNG: {exc}", path) from None
+        with f, _graph_sized_text_limits(), PngImagePlugin.PngImageFile(f) as image:
+            text = image.info.get(PNG_KEY)  # the text chunks before the image data
+            if text is None:
+                text = _text_after_image_data(image)
+    except (SyntaxError, OSError, ValueError) as exc:  # how Pillow reports a broken or oversized PNG
+        raise GraphFileError(_problem(exc), path) from None
     if text is None:
         raise GraphFileError("this PNG has no Loomwork graph in it", path)
-    return text
-
-
-class _Damaged(ValueError):
-    pass
-
-
-def _find_graph_chunk(data: bytes) -> Optional[str]:
-    if not data.startswith(PNG_SIGNATURE):
-        raise _Damaged("not a PNG signature")
-    pos = len(PNG_SIGNATURE)
-    key = PNG_KEY.encode("latin-1") + b"\0"
-    while pos < len(data):
-        if pos + 8 > len(data):
-            raise _Damaged(f"the file ends inside a chunk header at byte {pos}")
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        ctype = data[pos + 4:pos + 8]
-        end = pos + 8 + length + 4
-        if length > 0x7FFFFFFF or end > len(data):
-            raise _Damaged(f"chunk {ctype!r} at byte {pos} runs past the end of the file")
-        body = data[pos + 8:pos + 8 + length]
-        if zlib.crc32(ctype + body) != int.from_bytes(data[end - 4:end], "big"):
-            raise _Damaged(f"chunk {ctype!r} at byte {pos} fails its checksum")
-        if ctype in (b"iTXt", b"tEXt", b"zTXt") and body.startswith(key):
-            return _chunk_text(ctype, body[len(key):])
-        if ctype == b"IEND":
-            break
-        pos = end
-    return None
-
-
-def _chunk_text(ctype: bytes, rest: bytes) -> str:
-    try:
-        if ctype == b"tEXt":
-            return rest.decode("latin-1")
-        if ctype == b"zTXt":
-            return _inflate(rest[1:]).decode("latin-1")
-        compressed, _method = rest[0], rest[1]
-        _lang, _, rest = rest[2:].partition(b"\0")
-        _translated, _, text = rest.partition(b"\0")
-        return (_inflate(text) if compressed else text).decode("utf-8")
-    except (IndexError, UnicodeDecodeError, zlib.error) as exc:
-        raise _Damaged(f"its graph text cannot be read ({exc})") from None
-
-
-def _inflate(data: bytes) -> bytes:
-    d = zlib.decompressobj()
-    out = d.decompress(data, MAX_GRAPH_BYTES)
-    if d.unconsumed_tail:
-        raise _Damaged(f"its graph text is larger than {MAX_GRAPH_BYTES >> 20} MB")
-    return out
+    return str(text)  # an iTXt chunk comes back as Pillow's str subclass

@@ -207,12 +207,10 @@ def score_prompt(intended: list[dict], image) -> dict:
             "cell": float(np.mean(cell)), "all_right": float(all(colour_shape))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    paths = list(sys.argv[1:] if argv is None else argv)
-    if not paths:
-        print("usage: loomwork oracle IMAGE...", file=sys.stderr)
-        return 2
-    results, status = [], 0
+def detect_in_files(paths: Sequence[str]) -> list[dict]:
+    """One JSON-able record per image file: its size and objects, or the error that kept it from
+    being read."""
+    results = []
     for path in paths:
         try:
             with Image.open(path) as im:
@@ -223,9 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                             "objects": [d.to_dict() for d in detect(arr)]})
         except (OSError, ValueError) as exc:
             results.append({"image": path, "error": str(exc)})
-            status = 1
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: loomwork oracle IMAGE...", file=sys.stderr)
+        return 2
+    results = detect_in_files(paths)
     print(json.dumps(results, indent=2))
-    return status
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from kernels.files import atomic_write
 from kernels.shapes import model as shapes_model
 from kernels.shapes.world import generate_batch
 
@@ -77,15 +79,13 @@ def generate_images(unet, text_encoder, tokenizer, scheduler_config: dict, promp
     """One uint8 HxWx3 image per prompt, each from its own seed, text encoded as the app does
     (padded to max length, no mask, "" as the unconditional prompt)."""
     from kernels.images import model_to_image
-    from kernels.sampling import make_scheduler, sample
+    from kernels.sampling import make_scheduler, sample, seed_noise
 
     ids = tokenizer([p["caption"] for p in prompts] + [""], padding="max_length",
                     max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     hidden = text_encoder(ids).last_hidden_state
     cond, empty = hidden[:-1], hidden[-1:].expand(len(prompts), -1, -1)
-    size = unet.config.sample_size
-    noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["seed"]))
-                         for p in prompts])
+    noise = seed_noise(unet, [p["seed"] for p in prompts])
     x = sample(unet, make_scheduler(scheduler, scheduler_config), cond, empty, noise, steps, cfg,
                torch.Generator().manual_seed(0))
     return (model_to_image(x).numpy() * 255).round().astype(np.uint8)
@@ -133,7 +133,7 @@ def lr_at(step: int, base: float, warmup: int, decay_steps: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--resume", help="start from a model folder (e.g. the shipped weights)")
@@ -150,19 +150,29 @@ def main(argv=None) -> None:
     parser.add_argument("--save-minutes", type=float, default=4.0)
     parser.add_argument("--eval-minutes", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "log.jsonl", "a", buffering=1)
 
-    def emit(record):
-        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        log.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+@dataclass
+class TrainingRun:
+    """What a run trains and checkpoints: the live and EMA models, the optimiser, the counters."""
 
+    workdir: Path
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    ema_unet: Any
+    ema_te: Any
+    params: list
+    opt: torch.optim.Optimizer
+    step: int = 0
+    trained_seconds: float = 0.0
+    best: float = -1.0
+
+
+def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], None]) -> TrainingRun:
+    """New models (or `--resume`'s), then DIR/state.pt over them if an earlier run left one."""
     if args.resume:
         from kernels.models import load_model_folder
         mb, cb, _ = load_model_folder(args.resume)
@@ -177,110 +187,152 @@ def main(argv=None) -> None:
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step, trained_seconds, best = 0, 0.0, -1.0
+    run = TrainingRun(workdir, unet, text_encoder, tokenizer, scheduler, ema_unet, ema_te, params, opt)
     state_path = workdir / "state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"]), ema_te.load_state_dict(state["ema_te"])
         opt.load_state_dict(state["opt"])
-        step, trained_seconds, best = state["step"], state["trained_seconds"], state["best"]
-        emit({"event": "resumed", "step": step})
+        run.step, run.trained_seconds, run.best = state["step"], state["trained_seconds"], state["best"]
+        emit({"event": "resumed", "step": run.step})
+    return run
 
-    heldout = load_heldout()
-    data = Data(workdir, tokenizer, args.n_mixed, args.n_single, {p["caption"] for p in heldout})
-    probe = eval_subset(heldout)
-    emit({"event": "start", "params": shapes_model.parameter_counts(unet, text_encoder),
-          "data": [len(data.mixed), len(data.single)], "args": vars(args)})
 
-    alphas = scheduler.alphas_cumprod.float()
+class SpikeGuard:
+    """Guards against divergence: a batch whose loss jumps far above the running mean is not
+    learned from (one bad update can wreck a small model and, through it, the EMA)."""
+
+    def __init__(self, factor: float, after_step: int):
+        self.factor, self.after_step = factor, after_step
+        self.running: Optional[float] = None
+        self.skipped = 0
+
+    def allows(self, loss: float, step: int) -> bool:
+        if self.running is not None and step > self.after_step and loss > self.factor * self.running:
+            self.skipped += 1
+            return False
+        return True
+
+    def learned(self, loss: float) -> None:
+        self.running = loss if self.running is None else 0.98 * self.running + 0.02 * loss
+
+
+def train_step(run: TrainingRun, data: Data, rng: np.random.Generator, args: argparse.Namespace,
+               alphas: torch.Tensor, weights: torch.Tensor, guard: SpikeGuard) -> tuple[float, float]:
+    """One v-prediction step on a curriculum batch, then the EMA update: (loss, one-object share)."""
+    p_single = max(0.2, 0.7 - 0.5 * run.step / 6000)  # curriculum: one-object scenes first
+    x0, ids = data.batch(rng, args.batch, p_single, p_drop=0.1)
+    t = torch.from_numpy(rng.integers(0, 1000, args.batch))
+    noise = torch.randn_like(x0)
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    hidden = run.text_encoder(ids).last_hidden_state
+    pred = run.unet(xt, t, encoder_hidden_states=hidden).sample
+    loss = ((pred - target) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(run.step, args.lr, args.warmup, args.decay_steps)
+    run.opt.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    if guard.allows(value, run.step):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        run.opt.step()
+        guard.learned(value)
+    decay = min(args.ema, (1 + run.step) / (10 + run.step))
+    with torch.no_grad():
+        for ema, live in ((run.ema_unet, run.unet), (run.ema_te, run.text_encoder)):
+            for pe, pl in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(pl, 1 - decay)
+    run.step += 1
+    return value, p_single
+
+
+def train_for(run: TrainingRun, args: argparse.Namespace, data: Data, probe: list[dict],
+              emit: Callable[[dict], None]) -> None:
+    """Train for `--minutes`, logging every 50 steps, checkpointing and evaluating on the clock."""
+    alphas = run.scheduler.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
     weights = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
-    rng = np.random.default_rng(step)  # resumed runs draw new batches
+    rng = np.random.default_rng(run.step)  # resumed runs draw new batches
+    guard = SpikeGuard(args.spike, args.warmup)
     started = time.monotonic()
     last_save = last_eval = started
     losses = []
-    running, skipped = None, 0
     while time.monotonic() - started < args.minutes * 60:
         t0 = time.monotonic()
-        p_single = max(0.2, 0.7 - 0.5 * step / 6000)  # curriculum: one-object scenes first
-        x0, ids = data.batch(rng, args.batch, p_single, p_drop=0.1)
-        t = torch.from_numpy(rng.integers(0, 1000, args.batch))
-        noise = torch.randn_like(x0)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0
-        hidden = text_encoder(ids).last_hidden_state
-        pred = unet(xt, t, encoder_hidden_states=hidden).sample
-        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, args.warmup, args.decay_steps)
-        opt.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        # Guard against divergence: a batch whose loss jumps far above the running mean is not
-        # learned from (one bad update can wreck a small model and, through it, the EMA).
-        if running is not None and step > args.warmup and value > args.spike * running:
-            skipped += 1
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            running = value if running is None else 0.98 * running + 0.02 * value
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_te, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
-        step += 1
-        trained_seconds += time.monotonic() - t0
+        value, p_single = train_step(run, data, rng, args, alphas, weights, guard)
+        run.trained_seconds += time.monotonic() - t0
         losses.append(value)
-        if step % 50 == 0:
-            emit({"step": step, "loss": round(float(np.mean(losses)), 5), "lr": opt.param_groups[0]["lr"],
-                  "p_single": round(p_single, 3), "skipped": skipped, "train_minutes": round(trained_seconds / 60, 2),
-                  "sec_per_step": round(trained_seconds / max(step, 1), 3)})
+        if run.step % 50 == 0:
+            emit({"step": run.step, "loss": round(float(np.mean(losses)), 5), "lr": run.opt.param_groups[0]["lr"],
+                  "p_single": round(p_single, 3), "skipped": guard.skipped,
+                  "train_minutes": round(run.trained_seconds / 60, 2),
+                  "sec_per_step": round(run.trained_seconds / max(run.step, 1), 3)})
             losses.clear()
         now = time.monotonic()
         if now - last_save > args.save_minutes * 60:
             last_save = now
-            _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best,
-                        tokenizer, scheduler)
+            _checkpoint(run)
         if now - last_eval > args.eval_minutes * 60:
             last_eval = now
-            best = _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step,
-                                  trained_seconds, best, emit)
-            _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best,
-                        tokenizer, scheduler)
-    best = _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step, trained_seconds, best, emit)
-    _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best, tokenizer, scheduler)
+            run.best = _eval_and_keep(run, probe, emit)
+            _checkpoint(run)
 
 
-def _checkpoint(workdir, unet, text_encoder, ema_unet, ema_te, opt, step, trained_seconds, best,
-                tokenizer, scheduler):
-    tmp = workdir / "state.pt.tmp"
-    torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "opt": opt.state_dict(),
-                "step": step, "trained_seconds": trained_seconds, "best": best}, tmp)
-    os.replace(tmp, workdir / "state.pt")
-    shapes_model.save_model(str(workdir / "latest"), ema_unet, ema_te, tokenizer, scheduler)
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "log.jsonl", "a", buffering=1)
+
+    def emit(record):
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        log.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    run = start_run(args, workdir, emit)
+    heldout = load_heldout()
+    data = Data(workdir, run.tokenizer, args.n_mixed, args.n_single, {p["caption"] for p in heldout})
+    probe = eval_subset(heldout)
+    emit({"event": "start", "params": shapes_model.parameter_counts(run.unet, run.text_encoder),
+          "data": [len(data.mixed), len(data.single)], "args": vars(args)})
+    train_for(run, args, data, probe, emit)
+    run.best = _eval_and_keep(run, probe, emit)
+    _checkpoint(run)
 
 
-def _eval_and_keep(workdir, ema_unet, ema_te, tokenizer, scheduler, probe, step, trained_seconds, best, emit):
+def _checkpoint(run: TrainingRun) -> None:
+    state = {"unet": run.unet.state_dict(), "text_encoder": run.text_encoder.state_dict(),
+             "ema_unet": run.ema_unet.state_dict(), "ema_te": run.ema_te.state_dict(),
+             "opt": run.opt.state_dict(), "step": run.step, "trained_seconds": run.trained_seconds,
+             "best": run.best}
+    # The resume point: durable, and never half-written (a unique temporary file, then a rename).
+    atomic_write(run.workdir / "state.pt", lambda tmp: torch.save(state, tmp))
+    shapes_model.save_model(str(run.workdir / "latest"), run.ema_unet, run.ema_te, run.tokenizer, run.scheduler)
+
+
+def _eval_and_keep(run: TrainingRun, probe: list[dict], emit: Callable[[dict], None]) -> float:
+    """Evaluate the EMA weights; keep them in DIR/best if they beat the best so far. The new best."""
     try:
-        metrics, images = evaluate(ema_unet, ema_te, tokenizer, dict(scheduler.config), probe)
+        metrics, images = evaluate(run.ema_unet, run.ema_te, run.tokenizer, dict(run.scheduler.config), probe)
     except ImportError as exc:  # the oracle may not exist yet in an early checkout
         emit({"event": "eval-skipped", "why": str(exc)})
-        return best
-    emit({"event": "eval", "step": step, "train_minutes": round(trained_seconds / 60, 2), **metrics})
-    _save_grid(images, workdir / f"samples_{step:06d}.png")
+        return run.best
+    emit({"event": "eval", "step": run.step, "train_minutes": round(run.trained_seconds / 60, 2), **metrics})
+    _save_grid(images, run.workdir / f"samples_{run.step:06d}.png")
     # Keep the checkpoint that is best over one-object and multi-object scenes: layout and erasure
     # both need several objects drawn right, not just one.
     score = float(np.mean([metrics[k] or 0.0 for k in ("single_colour_shape", "all_colour_shape",
                                                        "two_object_both_right")]))
-    if score > best:
-        shapes_model.save_model(str(workdir / "best"), ema_unet, ema_te, tokenizer, scheduler)
-        (workdir / "best" / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-        best = score
-    return best
+    if score > run.best:
+        shapes_model.save_model(str(run.workdir / "best"), run.ema_unet, run.ema_te, run.tokenizer, run.scheduler)
+        (run.workdir / "best" / "metrics.json").write_text(json.dumps({"step": run.step, **metrics}, indent=2))
+        return score
+    return run.best
 
 
 def _save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
