@@ -121,9 +121,9 @@ def phrase_positions(cond, phrase: str, taken: Optional[set] = None) -> list[int
     `taken` by an earlier box), so "a red circle and a red square" gives each box its own "red".
     If it is not there verbatim, every occurrence of each content word is used.
     """
-    from kernels.text import _WORD
+    from kernels.text import words_of
 
-    words = [w.lower() for w in _WORD.findall(phrase)]
+    words = words_of(phrase)
     if not words:
         return []
     content = [w for w in words if w not in STOPWORDS] or words
@@ -243,9 +243,10 @@ class RegionAttentionPatch(_LayoutPatch):
     def is_noop(self):
         return super().is_noop() or self.strength == 0.0
 
+    def wants_bias(self, ctl: AttentionController, layer: LayerInfo) -> bool:
+        return bool(self.boxes) and ctl.in_range(self.start, self.end)
+
     def bias(self, ctl: AttentionController, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor):
-        if not self.boxes or not ctl.in_range(self.start, self.end):
-            return None
         a = self.cache.token_matrix(layer.height, layer.width, k.shape[2], q.device).to(q.dtype)
         if self.suppress_outside:
             # tokens that belong to some box, at pixels outside that box, are pushed down
