@@ -127,8 +127,8 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float,
     """softmax(QK^T * scale + bias) over (B, heads, N, L) tensors, with autograd.
 
     Written out rather than `attn.get_attention_scores`: that one works on (B * heads) batches
-    and runs baddbmm, whose rounding differs; the guidance losses and bench figures were made on
-    these values."""
+    and runs baddbmm, whose rounding need not match; the guidance losses and bench figures were
+    made on these values."""
     logits = (query @ key.transpose(-1, -2)) * scale
     if bias is not None:
         logits = logits + bias

@@ -1,9 +1,9 @@
 """Layout to image: boxes with phrases steer where things appear. Training-free, any SD-family
 UNet; MM-DiT joint-attention masks for SD3 (and FLUX from code).
 
-One technique, one module (each `ModelPatch`es compose through one processor stack,
-kernels.attention; each module's docstring names its paper and the sources it was checked
-against):
+One technique, one module; each module's docstring names its paper and the sources it was
+checked against. The techniques are `ModelPatch`es that compose through one attention processor
+stack (kernels.attention):
 
 - boxes: box masks, layout keys, a phrase's prompt tokens (`resolve_layout`), the mask cache.
 - base: `LayoutPatch` (a value: its settings only) and `LayoutRun` (one sampling run's state).

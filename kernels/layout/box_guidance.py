@@ -14,9 +14,9 @@ renormalised over the prompt's words (CSG: one token, raw probabilities); cross 
 every cross-attention layer; the sampling is seeded by the step index (CSG: global RNG); the
 guidance step is ZestGuide's normalised one (CSG: plain gradient step, 5 refinements).
 
-Source checked: the authors' Papple-F/csg (utils.py compute_cross_loss / compute_self_loss,
-config.py: topk_coef 0.8, dropout 0.5, margin 0.1, target_res 16, loss 5 (within + 50 inter)
-+ 5 self).
+Source checked (the paper's own text was not reachable here, only its abstract): the authors'
+Papple-F/csg (utils.py compute_cross_loss / compute_self_loss, config.py: topk_coef 0.8,
+dropout 0.5, margin 0.1, target_res 16, loss 5 (within + 50 inter) + 5 self).
 """
 
 from __future__ import annotations

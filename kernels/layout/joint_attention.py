@@ -8,7 +8,8 @@ phrase and, for the first steps, only to their own region. `JointAttentionMaskPa
 `JointMaskController` made for each run. SD3 folders load and sample in graphs; FLUX folders do
 not load yet, so the FLUX processors run from code and tests only.
 
-Source checked: limuloo/3DIS detail_renderer_flux.py (mask rules and step windows).
+Source checked (the paper's own text was not reachable here, only its abstract):
+limuloo/3DIS detail_renderer_flux.py (mask rules and step windows).
 """
 
 from __future__ import annotations
