@@ -124,7 +124,7 @@ def method_table(args):
                                                      redistribute_end=0.3, **losses))
         return box
 
-    box = box_with()
+    box = box_with(inter=0.0, self_attention=0.0)  # the box constraints alone
     box_csg = box_with(inter=1.0, self_attention=1.0)  # + CSG's inter-token and self-attention losses
 
     def astar(model, clip, layout):

@@ -2,12 +2,13 @@
 
 Every layout technique (Paint-with-Words biases, per-region prompts, CSG redistribution, the
 attention stores behind ZestGuide / box guidance / A-STAR / the AttentionMaps node) is a small
-"transform" object registered with one `AttentionController` per sampling run. The controller
+"transform" object, made for one sampling run and registered with that run's one
+`AttentionController`. The controller
 installs a single `LayoutCrossAttnProcessor` on every cross-attention layer (`attn2`) of the
 UNet, so the transforms compose instead of overwriting each other's processors.
 
-The processor keeps diffusers' fast path: when no transform is active it runs exactly the op
-sequence of `AttnProcessor2_0` (SDPA), so an inactive layout is bit-identical to none. An
+The processor keeps diffusers' fast path: at a layer and step where no transform acts it
+calls diffusers' own `AttnProcessor2_0`, so an inactive layout is bit-identical to none. An
 additive logit bias also goes through SDPA (`attn_mask`). Only a probability edit (CSG
 redistribution) switches the output to the explicit softmax path. Probabilities that a store
 records are computed on the side (with autograd when guidance needs it) and never feed the
@@ -24,8 +25,10 @@ conditional rows only (`ctl.cond_rows`), as Paint-with-Words does (its unconditi
 weight 0).
 
 The transform interface (all optional, duck-typed):
-    bias(ctl, layer, q, k) -> (B_cond, 1|heads, N, L) additive logits bias (pre-softmax, post-scale)
-    edit_probs(ctl, layer, probs) -> probs      (probs of the cond rows, (B_cond, heads, N, L))
+    wants_bias(ctl, layer) -> bool;  bias(ctl, layer, q, k) -> (B_cond, 1|heads, N, L) additive
+        logits bias (pre-softmax, post-scale), asked for only where `wants_bias`
+    edit_active(ctl, layer) -> bool;  edit_probs(ctl, layer, probs) -> probs  (probs of the cond
+        rows, (B_cond, heads, N, L))
     regions(ctl, layer) -> list of (mask (N,), embeds (1, L', D), weight[, emphasis, tokens (L',)])
         per-region prompts; `emphasis` > 0 raises the region's `tokens` Paint-with-Words style
     wants_probs(ctl, layer) -> bool;  record(ctl, layer, probs)           (attention stores)
@@ -42,6 +45,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from kernels.sampling import in_step_window
 
 
 @dataclass
@@ -74,7 +80,7 @@ class AttentionController:
         return self.step / self.n_steps
 
     def in_range(self, start: float, end: float) -> bool:
-        return start <= self.fraction < end or (end >= 1.0 and self.fraction >= start)
+        return in_step_window(self.fraction, start, end)
 
     def before_forward(self, sample: torch.Tensor, timestep) -> None:
         """Called by the UNet pre-hook: which step, which sigma, which rows are conditional."""
@@ -109,142 +115,214 @@ def scheduler_sigma(scheduler, t: torch.Tensor) -> float:
     return s / (1.0 - s)
 
 
+def spatial_tokens(hidden_states: torch.Tensor) -> int:
+    """How many query tokens an attention layer sees: h * w for a (B, C, h, w) input."""
+    if hidden_states.ndim == 4:
+        return hidden_states.shape[2] * hidden_states.shape[3]
+    return hidden_states.shape[1]
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(QK^T * scale + bias) over (B, heads, N, L) tensors, with autograd.
+
+    Written out rather than `attn.get_attention_scores`: that one works on (B * heads) batches
+    and runs baddbmm, whose rounding need not match; the guidance losses and bench figures were
+    made on these values."""
+    logits = (query @ key.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)
+
+
+def paint_with_words_weight(strength: float, sigma: float, query: torch.Tensor,
+                            key: torch.Tensor) -> torch.Tensor:
+    """Paint-with-Words' w = w' * log(1 + sigma_t) * max(QK^T) (the max taken without grad)."""
+    with torch.no_grad():
+        qk_max = (query @ key.transpose(-1, -2)).amax().clamp_min(0.0)
+    return strength * math.log1p(sigma) * qk_max
+
+
+@dataclass
+class LayerPlan:
+    """What the registered transforms do at one layer in one forward."""
+
+    biasers: list
+    editors: list
+    regions: list
+    recorders: list
+
+    @classmethod
+    def of(cls, ctl: AttentionController, layer: LayerInfo) -> "LayerPlan":
+        transforms = ctl.transforms
+        regions = []
+        for tr in transforms:
+            if getattr(tr, "regions", None) is not None:
+                regions.extend(tr.regions(ctl, layer))
+        return cls(
+            biasers=[tr for tr in transforms if getattr(tr, "bias", None) is not None
+                     and tr.wants_bias(ctl, layer)],
+            editors=[tr for tr in transforms if getattr(tr, "edit_probs", None) is not None
+                     and tr.edit_active(ctl, layer)],
+            regions=regions,
+            recorders=[tr for tr in transforms if getattr(tr, "wants_probs", None) is not None
+                       and tr.wants_probs(ctl, layer)])
+
+    @property
+    def idle(self) -> bool:
+        return not (self.biasers or self.editors or self.regions or self.recorders)
+
+
 class LayoutCrossAttnProcessor:
-    """A cross-attention processor that applies the controller's transforms (see module doc)."""
+    """A cross-attention processor that applies the controller's transforms (see module doc).
+
+    A layer and step where no transform acts runs diffusers' own `AttnProcessor2_0`. Otherwise
+    the steps are written out here, with diffusers' pieces (`prepare_attention_mask`,
+    `head_to_batch_dim`, the layer's projections and norms): `AttnProcessor2_0` gives no hook
+    for a logit bias on some rows, edited probabilities, extra contexts or recorded
+    probabilities. The op sequence follows `AttnProcessor2_0`'s.
+    """
 
     def __init__(self, name: str, ctl: AttentionController):
         self.name = name
         self.ctl = ctl
+        self.plain = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        ctl = self.ctl
+        layer = self.ctl.layer(self.name, spatial_tokens(hidden_states))
+        plan = LayerPlan.of(self.ctl, layer)
+        if plan.idle:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                              *args, **kwargs)
+        return self.steered(attn, layer, plan, hidden_states, encoder_hidden_states,
+                            attention_mask, temb)
+
+    def steered(self, attn, layer: LayerInfo, plan: LayerPlan, hidden_states,
+                encoder_hidden_states, attention_mask, temb):
+        ctl, rows = self.ctl, self.ctl.cond_rows
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        x, spatial = attention_input(attn, hidden_states, temb)
+        batch_size = x.shape[0]
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            context_length = (x if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        context = x if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = heads_qkv(attn, x, context)
+        scale = query.shape[-1] ** -0.5
 
-        layer = ctl.layer(self.name, query.shape[2])
-        rows = ctl.cond_rows
-        transforms = ctl.transforms
-        scale = head_dim ** -0.5
+        bias = self.logit_bias(plan, layer, query, key, attention_mask)
+        out, probs_cond = self.attend(plan, layer, query, key, value, bias, scale)
+        if plan.regions:
+            out = self.blend_regions(attn, plan.regions, query[rows], out, context.dtype, scale)
+        if plan.recorders:
+            if probs_cond is None:
+                probs_cond = attention_probs(query[rows], key[rows], scale,
+                                             None if bias is None else bias[rows])
+            for tr in plan.recorders:  # on the side: recorded probabilities never feed the output
+                tr.record(ctl, layer, probs_cond)
+        return attention_output(attn, out, residual, spatial)
 
-        # 1. additive logit biases on the conditional rows
+    def logit_bias(self, plan: LayerPlan, layer: LayerInfo, query, key, attention_mask):
+        """The biasers' logits on the conditional rows (zeros elsewhere), plus the layer's mask."""
+        ctl, rows = self.ctl, self.ctl.cond_rows
         bias = None
-        for tr in transforms:
-            fn = getattr(tr, "bias", None)
-            b = fn(ctl, layer, query[rows], key[rows]) if fn is not None else None
+        for tr in plan.biasers:
+            b = tr.bias(ctl, layer, query[rows], key[rows])
             if b is not None:
                 bias = b if bias is None else bias + b
-        full_bias = None
-        if bias is not None:
-            full_bias = query.new_zeros((batch_size, bias.shape[1], query.shape[2], key.shape[2]))
-            full_bias[rows] = bias.to(query.dtype)
-            if attention_mask is not None:
-                full_bias = full_bias + attention_mask
-        elif attention_mask is not None:
-            full_bias = attention_mask
-        editors = [tr for tr in transforms if getattr(tr, "edit_probs", None) is not None
-                   and tr.edit_active(ctl, layer)]
-        recorders = [tr for tr in transforms if getattr(tr, "wants_probs", None) is not None
-                     and tr.wants_probs(ctl, layer)]
+        if bias is None:
+            return attention_mask
+        full = query.new_zeros((query.shape[0], bias.shape[1], query.shape[2], key.shape[2]))
+        full[rows] = bias.to(query.dtype)
+        return full if attention_mask is None else full + attention_mask
 
-        # 2. the output: SDPA (fast path, also with a bias) or explicit softmax when edited
-        probs_cond = None
-        if editors:
-            logits = (query @ key.transpose(-1, -2)) * scale
-            if full_bias is not None:
-                logits = logits + full_bias
-            probs = logits.softmax(dim=-1)
-            edited = probs[rows]
-            for tr in editors:
-                edited = tr.edit_probs(ctl, layer, edited)
-            probs = probs.clone()
-            probs[rows] = edited
-            probs_cond = edited
-            hidden_states = probs @ value
-        else:
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=full_bias, dropout_p=0.0, is_causal=False)
+    def attend(self, plan: LayerPlan, layer: LayerInfo, query, key, value, bias, scale):
+        """(B, heads, N, d) attention output, and the conditional rows' probabilities when they
+        were computed for it: SDPA (also with a bias), an explicit softmax when edited."""
+        if not plan.editors:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0,
+                                                 is_causal=False)
+            return out, None
+        ctl, rows = self.ctl, self.ctl.cond_rows
+        probs = attention_probs(query, key, scale, bias)
+        edited = probs[rows]
+        for tr in plan.editors:
+            edited = tr.edit_probs(ctl, layer, edited)
+        probs = probs.clone()
+        probs[rows] = edited
+        return probs @ value, edited
 
-        # 3. per-region prompts: each region's own context inside its mask (cond rows only)
-        regions = []
-        for tr in transforms:
-            fn = getattr(tr, "regions", None)
-            if fn is not None:
-                regions.extend(fn(ctl, layer))
-        if regions:
-            q_c = query[rows]
-            n_rows = q_c.shape[0]
-            weights, outs = [], []
-            for mask, embeds, weight, *extra in regions:
-                ctx_r = embeds.to(context.dtype).expand(n_rows, -1, -1)
-                if attn.norm_cross:
-                    ctx_r = attn.norm_encoder_hidden_states(ctx_r)
-                k_r = attn.to_k(ctx_r).view(n_rows, -1, attn.heads, head_dim).transpose(1, 2)
-                v_r = attn.to_v(ctx_r).view(n_rows, -1, attn.heads, head_dim).transpose(1, 2)
-                region_bias = None
-                if extra and extra[0]:
-                    emphasis, tokens = extra[0], extra[1].to(q_c.dtype)
-                    with torch.no_grad():
-                        qk_max = (q_c @ k_r.transpose(-1, -2)).amax().clamp_min(0.0)
-                    w = emphasis * math.log1p(ctl.sigma) * qk_max * scale
-                    region_bias = (w * tokens).view(1, 1, 1, -1)
-                outs.append(F.scaled_dot_product_attention(q_c, k_r, v_r, attn_mask=region_bias))
-                weights.append(mask.to(q_c.dtype).view(1, 1, -1, 1) * float(weight))
-            total = torch.stack(weights).sum(0)
-            norm = torch.clamp(total, min=1.0)  # overlapping regions share, never exceed 1
-            blended = hidden_states[rows] * (1.0 - total / norm)
-            for w, o in zip(weights, outs):
-                blended = blended + (w / norm) * o
-            hidden_states = hidden_states.clone()
-            hidden_states[rows] = blended
+    def blend_regions(self, attn, regions, query_cond, out, context_dtype, scale):
+        """Per-region prompts: inside each region's mask the conditional rows attend to that
+        region's own context (plus its Paint-with-Words emphasis); overlaps share."""
+        rows, sigma = self.ctl.cond_rows, self.ctl.sigma
+        n_rows = query_cond.shape[0]
+        weights, outs = [], []
+        for mask, embeds, weight, *extra in regions:
+            context = embeds.to(context_dtype).expand(n_rows, -1, -1)
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            key = attn.head_to_batch_dim(attn.to_k(context), out_dim=4)
+            value = attn.head_to_batch_dim(attn.to_v(context), out_dim=4)
+            region_bias = None
+            if extra and extra[0]:
+                emphasis, tokens = extra[0], extra[1].to(query_cond.dtype)
+                w = paint_with_words_weight(emphasis, sigma, query_cond, key) * scale
+                region_bias = (w * tokens).view(1, 1, 1, -1)
+            outs.append(F.scaled_dot_product_attention(query_cond, key, value, attn_mask=region_bias))
+            weights.append(mask.to(query_cond.dtype).view(1, 1, -1, 1) * float(weight))
+        total = torch.stack(weights).sum(0)
+        norm = torch.clamp(total, min=1.0)  # overlapping regions share, never exceed 1
+        blended = out[rows] * (1.0 - total / norm)
+        for w, o in zip(weights, outs):
+            blended = blended + (w / norm) * o
+        out = out.clone()
+        out[rows] = blended
+        return out
 
-        # 4. stores: probabilities on the side (never feed the output)
-        if recorders:
-            if probs_cond is None:
-                logits = (query[rows] @ key[rows].transpose(-1, -2)) * scale
-                if full_bias is not None:
-                    logits = logits + full_bias[rows]
-                probs_cond = logits.softmax(dim=-1)
-            for tr in recorders:
-                tr.record(ctl, layer, probs_cond)
 
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+def attention_input(attn, hidden_states: torch.Tensor, temb=None):
+    """The layer's input as (B, N, C) after its spatial norm, and the (B, C, h, w) shape of a
+    spatial input (None otherwise), as `AttnProcessor2_0` prepares it."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim != 4:
+        return hidden_states, None
+    b, c, h, w = hidden_states.shape
+    return hidden_states.view(b, c, h * w).transpose(1, 2), (b, c, h, w)
+
+
+def heads_qkv(attn, x: torch.Tensor, context: torch.Tensor, with_value: bool = True):
+    """Query, key (and value) as (B, heads, N, d), the layer's q/k norms applied."""
+    query = attn.head_to_batch_dim(attn.to_q(x), out_dim=4)
+    key = attn.head_to_batch_dim(attn.to_k(context), out_dim=4)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if not with_value:
+        return query, key
+    return query, key, attn.head_to_batch_dim(attn.to_v(context), out_dim=4)
+
+
+def attention_output(attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
+    """(B, heads, N, d) attention back to the layer's output, as `AttnProcessor2_0` finishes."""
+    b = out.shape[0]
+    hidden_states = out.transpose(1, 2).reshape(b, -1, attn.heads * out.shape[-1])
+    hidden_states = hidden_states.to(out.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if spatial is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*spatial)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
 
 
 def cross_attention_names(unet) -> list[str]:
@@ -297,43 +375,32 @@ class SelfAttnRecorder:
                  temb=None, *args, **kwargs):
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                          *args, **kwargs)
+        if encoder_hidden_states is None:  # self-attention indeed
+            self.record(attn, hidden_states, attention_mask, temb)
+        return out
+
+    def record(self, attn, hidden_states, attention_mask, temb) -> None:
+        """The conditional rows' self-attention probabilities to the transforms that want them.
+        Written out: the wrapped processor runs SDPA and never forms the probabilities."""
         ctl = self.ctl
-        if encoder_hidden_states is not None:  # not self-attention after all
-            return out
-        recorders = [tr for tr in ctl.transforms if getattr(tr, "wants_self_probs", None) is not None]
+        layer = ctl.layer(self.name, spatial_tokens(hidden_states))
+        recorders = [tr for tr in ctl.transforms if getattr(tr, "wants_self_probs", None) is not None
+                     and tr.wants_self_probs(ctl, layer)]
         if not recorders:
-            return out
-        hs = hidden_states
-        if attn.spatial_norm is not None:
-            hs = attn.spatial_norm(hs, temb)
-        if hs.ndim == 4:
-            b, c, h, w = hs.shape
-            hs = hs.view(b, c, h * w).transpose(1, 2)
-        layer = ctl.layer(self.name, hs.shape[1])
-        recorders = [tr for tr in recorders if tr.wants_self_probs(ctl, layer)]
-        if not recorders:
-            return out
-        batch_size, n, _ = hs.shape
+            return
+        x, _ = attention_input(attn, hidden_states, temb)
+        batch_size, n, _ = x.shape
         if attn.group_norm is not None:
-            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
         rows = ctl.cond_rows
-        hs = hs[rows]
-        query, key = attn.to_q(hs), attn.to_k(hs)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(hs.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(hs.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        logits = (query @ key.transpose(-1, -2)) * head_dim ** -0.5
+        query, key = heads_qkv(attn, x[rows], x[rows], with_value=False)
+        bias = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, n, batch_size)
-            logits = logits + mask.view(batch_size, attn.heads, -1, mask.shape[-1])[rows]
-        probs = logits.softmax(dim=-1)
+            bias = mask.view(batch_size, attn.heads, -1, mask.shape[-1])[rows]
+        probs = attention_probs(query, key, query.shape[-1] ** -0.5, bias)
         for tr in recorders:
             tr.record_self(ctl, layer, probs)
-        return out
 
 
 def self_attention_names(unet) -> list[str]:

@@ -2,13 +2,17 @@
 
 The app's layout canvas edits the Layout node's `boxes` param; the technique nodes take a MODEL
 and the LAYOUT and return a patched MODEL (never changed in place), so they chain:
-Layout -> RegionAttention -> ZestGuide -> Sampler. The math is in kernels/layout.py.
+Layout -> RegionAttention -> ZestGuide -> Sampler. The math is in the kernels.layout package;
+the parameter defaults are its (kernels.layout.defaults, which loads no torch).
 """
 
 from __future__ import annotations
 
+from kernels.layout import defaults
+
 from .base import (ATTENTION_MAPS, CLIP, CONDITIONING, IMAGE, LATENT, LAYOUT, MODEL, Bool, Choice,
                    Float, Int, Json, Node, NodeError, Seed, String)
+from .core import SCHEDULER_NAMES
 from .registry import register
 
 BOX_KEYS = ("x0", "y0", "x1", "y1")
@@ -95,7 +99,8 @@ class RegionAttention(Node):
 
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT}
-    params = {"strength": Float(0.5, 0.0, 10.0, step=0.05, help="w' of the paper; 0 = off"),
+    params = {"strength": Float(defaults.REGION_STRENGTH, 0.0, 10.0, step=0.05,
+                                help="w' of the paper; 0 = off"),
               **_range_params(),
               "suppress_outside": Bool(False, help="also push each phrase down outside its box")}
     outputs = {"model": MODEL}
@@ -115,9 +120,9 @@ class RegionalPrompts(Node):
 
     category = "layout"
     inputs = {"model": MODEL, "clip": CLIP, "layout": LAYOUT}
-    params = {"mix": Float(1.0, 0.0, 1.0, step=0.05,
+    params = {"mix": Float(defaults.REGIONAL_MIX, 0.0, 1.0, step=0.05,
                            help="weight of the box's phrase inside the box (1 = only the phrase)"),
-              "emphasis": Float(1.0, 0.0, 10.0, step=0.1,
+              "emphasis": Float(defaults.REGIONAL_EMPHASIS, 0.0, 10.0, step=0.1,
                                 help="Paint-with-Words push (w') on the phrase inside its box; 0 = off"),
               **_range_params()}
     outputs = {"model": MODEL}
@@ -137,8 +142,10 @@ class RegionalPrompts(Node):
 
 
 _GUIDE_PARAMS = {
-    "eta": Float(0.5, 0.0, 10.0, step=0.05, help="step size of the latent update; 0 = off"),
-    "iterations": Int(1, 0, 20, help="gradient steps per guided step"),
+    "eta": Float(defaults.GUIDANCE_ETA, 0.0, 10.0, step=0.05,
+                 help="step size of the latent update; 0 = off"),
+    "iterations": Int(defaults.GUIDANCE_ITERATIONS, 0, 20, help="gradient steps per guided step"),
+    **_range_params(defaults.GUIDANCE_START, defaults.GUIDANCE_END, "guidance"),
 }
 
 
@@ -150,7 +157,7 @@ class ZestGuide(Node):
 
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT}
-    params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance")}
+    params = dict(_GUIDE_PARAMS)
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, layout, eta, iterations, start, end):
@@ -177,18 +184,24 @@ class BoxGuidance(Node):
     version = 2
     migrations = {1: _box_guidance_v1_to_v2}
     inputs = {"model": MODEL, "layout": LAYOUT}
-    params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance"),
-              "inner": Float(1.0, 0.0, 10.0, help="weight: strong responses inside the box"),
-              "outer": Float(1.0, 0.0, 10.0, help="weight: no strong responses outside the box"),
-              "corner": Float(0.5, 0.0, 10.0, help="weight: the map spans the box's extent"),
-              "within": Float(1.0, 0.0, 10.0, help="weight: the map's mass lies in the box"),
-              "inter": Float(1.0, 0.0, 10.0, help="weight: inside its box each phrase's map leads "
-                             "every other phrase's by a margin (CSG inter-token loss)"),
-              "self_attention": Float(1.0, 0.0, 10.0, help="weight: the box's pixels attend to "
-                                      "each other more than outside pixels attend to them (CSG "
-                                      "self-attention loss)"),
+    params = {**_GUIDE_PARAMS,
+              "inner": Float(defaults.BOX_INNER, 0.0, 10.0,
+                             help="weight: strong responses inside the box"),
+              "outer": Float(defaults.BOX_OUTER, 0.0, 10.0,
+                             help="weight: no strong responses outside the box"),
+              "corner": Float(defaults.BOX_CORNER, 0.0, 10.0,
+                              help="weight: the map spans the box's extent"),
+              "within": Float(defaults.BOX_WITHIN, 0.0, 10.0,
+                              help="weight: the map's mass lies in the box"),
+              "inter": Float(defaults.BOX_INTER, 0.0, 10.0,
+                             help="weight: inside its box each phrase's map leads every other "
+                             "phrase's by a margin (CSG inter-token loss)"),
+              "self_attention": Float(defaults.BOX_SELF_ATTENTION, 0.0, 10.0,
+                                      help="weight: the box's pixels attend to each other more "
+                                      "than outside pixels attend to them (CSG self-attention "
+                                      "loss)"),
               "redistribute": Bool(False, help="CSG attention redistribution in the denoising pass"),
-              "redistribute_end": Float(0.5, 0.0, 1.0, step=0.05,
+              "redistribute_end": Float(defaults.BOX_REDISTRIBUTE_END, 0.0, 1.0, step=0.05,
                                         help="fraction of the steps where redistribution stops")}
     outputs = {"model": MODEL}
 
@@ -213,8 +226,9 @@ class AStar(Node):
     inputs = {"model": MODEL, "layout": LAYOUT.optional("phrases to keep apart (boxes unused)")}
     # The paper guides every step; on ShapesT2I, guidance into the last steps wrecks the image at
     # any step size that does something (bench/layout.py), so the default stops at half way.
-    params = {**_GUIDE_PARAMS, **_range_params(0.0, 0.5, "guidance"),
-              "retention": Float(1.0, 0.0, 10.0, help="weight of the retention loss"),
+    params = {**_GUIDE_PARAMS,
+              "retention": Float(defaults.A_STAR_RETENTION, 0.0, 10.0,
+                                 help="weight of the retention loss"),
               "concepts": String("", help="comma-separated phrases, used when no layout is wired")}
     outputs = {"model": MODEL}
 
@@ -238,8 +252,10 @@ class JointAttentionMask(Node):
 
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT, "positive": CONDITIONING}
-    params = {"image_steps": Int(4, 0, 500, help="steps with image->image region masks (I2I)"),
-              "text_steps": Int(20, 0, 500, help="steps with the text masks (I2T, T2I, T2T)")}
+    params = {"image_steps": Int(defaults.JOINT_IMAGE_STEPS, 0, 500,
+                                 help="steps with image->image region masks (I2I)"),
+              "text_steps": Int(defaults.JOINT_TEXT_STEPS, 0, 500,
+                                help="steps with the text masks (I2T, T2I, T2T)")}
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, layout, positive, image_steps, text_steps):
@@ -275,8 +291,7 @@ class AttentionMaps(Node):
               "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)"),
               "latent": LATENT}
     params = {
-        "scheduler": Choice(("ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc", "lcm",
-                             "flow_match_euler"), "euler", help="the sampling algorithm"),
+        "scheduler": Choice(SCHEDULER_NAMES, "euler", help="the sampling algorithm"),
         "steps": Int(20, 1, 500, help="denoising steps"),
         "cfg": Float(7.0, 0.0, 30.0, step=0.5, help="classifier-free guidance scale"),
         "seed": Seed(),
@@ -292,10 +307,10 @@ class AttentionMaps(Node):
         from nodes.core import Sampler
 
         _check_range(start, end)
-        record = AttentionRecordPatch(start, end)
-        out = Sampler().run(ctx, model.with_patch(record), positive, negative, latent,
-                            scheduler, steps, cfg, seed, 1.0)
-        maps = record.store.maps()
+        recorded: list = []  # the run's maps
+        out = Sampler().run(ctx, model.with_patch(AttentionRecordPatch(start, end, sink=recorded)),
+                            positive, negative, latent, scheduler, steps, cfg, seed, 1.0)
+        maps = recorded[-1] if recorded else None
         if maps is None:
             raise NodeError("the model has no cross-attention layers to read")
         labels, tokens = select_word_tokens(positive, words)

@@ -11,9 +11,9 @@ import torch
 
 from app.engine import Executor
 from kernels.attention import controller_for, registered
-from kernels.layout import (AStarPatch, AttentionRecordPatch, BoxGuidancePatch, RegionAttentionPatch,
-                            RegionalPromptPatch, ZestGuidePatch, box_mask, heatmap_grid,
-                            joint_attention_mask, phrase_positions, resolve_layout)
+from kernels.layout import (AStarPatch, AttentionRecordPatch, BoxGuidancePatch, GuidanceTrace,
+                            RegionAttentionPatch, RegionalPromptPatch, ZestGuidePatch, box_mask,
+                            heatmap_grid, joint_attention_mask, phrase_positions, resolve_layout)
 from kernels.models import load_model_folder
 from kernels.patching import ModelPatch
 from kernels.text import encode_text
@@ -43,6 +43,12 @@ def tiny(tiny_pixel_model):
 def sample(model, cond, steps=3, cfg=4.0, seed=1, scheduler="euler"):
     latent = torch.zeros(1, 3, 16, 16)
     return Sampler().run(Ctx(), model, cond, None, latent, scheduler, steps, cfg, seed, 1.0)["latent"]
+
+
+def traced(model, patch):
+    """The model with `patch` and the list its guidance losses go to."""
+    trace: list = []
+    return model.with_patch(patch).with_patch(GuidanceTrace(trace)), trace
 
 
 def region_embeds(clip, layout):
@@ -189,7 +195,8 @@ def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny):
 # -- guidance ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make,drop", [
     (lambda: ZestGuidePatch(LAYOUT, eta=1.0, end=0.2, iterations=6), 0.1),
-    (lambda: BoxGuidancePatch(LAYOUT, eta=1.0, end=0.2, iterations=6), 0.1),
+    (lambda: BoxGuidancePatch(LAYOUT, eta=1.0, end=0.2, iterations=6, inter=0.0,
+                              self_attention=0.0), 0.1),
     (lambda: BoxGuidancePatch(LAYOUT, eta=1.0, end=0.2, iterations=6, inter=1.0,
                               self_attention=1.0), 0.1),
     # random weights barely separate two concepts' maps: measured -7%
@@ -197,23 +204,24 @@ def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny):
 ], ids=["zestguide", "box", "box-csg", "a-star"])
 def test_guidance_losses_fall_over_guided_steps(tiny, make, drop):
     model, clip, cond = tiny
-    patch = make()
-    sample(model.with_patch(patch), cond, steps=5)
-    losses = [t["loss"] for t in patch.trace]
-    assert len(losses) == 6 and all(t["step"] == 0 for t in patch.trace)
+    guided, trace = traced(model, make())
+    sample(guided, cond, steps=5)
+    losses = [t["loss"] for t in trace]
+    assert len(losses) == 6 and all(t["step"] == 0 for t in trace)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < (1 - drop) * losses[0], losses
 
 
 def test_a_star_retention_uses_the_previous_step(tiny):
     model, clip, cond = tiny
-    patch = AStarPatch(LAYOUT, eta=0.3, end=0.6, iterations=1, retention=1.0)
-    sample(model.with_patch(patch), cond, steps=5)
-    assert [t["step"] for t in patch.trace] == [0, 1, 2]
-    seg_only = AStarPatch(LAYOUT, eta=0.3, end=0.6, iterations=1, retention=0.0)
-    sample(model.with_patch(seg_only), cond, steps=5)
-    assert patch.trace[0]["loss"] == pytest.approx(seg_only.trace[0]["loss"])  # no target yet
-    assert patch.trace[1]["loss"] != pytest.approx(seg_only.trace[1]["loss"])
+    guided, trace = traced(model, AStarPatch(LAYOUT, eta=0.3, end=0.6, iterations=1, retention=1.0))
+    sample(guided, cond, steps=5)
+    assert [t["step"] for t in trace] == [0, 1, 2]
+    seg_only, seg_trace = traced(model, AStarPatch(LAYOUT, eta=0.3, end=0.6, iterations=1,
+                                                   retention=0.0))
+    sample(seg_only, cond, steps=5)
+    assert trace[0]["loss"] == pytest.approx(seg_trace[0]["loss"])  # no target yet
+    assert trace[1]["loss"] != pytest.approx(seg_trace[1]["loss"])
 
 
 def test_a_star_losses_follow_the_paper_equations():
@@ -253,12 +261,12 @@ def test_csg_inter_token_loss_matches_hand_computed_values():
 
 
 def test_csg_sampling_is_a_seeded_half_of_the_top_k():
-    from kernels.layout import _csg_sample
+    from kernels.layout import csg_sample
 
     values = torch.arange(16.0)
     inside = torch.zeros(16, dtype=torch.bool)
     inside[:10] = True
-    picks = [_csg_sample(values, inside, 0.8, 0.5, torch.Generator().manual_seed(3)) for _ in range(2)]
+    picks = [csg_sample(values, inside, 0.8, 0.5, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(picks[0], picks[1])  # the same seed, the same pixels
     assert len(picks[0]) == 4 and set(picks[0].tolist()) <= {2, 3, 4, 5, 6, 7, 8, 9}  # k = 8, r = 4
 
@@ -286,6 +294,8 @@ def test_csg_self_attention_loss_is_zero_in_the_box_and_one_out_of_it():
 def test_box_guidance_records_self_attention_only_in_its_guidance_forward(tiny, monkeypatch):
     import torch.nn.functional as F
 
+    from kernels.layout import GuidanceRun
+
     model, clip, cond = tiny
     n_layers = len(model.unet.attn_processors)
     forwards = []  # per UNet forward: [SDPA calls, processor types]
@@ -303,16 +313,17 @@ def test_box_guidance_records_self_attention_only_in_its_guidance_forward(tiny, 
     try:
         sample(model, cond, steps=2)  # no layout patch: diffusers' own SDPA processors
         plain, forwards[:] = list(forwards), []
-        patch = BoxGuidancePatch(LAYOUT, eta=1.0, end=0.5, inter=1.0, self_attention=1.0)
+        guided, trace = traced(model, BoxGuidancePatch(LAYOUT, eta=1.0, end=0.5, inter=1.0,
+                                                       self_attention=1.0))
         calls = []
-        record_self = patch.record_self
+        record_self = GuidanceRun.record_self
 
-        def spy(ctl, layer, probs):
+        def spy(self, ctl, layer, probs):
             calls.append((ctl.guiding, layer, probs.shape, probs.requires_grad))
-            record_self(ctl, layer, probs)
+            record_self(self, ctl, layer, probs)
 
-        patch.record_self = spy
-        sample(model.with_patch(patch), cond, steps=2)
+        monkeypatch.setattr(GuidanceRun, "record_self", spy)
+        sample(guided, cond, steps=2)
     finally:
         handle.remove()
     assert len(plain) == 2 and all(n == n_layers and t == {"AttnProcessor2_0"} for n, t in plain)
@@ -323,18 +334,19 @@ def test_box_guidance_records_self_attention_only_in_its_guidance_forward(tiny, 
     assert calls and all(guiding and grad for guiding, _, _, grad in calls)
     assert {c[1].name.split(".")[0] for c in calls} == {"up_blocks"}  # CSG reads the up blocks
     assert all(c[2][-2:] == (64, 64) for c in calls)  # the tiny UNet attends at 8x8 only
-    assert patch.last_parts["self_attention"] > 0 and "inter" in patch.last_parts
+    assert trace[-1]["parts"]["self_attention"] > 0 and "inter" in trace[-1]["parts"]
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in model.unet.attn_processors.values())
     # with the CSG weights at 0 no self-attention layer is touched
-    old = BoxGuidancePatch(LAYOUT, eta=1.0, end=0.5)
+    old, trace = traced(model, BoxGuidancePatch(LAYOUT, eta=1.0, end=0.5, inter=0.0,
+                                                self_attention=0.0))
     forwards[:] = []
     handle = model.unet.register_forward_pre_hook(pre_hook)
     try:
-        sample(model.with_patch(old), cond, steps=2)
+        sample(old, cond, steps=2)
     finally:
         handle.remove()
     assert all("SelfAttnRecorder" not in t for _, t in forwards)
-    assert set(old.last_parts) == {"inner", "outer", "within", "corner"}
+    assert set(trace[-1]["parts"]) == {"inner", "outer", "within", "corner"}
 
 
 def test_box_guidance_v1_nodes_load_without_the_csg_losses():
@@ -439,13 +451,13 @@ def test_flux_joint_attention_mask_gives_exactly_zero_attention_to_other_instanc
     before = dict(tr.attn_processors)
     with torch.no_grad():
         plain = tr(**kwargs, timestep=scheduler.timesteps[2:] / 1000).sample
-        with patch.applied(tr, run):
-            procs = list(patch.processors.values())
+        with patch.applied(tr, run) as joint:
+            procs = list(joint.processors.values())
             for p in procs:
                 p.record = True
             for step in range(3):  # the pre-hook finds the step from the timestep (FLUX: t/1000)
                 out = tr(**kwargs, timestep=scheduler.timesteps[step:step + 1] / 1000).sample
-                assert patch.controller.step == step
+                assert joint.controller.step == step
                 region = torch.arange(h * w).view(h, w)
                 for i, j in ((0, 1), (1, 0)):
                     cols = region[:, :2] if i == 0 else region[:, 2:]
@@ -544,9 +556,10 @@ def test_step_ranges_are_fractions_of_the_full_schedule_in_img2img(tiny):
     def img2img(m):
         return Sampler().run(Ctx(), m, cond, None, latent, "euler", 4, 4.0, 3, 0.5)["latent"]
 
-    early = ZestGuidePatch(LAYOUT, eta=1.0, end=0.5)   # steps 0-1 of 4: skipped by denoise 0.5
-    late = ZestGuidePatch(LAYOUT, eta=1.0, start=0.5, end=1.0)
+    # steps 0-1 of 4 are skipped by denoise 0.5
+    early, early_trace = traced(model, ZestGuidePatch(LAYOUT, eta=1.0, end=0.5))
+    late, late_trace = traced(model, ZestGuidePatch(LAYOUT, eta=1.0, start=0.5, end=1.0))
     base = img2img(model)
-    assert torch.equal(img2img(model.with_patch(early)), base) and early.trace == []
-    assert not torch.equal(img2img(model.with_patch(late)), base)
-    assert [t["step"] for t in late.trace] == [2, 3]
+    assert torch.equal(img2img(early), base) and early_trace == []
+    assert not torch.equal(img2img(late), base)
+    assert [t["step"] for t in late_trace] == [2, 3]
