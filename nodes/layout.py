@@ -12,7 +12,7 @@ from kernels.layout import defaults
 
 from .base import (ATTENTION_MAPS, CLIP, CONDITIONING, IMAGE, LATENT, LAYOUT, MODEL, Bool, Choice,
                    Float, Int, Json, Node, NodeError, Seed, String)
-from .core import SCHEDULER_NAMES
+from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free
 from .registry import register
 
 BOX_KEYS = ("x0", "y0", "x1", "y1")

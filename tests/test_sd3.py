@@ -194,18 +194,18 @@ def test_sd3_processor_masks_joint_and_dual_attention_and_is_exact_when_off():
     left, right = region[:, :2].flatten(), region[:, 2:].flatten()
     with torch.no_grad():
         plain = tr(**kwargs, timestep=ts[2:])[0]
-        with patch.applied(tr, run):
-            procs = patch.processors
+        with patch.applied(tr, run) as joint:
+            procs = joint.processors
             assert any(n.endswith("attn2.processor") for n in procs)
             for p in procs.values():
                 p.record = True
             tr(**kwargs, timestep=ts[:1])
-            assert patch.controller.step == 0 and patch.controller.image_hw == (4, 4)
+            assert joint.controller.step == 0 and joint.controller.image_hw == (4, 4)
             for p in procs.values():  # image->image: [image, text] in attn, image only in attn2
                 assert torch.all(p.last_probs[0][:, left][:, :, right] == 0)
                 assert torch.all(p.last_probs[0][:, left][:, :, left] > 0)
             for p in procs.values():
                 p.record = False
             off = tr(**kwargs, timestep=ts[2:])[0]
-            assert patch.controller.step == 2
+            assert joint.controller.step == 2
     assert torch.equal(off, plain)

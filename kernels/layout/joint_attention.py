@@ -306,10 +306,6 @@ class JointMaskRun:
     processors: dict
 
 
-# The runs in progress, by patch: read by the patch's `controller` / `processors` properties.
-_RUNS_IN_PROGRESS: dict = {}
-
-
 class JointAttentionMaskPatch(ModelPatch):
     """3DIS-FLUX masks on an MM-DiT transformer: SD3 (loaded from folders, used by the
     JointAttentionMask node) or FLUX (from code and tests: FLUX folders do not load yet).
@@ -332,18 +328,6 @@ class JointAttentionMaskPatch(ModelPatch):
 
     def cache_key(self):
         return f"{self.kind}:{layout_key(self.layout)}:{key_of(self.args)}"
-
-    @property
-    def controller(self) -> Optional[JointMaskController]:
-        """The mask controller of the run in progress (None outside one)."""
-        joint = _RUNS_IN_PROGRESS.get(self)
-        return joint.controller if joint is not None else None
-
-    @property
-    def processors(self) -> Optional[dict]:
-        """The processors installed for the run in progress (None outside one)."""
-        joint = _RUNS_IN_PROGRESS.get(self)
-        return joint.processors if joint is not None else None
 
     def new_controller(self, transformer, run) -> JointMaskController:
         a = self.args
@@ -376,10 +360,8 @@ class JointAttentionMaskPatch(ModelPatch):
         proc = SD3LayoutAttnProcessor if sd3 else FluxLayoutAttnProcessor
         joint = JointMaskRun(ctl, {n: proc(ctl) for n in flux_attention_names(transformer)})
         handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        _RUNS_IN_PROGRESS[self] = joint
         try:
             with attention_processors(transformer, joint.processors):
                 yield joint
         finally:
-            _RUNS_IN_PROGRESS.pop(self, None)
             handle.remove()
