@@ -11,7 +11,12 @@ Map of the package (each module's docstring says more):
   palette.py        side list of node types and the Tab search popup
   session.py        recent files, autosave and crash recovery, window layout (user data dir)
   theme.py          the dark palette and stylesheet
-  window.py         the main window tying it together: menus, shortcuts, files, runs
+  window.py         the main window: builds the panels and wires them; its jobs are mixins in
+  actions.py          actions, shortcuts, menus and toolbar
+  editing.py          edit commands (add, copy/paste, duplicate, delete, group)
+  files.py            open, save, recent files, examples, crash recovery, dropped files
+  run_control.py      starting and cancelling runs; badges, progress, results
+  resources.py      shipped files the window shows: default graph, examples, icon
 
 Decisions a user would notice: New starts from the default graph (a working text-to-image chain),
 not an empty canvas; a graph opened from a PNG saves as a new .loom, never over the image; images

@@ -45,14 +45,18 @@ WARM_MODULES = ("diffusers.models.unets.unet_2d_condition", "diffusers.scheduler
 
 
 def import_torch_gently(*more: str) -> None:
-    """Import torch from a background thread without freezing the UI thread for long.
+    """Import torch (and the modules named) from a background thread, freezing the UI thread as
+    little as a plain import allows.
 
-    A thread importing torch still holds the GIL for long stretches: the dynamic loader runs
-    libtorch's static initialisers (~0.4 s) inside the import, and the cyclic GC makes several
-    full passes over the millions of objects the import creates (~0.15 s each). Measured with a
-    10 ms UI timer, that is a 0.4 s freeze. So: first load torch's big shared libraries by
-    calling libc's dlopen through ctypes (ctypes releases the GIL around foreign calls), then
-    import with the GC paused, and freeze what the import made out of the GC's way.
+    The importing thread holds the GIL for long stretches, and the UI thread needs it for every
+    Python slot and paint. The cyclic GC makes several full passes over the millions of objects
+    the import creates (~0.15 s each), so the import runs with the GC paused, and what it made is
+    frozen out of the GC's way afterwards. The longest stretch stays: the dynamic loader runs
+    libtorch's static initialisers inside the import with the GIL held (~0.4 s on an idle
+    machine). Loading torch's libraries ahead of the import by their file names, the GIL released,
+    would hide it, but goes around torch's own loader: it loads them RTLD_LOCAL so their C++
+    symbols cannot clobber other libraries', and loads the CUDA libraries it ships first, so the
+    system's copies do not win.
     """
     import gc
     import importlib
@@ -60,24 +64,6 @@ def import_torch_gently(*more: str) -> None:
 
     if "torch" in sys.modules and all(m in sys.modules for m in more):
         return  # nothing to load (and no reason to freeze the GC's view again)
-    if sys.platform.startswith("linux") and "torch" not in sys.modules:
-        try:
-            import ctypes
-            import importlib.util
-            import os
-
-            spec = importlib.util.find_spec("torch")
-            lib = os.path.join(os.path.dirname(spec.origin), "lib") if spec and spec.origin else None
-            if lib and os.path.isdir(lib):
-                libc = ctypes.CDLL(None)
-                libc.dlopen.restype = ctypes.c_void_p
-                libc.dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
-                for name in ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libtorch_python.so"):
-                    path = os.path.join(lib, name)
-                    if os.path.exists(path):
-                        libc.dlopen(path.encode(), os.RTLD_NOW | os.RTLD_GLOBAL)
-        except Exception:  # only an optimisation: the import below works regardless
-            pass
     was_enabled = gc.isenabled()
     gc.disable()
     try:

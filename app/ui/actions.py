@@ -1,0 +1,119 @@
+"""The main window's actions (with their shortcuts), menus, toolbar and the shortcuts help.
+
+A mixin of MainWindow: the actions call slots of the window and of its other parts (files,
+editing, run control) and of its doc and canvas; act_* are the window's attributes.
+"""
+
+from __future__ import annotations
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+
+class WindowActions:
+    def _action(self, text, slot, shortcut=None, tip="") -> QtGui.QAction:
+        a = QtGui.QAction(text, self)
+        if shortcut is not None:
+            if isinstance(shortcut, list):
+                a.setShortcuts(shortcut)
+            else:
+                a.setShortcut(shortcut)
+        a.setToolTip(tip or text.replace("&", ""))
+        a.triggered.connect(slot)
+        self.addAction(a)
+        return a
+
+    def _actions(self) -> None:
+        K = QtGui.QKeySequence
+        self.act_new = self._action("&New", self.file_new, K.New)
+        self.act_open = self._action("&Open…", self.file_open, K.Open)
+        self.act_save = self._action("&Save", self.file_save, K.Save)
+        self.act_save_as = self._action("Save &As…", self.file_save_as, K("Ctrl+Shift+S"))
+        self.act_quit = self._action("&Quit", self.close, K.Quit)
+        # Our own undo/redo actions (not createUndoAction): a fixed label keeps the toolbar still;
+        # what would be undone goes in the tooltip.
+        undo = self.doc.undo
+        self.act_undo = self._action("&Undo", undo.undo, [K("Ctrl+Z")])
+        self.act_redo = self._action("&Redo", undo.redo, [K("Ctrl+Y"), K("Ctrl+Shift+Z")])
+        self.act_undo.setEnabled(False)
+        self.act_redo.setEnabled(False)
+        undo.canUndoChanged.connect(self.act_undo.setEnabled)
+        undo.canRedoChanged.connect(self.act_redo.setEnabled)
+        undo.undoTextChanged.connect(lambda t: self.act_undo.setToolTip(f"Undo {t}" if t else "Undo"))
+        undo.redoTextChanged.connect(lambda t: self.act_redo.setToolTip(f"Redo {t}" if t else "Redo"))
+        self.act_copy = self._action("&Copy", self.copy_selection, K.Copy)
+        self.act_cut = self._action("Cu&t", self.cut_selection, K.Cut)
+        self.act_paste = self._action("&Paste", self.paste, K.Paste)
+        self.act_duplicate = self._action("&Duplicate", self.duplicate_selection, K("Ctrl+D"))
+        self.act_delete = self._action("De&lete", self.delete_selection, [K(QtCore.Qt.Key_Delete), K(QtCore.Qt.Key_Backspace)])
+        self.act_group = self._action("&Group Selection", self.group_selection, K("Ctrl+G"))
+        self.act_select_all = self._action("Select &All", lambda: self.canvas.select(list(self.doc.graph.nodes)), K.SelectAll)
+        self.act_add = self._action("Add &Node…", self.show_search, None, "search node types (Tab on the canvas)")
+        self.act_frame = self._action("&Frame", self.canvas.frame, K("F"), "fit the selection or the whole graph (F)")
+        self.act_run = self._action("&Run", self.run_all, K("Ctrl+Return"), "run every output node (Ctrl+Enter)")
+        self.act_run_sel = self._action("Run to &Selected", self.run_selected, K("Ctrl+Shift+Return"),
+                                        "run what the selected node needs, and it")
+        self.act_cancel = self._action("&Cancel", self.cancel_run, K("Esc"), "stop the run (finished nodes stay cached)")
+        self.act_cancel.setEnabled(False)
+        self.act_run.setObjectName("RunAction")
+
+    def _menus_and_toolbar(self) -> None:
+        mb = self.menuBar()
+        m = mb.addMenu("&File")
+        m.addActions([self.act_new, self.act_open])
+        self.recent_menu = m.addMenu("Open &Recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        self.examples_menu = m.addMenu("&Examples")
+        self.examples_menu.aboutToShow.connect(self._fill_examples)
+        m.addSeparator()
+        m.addActions([self.act_save, self.act_save_as])
+        m.addSeparator()
+        m.addAction(self.act_quit)
+        m = mb.addMenu("&Edit")
+        m.addActions([self.act_undo, self.act_redo])
+        m.addSeparator()
+        m.addActions([self.act_cut, self.act_copy, self.act_paste, self.act_duplicate, self.act_delete])
+        m.addSeparator()
+        m.addActions([self.act_add, self.act_group, self.act_select_all])
+        m = mb.addMenu("&View")
+        m.addAction(self.act_frame)
+        m.addSeparator()
+        for dock in (self.palette_dock, self.inspector_dock, self.image_dock, self.layout_dock):
+            m.addAction(dock.toggleViewAction())
+        m = mb.addMenu("&Run")
+        m.addActions([self.act_run, self.act_run_sel, self.act_cancel])
+        m = mb.addMenu("&Help")
+        m.addAction("Keyboard and mouse…", self.show_shortcuts)
+
+        tb = self.addToolBar("Main")
+        tb.setObjectName("MainToolbar")
+        tb.setMovable(False)
+        tb.setToolButtonStyle(QtCore.Qt.ToolButtonTextOnly)
+        tb.addActions([self.act_new, self.act_open, self.act_save])
+        tb.addSeparator()
+        tb.addActions([self.act_undo, self.act_redo])
+        tb.addSeparator()
+        tb.addAction(self.act_add)
+        tb.addSeparator()
+        tb.addAction(self.act_run)
+        run_button = tb.widgetForAction(self.act_run)
+        if run_button is not None:
+            run_button.setObjectName("RunButton")
+        tb.addActions([self.act_run_sel, self.act_cancel])
+
+
+    # -- shortcuts help -------------------------------------------------------------------
+    SHORTCUTS = [
+        ("Tab", "add a node (search)"), ("Drag from a port", "wire; drop on nothing to cancel"),
+        ("Drag a wire off an input", "disconnect"), ("Alt+Shift+drag", "cut wires"),
+        ("Del / Backspace", "delete the selection"), ("Ctrl+C / Ctrl+V", "copy / paste (also between windows)"),
+        ("Ctrl+D", "duplicate"), ("Ctrl+G", "group the selection on a backdrop"),
+        ("Ctrl+Z / Ctrl+Y", "undo / redo (every edit, params included)"), ("F", "frame the selection or all"),
+        ("Middle drag / Alt+drag", "pan"), ("Wheel", "zoom"),
+        ("Ctrl+Enter", "run all outputs"), ("Ctrl+Shift+Enter", "run to the selected node"), ("Esc", "cancel the run"),
+        ("Ctrl+S / Ctrl+Shift+S / Ctrl+O", "save / save as / open"),
+        ("Double-click a title", "rename the node (or a group)"),
+    ]
+
+    def show_shortcuts(self) -> None:
+        rows = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in self.SHORTCUTS)
+        QtWidgets.QMessageBox.information(self, "Keyboard and mouse", f"<table>{rows}</table>")

@@ -1,0 +1,205 @@
+"""Run control for the main window: start and cancel runs, and show what they do: node badges
+(run state, or why the graph as drawn cannot run a node), progress, previews, results, and the
+run's summary in the status bar.
+
+A mixin of MainWindow: it uses the window's doc, canvas, runner, inspector, images, layout_panel,
+progress, run_label, act_run / act_run_sel / act_cancel and show_message.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from PySide6 import QtGui
+
+from nodes import registry
+
+from . import session
+
+STATE_LABELS = {"cached-memory": "cached", "cached-disk": "cached (disk)"}
+
+
+class RunControl:
+    def _init_run_state(self) -> None:
+        # Run states stay after a node is deleted, so undo brings the node back as it was.
+        self.states: dict[str, str] = {}       # node id -> last run state shown
+        self.errors: dict[str, str] = {}
+        self._badges: dict[str, tuple] = {}    # node id -> (state, text, tooltip) of the last run
+        self.problems: dict[str, list[str]] = {}  # node id -> why it cannot run as drawn
+        self.run_started = 0.0
+        self.edited_during_run: set = set()    # nodes whose results the running snapshot predates
+
+    # -- node states and badges -----------------------------------------------------------
+    def _mark_stale(self, ids: list[str]) -> None:
+        """A changed input (param or wire) makes the node and everything after it out of date."""
+        cone = self.doc.graph.downstream(ids)
+        if self.runner.busy:  # the running snapshot predates this edit: its results will be stale
+            self.edited_during_run |= cone
+        for nid in cone:
+            if self.states.get(nid) not in (None, "stale", "running", "queued"):
+                self.states[nid] = "stale"
+                self.errors.pop(nid, None)
+                self._set_badge(nid, "stale", "stale", "out of date: an input changed since the last run")
+
+    def _clear_run_state(self) -> None:
+        """A new graph in the document: nothing of the old one's runs applies to it."""
+        self.states.clear()
+        self.errors.clear()
+        self._badges.clear()
+        self.problems = {}
+
+    def _show_node_status(self, nid: Optional[str]) -> None:
+        if nid is None:
+            self.inspector.set_status("")
+            return
+        state = self.states.get(nid)
+        lines = []
+        if state:
+            lines.append(f"Last run: {STATE_LABELS.get(state, state)}")
+            if nid in self.errors:
+                lines.append(self.errors[nid])
+        for problem in self.problems.get(nid, []):
+            lines.append(f"⚠ {problem}")
+        self.inspector.set_status("\n".join(lines))
+
+    # Badges: a node's run state, unless the graph as drawn cannot run it (then what to fix).
+    def _set_badge(self, nid: str, state: str, text: str = "", tip: str = "") -> None:
+        self._badges[nid] = (state, text, tip)
+        self._apply_badge(nid)
+
+    def _apply_badge(self, nid: str) -> None:
+        state, text, tip = self._badges.get(nid, ("idle", "", ""))
+        problems = self.problems.get(nid)
+        if problems and state not in ("running", "queued", "failed"):
+            short = "needs input" if all("is not connected" in m for m in problems) else "invalid"
+            self.canvas.set_state(nid, "invalid", short, "\n".join(problems))
+        else:
+            self.canvas.set_state(nid, state, text, tip)
+
+    def _check_problems(self) -> None:
+        """Validate the document (cheap: no torch) and mark nodes that could not run as drawn:
+        a required input not wired, a bad param, an unknown type. Coalesced to once per edit."""
+        from app.graph import validate
+
+        found: dict[str, list[str]] = {}
+        for problem in validate(self.doc.graph, registry.get):
+            if problem.node_id in self.doc.graph.nodes:
+                node = self.doc.graph.nodes[problem.node_id]
+                message = problem.message.removeprefix(f"{node.label}: ")
+                found.setdefault(problem.node_id, []).append(message)
+        changed = set(found) | set(self.problems)
+        self.problems = found
+        for nid in changed:
+            if nid in self.doc.graph.nodes:
+                self._apply_badge(nid)
+        if self.inspector.node_id in changed:
+            self._show_node_status(self.inspector.node_id)
+
+    # -- starting and stopping ------------------------------------------------------------
+    def run_all(self) -> None:
+        self._start_run(None)
+
+    def run_selected(self) -> None:
+        ids = self.canvas.selected_ids()
+        if not ids:
+            self.show_message("Select a node to run to")
+            return
+        self._start_run(ids)
+
+    def _start_run(self, targets: Optional[list[str]]) -> None:
+        if self.runner.busy:
+            self.show_message("A run is in progress; cancel it first")
+            return
+        path = self.doc.path if self.doc.path and not self.doc.path.lower().endswith(".png") else None
+        out_dir = str(Path(path).parent / "output") if path else str(session.default_output_dir())
+        self.run_started = time.monotonic()
+        self.edited_during_run = set()
+        if self.runner.start(self.doc.graph, targets, graph_path=path, output_dir=out_dir):
+            self.act_run.setEnabled(False)
+            self.act_run_sel.setEnabled(False)
+            self.act_cancel.setEnabled(True)
+            self.run_label.setText("Running…")
+
+    def cancel_run(self) -> None:
+        if self.runner.busy:
+            self.runner.cancel()
+            self.run_label.setText("Cancelling…")
+
+    # -- what the runner reports ----------------------------------------------------------
+    def _run_started(self, cone: list[str]) -> None:
+        for nid in cone:
+            self.errors.pop(nid, None)
+
+    def _on_node_state(self, nid: str, state: str, info: dict) -> None:
+        if nid not in self.doc.graph.nodes:
+            return
+        self.states[nid] = state
+        tip = ""
+        text = STATE_LABELS.get(state, state)
+        if state == "failed" or (state == "skipped" and info.get("error")):
+            self.errors[nid] = info.get("error", "")
+            tip = info.get("error", "")
+        elif "seconds" in info:
+            text = f"done {info['seconds']:.1f}s"
+        if state == "running":
+            self.progress.setVisible(False)
+        if nid in self.edited_during_run and state in ("done", "cached-memory", "cached-disk"):
+            state, text, tip = "stale", "stale", "edited during the run: this result is out of date"
+            self.states[nid] = state
+        self._set_badge(nid, state, text, tip)
+        if self.inspector.node_id == nid:
+            self._show_node_status(nid)
+
+    def _on_progress(self, nid: str, step: int, total: int) -> None:
+        self.progress.setVisible(True)
+        self.progress.setRange(0, max(1, total))
+        self.progress.setValue(step)
+        self._set_badge(nid, "running", f"running {step}/{total}")
+
+    def _on_preview(self, nid: str, image: QtGui.QImage) -> None:
+        self.canvas.show_image(nid, image)
+        node = self.doc.graph.nodes.get(nid)
+        self.images.show_preview(image, node.title or node.type if node else "preview")
+
+    def _on_images(self, nid: str, images: list, paths: list) -> None:
+        node = self.doc.graph.nodes.get(nid)
+        label = (node.title or node.type) if node else "image"
+        if images:
+            self.canvas.show_image(nid, images[0])
+            self.layout_panel.set_image(images[0])
+        for k, image in enumerate(images):
+            self.images.add_image(image, label, paths[k] if k < len(paths) else None)
+
+    def _run_finished(self, report) -> None:
+        self.act_run.setEnabled(True)
+        self.act_run_sel.setEnabled(True)
+        self.act_cancel.setEnabled(False)
+        self.progress.setVisible(False)
+        seconds = time.monotonic() - self.run_started
+        if isinstance(report, str):
+            self.run_label.setText("Run failed")
+            self.show_message(f"Run failed: {report}", 15000)
+            return
+        counts: dict[str, int] = {}
+        for rep in report.nodes.values():
+            counts[rep.status] = counts.get(rep.status, 0) + 1
+        ran = counts.get("done", 0)
+        cached = counts.get("cached-memory", 0) + counts.get("cached-disk", 0)
+        failed = [r for r in report.nodes.values() if r.status == "failed"]
+        if report.cancelled:
+            summary = f"Cancelled after {seconds:.1f} s ({ran} node(s) finished and stay cached)"
+            short = "Cancelled"
+        elif failed:
+            first = failed[0]
+            summary = f"{len(failed)} node(s) failed: {first.title}: {first.error}"
+            short = f"{len(failed)} failed"
+        else:
+            summary = f"Done in {seconds:.1f} s: {ran} ran, {cached} cached"
+            short = f"Last run {seconds:.1f} s"
+        self.run_label.setText(short)
+        self.run_label.setToolTip(summary)
+        self.show_message(summary, 15000)
+        if self.inspector.node_id:
+            self._show_node_status(self.inspector.node_id)
