@@ -11,7 +11,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def run_smoke() -> int:
@@ -25,8 +24,8 @@ def run_smoke() -> int:
         print(f"smoke: {name} ({steps[-1][1]}s)", flush=True)
 
     try:
-        from PySide6 import QtWidgets  # noqa: F401
         import NodeGraphQt  # noqa: F401
+        from PySide6 import QtWidgets  # noqa: F401
         step("Qt and NodeGraphQt import")
         try:
             import app.ui  # noqa: F401
@@ -34,8 +33,8 @@ def run_smoke() -> int:
         except ImportError as exc:
             print(f"smoke: app.ui not importable: {exc}", file=sys.stderr)
             return 1
-        import torch
         import diffusers  # noqa: F401
+        import torch
         import transformers  # noqa: F401
         step(f"torch {torch.__version__}, diffusers, transformers import")
 

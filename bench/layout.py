@@ -92,8 +92,14 @@ def box_hits(detections, layout, scene, need_shape: bool = True, anywhere: bool 
 # -- methods -------------------------------------------------------------------------------------
 def method_table(args):
     """name -> function(model, clip, layout) -> patched model (None: unpatched)."""
-    from kernels.layout import (AStarPatch, BoxGuidancePatch, RegionAttentionPatch,
-                                RegionalPromptPatch, ZestGuidePatch, phrase_positions)
+    from kernels.layout import (
+        AStarPatch,
+        BoxGuidancePatch,
+        RegionalPromptPatch,
+        RegionAttentionPatch,
+        ZestGuidePatch,
+        phrase_positions,
+    )
     from kernels.text import encode_text
 
     def regional(model, clip, layout):

@@ -54,8 +54,7 @@ TINY_WORDS = ("a an the and red green blue yellow purple orange circle square tr
 def build_tiny_model(path: str, *, kind: str = "pixel", flow: bool = False, seed: int = 0,
                      sample_size: int = 16, max_length: int = 16) -> str:
     """Write a tiny random model folder at `path` and return the path."""
-    from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from kernels.models import quiet_hub_libraries

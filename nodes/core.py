@@ -9,8 +9,24 @@ from __future__ import annotations
 from kernels.files import path_fingerprint
 from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free, unlike kernels.sampling
 
-from .base import (CLIP, CONDITIONING, IMAGE, LATENT, MASK, MODEL, VAE, Bool, Choice, Float, Int,
-                   Node, NodeError, Path, Seed, String)
+from .base import (
+    CLIP,
+    CONDITIONING,
+    IMAGE,
+    LATENT,
+    MASK,
+    MODEL,
+    VAE,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    Node,
+    NodeError,
+    Path,
+    Seed,
+    String,
+)
 from .registry import register
 
 DTYPES = ("float32", "float16", "bfloat16")

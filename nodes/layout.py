@@ -9,10 +9,26 @@ the parameter defaults are its (kernels.layout.defaults, which loads no torch).
 from __future__ import annotations
 
 from kernels.layout import defaults
-
-from .base import (ATTENTION_MAPS, CLIP, CONDITIONING, IMAGE, LATENT, LAYOUT, MODEL, Bool, Choice,
-                   Float, Int, Json, Node, NodeError, Seed, String)
 from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free
+
+from .base import (
+    ATTENTION_MAPS,
+    CLIP,
+    CONDITIONING,
+    IMAGE,
+    LATENT,
+    LAYOUT,
+    MODEL,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    Json,
+    Node,
+    NodeError,
+    Seed,
+    String,
+)
 from .registry import register
 
 BOX_KEYS = ("x0", "y0", "x1", "y1")

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import txt2img_graph
 
 from app.cli import main
 from app.graph import Graph, load, save
-from conftest import txt2img_graph
 from nodes import registry
 
 REPO = Path(__file__).resolve().parents[1]

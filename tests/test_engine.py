@@ -335,7 +335,7 @@ def test_same_seed_same_pixels(tiny_latent_model, tmp_path):
         ex = Executor(device="cpu", disk_cache=False)
         g, ids = txt2img_graph(tiny_latent_model, steps=3, size=16)
         captured = {}
-        ex.run(g, events=EngineEvents(images=lambda nid, im, paths: captured.setdefault("im", im)),
+        ex.run(g, events=EngineEvents(images=lambda nid, im, paths, captured=captured: captured.setdefault("im", im)),
                output_dir=tmp_path / str(i))
         images.append(captured["im"])
     assert images[0].shape == (1, 16, 16, 3)

@@ -11,16 +11,26 @@ import torch
 
 from app.engine import Executor
 from kernels.attention import controller_for, registered
-from kernels.layout import (AStarPatch, AttentionRecordPatch, BoxGuidancePatch, GuidanceTrace,
-                            RegionAttentionPatch, RegionalPromptPatch, ZestGuidePatch, box_mask,
-                            heatmap_grid, joint_attention_mask, phrase_positions, resolve_layout)
+from kernels.layout import (
+    AStarPatch,
+    AttentionRecordPatch,
+    BoxGuidancePatch,
+    GuidanceTrace,
+    RegionalPromptPatch,
+    RegionAttentionPatch,
+    ZestGuidePatch,
+    box_mask,
+    heatmap_grid,
+    joint_attention_mask,
+    phrase_positions,
+    resolve_layout,
+)
 from kernels.models import load_model_folder
 from kernels.patching import ModelPatch
 from kernels.text import encode_text
-from nodes.base import LATENT, Node
 from nodes.core import Sampler
 from nodes.layout import check_boxes
-from nodes.registry import add_node, register
+from nodes.registry import add_node
 
 PROMPT = "a red circle on the left and a blue square"
 LAYOUT = {"width": 16, "height": 16, "boxes": [
@@ -405,7 +415,7 @@ def test_heatmap_grid_shape():
 def test_joint_attention_mask_kernel():
     masks = [torch.tensor([[1, 0], [1, 0]]), torch.tensor([[0, 1], [0, 1]])]
     allow = joint_attention_mask(5, (2, 2), [[1, 2], [3, 4]], masks)  # the I2I window
-    text, img = torch.arange(5), 5 + torch.arange(4)
+    img = 5 + torch.arange(4)
     left, right = img[[0, 2]], img[[1, 3]]
     assert allow[left][:, [1, 2]].all() and not allow[left][:, [3, 4]].any()
     assert not allow[left][:, [0]].any()  # global text closed in the I2I window

@@ -20,7 +20,7 @@ def test_layouts_are_deterministic_and_the_detector_scores_the_true_scenes():
     bench = load_bench()
     a, b = bench.make_layouts(6), bench.make_layouts(6)
     assert [x[0] for x in a] == [x[0] for x in b] and [x[2] for x in a] == [x[2] for x in b]
-    for prompt, positioned, layout, scene in a:
+    for prompt, _positioned, layout, _scene in a:
         assert 1 <= len(layout["boxes"]) <= 3
         assert not any(p in prompt for p in world.CELL_PHRASES)  # only the layout says where
         for box in layout["boxes"]:

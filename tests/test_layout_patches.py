@@ -8,8 +8,15 @@ import inspect
 import pytest
 import torch
 
-from kernels.layout import (AStarPatch, AttentionRecordPatch, BoxGuidancePatch, GuidanceTrace,
-                            RegionAttentionPatch, RegionalPromptPatch, ZestGuidePatch)
+from kernels.layout import (
+    AStarPatch,
+    AttentionRecordPatch,
+    BoxGuidancePatch,
+    GuidanceTrace,
+    RegionalPromptPatch,
+    RegionAttentionPatch,
+    ZestGuidePatch,
+)
 from kernels.models import load_model_folder
 from kernels.sampling import in_step_window
 from kernels.text import encode_text

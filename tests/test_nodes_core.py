@@ -113,8 +113,9 @@ def test_previews_arrive_during_sampling(tiny_pixel_model, tmp_path):
 
 
 def test_save_image_embeds_the_graph(tiny_pixel_model, tmp_path):
-    from app.graph import load
     from conftest import txt2img_graph
+
+    from app.graph import load
     from nodes import registry
 
     g, ids = txt2img_graph(tiny_pixel_model, steps=2)

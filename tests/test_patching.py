@@ -63,7 +63,7 @@ def test_patched_model_in_a_graph_leaves_input_model_untouched(tiny_pixel_model,
 
     g, ids = txt2img_graph(tiny_pixel_model, steps=2)
     ex = Executor(device="cpu", disk_cache=False)
-    plain = ex.run(g, output_dir=tmp_path)
+    assert ex.run(g, output_dir=tmp_path).ok
     patch = add_node(g, "TestScaleModel", {"factor": 0.5}, title="Patch")
     g.connect(ids["load"], "model", patch.id, "model")
     g.connect(patch.id, "model", ids["sampler"], "model")

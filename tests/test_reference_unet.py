@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import CAPTURED, txt2img_graph
 
 from app.engine import Executor
-from conftest import CAPTURED, txt2img_graph
 from nodes.registry import add_node
 
 PROMPT = "a red circle on the left"

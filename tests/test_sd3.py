@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import CAPTURED, txt2img_graph
 
 from app.engine import Executor
-from conftest import CAPTURED, txt2img_graph
 from kernels.models import ModelLoadError, load_model_folder
 from nodes.registry import add_node
 

@@ -30,7 +30,7 @@ def test_shipped_model_draws_the_prompted_colour(tmp_path):
         graph.set_param(prompt.id, "text", text)
         graph.set_param(sampler.id, "seed", 3)
         images = []
-        report = executor.run(graph, events=EngineEvents(images=lambda nid, im, p: images.append(im)),
+        report = executor.run(graph, events=EngineEvents(images=lambda nid, im, p, images=images: images.append(im)),
                               output_dir=tmp_path)
         assert report.ok
         img = (images[0][0].numpy() * 255).round().astype(np.uint8)

@@ -446,7 +446,6 @@ def test_rename_on_canvas_and_group_edits_are_undoable(window):
 
 
 def test_placeholder_nodes_show_and_survive(window, tmp_path):
-    from app.graph import load, save
 
     src = tmp_path / "p.loom"
     src.write_text(json.dumps({

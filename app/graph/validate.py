@@ -43,8 +43,8 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
                 add(node, f"saved by a newer Loomwork ({node.type} v{node.version}; this build has "
                           f"v{spec.version}); it is kept unchanged but cannot run")
             else:  # e.g. the file was loaded without a node catalog
-                add(node, f"kept unchanged as a placeholder, so it cannot run; reopen the file "
-                          f"with the node catalog to edit it")
+                add(node, "kept unchanged as a placeholder, so it cannot run; reopen the file "
+                          "with the node catalog to edit it")
             continue
         wired = graph.inputs_of(nid)
         for name, port in spec.inputs.items():

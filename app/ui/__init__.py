@@ -79,7 +79,6 @@ def create_app(argv: Optional[list[str]] = None):
     from PySide6 import QtWidgets
 
     from . import theme
-
     from .ngqt_compat import keep_none_alive
 
     keep_none_alive()  # PySide6 6.12 + Python 3.11 otherwise aborts after a few thousand Qt calls

@@ -252,7 +252,7 @@ class GraphCanvas(QtCore.QObject):
         item.model.id = node.id
         item.view.id = node.id
         item.NODE_NAME = item.model.name = item.view.name = node.title or node.type
-        for name, type_name, optional in shape[1]:
+        for name, type_name, _optional in shape[1]:
             color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
             item.add_input(name, color=color)
         for name, type_name in shape[2]:

@@ -36,12 +36,11 @@ import os
 os.environ.setdefault("QT_PREFERRED_BINDING", "PySide6")
 os.environ.setdefault("QT_PREFERRED_BINDING_JSON", "")
 
-from PySide6 import QtCore  # noqa: E402
-
 import NodeGraphQt  # noqa: E402
 from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
 from NodeGraphQt.qgraphics.port import PortItem  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
+from PySide6 import QtCore  # noqa: E402
 
 __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",
            "make_node_graph", "detach_controller", "pipe_between", "show_scene_rect", "keep_none_alive"]

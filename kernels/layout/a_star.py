@@ -20,8 +20,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .defaults import (A_STAR_RETENTION, A_STAR_SMOOTHING, GUIDANCE_END, GUIDANCE_ETA,
-                       GUIDANCE_ITERATIONS, GUIDANCE_START)
+from .defaults import (
+    A_STAR_RETENTION,
+    A_STAR_SMOOTHING,
+    GUIDANCE_END,
+    GUIDANCE_ETA,
+    GUIDANCE_ITERATIONS,
+    GUIDANCE_START,
+)
 from .guidance import GuidancePatch, GuidanceRun, token_maps
 
 

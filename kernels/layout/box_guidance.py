@@ -28,9 +28,22 @@ import torch
 
 from kernels.attention import self_attention_names
 
-from .defaults import (BOX_CORNER, BOX_INNER, BOX_INTER, BOX_OUTER, BOX_REDISTRIBUTE_END,
-                       BOX_SELF_ATTENTION, BOX_WITHIN, CSG_DROPOUT, CSG_MARGIN, CSG_TOPK,
-                       GUIDANCE_END, GUIDANCE_ETA, GUIDANCE_ITERATIONS, GUIDANCE_START)
+from .defaults import (
+    BOX_CORNER,
+    BOX_INNER,
+    BOX_INTER,
+    BOX_OUTER,
+    BOX_REDISTRIBUTE_END,
+    BOX_SELF_ATTENTION,
+    BOX_WITHIN,
+    CSG_DROPOUT,
+    CSG_MARGIN,
+    CSG_TOPK,
+    GUIDANCE_END,
+    GUIDANCE_ETA,
+    GUIDANCE_ITERATIONS,
+    GUIDANCE_START,
+)
 from .guidance import GuidancePatch, GuidanceRun, token_maps
 
 
