@@ -163,7 +163,7 @@ def method_table(args):
     }
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a ShapesT2I folder (default: the shipped one, else a "
                         "training checkpoint, else a tiny random model for a smoke run)")
@@ -192,86 +192,75 @@ def main(argv=None) -> int:
                         help="another stream for tuning, so the reported layouts stay unseen")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="also write the JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import numpy as np
-    import torch
 
-    from kernels.images import model_to_image
+class _QuietContext:
+    """The node context the bench hands the Sampler: no progress, no cancel."""
+
+    def progress(self, *a, **k):
+        pass
+
+
+def load_bench_model(args):
+    """(path, smoke, model, clip, vae): the chosen ShapesT2I folder, else a tiny random model."""
     from kernels.models import load_model_folder
-    from kernels.text import encode_text
-    from nodes.core import Sampler
 
-    torch.set_num_threads(args.threads)
     model_path = args.model or default_model()
     smoke = model_path is None
     if smoke:
         from kernels.tiny import build_tiny_model
 
         model_path = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"), sample_size=32)
-    model, clip, vae = load_model_folder(model_path)
+    return (model_path, smoke, *load_model_folder(model_path))
+
+
+def score_method(name, make, layouts, args, model, clip, vae, cond_of, detect) -> dict:
+    """Render every layout with one method and judge each box with the oracle."""
+    import numpy as np
+    import torch
+
+    from kernels.images import model_to_image
+    from nodes.core import Sampler
+
     size = int(model.unet.config.sample_size) * vae.scale_factor
-    oracle_name, detect = oracle_detector()
-    layouts = make_layouts(args.n, args.layout_seed)
-    methods = method_table(args)
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
-        methods = {k: v for k, v in methods.items() if k in wanted}
+    hits, all_ok, seconds, n_boxes, colour_hits, present = 0, 0, 0.0, 0, 0, 0
+    for k, (prompt, positioned, layout, scene) in enumerate(layouts):
+        cond = cond_of(positioned if name == "baseline_positions" else prompt)
+        latent = torch.zeros(1, vae.latent_channels, size // vae.scale_factor, size // vae.scale_factor)
+        t0 = time.perf_counter()
+        m = model if make is None else make(model, clip, layout)
+        out = Sampler().run(_QuietContext(), m, cond, None, latent, args.scheduler, args.steps, args.cfg,
+                            1000 + k, 1.0)["latent"]
+        with torch.no_grad():
+            image = model_to_image(vae.decode(out))[0]
+        seconds += time.perf_counter() - t0
+        img = (image.numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        if img.shape[0] not in (32, 64):
+            from PIL import Image
 
-    class Ctx:
-        def progress(self, *a, **k):
-            pass
+            img = np.asarray(Image.fromarray(img).resize((32, 32), Image.NEAREST))
+        found = detect(img)
+        h = box_hits(found, layout, scene)
+        colour_hits += sum(box_hits(found, layout, scene, need_shape=False))
+        present += sum(box_hits(found, layout, scene, anywhere=True))
+        hits += sum(h)
+        n_boxes += len(h)
+        all_ok += all(h)
+    row = {"box_hit_rate": round(hits / max(n_boxes, 1), 4),
+           "layout_all_boxes_rate": round(all_ok / max(len(layouts), 1), 4),
+           "colour_in_box_rate": round(colour_hits / max(n_boxes, 1), 4),
+           "present_anywhere_rate": round(present / max(n_boxes, 1), 4),
+           "sec_per_image": round(seconds / max(len(layouts), 1), 4)}
+    print(f"{name:30s} box hits {100 * hits / max(n_boxes, 1):5.1f}%  colour in box "
+          f"{100 * colour_hits / max(n_boxes, 1):5.1f}%  all boxes "
+          f"{100 * all_ok / max(len(layouts), 1):6.1f}%   {seconds / max(len(layouts), 1):7.3f} s/image",
+          file=sys.stderr, flush=True)
+    return row
 
-    encoded: dict = {}
 
-    def cond_of(text):
-        if text not in encoded:
-            encoded[text] = encode_text(clip.tokenizer, clip.text_encoder, text)
-        return encoded[text]
-
-    from kernels.shapes import world
-
-    truth_hits = sum(sum(box_hits(detect(world.downsample(world.render_array(sc, 64), 32)), lay, sc))
-                     for _, _, lay, sc in layouts)
-    n_all = sum(len(l[2]["boxes"]) for l in layouts)
-    print(f"{'detector on the true scenes':32s} box hits {100 * truth_hits / max(n_all, 1):6.1f}%  "
-          f"(the ceiling; detector: {oracle_name})", file=sys.stderr, flush=True)
-
-    results = {}
-    for name, make in methods.items():
-        hits, all_ok, seconds, n_boxes, colour_hits, present = 0, 0, 0.0, 0, 0, 0
-        for k, (prompt, positioned, layout, scene) in enumerate(layouts):
-            cond = cond_of(positioned if name == "baseline_positions" else prompt)
-            latent = torch.zeros(1, vae.latent_channels, size // vae.scale_factor, size // vae.scale_factor)
-            t0 = time.perf_counter()
-            m = model if make is None else make(model, clip, layout)
-            out = Sampler().run(Ctx(), m, cond, None, latent, args.scheduler, args.steps, args.cfg,
-                                1000 + k, 1.0)["latent"]
-            with torch.no_grad():
-                image = model_to_image(vae.decode(out))[0]
-            seconds += time.perf_counter() - t0
-            img = (image.numpy() * 255).round().clip(0, 255).astype(np.uint8)
-            if img.shape[0] not in (32, 64):
-                from PIL import Image
-
-                img = np.asarray(Image.fromarray(img).resize((32, 32), Image.NEAREST))
-            found = detect(img)
-            h = box_hits(found, layout, scene)
-            colour_hits += sum(box_hits(found, layout, scene, need_shape=False))
-            present += sum(box_hits(found, layout, scene, anywhere=True))
-            hits += sum(h)
-            n_boxes += len(h)
-            all_ok += all(h)
-        results[name] = {"box_hit_rate": round(hits / max(n_boxes, 1), 4),
-                         "layout_all_boxes_rate": round(all_ok / max(len(layouts), 1), 4),
-                         "colour_in_box_rate": round(colour_hits / max(n_boxes, 1), 4),
-                         "present_anywhere_rate": round(present / max(n_boxes, 1), 4),
-                         "sec_per_image": round(seconds / max(len(layouts), 1), 4)}
-        print(f"{name:30s} box hits {100 * hits / max(n_boxes, 1):5.1f}%  colour in box "
-              f"{100 * colour_hits / max(n_boxes, 1):5.1f}%  all boxes "
-              f"{100 * all_ok / max(len(layouts), 1):6.1f}%   {seconds / max(len(layouts), 1):7.3f} s/image",
-              file=sys.stderr, flush=True)
-
+def summarise(results: dict) -> dict:
+    """The best method and the comparisons each paper claims."""
     combos = {k: v for k, v in results.items() if k.startswith("combo_") or k not in
               ("baseline", "baseline_positions")}
     best = max(combos, key=lambda k: combos[k]["box_hit_rate"]) if combos else None
@@ -291,6 +280,39 @@ def main(argv=None) -> int:
         summary["zestguide_with_pww_minus_region_attention_points"] = points("combo_pww_zest", "region_attention")
     if "a_star" in results and "baseline" in results:  # A-STAR's claim: more of the objects appear
         summary["a_star_minus_baseline_present_points"] = points("a_star", "baseline", "present_anywhere_rate")
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from kernels.shapes import world
+    from kernels.text import encode_text
+
+    torch.set_num_threads(args.threads)
+    model_path, smoke, model, clip, vae = load_bench_model(args)
+    oracle_name, detect = oracle_detector()
+    layouts = make_layouts(args.n, args.layout_seed)
+    methods = method_table(args)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        methods = {k: v for k, v in methods.items() if k in wanted}
+    encoded: dict = {}
+
+    def cond_of(text):
+        if text not in encoded:
+            encoded[text] = encode_text(clip.tokenizer, clip.text_encoder, text)
+        return encoded[text]
+
+    truth_hits = sum(sum(box_hits(detect(world.downsample(world.render_array(sc, 64), 32)), lay, sc))
+                     for _, _, lay, sc in layouts)
+    n_all = sum(len(l[2]["boxes"]) for l in layouts)
+    print(f"{'detector on the true scenes':32s} box hits {100 * truth_hits / max(n_all, 1):6.1f}%  "
+          f"(the ceiling; detector: {oracle_name})", file=sys.stderr, flush=True)
+    results = {name: score_method(name, make, layouts, args, model, clip, vae, cond_of, detect)
+               for name, make in methods.items()}
+    summary = summarise(results)
     report = {"bench": "layout", "model": model_path, "smoke_random_model": smoke,
               "oracle": oracle_name, "layouts": len(layouts),
               "boxes": n_all, "detector_on_true_scenes": round(truth_hits / max(n_all, 1), 4),

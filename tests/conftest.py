@@ -169,3 +169,13 @@ def run_captured(g, ids, tmp_path, ex=None):
     report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
     return CAPTURED.pop("latent"), report, ex
+
+
+def load_and_encode_on_canvas(w):
+    """LoadModel -> TextEncode through the canvas, as a drag would."""
+    from PySide6 import QtCore
+
+    doc = w.doc
+    load = w.add_node("LoadModel", QtCore.QPointF(0, 0))
+    text = w.add_node("TextEncode", QtCore.QPointF(300, 0))
+    return doc, load, text

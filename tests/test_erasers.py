@@ -4,15 +4,29 @@ import os
 
 import pytest
 import torch
+from conftest import eraser_graph, run_captured, same_state, state_copy
 
 from app.engine import Executor
-from kernels.erasers import (Generator, LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch,
-                             closed_form_weight, encode_embeds, load_erasers, quickfix_edit, red_team_prompt,
-                             save_erasers, text_encoder_out_proj, train_erasure_lora, transport_strength, uce_edit)
+from kernels.erasers import (
+    Generator,
+    LoraPatch,
+    MembranePatch,
+    SafeGuidancePatch,
+    WeightDeltaPatch,
+    closed_form_weight,
+    encode_embeds,
+    load_erasers,
+    quickfix_edit,
+    red_team_prompt,
+    save_erasers,
+    text_encoder_out_proj,
+    train_erasure_lora,
+    transport_strength,
+    uce_edit,
+)
 from kernels.models import load_model_folder
 from kernels.patching import applied_patches
 from kernels.sampling import make_scheduler
-from conftest import eraser_graph, run_captured, same_state, state_copy
 from nodes.registry import add_node
 
 

@@ -5,14 +5,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import eraser_graph, run_captured, same_state, state_copy
 
 from app.engine import Executor
-from kernels.erasers import (Generator, WeightDeltaPatch, concept_neuron_scores, ffn_output_layers, load_erasers,
-                             probe_timesteps, prune_concept_neurons, pruned_count, save_erasers)
+from kernels.erasers import (
+    Generator,
+    WeightDeltaPatch,
+    concept_neuron_scores,
+    ffn_output_layers,
+    load_erasers,
+    probe_timesteps,
+    prune_concept_neurons,
+    pruned_count,
+    save_erasers,
+)
 from kernels.models import load_model_folder
 from kernels.patching import applied_patches
 from kernels.sampling import make_scheduler
-from conftest import eraser_graph, run_captured, same_state, state_copy
 from nodes.registry import add_node
 
 CONCEPT = ["a red circle", "a blue circle", "a circle on the left"]
