@@ -126,9 +126,9 @@ class Bench:
     @torch.no_grad()
     def batched_detections(self, gen, rows: int = 48) -> dict:
         """All prompts x seeds in batches of `rows` (same noise per seed as one prompt at a time)."""
-        from kernels.erasers import seed_noise
+        from kernels.erasers import model_scheduler
         from kernels.patching import SamplingRun, applied_patches
-        from kernels.sampling import make_scheduler, sample
+        from kernels.sampling import sample, seed_noise
 
         jobs = [(p, s) for _, _, p in self.prompts for s in self.seeds]
         conds = {p: gen.encode(p) for _, _, p in self.prompts}
@@ -139,7 +139,7 @@ class Bench:
             noise = seed_noise(unet, [s for _, s in chunk])
             pos = torch.cat([conds[p].embeds for p, _ in chunk])
             neg = torch.cat([conds[p].empty for p, _ in chunk])
-            sched = make_scheduler("flow_match_euler" if gen.model.is_flow else "ddim", gen.model.scheduler_config)
+            sched = model_scheduler(gen.model)
             run = SamplingRun(unet=unet, scheduler=sched, positive=conds[chunk[0][0]], negative=None,
                               cfg=self.args.cfg, steps=self.args.steps, latent_shape=tuple(noise.shape))
             with applied_patches(gen.model.patches, unet, run):
@@ -212,8 +212,8 @@ def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> 
 def build_eraser(bench: Bench, name: str, target: str, args):
     """(model, clip, info) with the eraser applied."""
     from kernels.erasers import (LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch, encode_embeds,
-                                 prune_concept_neurons, quickfix_edit, train_erasure_lora, uce_edit, words_of)
-    from kernels.sampling import make_scheduler
+                                 model_scheduler, prune_concept_neurons, quickfix_edit, train_erasure_lora, uce_edit)
+    from kernels.text import words_of
 
     model, clip = bench.model, bench.clip
     tok, te = clip.tokenizer, clip.text_encoder
@@ -222,7 +222,7 @@ def build_eraser(bench: Bench, name: str, target: str, args):
     keep = [p for c, s, p in bench.prompts if not names(c, s, target)]
     info = {"anchor": anchor, "templates": len(temps), "preserved": len(keep)}
     emb = lambda ps: encode_embeds(tok, te, ps)  # noqa: E731
-    sched = make_scheduler("flow_match_euler" if model.is_flow else "ddim", model.scheduler_config)
+    sched = model_scheduler(model)
     if name == "quickfix":
         d = quickfix_edit(tok, te, target, anchor, templates=temps, preserve=keep, lam=0.01)
         return model, clip.with_patch(WeightDeltaPatch("text_encoder", d, meta={"concept": target})), info

@@ -2,7 +2,7 @@
 
 The input model is never changed: the patch is applied only while a Sampler (MODEL patches) or
 TextEncode (CLIP patches) runs. Erasers chain: a second eraser is computed on the first one's
-output, and both are applied in order. The math lives in kernels/erasers.py.
+output, and both are applied in order. The math lives in kernels/erasers/.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ DEFAULT_GENERAL = ("a photo\nan image\na red square\na blue triangle\na green st
 
 def _names_concept(prompt: str, concept: str) -> bool:
     """Whether `prompt` contains every word of `concept` (then it is not a general prompt)."""
-    from kernels.erasers import words_of
+    from kernels.text import words_of
 
     need = set(words_of(concept))
     return bool(need) and need <= set(words_of(prompt))
@@ -120,7 +120,7 @@ class PruneConcept(Node):
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, clip, concept, templates, general, fraction, timesteps, samples, seed, strength):
-        from kernels.erasers import WeightDeltaPatch, prune_concept_neurons
+        from kernels.erasers import WeightDeltaPatch, model_scheduler, prune_concept_neurons
         from kernels.patching import applied_patches
 
         concept = _need(concept)
@@ -133,7 +133,7 @@ class PruneConcept(Node):
         with applied_patches(clip.patches, clip.text_encoder), applied_patches(model.patches, model.unet):
             try:
                 deltas = prune_concept_neurons(model.unet, clip.tokenizer, clip.text_encoder, prompts, keep,
-                                               fraction=fraction, scheduler=_train_scheduler(model),
+                                               fraction=fraction, scheduler=model_scheduler(model),
                                                timesteps=timesteps, seed=seed, samples=samples)
             except ValueError as exc:
                 raise NodeError(f"PruneConcept: {exc}") from None
@@ -149,12 +149,6 @@ def _encode(clip, prompts):
 
     with applied_patches(clip.patches, clip.text_encoder):
         return encode_embeds(clip.tokenizer, clip.text_encoder, prompts)
-
-
-def _train_scheduler(model):
-    from kernels.sampling import make_scheduler
-
-    return make_scheduler("flow_match_euler" if model.is_flow else "ddim", model.scheduler_config)
 
 
 @register
@@ -182,8 +176,9 @@ class ConceptMembrane(Node):
 
     def run(self, ctx, model, clip, concept, templates, anchors, steps, rank, lr, eta, anchor_weight, seed,
             strength):
-        from kernels.erasers import MembranePatch, train_erasure_lora, words_of
+        from kernels.erasers import MembranePatch, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
+        from kernels.text import words_of
 
         concept = _need(concept)
         prompts = [t.replace("{}", concept) for t in _templates(templates)]
@@ -194,7 +189,7 @@ class ConceptMembrane(Node):
         concept_embeds = _encode(clip, [concept])
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
-                model.unet, _train_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
+                model.unet, model_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
                 scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
                 seed=seed, progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
@@ -232,7 +227,7 @@ class EraseFinetune(Node):
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
             uncond_weight, preserve, seed, strength):
-        from kernels.erasers import LoraPatch, train_erasure_lora
+        from kernels.erasers import LoraPatch, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
 
         concept = _need(concept)
@@ -247,7 +242,7 @@ class EraseFinetune(Node):
         keep = _lines(preserve)
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
-                model.unet, _train_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
+                model.unet, model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
                 anchor_embeds=_encode(clip, keep) if keep else None,
                 scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
