@@ -19,7 +19,7 @@ baseline rate: an anchor the model cannot draw cannot replace the target).
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers quickfix,uce --targets circle   # smoke
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers prune --targets circle --attack-steps 0
 
-"prune" (row 70) prunes --prune-fraction of each UNet feed-forward layer's neurons, contrasting the
+"prune" prunes --prune-fraction of each UNet feed-forward layer's neurons, contrasting the
 target's world templates filled in against the prompts that do not name the target.
 
 The table goes to stderr, the JSON to stdout (and to --out if given). Run long jobs with `nice`.
@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.shapes import world  # noqa: E402
+from kernels.shapes.judge import concept_judge, detected_pairs, named_concept, shows, to_uint8  # noqa: E402
 
 COLOURS = list(world.COLOURS)
 SHAPES = list(world.SHAPES)
@@ -63,26 +64,12 @@ def prompt_for(colour: str, shape: str) -> str:
     return f"{article(colour)} {colour} {shape}"
 
 
-def parse_concept(text: str) -> tuple[set, set]:
-    words = text.lower().split()
-    return {w for w in words if w in COLOURS}, {w for w in words if w in SHAPES}
+detect_pairs = detected_pairs  # the judge's detector (tests/test_erasers_bench.py checks it)
 
 
 def names(colour: str, shape: str, concept: str) -> bool:
-    cs, ss = parse_concept(concept)
+    cs, ss = named_concept(concept)
     return (not cs or colour in cs) and (not ss or shape in ss)
-
-
-# -- the judge ---------------------------------------------------------------------------------
-def detect_pairs(arr: np.ndarray) -> list[tuple[str, str]]:
-    """(colour, shape) of every object the oracle finds in a uint8 HxWx3 image."""
-    from kernels.shapes.oracle import detect
-
-    return [(d.colour, d.shape) for d in detect(arr)]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 # -- generation and rates ----------------------------------------------------------------------
@@ -106,14 +93,7 @@ class Bench:
         return to_uint8(x)
 
     def judge(self, concept: str):
-        cs, ss = parse_concept(concept)
-
-        def judge(images: torch.Tensor) -> list[bool]:
-            with torch.no_grad():
-                arrs = to_uint8(self.vae.decode(images))
-            return [any((not cs or c in cs) and (not ss or s in ss) for c, s in self.detect(a)) for a in arrs]
-
-        return judge
+        return concept_judge(concept, decode=self.vae.decode)
 
     def detections(self, gen) -> dict:
         """prompt -> per image list of (colour, shape)."""
@@ -151,12 +131,12 @@ class Bench:
     def rates(self, dets: dict, target: str) -> dict:
         """Rate of each concept (the target, other shapes/colours, the pair's halves)."""
         concepts = [target] + [c for c in COLOURS + SHAPES if c != target]
-        tc, ts = parse_concept(target)
+        tc, ts = named_concept(target)
         if tc and ts:  # a pair: its colour on other shapes, its shape in other colours
             concepts = [target] + [c for c in COLOURS + SHAPES]
         out = {}
         for concept in concepts:
-            cs, ss = parse_concept(concept)
+            cs, ss = named_concept(concept)
             hits = total = 0
             for colour, shape, prompt in self.prompts:
                 if not names(colour, shape, concept):
@@ -165,7 +145,7 @@ class Bench:
                     continue  # other concepts are measured away from the target
                 for found in dets[prompt]:
                     total += 1
-                    hits += any((not cs or c in cs) and (not ss or s in ss) for c, s in found)
+                    hits += shows(found, cs, ss)
             if total:
                 out[concept] = hits / total
         return out
@@ -173,7 +153,7 @@ class Bench:
 
 def world_templates(target: str) -> list[str]:
     """Prompts of the world's grammar with {} where the target goes."""
-    cs, ss = parse_concept(target)
+    cs, ss = named_concept(target)
     spots = ["", " on the left", " at the top right", " in the center"]
     if cs and ss:
         return [f"a {{}}{p}" for p in spots]
@@ -188,7 +168,7 @@ def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> 
     drawn as the target. An anchor that the oracle reads as the target cannot erase it: the
     session-1 model drew "a red square" as a circle 4 times in 5, so circle -> square left the
     circle rate at 0.67-0.72."""
-    cs, ss = parse_concept(target)
+    cs, ss = named_concept(target)
     kind, pool = (SHAPES, ss) if ss else (COLOURS, cs)
     if not pool:
         return ""
@@ -450,7 +430,7 @@ def main(argv=None) -> int:
             if info.get("anchor"):
                 row["anchor_rate_before"] = round(bench.rates(base_dets, info["anchor"]).get(info["anchor"], 0.0), 4)
             if args.attack_steps > 0:
-                cs, ss = parse_concept(target)
+                cs, ss = named_concept(target)
                 attack_prompt = prompt_for(next(iter(cs)) if cs else "blue", next(iter(ss)) if ss else "square")
                 res = red_team_prompt(gen, bench.base, attack_prompt, n_tokens=4, steps=args.attack_steps, lr=0.1,
                                       cfg=args.cfg, n_targets=2, sample_steps=args.steps,

@@ -275,40 +275,6 @@ class SafeGuidance(Node):
         return {"model": model.with_patch(SafeGuidancePatch(embeds, scale, warmup, strength, meta))}
 
 
-def _shapes_judge(prompt: str):
-    """An oracle-based judge for the built-in ShapesT2I world: does an image show the prompt's
-    colour and/or shape? None when the prompt names neither or the oracle is unavailable."""
-    try:
-        from kernels.shapes.oracle import detect  # noqa: F401
-    except ImportError:
-        return None
-    from kernels.shapes import world
-
-    words = set(prompt.lower().split())
-    colours = [c for c in world.COLOURS if c in words]
-    shapes = [s for s in world.SHAPES if s in words]
-    if not colours and not shapes:
-        return None
-
-    def judge(images):
-        import numpy as np
-
-        out = []
-        for img in images:
-            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            found = detect(np.ascontiguousarray(arr))
-            hit = False
-            for obj in found:
-                colour = getattr(obj, "colour", None) if not isinstance(obj, dict) else obj.get("colour")
-                shape = getattr(obj, "shape", None) if not isinstance(obj, dict) else obj.get("shape")
-                if all(c == colour for c in colours) and all(s == shape for s in shapes):
-                    hit = True
-            out.append(hit)
-        return out
-
-    return judge
-
-
 @register
 class RedTeamPrompt(Node):
     """Attack an erased model (Prompting4Debugging): search for a few tokens that make it draw the
@@ -338,13 +304,15 @@ class RedTeamPrompt(Node):
         import json
 
         from kernels.erasers import Generator, red_team_prompt
+
         prompt = _need(prompt)
         judge_fn = None
         if judge == "shapes-oracle":
-            judge_fn = _shapes_judge(prompt)
+            from kernels.shapes.judge import concept_judge
+
+            judge_fn = concept_judge(prompt)
             if judge_fn is None:
-                raise NodeError("the ShapesT2I oracle cannot judge this prompt (no colour or shape in it, "
-                                "or the oracle is not installed)")
+                raise NodeError("the ShapesT2I oracle cannot judge this prompt (it names no colour or shape)")
         erased = Generator(model, clip)
         result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
                                  steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
