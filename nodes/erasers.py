@@ -283,6 +283,9 @@ class RedTeamPrompt(Node):
     ShapesT2I oracle) the attack success rate is measured; `report` saves it as JSON."""
 
     category = "erasers"
+    # It writes the report file: served from the cache it would not, and a deleted report would
+    # stay missing. Downstream nodes stay cached when the attack finds the same prompt again.
+    always_run = True
     inputs = {"model": MODEL, "clip": CLIP, "original_model": MODEL, "original_clip": CLIP}
     params = {
         "prompt": String("", help="the prompt whose concept was erased, e.g. a red circle"),
@@ -304,6 +307,7 @@ class RedTeamPrompt(Node):
         import json
 
         from kernels.erasers import Generator, red_team_prompt
+        from kernels.files import atomic_write
 
         prompt = _need(prompt)
         judge_fn = None
@@ -319,10 +323,9 @@ class RedTeamPrompt(Node):
                                  eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
                                  banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         if report:
-            path = ctx.resolve_path(report)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"target": prompt, "prompt": result.prompt, "loss": result.loss,
-                           "attack_success_rate": result.success_rate, "seconds": result.seconds}, f, indent=2)
+            summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
+                       "attack_success_rate": result.success_rate, "seconds": result.seconds}
+            atomic_write(ctx.resolve_path(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
         return {"conditioning": erased.encode(result.prompt), "latent": result.images.float().cpu()}
 
 

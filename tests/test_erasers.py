@@ -1,5 +1,6 @@
 """Concept erasers on tiny random models: exact properties, never semantics (that is bench/erasers.py)."""
 
+import json
 import os
 
 import pytest
@@ -284,7 +285,6 @@ def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
     g.connect(ids["load"], "clip", rt.id, "original_clip")
     report = ex.run(g, targets=[rt.id], output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
-    import json
     found = json.loads((tmp_path / "attack.json").read_text())
     assert "circle" not in found["prompt"].split() and found["attack_success_rate"] is None
     bad = add_node(g, "EraseFinetune", {"objective": "all_but_one", "concept": "red"})
@@ -312,3 +312,29 @@ def test_all_but_one_with_anchors_holds_the_kept_prompts(tiny_bundle):
         erased = Generator(model.with_patch(LoraPatch(loras, scale)), clip).sample(kept, seeds=[0], steps=3)
         drift[held] = float((erased - plain).abs().mean())
     assert drift[True] < drift[False], drift
+
+
+def test_red_team_report_is_written_again_after_it_was_deleted(tiny_pixel_model, tmp_path):
+    """RedTeamPrompt writes a file: a second run in the same engine must not be served from the
+    cache without it."""
+    g, ids = eraser_graph(tiny_pixel_model, (CF, {"concept": "circle", "anchor": "square", "target": "both"}))
+    report_path = tmp_path / "attack.json"
+    rt = add_node(g, "RedTeamPrompt", {"prompt": "a red circle", "tokens": 2, "steps": 1, "samples": 1,
+                                       "sample_steps": 1, "report": str(report_path)})
+    g.connect(ids["erasers"][0], "model", rt.id, "model")
+    g.connect(ids["erasers"][0], "clip", rt.id, "clip")
+    g.connect(ids["load"], "model", rt.id, "original_model")
+    g.connect(ids["load"], "clip", rt.id, "original_clip")
+    decode = add_node(g, "VAEDecode", {})
+    g.connect(ids["load"], "vae", decode.id, "vae")
+    g.connect(rt.id, "latent", decode.id, "latent")
+    ex = Executor(device="cpu", disk_cache=False)
+    first = ex.run(g, targets=[decode.id], output_dir=tmp_path)
+    assert first.ok and report_path.exists()
+    found = report_path.read_text()
+    report_path.unlink()
+    again = ex.run(g, targets=[decode.id], output_dir=tmp_path)
+    assert again.ok and report_path.exists()
+    assert again.status(rt.id) == "ran" and again.status(ids["erasers"][0]) == "cached-memory"
+    assert again.status(decode.id) == "cached-memory"  # the same attack: downstream stays cached
+    assert json.loads(report_path.read_text())["prompt"] == json.loads(found)["prompt"]
