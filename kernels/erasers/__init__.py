@@ -15,7 +15,8 @@ each with its paper and the sources it was checked against:
 - files: saving and loading erasers.
 """
 
-from .closed_form import QUICKFIX_TEMPLATES, closed_form_weight, fill_template, last_token_index, quickfix_edit, uce_edit
+from .closed_form import (QUICKFIX_TEMPLATES, closed_form_weight, fill_template, last_token_index, quickfix_edit,
+                          uce_edit)
 from .files import FORMAT, PATCH_KINDS, EraserFileError, default_eraser_dir, load_erasers, save_erasers
 from .finetune import (OBJECTIVES, LossTerm, TrainingBatch, TrainingPools, TrainReport, all_but_one_loss,
                        anchoring_loss, concept_trajectories, esd_loss, objective_loss, spm_loss, squared_error,

@@ -98,7 +98,8 @@ class SafeGuidancePatch(EraserPatch):
             if batched:
                 half = pred.shape[0] // 2
                 uncond, cond = pred[:half], pred[half:]
-                ts = timestep[half:] if torch.is_tensor(timestep) and timestep.ndim and timestep.numel() > 1 else timestep
+                per_sample = torch.is_tensor(timestep) and timestep.ndim and timestep.numel() > 1
+                ts = timestep[half:] if per_sample else timestep
                 e_s = predict(sample[half:], ts, c)
                 return _with_prediction(out, torch.cat([uncond, cond - (s / cfg) * (e_s - uncond)]))
             if empty is None:
