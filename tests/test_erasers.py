@@ -338,3 +338,24 @@ def test_red_team_report_is_written_again_after_it_was_deleted(tiny_pixel_model,
     assert again.status(rt.id) == "ran" and again.status(ids["erasers"][0]) == "cached-memory"
     assert again.status(decode.id) == "cached-memory"  # the same attack: downstream stays cached
     assert json.loads(report_path.read_text())["prompt"] == json.loads(found)["prompt"]
+
+
+def test_red_team_on_a_flow_model_noises_through_the_scheduler(tiny_flow_model):
+    model, clip, _ = load_model_folder(tiny_flow_model)
+    concept = encode_embeds(clip.tokenizer, clip.text_encoder, ["circle"])
+    erased = Generator(model.with_patch(SafeGuidancePatch(concept, 2.0)), clip)
+    result = red_team_prompt(erased, Generator(model, clip), "a red circle", n_tokens=2, steps=2, n_targets=1,
+                             sample_steps=2, eval_seeds=[0])
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.images.shape[0] == 1
+
+
+def test_default_eraser_folder(monkeypatch, tmp_path):
+    import platformdirs
+
+    from kernels.erasers import default_eraser_dir
+
+    monkeypatch.setenv("LOOMWORK_ERASER_DIR", str(tmp_path))
+    assert default_eraser_dir() == str(tmp_path)
+    monkeypatch.delenv("LOOMWORK_ERASER_DIR")
+    assert default_eraser_dir() == os.path.join(platformdirs.user_data_dir("loomwork", appauthor=False), "erasers")
