@@ -153,7 +153,7 @@ def esd_loss(teacher, batch: TrainingBatch, empty_embeds, *, eta: float) -> list
     x, t, c = batch.x, batch.t, batch.concept
     u = empty_embeds.expand(x.shape[0], -1, -1)
     e_u, e_c = predict_noise(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
-    return [LossTerm(x, t, c, e_u - eta * (e_c - e_u))]
+    return [LossTerm(x, t, c, cfg_mix(e_u, e_c, -eta))]  # guidance away from the concept
 
 
 @torch.no_grad()
@@ -165,7 +165,7 @@ def all_but_one_loss(teacher, batch: TrainingBatch, empty_embeds, *, eta: float,
     u = empty_embeds.expand(x.shape[0], -1, -1)
     e_u, e_a = predict_noise(teacher, torch.cat([x, x]), torch.cat([t, t]),
                              torch.cat([u, batch.alternative])).chunk(2)
-    terms = [LossTerm(x, t, batch.concept, e_u + eta * (e_a - e_u))]
+    terms = [LossTerm(x, t, batch.concept, cfg_mix(e_u, e_a, eta))]
     if uncond_weight > 0:
         terms.append(LossTerm(x, t, u, e_u, uncond_weight))
     return terms
