@@ -359,3 +359,27 @@ def test_default_eraser_folder(monkeypatch, tmp_path):
     assert default_eraser_dir() == str(tmp_path)
     monkeypatch.delenv("LOOMWORK_ERASER_DIR")
     assert default_eraser_dir() == os.path.join(platformdirs.user_data_dir("loomwork", appauthor=False), "erasers")
+
+
+def test_each_objective_is_its_own_loss(tiny_bundle):
+    from kernels.erasers import TrainingBatch, all_but_one_loss, anchoring_loss, esd_loss
+
+    model, clip = tiny_bundle
+    emb = lambda ps: encode_embeds(clip.tokenizer, clip.text_encoder, ps)  # noqa: E731
+    x = torch.randn(2, model.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0, 200.0])
+    concept, alt, empty = emb(["a red circle"] * 2), emb(["a red square"] * 2), emb([""])
+    batch = TrainingBatch(x, t, concept, alt, anchor=(x, t, emb(["a blue star"] * 2)))
+    unet = model.unet
+    with torch.no_grad():
+        e_u = unet(x, t, encoder_hidden_states=empty.expand(2, -1, -1)).sample
+        e_c = unet(x, t, encoder_hidden_states=concept).sample
+        e_a = unet(x, t, encoder_hidden_states=alt).sample
+    esd, = esd_loss(unet, batch, empty, eta=1.5)
+    assert torch.allclose(esd.target, e_u - 1.5 * (e_c - e_u), atol=1e-5) and esd.embeds is concept
+    toward, held = all_but_one_loss(unet, batch, empty, eta=1.0, uncond_weight=0.5)
+    assert torch.allclose(toward.target, e_a, atol=1e-5) and toward.embeds is concept
+    assert torch.allclose(held.target, e_u, atol=1e-5) and held.weight == 0.5
+    assert len(all_but_one_loss(unet, batch, empty, eta=1.0, uncond_weight=0.0)) == 1
+    anchor, = anchoring_loss(unet, batch, 2.0)
+    assert anchor.weight == 2.0 and anchoring_loss(unet, TrainingBatch(x, t, concept), 2.0) == []
