@@ -19,7 +19,7 @@ baseline rate: an anchor the model cannot draw cannot replace the target).
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers quickfix,uce --targets circle   # smoke
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers prune --targets circle --attack-steps 0
 
-"prune" (row 70) prunes --prune-fraction of each UNet feed-forward layer's neurons, contrasting the
+"prune" prunes --prune-fraction of each UNet feed-forward layer's neurons, contrasting the
 target's world templates filled in against the prompts that do not name the target.
 
 The table goes to stderr, the JSON to stdout (and to --out if given). Run long jobs with `nice`.
@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.shapes import world  # noqa: E402
+from kernels.shapes.judge import concept_judge, detected_pairs, named_concept, shows, to_uint8  # noqa: E402
 
 COLOURS = list(world.COLOURS)
 SHAPES = list(world.SHAPES)
@@ -63,26 +64,12 @@ def prompt_for(colour: str, shape: str) -> str:
     return f"{article(colour)} {colour} {shape}"
 
 
-def parse_concept(text: str) -> tuple[set, set]:
-    words = text.lower().split()
-    return {w for w in words if w in COLOURS}, {w for w in words if w in SHAPES}
+detect_pairs = detected_pairs  # the judge's detector (tests/test_erasers_bench.py checks it)
 
 
 def names(colour: str, shape: str, concept: str) -> bool:
-    cs, ss = parse_concept(concept)
+    cs, ss = named_concept(concept)
     return (not cs or colour in cs) and (not ss or shape in ss)
-
-
-# -- the judge ---------------------------------------------------------------------------------
-def detect_pairs(arr: np.ndarray) -> list[tuple[str, str]]:
-    """(colour, shape) of every object the oracle finds in a uint8 HxWx3 image."""
-    from kernels.shapes.oracle import detect
-
-    return [(d.colour, d.shape) for d in detect(arr)]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 # -- generation and rates ----------------------------------------------------------------------
@@ -106,14 +93,7 @@ class Bench:
         return to_uint8(x)
 
     def judge(self, concept: str):
-        cs, ss = parse_concept(concept)
-
-        def judge(images: torch.Tensor) -> list[bool]:
-            with torch.no_grad():
-                arrs = to_uint8(self.vae.decode(images))
-            return [any((not cs or c in cs) and (not ss or s in ss) for c, s in self.detect(a)) for a in arrs]
-
-        return judge
+        return concept_judge(concept, decode=self.vae.decode)
 
     def detections(self, gen) -> dict:
         """prompt -> per image list of (colour, shape)."""
@@ -126,9 +106,9 @@ class Bench:
     @torch.no_grad()
     def batched_detections(self, gen, rows: int = 48) -> dict:
         """All prompts x seeds in batches of `rows` (same noise per seed as one prompt at a time)."""
-        from kernels.erasers import seed_noise
+        from kernels.erasers import model_scheduler
         from kernels.patching import SamplingRun, applied_patches
-        from kernels.sampling import make_scheduler, sample
+        from kernels.sampling import sample, seed_noise
 
         jobs = [(p, s) for _, _, p in self.prompts for s in self.seeds]
         conds = {p: gen.encode(p) for _, _, p in self.prompts}
@@ -139,7 +119,7 @@ class Bench:
             noise = seed_noise(unet, [s for _, s in chunk])
             pos = torch.cat([conds[p].embeds for p, _ in chunk])
             neg = torch.cat([conds[p].empty for p, _ in chunk])
-            sched = make_scheduler("flow_match_euler" if gen.model.is_flow else "ddim", gen.model.scheduler_config)
+            sched = model_scheduler(gen.model)
             run = SamplingRun(unet=unet, scheduler=sched, positive=conds[chunk[0][0]], negative=None,
                               cfg=self.args.cfg, steps=self.args.steps, latent_shape=tuple(noise.shape))
             with applied_patches(gen.model.patches, unet, run):
@@ -151,12 +131,12 @@ class Bench:
     def rates(self, dets: dict, target: str) -> dict:
         """Rate of each concept (the target, other shapes/colours, the pair's halves)."""
         concepts = [target] + [c for c in COLOURS + SHAPES if c != target]
-        tc, ts = parse_concept(target)
+        tc, ts = named_concept(target)
         if tc and ts:  # a pair: its colour on other shapes, its shape in other colours
             concepts = [target] + [c for c in COLOURS + SHAPES]
         out = {}
         for concept in concepts:
-            cs, ss = parse_concept(concept)
+            cs, ss = named_concept(concept)
             hits = total = 0
             for colour, shape, prompt in self.prompts:
                 if not names(colour, shape, concept):
@@ -165,7 +145,7 @@ class Bench:
                     continue  # other concepts are measured away from the target
                 for found in dets[prompt]:
                     total += 1
-                    hits += any((not cs or c in cs) and (not ss or s in ss) for c, s in found)
+                    hits += shows(found, cs, ss)
             if total:
                 out[concept] = hits / total
         return out
@@ -173,7 +153,7 @@ class Bench:
 
 def world_templates(target: str) -> list[str]:
     """Prompts of the world's grammar with {} where the target goes."""
-    cs, ss = parse_concept(target)
+    cs, ss = named_concept(target)
     spots = ["", " on the left", " at the top right", " in the center"]
     if cs and ss:
         return [f"a {{}}{p}" for p in spots]
@@ -188,7 +168,7 @@ def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> 
     drawn as the target. An anchor that the oracle reads as the target cannot erase it: the
     session-1 model drew "a red square" as a circle 4 times in 5, so circle -> square left the
     circle rate at 0.67-0.72."""
-    cs, ss = parse_concept(target)
+    cs, ss = named_concept(target)
     kind, pool = (SHAPES, ss) if ss else (COLOURS, cs)
     if not pool:
         return ""
@@ -212,8 +192,8 @@ def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> 
 def build_eraser(bench: Bench, name: str, target: str, args):
     """(model, clip, info) with the eraser applied."""
     from kernels.erasers import (LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch, encode_embeds,
-                                 prune_concept_neurons, quickfix_edit, train_erasure_lora, uce_edit, words_of)
-    from kernels.sampling import make_scheduler
+                                 model_scheduler, prune_concept_neurons, quickfix_edit, train_erasure_lora, uce_edit)
+    from kernels.text import words_of
 
     model, clip = bench.model, bench.clip
     tok, te = clip.tokenizer, clip.text_encoder
@@ -222,7 +202,7 @@ def build_eraser(bench: Bench, name: str, target: str, args):
     keep = [p for c, s, p in bench.prompts if not names(c, s, target)]
     info = {"anchor": anchor, "templates": len(temps), "preserved": len(keep)}
     emb = lambda ps: encode_embeds(tok, te, ps)  # noqa: E731
-    sched = make_scheduler("flow_match_euler" if model.is_flow else "ddim", model.scheduler_config)
+    sched = model_scheduler(model)
     if name == "quickfix":
         d = quickfix_edit(tok, te, target, anchor, templates=temps, preserve=keep, lam=0.01)
         return model, clip.with_patch(WeightDeltaPatch("text_encoder", d, meta={"concept": target})), info
@@ -265,121 +245,150 @@ SHAPES_TEMPLATES = "{}\na red {}\na blue {}\na green {}\na yellow {}\na purple {
 TWO_OBJECTS = "a red circle on the left and a blue square at the bottom right, white background"
 
 
-def write_example_graphs(folder: str) -> list[str]:
-    """The erase-*.loom examples, built through the registry so node versions are recorded."""
+def _example_base(title, description):
+    """A graph with the built-in model's loader and a 32x32 canvas: (graph, ids)."""
     from app.graph import Graph
-    from app.graph.fileformat import save
     from nodes.registry import add_node
 
-    def base(title, description, prompt=TWO_OBJECTS):
-        g = Graph()
-        g.meta.update(title=title, description=description)
-        ids = {"load": add_node(g, "LoadModel", {"path": "builtin:shapes-t2i"}, title="Load ShapesT2I", pos=(0, 0)).id,
-               "empty": add_node(g, "EmptyLatent", {"width": 32, "height": 32}, title="Canvas 32x32", pos=(0, 260)).id}
-        g.connect(ids["load"], "vae", ids["empty"], "vae")
-        return g, ids
+    g = Graph()
+    g.meta.update(title=title, description=description)
+    ids = {"load": add_node(g, "LoadModel", {"path": "builtin:shapes-t2i"}, title="Load ShapesT2I", pos=(0, 0)).id,
+           "empty": add_node(g, "EmptyLatent", {"width": 32, "height": 32}, title="Canvas 32x32", pos=(0, 260)).id}
+    g.connect(ids["load"], "vae", ids["empty"], "vae")
+    return g, ids
 
-    def render(g, ids, model_src, clip_src, row, label, prompt=TWO_OBJECTS, seed=7):
-        y = 320 * row
-        text = add_node(g, "TextEncode", {"text": prompt}, title=f"Prompt ({label})", pos=(700, y - 80)).id
-        samp = add_node(g, "Sampler", {"scheduler": "dpmpp_2m", "steps": 20, "cfg": 4.0, "seed": seed},
-                        title=f"Sampler ({label})", pos=(980, y)).id
-        dec = add_node(g, "VAEDecode", {}, title="Decode", pos=(1240, y)).id
-        scale = add_node(g, "ImageScale", {"factor": 8.0, "method": "bicubic"}, title="Scale x8", pos=(1460, y)).id
-        out = add_node(g, "SaveImage", {"prefix": label.replace(" ", "-")}, title=f"Save ({label})", pos=(1680, y)).id
-        g.connect(*clip_src, text, "clip")
-        g.connect(*model_src, samp, "model")
-        g.connect(text, "conditioning", samp, "positive")
-        g.connect(ids["empty"], "latent", samp, "latent")
-        g.connect(ids["load"], "vae", dec, "vae")
-        g.connect(samp, "latent", dec, "latent")
-        g.connect(dec, "image", scale, "image")
-        g.connect(scale, "image", out, "image")
 
-    def eraser(g, ids, type_name, params, title, pos, model_src=None, clip_src=None):
-        from nodes.registry import get
+def _loaded(ids):
+    return (ids["load"], "model"), (ids["load"], "clip")
 
-        n = add_node(g, type_name, params, title=title, pos=pos).id
-        spec = get(type_name)
-        g.connect(*(model_src or (ids["load"], "model")), n, "model")
-        if "clip" in spec.inputs:
-            g.connect(*(clip_src or (ids["load"], "clip")), n, "clip")
-        return n
 
-    written = {}
-    load = lambda ids: ((ids["load"], "model"), (ids["load"], "clip"))  # noqa: E731
+def _decode_and_save(g, ids, latent_src, prefix, title, x, y):
+    """Decode a latent, scale it x8 and save it (nodes from column x on, row y)."""
+    from nodes.registry import add_node
 
-    g, ids = base("Erase a concept three ways", "The same prompt drawn by the original model, after a closed-form "
-                  "edit of the text encoder (Diff-QuickFix: circle -> square), and with safe guidance away from "
-                  "circles. The erased graphs should draw no circle; the blue square stays.")
-    m, c = load(ids)
-    render(g, ids, m, c, 0, "original")
-    cf = eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "text_encoder",
-                                           "templates": SHAPES_TEMPLATES}, "Erase circle (closed form)", (320, 320))
-    render(g, ids, (cf, "model"), (cf, "clip"), 1, "closed form")
-    sg = eraser(g, ids, "SafeGuidance", {"concept": "circle", "scale": 4.0}, "Steer away from circle", (320, 640))
-    render(g, ids, (sg, "model"), c, 2, "safe guidance")
-    written["erase-compare.loom"] = g
+    dec = add_node(g, "VAEDecode", {}, title="Decode", pos=(x, y)).id
+    scale = add_node(g, "ImageScale", {"factor": 8.0, "method": "bicubic"}, title="Scale x8", pos=(x + 220, y)).id
+    out = add_node(g, "SaveImage", {"prefix": prefix}, title=title, pos=(x + 440, y)).id
+    g.connect(ids["load"], "vae", dec, "vae")
+    g.connect(*latent_src, dec, "latent")
+    g.connect(dec, "image", scale, "image")
+    g.connect(scale, "image", out, "image")
 
-    g, ids = base("Erase two concepts in sequence", "Two closed-form erasers chained: circles become squares "
-                  "(text encoder), then red becomes blue (cross-attention, UCE). SaveEraser stores both in your "
-                  "erasers folder as 'circle-red'; LoadEraser brings them back.")
-    a = eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "text_encoder",
-                                          "templates": SHAPES_TEMPLATES}, "Erase circle", (320, 0))
-    b = eraser(g, ids, "ClosedFormErase", {"concept": "red", "anchor": "blue", "target": "cross_attention",
-                                          "templates": "{}\na {} circle\na {} square\na {} triangle\na {} star",
-                                          "preserve": "a green circle\na yellow square\na purple star"},
-               "Erase red", (320, 320), model_src=(a, "model"), clip_src=(a, "clip"))
-    render(g, ids, (b, "model"), (b, "clip"), 0, "circle and red erased")
+
+def _render(g, ids, model_src, clip_src, row, label, prompt=TWO_OBJECTS, seed=7):
+    """Prompt, sampler, decode, scale and save one image of `prompt` in row `row`."""
+    from nodes.registry import add_node
+
+    y = 320 * row
+    text = add_node(g, "TextEncode", {"text": prompt}, title=f"Prompt ({label})", pos=(700, y - 80)).id
+    samp = add_node(g, "Sampler", {"scheduler": "dpmpp_2m", "steps": 20, "cfg": 4.0, "seed": seed},
+                    title=f"Sampler ({label})", pos=(980, y)).id
+    g.connect(*clip_src, text, "clip")
+    g.connect(*model_src, samp, "model")
+    g.connect(text, "conditioning", samp, "positive")
+    g.connect(ids["empty"], "latent", samp, "latent")
+    _decode_and_save(g, ids, (samp, "latent"), label.replace(" ", "-"), f"Save ({label})", 1240, y)
+
+
+def _eraser(g, ids, type_name, params, title, pos, model_src=None, clip_src=None):
+    """An eraser node fed by the loader (or the given sources)."""
+    from nodes.registry import add_node, get
+
+    n = add_node(g, type_name, params, title=title, pos=pos).id
+    g.connect(*(model_src or (ids["load"], "model")), n, "model")
+    if "clip" in get(type_name).inputs:
+        g.connect(*(clip_src or (ids["load"], "clip")), n, "clip")
+    return n
+
+
+def _compare_graph():
+    g, ids = _example_base("Erase a concept three ways", "The same prompt drawn by the original model, after a "
+                           "closed-form edit of the text encoder (Diff-QuickFix: circle -> square), and with safe "
+                           "guidance away from circles. The erased graphs should draw no circle; the blue square "
+                           "stays.")
+    m, c = _loaded(ids)
+    _render(g, ids, m, c, 0, "original")
+    cf = _eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "text_encoder",
+                                             "templates": SHAPES_TEMPLATES}, "Erase circle (closed form)", (320, 320))
+    _render(g, ids, (cf, "model"), (cf, "clip"), 1, "closed form")
+    sg = _eraser(g, ids, "SafeGuidance", {"concept": "circle", "scale": 4.0}, "Steer away from circle", (320, 640))
+    _render(g, ids, (sg, "model"), c, 2, "safe guidance")
+    return g
+
+
+def _two_concepts_graph():
+    from nodes.registry import add_node
+
+    g, ids = _example_base("Erase two concepts in sequence", "Two closed-form erasers chained: circles become "
+                           "squares (text encoder), then red becomes blue (cross-attention, UCE). SaveEraser stores "
+                           "both in your erasers folder as 'circle-red'; LoadEraser brings them back.")
+    a = _eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "text_encoder",
+                                            "templates": SHAPES_TEMPLATES}, "Erase circle", (320, 0))
+    b = _eraser(g, ids, "ClosedFormErase", {"concept": "red", "anchor": "blue", "target": "cross_attention",
+                                            "templates": "{}\na {} circle\na {} square\na {} triangle\na {} star",
+                                            "preserve": "a green circle\na yellow square\na purple star"},
+                "Erase red", (320, 320), model_src=(a, "model"), clip_src=(a, "clip"))
+    _render(g, ids, (b, "model"), (b, "clip"), 0, "circle and red erased")
     save_node = add_node(g, "SaveEraser", {"name": "circle-red"}, title="Save erasers", pos=(700, 500)).id
     g.connect(b, "model", save_node, "model")
     g.connect(b, "clip", save_node, "clip")
-    written["erase-two-concepts.loom"] = g
+    return g
 
-    g, ids = base("Membrane and fine-tuned erasers", "Erasers trained on the CPU in a few minutes: an SPM membrane "
-                  "for 'circle' (its strength follows the prompt), and an All-but-One LoRA that turns stars into "
-                  "triangles while holding the unconditional prediction.", )
-    m, c = load(ids)
-    mem = eraser(g, ids, "ConceptMembrane", {"concept": "circle", "templates": SHAPES_TEMPLATES,
-                                            "anchors": "a red square\na blue triangle\na green star", "steps": 300},
-                 "Membrane: circle", (320, 0))
-    render(g, ids, (mem, "model"), c, 0, "membrane")
-    abo = eraser(g, ids, "EraseFinetune", {"objective": "all_but_one", "concept": "star", "alternative": "triangle",
-                                          "templates": SHAPES_TEMPLATES, "steps": 300}, "All-but-One: star", (320, 320))
-    render(g, ids, (abo, "model"), c, 1, "all but one", prompt="a yellow star in the center, black background")
-    written["erase-trained.loom"] = g
 
-    g, ids = base("Red-team an eraser", "Prompting4Debugging against a closed-form eraser: the search may not use the "
-                  "word 'circle' and looks for other tokens that bring circles back. The ShapesT2I oracle judges "
-                  "the images (set the node's report file to keep the found prompt and its success rate).")
-    m, c = load(ids)
-    cf = eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "both",
-                                           "templates": SHAPES_TEMPLATES}, "Erase circle", (320, 0))
+def _trained_graph():
+    g, ids = _example_base("Membrane and fine-tuned erasers", "Erasers trained on the CPU in a few minutes: an SPM "
+                           "membrane for 'circle' (its strength follows the prompt), and an All-but-One LoRA that "
+                           "turns stars into triangles while holding the unconditional prediction.")
+    _, c = _loaded(ids)
+    mem = _eraser(g, ids, "ConceptMembrane", {"concept": "circle", "templates": SHAPES_TEMPLATES,
+                                              "anchors": "a red square\na blue triangle\na green star", "steps": 300},
+                  "Membrane: circle", (320, 0))
+    _render(g, ids, (mem, "model"), c, 0, "membrane")
+    abo = _eraser(g, ids, "EraseFinetune", {"objective": "all_but_one", "concept": "star", "alternative": "triangle",
+                                            "templates": SHAPES_TEMPLATES, "steps": 300}, "All-but-One: star",
+                  (320, 320))
+    _render(g, ids, (abo, "model"), c, 1, "all but one", prompt="a yellow star in the center, black background")
+    return g
+
+
+def _redteam_graph():
+    from nodes.registry import add_node
+
+    g, ids = _example_base("Red-team an eraser", "Prompting4Debugging against a closed-form eraser: the search may "
+                           "not use the word 'circle' and looks for other tokens that bring circles back. The "
+                           "ShapesT2I oracle judges the images (set the node's report file to keep the found prompt "
+                           "and its success rate).")
+    m, c = _loaded(ids)
+    cf = _eraser(g, ids, "ClosedFormErase", {"concept": "circle", "anchor": "square", "target": "both",
+                                             "templates": SHAPES_TEMPLATES}, "Erase circle", (320, 0))
     rt = add_node(g, "RedTeamPrompt", {"prompt": "a red circle", "avoid_words": "circle", "judge": "shapes-oracle",
                                        "steps": 40}, title="Red team", pos=(700, 0)).id
     g.connect(cf, "model", rt, "model")
     g.connect(cf, "clip", rt, "clip")
     g.connect(*m, rt, "original_model")
     g.connect(*c, rt, "original_clip")
-    dec = add_node(g, "VAEDecode", {}, title="Decode", pos=(980, 0)).id
-    scale = add_node(g, "ImageScale", {"factor": 8.0, "method": "bicubic"}, title="Scale x8", pos=(1200, 0)).id
-    out = add_node(g, "SaveImage", {"prefix": "redteam"}, title="Save", pos=(1420, 0)).id
-    g.connect(ids["load"], "vae", dec, "vae")
-    g.connect(rt, "latent", dec, "latent")
-    g.connect(dec, "image", scale, "image")
-    g.connect(scale, "image", out, "image")
+    _decode_and_save(g, ids, (rt, "latent"), "redteam", "Save", 980, 0)
     g.remove_node(ids["empty"])
-    written["erase-redteam.loom"] = g
+    return g
+
+
+EXAMPLE_GRAPHS = {"erase-compare.loom": _compare_graph, "erase-two-concepts.loom": _two_concepts_graph,
+                  "erase-trained.loom": _trained_graph, "erase-redteam.loom": _redteam_graph}
+
+
+def write_example_graphs(folder: str) -> list[str]:
+    """The erase-*.loom examples, built through the registry so node versions are recorded."""
+    from app.graph.fileformat import save
 
     paths = []
-    for name, graph in written.items():
+    for name, build in EXAMPLE_GRAPHS.items():
         path = os.path.join(folder, name)
-        save(graph, path)
+        save(build(), path)
         paths.append(path)
     return paths
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "resources", "models",
                                                    "shapes-t2i"))
@@ -405,15 +414,84 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="")
     ap.add_argument("--graphs", default="", help="write the example erase-*.loom graphs to this folder and exit")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def attack(bench: Bench, gen, target: str, args) -> dict:
+    """The red team against an erased generator: the prompt it found and its success rate."""
+    from kernels.erasers import red_team_prompt
+
+    cs, ss = named_concept(target)
+    attack_prompt = prompt_for(next(iter(cs)) if cs else "blue", next(iter(ss)) if ss else "square")
+    res = red_team_prompt(gen, bench.base, attack_prompt, n_tokens=4, steps=args.attack_steps, lr=0.1,
+                          cfg=args.cfg, n_targets=2, sample_steps=args.steps,
+                          eval_every=max(1, args.attack_steps // 3), eval_seeds=bench.seeds,
+                          judge=bench.judge(target), seed=args.seed,
+                          banned_words=target.split() if args.attack_ban == "concept" else ())
+    return {"against": attack_prompt, "prompt": res.prompt, "success_rate": round(res.success_rate, 4),
+            "seconds": round(res.seconds, 2)}
+
+
+def eraser_row(bench: Bench, name: str, target: str, before: dict, args) -> dict:
+    """Build one eraser for one target and measure it: the table's row."""
+    from kernels.erasers import Generator
+
+    t = time.perf_counter()
+    model, clip, info = build_eraser(bench, name, target, args)
+    seconds = time.perf_counter() - t
+    gen = Generator(model, clip)
+    after = bench.rates(bench.detections(gen), target)
+    others = {c: {"before": round(before[c], 4), "after": round(after.get(c, 0.0), 4)}
+              for c in before if c != target}
+    ratios = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] > 0]
+    row = {"eraser": name, "target": target, "seconds": round(seconds, 2), **info,
+           "target_before": round(before[target], 4), "target_after": round(after[target], 4),
+           "others": others, "min_other_ratio": round(min(ratios), 4) if ratios else None,
+           "mean_other_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+    # nothing to erase when the model never drew the target: that is no success
+    row["meets_goal"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and ratios
+                             and min(ratios) >= 0.90)
+    # the same over the concepts the model draws at least half the time (rarer ones are noise
+    # at small N); and whether the anchor is something the model can draw at all
+    steady = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] >= 0.5]
+    row["min_other_ratio_drawn"] = round(min(steady), 4) if steady else None
+    row["meets_goal_drawn"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and steady
+                                   and min(steady) >= 0.90)
+    if info.get("anchor"):
+        row["anchor_rate_before"] = round(bench.rates(bench.base_dets, info["anchor"]).get(info["anchor"], 0.0), 4)
+    if args.attack_steps > 0:
+        row["attack"] = attack(bench, gen, target, args)
+    return row
+
+
+def summary(bench: Bench, args, targets, results, base_seconds: float, started: float) -> dict:
+    """The JSON the bench writes: settings, rows, the best eraser per target, who meets the goal."""
+    best = {}
+    for target in targets:
+        rows = [r for r in results if r["target"] == target]
+        if rows:
+            b = min(rows, key=lambda r: (not r["meets_goal"], r["target_after"] - 0.5 * (r["min_other_ratio"] or 0)))
+            best[target] = b["eraser"]
+    return {"bench": "erasers", "model": os.path.abspath(args.model), "oracle": bench.detector_name,
+            "n_per_prompt": args.n, "prompts": len(bench.prompts), "steps": args.steps, "cfg": args.cfg,
+            "train_steps": args.train_steps, "hold_kept": args.hold_kept, "prune_fraction": args.prune_fraction,
+            "attack_steps": args.attack_steps, "attack_ban": args.attack_ban,
+            "baseline_seconds": round(base_seconds, 2), "results": results, "best_per_target": best,
+            "goal": "target <= 0.10 (from > 0.10) and every other concept >= 0.90 of its baseline",
+            "goal_met_by": sorted({(r["eraser"], r["target"]) for r in results if r["meets_goal"]}),
+            "goal_met_on_drawn_concepts_by": sorted({(r["eraser"], r["target"]) for r in results
+                                                     if r["meets_goal_drawn"]}),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.graphs:
         for path in write_example_graphs(args.graphs):
             print(path)
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-
-    from kernels.erasers import Generator, red_team_prompt
 
     started = time.perf_counter()
     bench = Bench(args)
@@ -426,60 +504,12 @@ def main(argv=None) -> int:
     for target in targets:
         before = bench.rates(base_dets, target)
         for name in erasers:
-            t = time.perf_counter()
-            model, clip, info = build_eraser(bench, name, target, args)
-            seconds = time.perf_counter() - t
-            gen = Generator(model, clip)
-            after = bench.rates(bench.detections(gen), target)
-            others = {c: {"before": round(before[c], 4), "after": round(after.get(c, 0.0), 4)}
-                      for c in before if c != target}
-            ratios = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] > 0]
-            row = {"eraser": name, "target": target, "seconds": round(seconds, 2), **info,
-                   "target_before": round(before[target], 4), "target_after": round(after[target], 4),
-                   "others": others, "min_other_ratio": round(min(ratios), 4) if ratios else None,
-                   "mean_other_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
-            # nothing to erase when the model never drew the target: that is no success
-            row["meets_goal"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and ratios
-                                     and min(ratios) >= 0.90)
-            # the same over the concepts the model draws at least half the time (rarer ones are noise
-            # at small N); and whether the anchor is something the model can draw at all
-            steady = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] >= 0.5]
-            row["min_other_ratio_drawn"] = round(min(steady), 4) if steady else None
-            row["meets_goal_drawn"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and steady
-                                           and min(steady) >= 0.90)
-            if info.get("anchor"):
-                row["anchor_rate_before"] = round(bench.rates(base_dets, info["anchor"]).get(info["anchor"], 0.0), 4)
-            if args.attack_steps > 0:
-                cs, ss = parse_concept(target)
-                attack_prompt = prompt_for(next(iter(cs)) if cs else "blue", next(iter(ss)) if ss else "square")
-                res = red_team_prompt(gen, bench.base, attack_prompt, n_tokens=4, steps=args.attack_steps, lr=0.1,
-                                      cfg=args.cfg, n_targets=2, sample_steps=args.steps,
-                                      eval_every=max(1, args.attack_steps // 3), eval_seeds=bench.seeds,
-                                      judge=bench.judge(target), seed=args.seed,
-                                      banned_words=target.split() if args.attack_ban == "concept" else ())
-                row["attack"] = {"against": attack_prompt, "prompt": res.prompt,
-                                 "success_rate": round(res.success_rate, 4), "seconds": round(res.seconds, 2)}
+            row = eraser_row(bench, name, target, before, args)
             results.append(row)
             print(f"[{time.perf_counter() - started:7.1f}s] {name:14s} {target:11s} target "
                   f"{row['target_before']:.2f}->{row['target_after']:.2f} others min ratio "
                   f"{row['min_other_ratio']} asr {row.get('attack', {}).get('success_rate')}", file=sys.stderr)
-    meeting = [r for r in results if r["meets_goal"]]
-    best = {}
-    for target in targets:
-        rows = [r for r in results if r["target"] == target]
-        if rows:
-            b = min(rows, key=lambda r: (not r["meets_goal"], r["target_after"] - 0.5 * (r["min_other_ratio"] or 0)))
-            best[target] = b["eraser"]
-    out = {"bench": "erasers", "model": os.path.abspath(args.model), "oracle": bench.detector_name,
-           "n_per_prompt": args.n, "prompts": len(bench.prompts), "steps": args.steps, "cfg": args.cfg,
-           "train_steps": args.train_steps, "hold_kept": args.hold_kept, "prune_fraction": args.prune_fraction,
-           "attack_steps": args.attack_steps, "attack_ban": args.attack_ban,
-           "baseline_seconds": round(base_seconds, 2), "results": results, "best_per_target": best,
-           "goal": "target <= 0.10 (from > 0.10) and every other concept >= 0.90 of its baseline",
-           "goal_met_by": sorted({(r["eraser"], r["target"]) for r in meeting}),
-           "goal_met_on_drawn_concepts_by": sorted({(r["eraser"], r["target"]) for r in results
-                                                    if r["meets_goal_drawn"]}),
-           "seconds": round(time.perf_counter() - started, 1)}
+    out = summary(bench, args, targets, results, base_seconds, started)
     print_table(results)
     text = json.dumps(out, indent=2)
     if args.out:

@@ -2,7 +2,7 @@
 
 The input model is never changed: the patch is applied only while a Sampler (MODEL patches) or
 TextEncode (CLIP patches) runs. Erasers chain: a second eraser is computed on the first one's
-output, and both are applied in order. The math lives in kernels/erasers.py.
+output, and both are applied in order. The math lives in kernels/erasers/.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ DEFAULT_GENERAL = ("a photo\nan image\na red square\na blue triangle\na green st
 
 def _names_concept(prompt: str, concept: str) -> bool:
     """Whether `prompt` contains every word of `concept` (then it is not a general prompt)."""
-    from kernels.erasers import words_of
+    from kernels.text import words_of
 
     need = set(words_of(concept))
     return bool(need) and need <= set(words_of(prompt))
@@ -120,7 +120,7 @@ class PruneConcept(Node):
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, clip, concept, templates, general, fraction, timesteps, samples, seed, strength):
-        from kernels.erasers import WeightDeltaPatch, prune_concept_neurons
+        from kernels.erasers import WeightDeltaPatch, model_scheduler, prune_concept_neurons
         from kernels.patching import applied_patches
 
         concept = _need(concept)
@@ -133,7 +133,7 @@ class PruneConcept(Node):
         with applied_patches(clip.patches, clip.text_encoder), applied_patches(model.patches, model.unet):
             try:
                 deltas = prune_concept_neurons(model.unet, clip.tokenizer, clip.text_encoder, prompts, keep,
-                                               fraction=fraction, scheduler=_train_scheduler(model),
+                                               fraction=fraction, scheduler=model_scheduler(model),
                                                timesteps=timesteps, seed=seed, samples=samples)
             except ValueError as exc:
                 raise NodeError(f"PruneConcept: {exc}") from None
@@ -149,12 +149,6 @@ def _encode(clip, prompts):
 
     with applied_patches(clip.patches, clip.text_encoder):
         return encode_embeds(clip.tokenizer, clip.text_encoder, prompts)
-
-
-def _train_scheduler(model):
-    from kernels.sampling import make_scheduler
-
-    return make_scheduler("flow_match_euler" if model.is_flow else "ddim", model.scheduler_config)
 
 
 @register
@@ -182,8 +176,9 @@ class ConceptMembrane(Node):
 
     def run(self, ctx, model, clip, concept, templates, anchors, steps, rank, lr, eta, anchor_weight, seed,
             strength):
-        from kernels.erasers import MembranePatch, train_erasure_lora, words_of
+        from kernels.erasers import MembranePatch, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
+        from kernels.text import words_of
 
         concept = _need(concept)
         prompts = [t.replace("{}", concept) for t in _templates(templates)]
@@ -194,7 +189,7 @@ class ConceptMembrane(Node):
         concept_embeds = _encode(clip, [concept])
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
-                model.unet, _train_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
+                model.unet, model_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
                 scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
                 seed=seed, progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
@@ -232,7 +227,7 @@ class EraseFinetune(Node):
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
             uncond_weight, preserve, seed, strength):
-        from kernels.erasers import LoraPatch, train_erasure_lora
+        from kernels.erasers import LoraPatch, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
 
         concept = _need(concept)
@@ -247,7 +242,7 @@ class EraseFinetune(Node):
         keep = _lines(preserve)
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
-                model.unet, _train_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
+                model.unet, model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
                 anchor_embeds=_encode(clip, keep) if keep else None,
                 scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
@@ -280,40 +275,6 @@ class SafeGuidance(Node):
         return {"model": model.with_patch(SafeGuidancePatch(embeds, scale, warmup, strength, meta))}
 
 
-def _shapes_judge(prompt: str):
-    """An oracle-based judge for the built-in ShapesT2I world: does an image show the prompt's
-    colour and/or shape? None when the prompt names neither or the oracle is unavailable."""
-    try:
-        from kernels.shapes.oracle import detect  # noqa: F401
-    except ImportError:
-        return None
-    from kernels.shapes import world
-
-    words = set(prompt.lower().split())
-    colours = [c for c in world.COLOURS if c in words]
-    shapes = [s for s in world.SHAPES if s in words]
-    if not colours and not shapes:
-        return None
-
-    def judge(images):
-        import numpy as np
-
-        out = []
-        for img in images:
-            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            found = detect(np.ascontiguousarray(arr))
-            hit = False
-            for obj in found:
-                colour = getattr(obj, "colour", None) if not isinstance(obj, dict) else obj.get("colour")
-                shape = getattr(obj, "shape", None) if not isinstance(obj, dict) else obj.get("shape")
-                if all(c == colour for c in colours) and all(s == shape for s in shapes):
-                    hit = True
-            out.append(hit)
-        return out
-
-    return judge
-
-
 @register
 class RedTeamPrompt(Node):
     """Attack an erased model (Prompting4Debugging): search for a few tokens that make it draw the
@@ -322,6 +283,9 @@ class RedTeamPrompt(Node):
     ShapesT2I oracle) the attack success rate is measured; `report` saves it as JSON."""
 
     category = "erasers"
+    # It writes the report file: served from the cache it would not, and a deleted report would
+    # stay missing. Downstream nodes stay cached when the attack finds the same prompt again.
+    always_run = True
     inputs = {"model": MODEL, "clip": CLIP, "original_model": MODEL, "original_clip": CLIP}
     params = {
         "prompt": String("", help="the prompt whose concept was erased, e.g. a red circle"),
@@ -343,23 +307,25 @@ class RedTeamPrompt(Node):
         import json
 
         from kernels.erasers import Generator, red_team_prompt
+        from kernels.files import atomic_write
+
         prompt = _need(prompt)
         judge_fn = None
         if judge == "shapes-oracle":
-            judge_fn = _shapes_judge(prompt)
+            from kernels.shapes.judge import concept_judge
+
+            judge_fn = concept_judge(prompt)
             if judge_fn is None:
-                raise NodeError("the ShapesT2I oracle cannot judge this prompt (no colour or shape in it, "
-                                "or the oracle is not installed)")
+                raise NodeError("the ShapesT2I oracle cannot judge this prompt (it names no colour or shape)")
         erased = Generator(model, clip)
         result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
                                  steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
                                  eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
                                  banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         if report:
-            path = ctx.resolve_path(report)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"target": prompt, "prompt": result.prompt, "loss": result.loss,
-                           "attack_success_rate": result.success_rate, "seconds": result.seconds}, f, indent=2)
+            summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
+                       "attack_success_rate": result.success_rate, "seconds": result.seconds}
+            atomic_write(ctx.resolve_path(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
         return {"conditioning": erased.encode(result.prompt), "latent": result.images.float().cpu()}
 
 

@@ -1,5 +1,6 @@
 """Concept erasers on tiny random models: exact properties, never semantics (that is bench/erasers.py)."""
 
+import json
 import os
 
 import pytest
@@ -298,7 +299,6 @@ def test_training_and_red_team_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
     g.connect(ids["load"], "clip", rt.id, "original_clip")
     report = ex.run(g, targets=[rt.id], output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
-    import json
     found = json.loads((tmp_path / "attack.json").read_text())
     assert "circle" not in found["prompt"].split() and found["attack_success_rate"] is None
     bad = add_node(g, "EraseFinetune", {"objective": "all_but_one", "concept": "red"})
@@ -326,3 +326,74 @@ def test_all_but_one_with_anchors_holds_the_kept_prompts(tiny_bundle):
         erased = Generator(model.with_patch(LoraPatch(loras, scale)), clip).sample(kept, seeds=[0], steps=3)
         drift[held] = float((erased - plain).abs().mean())
     assert drift[True] < drift[False], drift
+
+
+def test_red_team_report_is_written_again_after_it_was_deleted(tiny_pixel_model, tmp_path):
+    """RedTeamPrompt writes a file: a second run in the same engine must not be served from the
+    cache without it."""
+    g, ids = eraser_graph(tiny_pixel_model, (CF, {"concept": "circle", "anchor": "square", "target": "both"}))
+    report_path = tmp_path / "attack.json"
+    rt = add_node(g, "RedTeamPrompt", {"prompt": "a red circle", "tokens": 2, "steps": 1, "samples": 1,
+                                       "sample_steps": 1, "report": str(report_path)})
+    g.connect(ids["erasers"][0], "model", rt.id, "model")
+    g.connect(ids["erasers"][0], "clip", rt.id, "clip")
+    g.connect(ids["load"], "model", rt.id, "original_model")
+    g.connect(ids["load"], "clip", rt.id, "original_clip")
+    decode = add_node(g, "VAEDecode", {})
+    g.connect(ids["load"], "vae", decode.id, "vae")
+    g.connect(rt.id, "latent", decode.id, "latent")
+    ex = Executor(device="cpu", disk_cache=False)
+    first = ex.run(g, targets=[decode.id], output_dir=tmp_path)
+    assert first.ok and report_path.exists()
+    found = report_path.read_text()
+    report_path.unlink()
+    again = ex.run(g, targets=[decode.id], output_dir=tmp_path)
+    assert again.ok and report_path.exists()
+    assert again.status(rt.id) == "ran" and again.status(ids["erasers"][0]) == "cached-memory"
+    assert again.status(decode.id) == "cached-memory"  # the same attack: downstream stays cached
+    assert json.loads(report_path.read_text())["prompt"] == json.loads(found)["prompt"]
+
+
+def test_red_team_on_a_flow_model_noises_through_the_scheduler(tiny_flow_model):
+    model, clip, _ = load_model_folder(tiny_flow_model)
+    concept = encode_embeds(clip.tokenizer, clip.text_encoder, ["circle"])
+    erased = Generator(model.with_patch(SafeGuidancePatch(concept, 2.0)), clip)
+    result = red_team_prompt(erased, Generator(model, clip), "a red circle", n_tokens=2, steps=2, n_targets=1,
+                             sample_steps=2, eval_seeds=[0])
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.images.shape[0] == 1
+
+
+def test_default_eraser_folder(monkeypatch, tmp_path):
+    import platformdirs
+
+    from kernels.erasers import default_eraser_dir
+
+    monkeypatch.setenv("LOOMWORK_ERASER_DIR", str(tmp_path))
+    assert default_eraser_dir() == str(tmp_path)
+    monkeypatch.delenv("LOOMWORK_ERASER_DIR")
+    assert default_eraser_dir() == os.path.join(platformdirs.user_data_dir("loomwork", appauthor=False), "erasers")
+
+
+def test_each_objective_is_its_own_loss(tiny_bundle):
+    from kernels.erasers import TrainingBatch, all_but_one_loss, anchoring_loss, esd_loss
+
+    model, clip = tiny_bundle
+    emb = lambda ps: encode_embeds(clip.tokenizer, clip.text_encoder, ps)  # noqa: E731
+    x = torch.randn(2, model.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0, 200.0])
+    concept, alt, empty = emb(["a red circle"] * 2), emb(["a red square"] * 2), emb([""])
+    batch = TrainingBatch(x, t, concept, alt, anchor=(x, t, emb(["a blue star"] * 2)))
+    unet = model.unet
+    with torch.no_grad():
+        e_u = unet(x, t, encoder_hidden_states=empty.expand(2, -1, -1)).sample
+        e_c = unet(x, t, encoder_hidden_states=concept).sample
+        e_a = unet(x, t, encoder_hidden_states=alt).sample
+    esd, = esd_loss(unet, batch, empty, eta=1.5)
+    assert torch.allclose(esd.target, e_u - 1.5 * (e_c - e_u), atol=1e-5) and esd.embeds is concept
+    toward, held = all_but_one_loss(unet, batch, empty, eta=1.0, uncond_weight=0.5)
+    assert torch.allclose(toward.target, e_a, atol=1e-5) and toward.embeds is concept
+    assert torch.allclose(held.target, e_u, atol=1e-5) and held.weight == 0.5
+    assert len(all_but_one_loss(unet, batch, empty, eta=1.0, uncond_weight=0.0)) == 1
+    anchor, = anchoring_loss(unet, batch, 2.0)
+    assert anchor.weight == 2.0 and anchoring_loss(unet, TrainingBatch(x, t, concept), 2.0) == []

@@ -1,4 +1,4 @@
-"""Neuron-pruning eraser (TECHNIQUES.md row 70) on tiny models: exact properties, never semantics."""
+"""Neuron-pruning eraser on tiny models: exact properties, never semantics."""
 
 import os
 from types import SimpleNamespace
