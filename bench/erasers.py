@@ -191,8 +191,18 @@ def default_anchor(target: str, base_dets: "dict | None" = None, prompts=()) -> 
 
 def build_eraser(bench: Bench, name: str, target: str, args):
     """(model, clip, info) with the eraser applied."""
-    from kernels.erasers import (LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch, encode_embeds,
-                                 model_scheduler, prune_concept_neurons, quickfix_edit, train_erasure_lora, uce_edit)
+    from kernels.erasers import (
+        LoraPatch,
+        MembranePatch,
+        SafeGuidancePatch,
+        WeightDeltaPatch,
+        encode_embeds,
+        model_scheduler,
+        prune_concept_neurons,
+        quickfix_edit,
+        train_erasure_lora,
+        uce_edit,
+    )
     from kernels.text import words_of
 
     model, clip = bench.model, bench.clip

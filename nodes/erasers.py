@@ -7,8 +7,21 @@ output, and both are applied in order. The math lives in kernels/erasers/.
 
 from __future__ import annotations
 
-from .base import (CLIP, CONDITIONING, LATENT, MODEL, Choice, Float, Int, Node, NodeError, Path, Seed,
-                   String, file_fingerprint)
+from .base import (
+    CLIP,
+    CONDITIONING,
+    LATENT,
+    MODEL,
+    Choice,
+    Float,
+    Int,
+    Node,
+    NodeError,
+    Path,
+    Seed,
+    String,
+    file_fingerprint,
+)
 from .registry import register
 
 DEFAULT_TEMPLATES = "{}\nA photo of {}\nAn image of {}\nA picture of {}"

@@ -7,8 +7,16 @@ import copy
 import pytest
 import torch
 
-from kernels.erasers import (Generator, LoraPatch, MembranePatch, SafeGuidancePatch, WeightDeltaPatch, encode_embeds,
-                             model_scheduler, uce_edit)
+from kernels.erasers import (
+    Generator,
+    LoraPatch,
+    MembranePatch,
+    SafeGuidancePatch,
+    WeightDeltaPatch,
+    encode_embeds,
+    model_scheduler,
+    uce_edit,
+)
 from kernels.patching import SamplingRun, applied_patches
 from kernels.sampling import cfg_mix, seed_noise
 

@@ -15,20 +15,53 @@ each with its paper and the sources it was checked against:
 - files: saving and loading erasers.
 """
 
-from .closed_form import (QUICKFIX_TEMPLATES, closed_form_weight, fill_template, last_token_index, quickfix_edit,
-                          uce_edit)
+from .closed_form import (
+                          QUICKFIX_TEMPLATES,
+                          closed_form_weight,
+                          fill_template,
+                          last_token_index,
+                          quickfix_edit,
+                          uce_edit,
+)
 from .files import FORMAT, PATCH_KINDS, EraserFileError, default_eraser_dir, load_erasers, save_erasers
-from .finetune import (OBJECTIVES, LossTerm, TrainingBatch, TrainingPools, TrainReport, all_but_one_loss,
-                       anchoring_loss, concept_trajectories, esd_loss, objective_loss, spm_loss, squared_error,
-                       train_erasure_lora)
+from .finetune import (
+                          OBJECTIVES,
+                          LossTerm,
+                          TrainingBatch,
+                          TrainingPools,
+                          TrainReport,
+                          all_but_one_loss,
+                          anchoring_loss,
+                          concept_trajectories,
+                          esd_loss,
+                          objective_loss,
+                          spm_loss,
+                          squared_error,
+                          train_erasure_lora,
+)
 from .generator import Generator, model_scheduler
 from .guidance import SafeGuidancePatch
 from .membrane import MembranePatch, transport_strength
 from .model_io import encode_embeds, predict_noise
-from .patches import (LAYER_SCOPES, EraserPatch, LoraPatch, WeightDeltaPatch, cross_attention_kv, lora_delta,
-                      lora_targets, text_encoder_out_proj)
-from .pruning import (concept_neuron_scores, ffn_activations, ffn_output_layers, neuron_scores, probe_timesteps,
-                      prune_concept_neurons, pruned_count)
+from .patches import (
+                          LAYER_SCOPES,
+                          EraserPatch,
+                          LoraPatch,
+                          WeightDeltaPatch,
+                          cross_attention_kv,
+                          lora_delta,
+                          lora_targets,
+                          text_encoder_out_proj,
+)
+from .pruning import (
+                          concept_neuron_scores,
+                          ffn_activations,
+                          ffn_output_layers,
+                          neuron_scores,
+                          probe_timesteps,
+                          prune_concept_neurons,
+                          pruned_count,
+)
 from .red_team import RedTeamResult, TokenVocabulary, red_team_prompt
 
 __all__ = [

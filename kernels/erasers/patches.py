@@ -35,7 +35,7 @@ def text_encoder_out_proj(text_encoder, layer: int = 0) -> str:
     transformers 5 names it `encoder.layers.N...`, 4.x `text_model.encoder.layers.N...`.
     """
     suffix = f"encoder.layers.{layer}.self_attn.out_proj"
-    for name, module in text_encoder.named_modules():
+    for name, _module in text_encoder.named_modules():
         if name == suffix or name.endswith("." + suffix):
             return name
     raise ValueError(f"the text encoder has no module ending in {suffix!r}")
