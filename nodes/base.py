@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
-from kernels.files import path_fingerprint
-
 
 # -- port types ------------------------------------------------------------------------------
 class DataType:
@@ -311,6 +309,3 @@ class Node:
     def run(self, ctx, **kwargs) -> dict[str, Any]:
         raise NotImplementedError
 
-
-# The former name of kernels.files.path_fingerprint: node modules still import it from here.
-file_fingerprint = path_fingerprint

@@ -7,6 +7,8 @@ output, and both are applied in order. The math lives in kernels/erasers/.
 
 from __future__ import annotations
 
+from kernels.files import path_fingerprint
+
 from .base import (
     CLIP,
     CONDITIONING,
@@ -20,7 +22,6 @@ from .base import (
     Path,
     Seed,
     String,
-    file_fingerprint,
 )
 from .registry import register
 
@@ -399,7 +400,7 @@ class LoadEraser(Node):
 
     @classmethod
     def fingerprint(cls, params, ctx):
-        return file_fingerprint(cls._resolve(params["path"], ctx))
+        return path_fingerprint(cls._resolve(params["path"], ctx))
 
     def run(self, ctx, model, clip, path, strength):
         from kernels.erasers import EraserFileError, load_erasers

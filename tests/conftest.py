@@ -91,9 +91,9 @@ CAPTURED: dict = {}
 
 def _register_capture_node():
     from nodes.base import LATENT, Node
-    from nodes.registry import _REGISTRY, register
+    from nodes.registry import get, register
 
-    if "TestCaptureLatent" in _REGISTRY:  # this file imported under a second module name
+    if get("TestCaptureLatent") is not None:  # this file imported under a second module name
         return
 
     @register

@@ -1,6 +1,6 @@
 """Layout techniques on tiny random models: exact identities, exact zeros, falling losses.
 
-Random weights only support structural claims (issue 5, item 4); what the techniques do for
+Random weights only support structural claims; what the techniques do for
 placement is measured on ShapesT2I by bench/layout.py.
 """
 

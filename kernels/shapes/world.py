@@ -2,7 +2,7 @@
 
 A scene is 1-3 coloured shapes on a plain or mildly graded background, each shape inside its own
 cell of a 3x3 grid. Everything is seeded through a numpy Generator, so a seed gives the same
-pixels, captions and boxes on every machine. The spec is fixed (issue 3): the oracle, the
+pixels, captions and boxes on every machine. The spec is fixed: the oracle, the
 held-out prompts and every benchmark score against it, so change nothing here without changing
 those too.
 
