@@ -179,3 +179,27 @@ def load_and_encode_on_canvas(w):
     load = w.add_node("LoadModel", QtCore.QPointF(0, 0))
     text = w.add_node("TextEncode", QtCore.QPointF(300, 0))
     return doc, load, text
+
+
+# -- layout tests: one prompt, two boxes, the tiny pixel model ---------------------------------
+LAYOUT_PROMPT = "a red circle on the left and a blue square"
+TWO_BOX_LAYOUT = {"width": 16, "height": 16, "boxes": [
+    {"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 0.5, "phrase": "a red circle"},
+    {"x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0, "phrase": "a blue square"}]}
+
+
+class QuietContext:
+    """A node context for calling a node's run directly: no progress, no cancel."""
+
+    def progress(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_layout_model(tiny_pixel_model):
+    """(model, clip, the layout prompt's conditioning) of the tiny pixel model."""
+    from kernels.models import load_model_folder
+    from kernels.text import encode_text
+
+    model, clip, _vae = load_model_folder(tiny_pixel_model)
+    return model, clip, encode_text(clip.tokenizer, clip.text_encoder, LAYOUT_PROMPT)

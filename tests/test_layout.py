@@ -8,6 +8,9 @@ import contextlib
 
 import pytest
 import torch
+from conftest import LAYOUT_PROMPT as PROMPT
+from conftest import TWO_BOX_LAYOUT as LAYOUT
+from conftest import QuietContext as Ctx
 
 from app.engine import Executor
 from kernels.attention import controller_for, registered
@@ -32,23 +35,6 @@ from nodes.core import Sampler
 from nodes.layout import check_boxes
 from nodes.registry import add_node
 
-PROMPT = "a red circle on the left and a blue square"
-LAYOUT = {"width": 16, "height": 16, "boxes": [
-    {"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 0.5, "phrase": "a red circle"},
-    {"x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0, "phrase": "a blue square"}]}
-
-
-class Ctx:
-    def progress(self, *args, **kwargs):
-        pass
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_pixel_model):
-    model, clip, vae = load_model_folder(tiny_pixel_model)
-    cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
-    return model, clip, cond
-
 
 def sample(model, cond, steps=3, cfg=4.0, seed=1, scheduler="euler"):
     latent = torch.zeros(1, 3, 16, 16)
@@ -66,8 +52,8 @@ def region_embeds(clip, layout):
 
 
 # -- identities ------------------------------------------------------------------------------
-def test_strength_zero_or_empty_layout_is_bit_identical(tiny):
-    model, clip, cond = tiny
+def test_strength_zero_or_empty_layout_is_bit_identical(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     base = sample(model, cond)
     empty = {"width": 16, "height": 16, "boxes": []}
     patches = [
@@ -89,8 +75,8 @@ def test_strength_zero_or_empty_layout_is_bit_identical(tiny):
     assert torch.equal(sample(both, cond), base)
 
 
-def test_layouts_change_the_image_and_compose(tiny):
-    model, clip, cond = tiny
+def test_layouts_change_the_image_and_compose(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     base = sample(model, cond)
     pww = model.with_patch(RegionAttentionPatch(LAYOUT, strength=1.0))
     out = sample(pww, cond)
@@ -139,8 +125,8 @@ def in_box_share(calls, boxes, n_tokens=None):
     return sum(shares) / len(shares)
 
 
-def test_paint_with_words_moves_attention_mass_into_the_box(tiny):
-    model, clip, cond = tiny
+def test_paint_with_words_moves_attention_mass_into_the_box(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     boxes = resolve_layout(LAYOUT, cond)
     shares = []
     for patch in (None, RegionAttentionPatch(LAYOUT, 4.0),
@@ -156,8 +142,8 @@ def test_paint_with_words_moves_attention_mass_into_the_box(tiny):
     assert both > plus and both > 0.9  # measured 0.96
 
 
-def test_csg_redistribution_gives_exactly_zero_attention_outside_the_box(tiny):
-    model, clip, cond = tiny
+def test_csg_redistribution_gives_exactly_zero_attention_outside_the_box(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     boxes = resolve_layout(LAYOUT, cond)
     rec = Recorder()
     patch = BoxGuidancePatch(LAYOUT, eta=0.0, redistribute=True, redistribute_end=0.5)
@@ -173,8 +159,8 @@ def test_csg_redistribution_gives_exactly_zero_attention_outside_the_box(tiny):
     assert in_box_share(later, boxes) < 0.99  # after its window, attention is free again
 
 
-def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny):
-    model, clip, cond = tiny
+def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     outputs = {}
 
     def grab(key):
@@ -212,8 +198,8 @@ def test_regional_prompt_has_exactly_zero_weight_outside_its_box(tiny):
     # random weights barely separate two concepts' maps: measured -7%
     (lambda: AStarPatch(LAYOUT, eta=1.0, end=0.2, iterations=6, retention=0.0), 0.05),
 ], ids=["zestguide", "box", "box-csg", "a-star"])
-def test_guidance_losses_fall_over_guided_steps(tiny, make, drop):
-    model, clip, cond = tiny
+def test_guidance_losses_fall_over_guided_steps(tiny_layout_model, make, drop):
+    model, clip, cond = tiny_layout_model
     guided, trace = traced(model, make())
     sample(guided, cond, steps=5)
     losses = [t["loss"] for t in trace]
@@ -222,8 +208,8 @@ def test_guidance_losses_fall_over_guided_steps(tiny, make, drop):
     assert losses[-1] < (1 - drop) * losses[0], losses
 
 
-def test_a_star_retention_uses_the_previous_step(tiny):
-    model, clip, cond = tiny
+def test_a_star_retention_uses_the_previous_step(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     guided, trace = traced(model, AStarPatch(LAYOUT, eta=0.3, end=0.6, iterations=1, retention=1.0))
     sample(guided, cond, steps=5)
     assert [t["step"] for t in trace] == [0, 1, 2]
@@ -301,12 +287,12 @@ def test_csg_self_attention_loss_is_zero_in_the_box_and_one_out_of_it():
     assert float(self_attention_loss(mixed[None], both)) == pytest.approx(expected)
 
 
-def test_box_guidance_records_self_attention_only_in_its_guidance_forward(tiny, monkeypatch):
+def test_box_guidance_records_self_attention_only_in_its_guidance_forward(tiny_layout_model, monkeypatch):
     import torch.nn.functional as F
 
     from kernels.layout import GuidanceRun
 
-    model, clip, cond = tiny
+    model, clip, cond = tiny_layout_model
     n_layers = len(model.unet.attn_processors)
     forwards = []  # per UNet forward: [SDPA calls, processor types]
     sdpa = F.scaled_dot_product_attention
@@ -384,8 +370,8 @@ def test_box_guidance_v1_nodes_load_without_the_csg_losses():
 
 
 # -- tokens, masks, maps ---------------------------------------------------------------------------
-def test_phrases_find_their_own_tokens(tiny):
-    _, clip, _ = tiny
+def test_phrases_find_their_own_tokens(tiny_layout_model):
+    _, clip, _ = tiny_layout_model
     cond = encode_text(clip.tokenizer, clip.text_encoder, "a red circle and a red square")
     taken = set()
     first = phrase_positions(cond, "a red circle", taken)
@@ -559,8 +545,8 @@ def test_joint_attention_mask_node_explains_unet_models(tiny_pixel_model, tmp_pa
     assert "SD3 or FLUX" in report.nodes[ids["tech"]].error
 
 
-def test_step_ranges_are_fractions_of_the_full_schedule_in_img2img(tiny):
-    model, clip, cond = tiny
+def test_step_ranges_are_fractions_of_the_full_schedule_in_img2img(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     latent = torch.rand(1, 3, 16, 16) * 2 - 1
 
     def img2img(m):

@@ -5,8 +5,9 @@ decides as the guidance patches always did."""
 import copy
 import inspect
 
-import pytest
 import torch
+from conftest import TWO_BOX_LAYOUT as LAYOUT
+from conftest import QuietContext as Ctx
 
 from kernels.layout import (
     AStarPatch,
@@ -17,26 +18,9 @@ from kernels.layout import (
     RegionAttentionPatch,
     ZestGuidePatch,
 )
-from kernels.models import load_model_folder
 from kernels.sampling import in_step_window
 from kernels.text import encode_text
 from nodes.core import Sampler
-
-PROMPT = "a red circle on the left and a blue square"
-LAYOUT = {"width": 16, "height": 16, "boxes": [
-    {"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 0.5, "phrase": "a red circle"},
-    {"x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0, "phrase": "a blue square"}]}
-
-
-class Ctx:
-    def progress(self, *args, **kwargs):
-        pass
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_pixel_model):
-    model, clip, _vae = load_model_folder(tiny_pixel_model)
-    return model, clip, encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
 
 
 def sample(model, cond, steps=4):
@@ -55,8 +39,8 @@ def same(a, b) -> bool:
     return a == b
 
 
-def test_a_cached_patched_model_runs_the_same_twice_and_keeps_no_run_state(tiny):
-    model, clip, cond = tiny
+def test_a_cached_patched_model_runs_the_same_twice_and_keeps_no_run_state(tiny_layout_model):
+    model, clip, cond = tiny_layout_model
     embeds = [encode_text(clip.tokenizer, clip.text_encoder, b["phrase"]).embeds for b in LAYOUT["boxes"]]
     patches = [
         RegionAttentionPatch(LAYOUT, 2.0, suppress_outside=True),
@@ -84,8 +68,8 @@ def test_a_cached_patched_model_runs_the_same_twice_and_keeps_no_run_state(tiny)
         assert torch.equal(sample(once, cond), sample(once, cond)), type(p).__name__
 
 
-def test_guidance_trace_is_the_callers_and_changes_nothing(tiny):
-    model, _clip, cond = tiny
+def test_guidance_trace_is_the_callers_and_changes_nothing(tiny_layout_model):
+    model, _clip, cond = tiny_layout_model
     patch = ZestGuidePatch(LAYOUT, eta=1.0)
     plain = sample(model.with_patch(patch), cond)
     trace: list = []
@@ -95,8 +79,8 @@ def test_guidance_trace_is_the_callers_and_changes_nothing(tiny):
     assert "trace" not in vars(patch)
 
 
-def test_attention_record_sink_gets_each_runs_maps(tiny):
-    model, _clip, cond = tiny
+def test_attention_record_sink_gets_each_runs_maps(tiny_layout_model):
+    model, _clip, cond = tiny_layout_model
     sink: list = []
     patched = model.with_patch(AttentionRecordPatch(sink=sink))
     sample(patched, cond, steps=2)
