@@ -22,6 +22,8 @@ def test_shipped_model_draws_the_prompted_colour(tmp_path):
     prompt = next(n for n in graph.nodes.values() if n.type == "TextEncode")
     scale = next(n for n in graph.nodes.values() if n.type == "ImageScale")
     graph.set_param(scale.id, "factor", 1.0)
+    loader = next(n for n in graph.nodes.values() if n.type == "LoadModel")
+    graph.connect(loader.id, "model", sampler.id, "model")  # the prompt alone: no layout boxes
     executor = Executor(device="cpu", disk_cache=False)
     found = 0
     cases = [("a red circle", "red"), ("a blue square", "blue"), ("a yellow star", "yellow"),
