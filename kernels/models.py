@@ -9,7 +9,8 @@ Stable Diffusion 3 folders (`_class_name` StableDiffusion3Pipeline) load into th
 bundles: MODEL's `unet` is the SD3Transformer2DModel (the attribute keeps its name: it is "the
 denoiser" everywhere), and CLIP carries the three text encoders and tokenizers
 (kernels.text.SD3TextEncoders / SD3Tokenizers). T5 may be absent (`[null, null]`), as diffusers
-allows. FLUX folders are refused with a clear message: not supported yet.
+allows. FLUX text-to-image folders (FluxPipeline) load through kernels.flux; other FLUX
+pipelines (Fill, Kontext, ...) are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ class ModelBundle:
 
     @property
     def in_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """The latent channels the denoiser takes (FLUX's transformer sees 2x2 patches of them)."""
+        from kernels.flux import latent_channels_of  # FLUX's loads only when asked
+
+        return latent_channels_of(self.unet)
 
     def with_patch(self, patch) -> "ModelBundle":
         return replace(self, patches=self.patches + (patch,))
@@ -231,8 +235,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
     quiet_hub_libraries()
     pipeline = str(index.get("_class_name", ""))
     if pipeline.startswith("Flux"):
-        raise ModelLoadError(f"{path}: a FLUX folder ({pipeline}); Loomwork does not load FLUX "
-                             f"models yet (SD 1.x/2.x, SD3 and pixel-space folders load)")
+        return _load_flux_folder(path, index, pipeline, dtype, device)
     if pipeline in SD3_PIPELINES:
         return _load_sd3_folder(path, index, dtype, device)
     _check_components(path, index, SUPPORTED_COMPONENTS,
@@ -274,3 +277,13 @@ def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
     return (ModelBundle(transformer, scheduler_config, path, load_key),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
             _vae_bundle(parts.get("vae"), path, load_key, transformer.config.in_channels))
+
+
+def _load_flux_folder(path: str, index: dict, pipeline: str, dtype: torch.dtype,
+                      device: str) -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
+    from kernels.flux import FLUX_PIPELINES, load_flux_folder
+
+    if pipeline not in FLUX_PIPELINES:
+        raise ModelLoadError(f"{path}: a {pipeline} folder; of the FLUX pipelines Loomwork loads "
+                             f"only text-to-image folders ({', '.join(sorted(FLUX_PIPELINES))})")
+    return load_flux_folder(path, index, dtype, device)

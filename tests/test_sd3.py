@@ -1,15 +1,12 @@
 """Stable Diffusion 3 (MM-DiT) folders: load, encode, sample in a graph, and the 3DIS joint
 attention mask (JointAttentionMask) on SD3's [image, text] joint attention. Tiny random models."""
 
-import json
-import os
-
 import pytest
 import torch
 from conftest import CAPTURED, txt2img_graph
 
 from app.engine import Executor
-from kernels.models import ModelLoadError, load_model_folder
+from kernels.models import load_model_folder
 from nodes.registry import add_node
 
 PROMPT = "a red circle and a blue square"
@@ -97,15 +94,6 @@ def test_sd3_txt2img_graph_matches_the_diffusers_pipeline(sd3_model, tmp_path):
                generator=torch.Generator().manual_seed(1), output_type="latent",
                max_sequence_length=16).images
     assert torch.equal(CAPTURED["latent"], ref)
-
-
-def test_flux_folders_are_refused_clearly(tmp_path):
-    folder = tmp_path / "flux"
-    os.makedirs(folder)
-    (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    with pytest.raises(ModelLoadError, match="FLUX"):
-        load_model_folder(str(folder))
 
 
 def test_joint_attention_mask_with_no_boxes_is_bit_identical(sd3_model, tmp_path):
