@@ -8,7 +8,8 @@ and pixel-space models without a VAE, which no single diffusers pipeline offers 
 An MM-DiT (SD3Transformer2DModel) is called as StableDiffusion3Pipeline calls it:
 `transformer(hidden_states=x, timestep=t.expand(B), encoder_hidden_states=text,
 pooled_projections=pooled)`, with the same cond/uncond batching for guidance; `sample` tells the
-two kinds apart by the denoiser's signature. FLUX (packed latents, position ids) is not handled.
+two kinds apart by the denoiser's signature. A FLUX transformer (packed latents, position ids,
+the guidance embedding) is sampled by kernels.flux.sample_flux, as FluxPipeline samples it.
 """
 
 from __future__ import annotations
@@ -190,6 +191,11 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     before_step(i, t, x) -> x: steers the sample before step i (gradient guidance); it runs
     with gradients enabled.
     """
+    if isinstance(unet, diffusers.FluxTransformer2DModel):  # packed latents, position ids: its own loop
+        from kernels.flux import sample_flux
+
+        return sample_flux(unet, scheduler, positive, negative, noise, steps, cfg, generator, denoise,
+                           init, progress, unet_kwargs, before_step, pooled)
     mmdit = takes_pooled_projections(unet)
     if mmdit and (pooled is None or pooled[0] is None):
         raise ValueError(f"{type(unet).__name__} needs pooled text projections: encode the prompt "
