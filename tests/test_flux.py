@@ -111,6 +111,30 @@ def test_flux_schnell_txt2img_graph_matches_the_diffusers_pipeline(flux_schnell,
     assert torch.equal(latent, pipeline_latent(flux_schnell, guidance_scale=0.0))
 
 
+@pytest.mark.parametrize("steps, denoise", [(4, 0.5), (3, 0.6)])
+def test_flux_img2img_matches_the_diffusers_img2img_pipeline(flux_dev, steps, denoise):
+    """denoise < 1 keeps the schedule's tail as FluxImg2ImgPipeline's strength does (which, unlike
+    SD's, does not round steps * strength down); the pipeline takes the init latent as is."""
+    from diffusers import FluxImg2ImgPipeline
+
+    from kernels.sampling import make_scheduler, sample
+    from kernels.text import encode_text
+
+    model, clip, _vae = load_model_folder(flux_dev)
+    cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    init = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(SEED)
+    noise = torch.randn(init.shape, generator=generator)
+    out = sample(model.unet, make_scheduler("flow_match_euler", model.scheduler_config), cond.embeds,
+                 None, noise, steps, 3.5, generator, denoise=denoise, init=init, pooled=(cond.pooled, None))
+    pipe = FluxImg2ImgPipeline.from_pretrained(flux_dev, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    packed = pipe(PROMPT, image=init, strength=denoise, height=SIZE, width=SIZE,
+                  num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=16,
+                  generator=torch.Generator().manual_seed(SEED), output_type="latent").images
+    assert torch.equal(out, pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor))
+
+
 def test_flux_sampler_refuses_a_negative_prompt(flux_dev):
     from kernels.flux import sample_flux
     from kernels.sampling import make_scheduler
