@@ -34,13 +34,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @register
 class LoadModel(Node):
-    """Load a diffusers model folder (SD 1.x/2.x, or a pixel-space model such as the built-in
-    ShapesT2I). `builtin:NAME` names a model shipped with Loomwork; a relative path is taken
-    from the graph file's folder."""
+    """Load a diffusers model folder (SD 1.x/2.x, SD3, FLUX.1 dev/schnell, or a pixel-space model
+    such as the built-in ShapesT2I). `builtin:NAME` names a model shipped with Loomwork; a
+    relative path is taken from the graph file's folder."""
 
     category = "loaders"
     params = {
-        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder"),
+        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder (SD 1.x/2.x, SD3, FLUX.1)"),
         "dtype": Choice(DTYPES, "float32", help="weights precision; float16 halves memory on GPUs"),
     }
     outputs = {"model": MODEL, "clip": CLIP, "vae": VAE}
@@ -114,7 +114,8 @@ def _sampler_v1_to_v2(params: dict) -> dict:
 @register
 class Sampler(Node):
     """Denoise a latent with a scheduler and classifier-free guidance. With denoise < 1 the
-    input latent is kept in part (img2img): only the last `denoise` fraction of the schedule runs."""
+    input latent is kept in part (img2img): only the last `denoise` fraction of the schedule runs.
+    FLUX takes no negative: cfg is the guidance a "dev" model is distilled for (none for "schnell")."""
 
     category = "sampling"
     version = 2
