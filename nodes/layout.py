@@ -262,9 +262,9 @@ class AStar(Node):
 
 @register
 class JointAttentionMask(Node):
-    """3DIS-FLUX renderer for MM-DiT models (SD3): inside each box, image tokens attend only to
-    that box's phrase (its CLIP and T5 tokens) and to their own region for the first steps.
-    FLUX folders do not load yet, so in a graph this is for SD3 models."""
+    """3DIS-FLUX renderer for MM-DiT models (SD3, FLUX): inside each box, image tokens attend
+    only to that box's phrase (its tokens: CLIP and T5 for SD3, T5 for FLUX) and to their own
+    region for the first steps."""
 
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT, "positive": CONDITIONING}
@@ -275,14 +275,11 @@ class JointAttentionMask(Node):
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, layout, positive, image_steps, text_steps):
-        from kernels.layout import JointAttentionMaskPatch, is_mmdit, is_sd3, resolve_layout
+        from kernels.layout import JointAttentionMaskPatch, is_mmdit, resolve_layout
 
         if not is_mmdit(model.unet):
             raise NodeError("JointAttentionMask needs an SD3 or FLUX (MM-DiT) model; this model "
                             "has a UNet. Use RegionAttention or RegionalPrompts instead.")
-        if not is_sd3(model.unet):
-            raise NodeError("JointAttentionMask runs on SD3 models in graphs; FLUX is not "
-                            "supported by Loomwork's sampler yet")
         if positive.pooled is None:
             raise NodeError("the positive conditioning is not from this model's text encoders "
                             "(an MM-DiT prompt has pooled projections)")

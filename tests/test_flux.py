@@ -13,6 +13,8 @@ from kernels.models import ModelLoadError, load_model_folder
 from nodes.registry import add_node
 
 PROMPT = "a red circle and a blue square"
+BOXES = [{"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 1.0, "phrase": "red circle"},
+         {"x0": 0.5, "y0": 0.0, "x1": 1.0, "y1": 1.0, "phrase": "blue square"}]
 SIZE, STEPS, SEED = 16, 3, 1
 
 
@@ -39,15 +41,24 @@ def flux_pipeline(path):
     return pipe
 
 
-def run_graph(path, tmp_path, cfg):
-    """LoadModel -> TextEncode -> EmptyLatent -> Sampler -> capture (+ decode), run on the CPU."""
-    g, ids = txt2img_graph(path, prompt=PROMPT, steps=STEPS, size=SIZE, seed=SEED,
+def run_graph(path, tmp_path, cfg, *, layout=None, steps=STEPS, executor=None):
+    """LoadModel -> TextEncode -> EmptyLatent -> Sampler -> capture (+ decode), run on the CPU;
+    with a `layout`, a JointAttentionMask (1 image step, 2 text steps) patches the model."""
+    g, ids = txt2img_graph(path, prompt=PROMPT, steps=steps, size=SIZE, seed=SEED,
                            scheduler="flow_match_euler", cfg=cfg, save=False)
     capture = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", capture, "latent")
     preview = add_node(g, "PreviewImage", {}).id
     g.connect(ids["decode"], "image", preview, "image")
-    report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
+    if layout is not None:
+        lay = add_node(g, "Layout", {"width": SIZE, "height": SIZE, "boxes": layout}).id
+        mask = add_node(g, "JointAttentionMask", {"image_steps": 1, "text_steps": 2}).id
+        g.connect(ids["load"], "model", mask, "model")
+        g.connect(lay, "layout", mask, "layout")
+        g.connect(ids["text"], "conditioning", mask, "positive")
+        g.connect(mask, "model", ids["sampler"], "model")
+    executor = executor or Executor(device="cpu", disk_cache=False)
+    report = executor.run(g, output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
     return CAPTURED["latent"]
 
@@ -153,3 +164,48 @@ def test_other_flux_pipelines_are_refused_clearly(tmp_path):
         {"_class_name": "FluxFillPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
     with pytest.raises(ModelLoadError, match="FluxFillPipeline"):
         load_model_folder(str(folder))
+
+
+def test_flux_joint_attention_mask_with_no_boxes_is_bit_identical(flux_dev, tmp_path):
+    plain = run_graph(flux_dev, tmp_path, cfg=3.5)
+    assert torch.equal(run_graph(flux_dev, tmp_path, cfg=3.5, layout=[]), plain)
+
+
+def test_flux_joint_attention_mask_blocks_other_instances_during_its_steps(flux_dev, tmp_path,
+                                                                            monkeypatch):
+    from kernels import layout as kl
+    from kernels.text import encode_text
+
+    records = []
+    original = kl.FluxLayoutAttnProcessor.__call__
+
+    def recording(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        self.record = True
+        out = original(self, attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        records.append((self.ctl.step, self.last_probs))
+        return out
+
+    monkeypatch.setattr(kl.FluxLayoutAttnProcessor, "__call__", recording)
+    ex = Executor(device="cpu", disk_cache=False)
+    plain = run_graph(flux_dev, tmp_path, cfg=3.5, steps=4, executor=ex)
+    assert not torch.equal(run_graph(flux_dev, tmp_path, cfg=3.5, steps=4, layout=BOXES, executor=ex), plain)
+
+    _model, clip, _vae = load_model_folder(flux_dev)
+    cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    groups = [b["tokens"] for b in kl.resolve_layout({"boxes": BOXES}, cond)]
+    assert groups == [[1, 2], [5, 6]]  # T5 positions: FLUX's text is T5's sequence alone
+    n_text, n_img = cond.embeds.shape[1], (SIZE // 4) ** 2  # 16 px / VAE 2 / 2x2 packing
+    region = torch.arange(n_img).view(SIZE // 4, SIZE // 4)
+    rows = [region[:, :2].flatten() + n_text, region[:, 2:].flatten() + n_text]  # FLUX: text first
+    assert sorted({step for step, _ in records}) == [0, 1, 2, 3]
+    assert len(records) == 4 * 2  # 4 steps x (1 double + 1 single block)
+    for step, probs in records:
+        assert probs.shape[-1] == n_text + n_img and probs.shape[0] == 1  # no CFG batch
+        for i, j in ((0, 1), (1, 0)):
+            to_other = probs[:, :, rows[i]][:, :, :, torch.tensor(groups[j])]
+            own = probs[:, :, rows[i]][:, :, :, torch.tensor(groups[i])]
+            if step < 2:
+                assert torch.all(to_other == 0), step
+                assert torch.all(own > 0)
+            else:
+                assert torch.all(to_other > 0), step

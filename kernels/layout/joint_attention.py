@@ -298,6 +298,12 @@ def mmdit_tokens_hw(transformer, latent_shape) -> tuple[int, int]:
     return int(latent_shape[-2]) // p, int(latent_shape[-1]) // p
 
 
+def flux_tokens_hw(latent_shape) -> tuple[int, int]:
+    """The image-token grid of FLUX for a latent of `latent_shape` (..., H, W): its sampler packs
+    2x2 latent pixels into each token (the transformer's own patch_size is 1)."""
+    return int(latent_shape[-2]) // 2, int(latent_shape[-1]) // 2
+
+
 @dataclass
 class JointMaskRun:
     """One run of a JointAttentionMaskPatch: its mask controller and installed processors."""
@@ -307,11 +313,10 @@ class JointMaskRun:
 
 
 class JointAttentionMaskPatch(ModelPatch):
-    """3DIS-FLUX masks on an MM-DiT transformer: SD3 (loaded from folders, used by the
-    JointAttentionMask node) or FLUX (from code and tests: FLUX folders do not load yet).
+    """3DIS-FLUX masks on an MM-DiT transformer, SD3 or FLUX (the JointAttentionMask node).
 
-    `image_hw` None takes the token grid from the sampled latent (SD3 only: FLUX packs its
-    latents, so a FLUX caller gives the grid). No boxes: nothing is installed, so the run is
+    `image_hw` None takes the token grid from the sampled latent (FLUX: 2x2 latent pixels a
+    token, as kernels.flux packs them). No boxes: nothing is installed, so the run is
     bit-identical to the unpatched model. `applied` yields the run's `JointMaskRun`."""
 
     kind = "joint-attention-mask"
@@ -334,10 +339,11 @@ class JointAttentionMaskPatch(ModelPatch):
         sd3 = is_sd3(transformer)
         image_hw = a["image_hw"]
         if image_hw is None:
-            if not sd3 or getattr(run, "latent_shape", None) is None:
-                raise ValueError("JointAttentionMaskPatch needs image_hw unless it patches an SD3 "
+            if getattr(run, "latent_shape", None) is None:
+                raise ValueError("JointAttentionMaskPatch needs image_hw unless it patches a "
                                  "transformer during a sampling run")
-            image_hw = mmdit_tokens_hw(transformer, run.latent_shape)
+            image_hw = (mmdit_tokens_hw(transformer, run.latent_shape) if sd3
+                        else flux_tokens_hw(run.latent_shape))
         return JointMaskController(a["n_text"], image_hw, a["text_groups"], self.layout["boxes"],
                                    i2i_steps=a["i2i_steps"], i2t_steps=a["i2t_steps"],
                                    t2i_steps=a["t2i_steps"], t2t_steps=a["t2t_steps"],
