@@ -169,9 +169,14 @@ def encode_sd3(tok: SD3Tokenizers, enc: SD3TextEncoders, prompt: str) -> Conditi
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompt: str) -> Conditioning:
     """Encode like Stable Diffusion: padded to the model length, last hidden state, no mask.
-    SD3's encoders (an SD3TextEncoders) give the joint sequence instead (encode_sd3)."""
+    SD3's encoders (an SD3TextEncoders) give the joint sequence instead (encode_sd3), SDXL's
+    (an SDXLTextEncoders) their side-by-side hidden states and pooled embedding (encode_sdxl)."""
     if isinstance(text_encoder, SD3TextEncoders):
         return encode_sd3(tokenizer, text_encoder, prompt)
+    from kernels.sdxl import SDXLTextEncoders, encode_sdxl  # lazily: kernels.sdxl builds on this module
+
+    if isinstance(text_encoder, SDXLTextEncoders):
+        return encode_sdxl(tokenizer, text_encoder, prompt)
     ids = tokenize(tokenizer, [prompt, ""]).input_ids.to(text_encoder.device)
     hidden = text_encoder(ids).last_hidden_state
     # The prompt is kept whitespace-normalised: an edit that changes only spacing gives the
