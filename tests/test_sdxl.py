@@ -33,9 +33,13 @@ def sdxl_pipeline(model_path, scheduler_name=None):
     return pipe
 
 
-def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed, size=16):
+def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed, size=16, negative=None):
     g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=steps, scheduler=scheduler, cfg=cfg,
                            seed=seed, size=size, save=False)
+    if negative is not None:
+        ids["negative"] = add_node(g, "TextEncode", {"text": negative}).id
+        g.connect(ids["load"], "clip", ids["negative"], "clip")
+        g.connect(ids["negative"], "conditioning", ids["sampler"], "negative")
     ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", ids["capture"], "latent")
     report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
@@ -104,6 +108,16 @@ def test_sdxl_without_guidance_matches_the_pipeline(sdxl_model, tmp_path):
         PROMPT, height=24, width=24, num_inference_steps=3, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert ours.shape == ref.shape == (1, 4, 12, 12)
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+def test_sdxl_negative_prompt_matches_the_pipeline(sdxl_model, tmp_path):
+    # a negative prompt replaces the zeros with its own embeddings and pooled embedding
+    negative = "a blue square"
+    ours = graph_latent(sdxl_model, tmp_path, scheduler="euler", steps=3, cfg=5.0, seed=7, negative=negative)
+    ref = sdxl_pipeline(sdxl_model, "euler")(
+        PROMPT, negative_prompt=negative, height=16, width=16, num_inference_steps=3,
+        guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="latent").images
     assert torch.equal(ours, ref), (ours - ref).abs().max()
 
 
