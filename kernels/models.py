@@ -236,7 +236,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
                              f"models yet (SD 1.x/2.x, SD3 and pixel-space folders load)")
     if pipeline in SD3_PIPELINES:
         return _load_sd3_folder(path, index, dtype, device)
-    if pipeline == "StableDiffusionXLPipeline":
+    if pipeline in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
         from kernels.sdxl import load_sdxl_folder  # lazily: kernels.sdxl builds on this module
 
         return load_sdxl_folder(path, index, dtype, device)

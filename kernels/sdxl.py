@@ -3,7 +3,8 @@
 An SDXL folder (`_class_name` StableDiffusionXLPipeline) loads into the usual three bundles:
 MODEL is its UNet (an SDXLModelBundle, which also knows the VAE's scale factor, for the time
 ids), CLIP carries CLIP-L and CLIP-G with their tokenizers (SDXLTokenizers / SDXLTextEncoders),
-VAE its AutoencoderKL.
+VAE its AutoencoderKL. The refiner (StableDiffusionXLImg2ImgPipeline) loads too: it has CLIP-G
+only, and its time ids end in an aesthetic score instead of the target size.
 
 Text is encoded by StableDiffusionXLPipeline.encode_prompt itself (called, not re-implemented):
 the two encoders' penultimate hidden states side by side along features, CLIP-G's projection
@@ -12,7 +13,8 @@ true as SDXL ships) or the encoding of "". Both tokenizers split a prompt alike,
 is CLIP-L's token positions.
 
 The UNet also takes `added_cond_kwargs`: the pooled embedding and the time ids (original size,
-crop corner (0, 0), target size), which the pipeline computes from the image size by default.
+crop corner (0, 0), target size; the refiner: original size, crop corner, aesthetic score 6, or
+2.5 for the negative), which the pipelines compute from the image size by default.
 """
 
 from __future__ import annotations
@@ -36,16 +38,17 @@ from kernels.models import (
 )
 from kernels.text import Conditioning, word_positions
 
-SDXL_PIPELINES = {"StableDiffusionXLPipeline"}
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
 SDXL_COMPONENTS = {"unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"}
 # model_index.json keys of an SDXL folder that are pipeline settings, not components.
-SDXL_SETTINGS = {"force_zeros_for_empty_prompt", "add_watermarker"}
+SDXL_SETTINGS = {"force_zeros_for_empty_prompt", "add_watermarker", "requires_aesthetics_score"}
 CROP_TOP_LEFT = (0, 0)  # the pipeline's default crop corner
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner pipeline's defaults
 
 
 class SDXLTextEncoders(torch.nn.Module):
     """The text encoders of an SDXL folder as one module (the CLIP bundle's encoder): CLIP-L
-    (CLIPTextModel) and CLIP-G (CLIPTextModelWithProjection), and whether the folder's negative
+    (CLIPTextModel; None in a refiner) and CLIP-G (CLIPTextModelWithProjection), and whether the folder's negative
     for "no negative prompt" is zeros (`force_zeros_for_empty_prompt`)."""
 
     def __init__(self, text_encoder, text_encoder_2, force_zeros_for_empty_prompt: bool = True):
@@ -65,7 +68,7 @@ class SDXLTextEncoders(torch.nn.Module):
 
 @dataclass(frozen=True)
 class SDXLTokenizers:
-    """The CLIP bundle's tokenizer for SDXL: CLIP-L's and CLIP-G's."""
+    """The CLIP bundle's tokenizer for SDXL: CLIP-L's (None in a refiner) and CLIP-G's."""
 
     tokenizer: Any
     tokenizer_2: Any
@@ -74,9 +77,10 @@ class SDXLTokenizers:
 @dataclass(frozen=True)
 class SDXLModelBundle(ModelBundle):
     """MODEL for SDXL: the UNet, and the VAE's scale factor, since the time ids the UNet takes
-    are in pixels while the sampler sees latents."""
+    are in pixels while the sampler sees latents; a refiner's UNet `requires_aesthetics_score`."""
 
     vae_scale_factor: int = 8
+    requires_aesthetics_score: bool = False
 
     def added_cond_kwargs(self, pooled: Optional[tuple], latent_shape: tuple, guided: bool) -> dict:
         """The UNet's `added_cond_kwargs` as StableDiffusionXLPipeline builds them for a latent of
@@ -86,24 +90,33 @@ class SDXLModelBundle(ModelBundle):
                              "this model's own text encoders")
         positive, negative = pooled
         size = (int(latent_shape[-2]) * self.vae_scale_factor, int(latent_shape[-1]) * self.vae_scale_factor)
-        time_ids = add_time_ids(self.unet, size, positive.dtype, positive.shape[-1]).to(positive.device)
+        time_ids, negative_time_ids = add_time_ids(self.unet, size, positive.dtype, positive.shape[-1],
+                                                   self.requires_aesthetics_score)
         if not guided:
-            return {"text_embeds": positive, "time_ids": time_ids}
+            return {"text_embeds": positive, "time_ids": time_ids.to(positive.device)}
         if negative is None:
             raise ValueError("guidance with an SDXL UNet needs the negative's pooled embeddings too")
         return {"text_embeds": torch.cat([negative.expand_as(positive), positive]),
-                "time_ids": torch.cat([time_ids, time_ids])}
+                "time_ids": torch.cat([negative_time_ids, time_ids]).to(positive.device)}
 
 
-def add_time_ids(unet, size: tuple[int, int], dtype: torch.dtype, projection_dim: int) -> torch.Tensor:
-    """(1, 6) time ids for an image of `size` (height, width): original size, crop (0, 0) and
-    target size, by the pipeline's own `_get_add_time_ids` (which checks them against the UNet)."""
-    from diffusers import StableDiffusionXLPipeline
+def add_time_ids(unet, size: tuple[int, int], dtype: torch.dtype, projection_dim: int,
+                 requires_aesthetics_score: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) time ids, each (1, n), for an image of `size` (height, width), by the
+    pipelines' own `_get_add_time_ids` (which check them against the UNet): original size, crop
+    (0, 0) and target size for both; a refiner's end in the aesthetic scores instead."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    holder = SimpleNamespace(unet=unet)  # the method reads only the UNet
-    return StableDiffusionXLPipeline._get_add_time_ids(
-        holder, tuple(size), CROP_TOP_LEFT, tuple(size), dtype=dtype,
-        text_encoder_projection_dim=int(projection_dim))
+    size = tuple(size)
+    if not requires_aesthetics_score:
+        holder = SimpleNamespace(unet=unet)  # the method reads only the UNet
+        ids = StableDiffusionXLPipeline._get_add_time_ids(
+            holder, size, CROP_TOP_LEFT, size, dtype=dtype, text_encoder_projection_dim=int(projection_dim))
+        return ids, ids
+    holder = SimpleNamespace(unet=unet, config=SimpleNamespace(requires_aesthetics_score=True))
+    return StableDiffusionXLImg2ImgPipeline._get_add_time_ids(
+        holder, size, CROP_TOP_LEFT, size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, size,
+        CROP_TOP_LEFT, size, dtype=dtype, text_encoder_projection_dim=int(projection_dim))
 
 
 def _sdxl_pipeline(tok: SDXLTokenizers, enc: SDXLTextEncoders):
@@ -124,18 +137,20 @@ def encode_sdxl(tok: SDXLTokenizers, enc: SDXLTextEncoders, prompt: str) -> Cond
     embeds, empty, pooled, empty_pooled = pipe.encode_prompt(
         prompt, device=enc.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
     return Conditioning(embeds=embeds.clone(), prompt=" ".join(prompt.split()),
-                        words=word_positions(tok.tokenizer, prompt), empty=empty.clone(),
+                        words=word_positions(tok.tokenizer or tok.tokenizer_2, prompt), empty=empty.clone(),
                         pooled=pooled.clone(), empty_pooled=empty_pooled.clone())
 
 
 def load_sdxl_folder(path: str, index: dict, dtype: torch.dtype,
                      device: str) -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
-    """An SDXL folder: the UNet as MODEL, CLIP-L + CLIP-G as CLIP."""
+    """An SDXL folder: the UNet as MODEL, CLIP-L + CLIP-G (a refiner: CLIP-G) as CLIP."""
     _check_components(path, index, SDXL_COMPONENTS | SDXL_SETTINGS, "an SDXL folder has unet, "
                       "vae, scheduler, text_encoder(_2) and tokenizer(_2)")
     load_key = model_folder_key(path, dtype, device)
     parts = _load_components(path, index, sorted(SDXL_COMPONENTS - {"scheduler"}), dtype, device)
-    for required in ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
+    refiner = index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline"
+    needed = ("unet", "text_encoder_2", "tokenizer_2", "vae") + (() if refiner else ("text_encoder", "tokenizer"))
+    for required in needed:
         if required not in parts:
             raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
     unet = parts["unet"]
@@ -143,10 +158,13 @@ def load_sdxl_folder(path: str, index: dict, dtype: torch.dtype,
         raise ModelLoadError(f"{path}: the UNet's addition_embed_type is "
                              f"{unet.config.addition_embed_type!r}; an SDXL UNet has 'text_time'")
     vae = _vae_bundle(parts["vae"], path, load_key, unet.config.in_channels)
-    encoders = SDXLTextEncoders(parts["text_encoder"], parts["text_encoder_2"],
-                                index.get("force_zeros_for_empty_prompt", True))
-    tokenizers = SDXLTokenizers(parts["tokenizer"], parts["tokenizer_2"])
+    if ("text_encoder" in parts) != ("tokenizer" in parts):
+        raise ModelLoadError(f"{path}: text_encoder (CLIP-L) and tokenizer come together or not at all")
+    encoders = SDXLTextEncoders(parts.get("text_encoder"), parts["text_encoder_2"],
+                                bool(index.get("force_zeros_for_empty_prompt", True)))
+    tokenizers = SDXLTokenizers(parts.get("tokenizer"), parts["tokenizer_2"])
     return (SDXLModelBundle(unet, _read_scheduler_config(path), path, load_key,
-                            vae_scale_factor=vae.scale_factor),
+                            vae_scale_factor=vae.scale_factor,
+                            requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False))),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
             vae)
