@@ -188,7 +188,7 @@ SDXL_SCHEDULER_CONFIG = {
     "skip_prk_steps": True, "trained_betas": None}
 
 
-def build_tiny_sdxl_model(path: str, *, seed: int = 0, max_length: int = 16) -> str:
+def build_tiny_sdxl_model(path: str, *, seed: int = 0, max_length: int = 16, refiner: bool = False) -> str:
     """Write a tiny random Stable Diffusion XL folder at `path` and return the path.
 
     The layout is StableDiffusionXLPipeline's: `unet` (UNet2DConditionModel with SDXL's
@@ -197,6 +197,8 @@ def build_tiny_sdxl_model(path: str, *, seed: int = 0, max_length: int = 16) -> 
     with SDXL's scaling factor and SDXL's EulerDiscreteScheduler config (steps_offset 1, leading
     spacing). The widths keep SDXL's arithmetic: the two hidden states (16 + 32) make the cross
     attention width, and the added embedding takes 6 time ids x 8 + CLIP-G's projection (32).
+    `refiner` writes the refiner's layout instead (StableDiffusionXLImg2ImgPipeline): CLIP-G
+    only, 5 time ids (an aesthetic score in place of the target size), no zeroed negative.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -217,14 +219,15 @@ def build_tiny_sdxl_model(path: str, *, seed: int = 0, max_length: int = 16) -> 
 
     clip_l, clip_g = CLIPTextModel(clip_config(16)), CLIPTextModelWithProjection(clip_config(32))
     time_embed_dim = 8
+    n_time_ids, text_width = (5, 32) if refiner else (6, 16 + 32)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
         layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-        cross_attention_dim=16 + 32, use_linear_projection=True, addition_embed_type="text_time",
+        cross_attention_dim=text_width, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=6 * time_embed_dim + 32)
+        projection_class_embeddings_input_dim=n_time_ids * time_embed_dim + 32)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -239,9 +242,16 @@ def build_tiny_sdxl_model(path: str, *, seed: int = 0, max_length: int = 16) -> 
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
              "image_encoder": [None, None], "feature_extractor": [None, None]}
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", clip_l), ("text_encoder_2", clip_g)):
+    modules = [("unet", unet), ("vae", vae), ("text_encoder", clip_l), ("text_encoder_2", clip_g)]
+    tokenizers = ["tokenizer", "tokenizer_2"]
+    if refiner:
+        index.update({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                      "tokenizer": [None, None], "force_zeros_for_empty_prompt": False,
+                      "requires_aesthetics_score": True})
+        modules, tokenizers = [m for m in modules if m[0] != "text_encoder"], ["tokenizer_2"]
+    for name, module in modules:
         module.save_pretrained(os.path.join(path, name), safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in tokenizers:
         clip_tok.save_pretrained(os.path.join(path, name))
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
     for file_name, data in (("scheduler/scheduler_config.json", SDXL_SCHEDULER_CONFIG),
