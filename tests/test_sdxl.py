@@ -3,7 +3,7 @@ StableDiffusionXLPipeline on the same tiny random folder, seed and scheduler."""
 
 import pytest
 import torch
-from conftest import CAPTURED, txt2img_graph
+from conftest import CAPTURED, QuietContext, txt2img_graph
 
 from app.engine import Executor
 from kernels.models import load_model_folder
@@ -17,6 +17,13 @@ def sdxl_model(tmp_path_factory):
     from kernels.tiny import build_tiny_sdxl_model
 
     return build_tiny_sdxl_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_refiner(tmp_path_factory):
+    from kernels.tiny import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl-refiner"), refiner=True)
 
 
 def sdxl_pipeline(model_path, scheduler_name=None):
@@ -82,8 +89,8 @@ def test_sdxl_folder_loads_and_encodes_as_the_pipeline_feeds_its_unet(sdxl_model
     assert torch.equal(added["text_embeds"], torch.cat([cond.empty_pooled, cond.pooled]))
     # the folder says force_zeros_for_empty_prompt, as SDXL ships: no negative is zeros
     assert not cond.empty.any() and not cond.empty_pooled.any()
-    time_ids = add_time_ids(model.unet, (16, 24), torch.float32, 32)
-    assert time_ids.tolist() == [[16, 24, 0, 0, 16, 24]]
+    time_ids, negative_time_ids = add_time_ids(model.unet, (16, 24), torch.float32, 32)
+    assert time_ids.tolist() == negative_time_ids.tolist() == [[16, 24, 0, 0, 16, 24]]
     assert torch.equal(added["time_ids"], torch.cat([time_ids, time_ids]))
     guided = model.added_cond_kwargs((cond.pooled, cond.empty_pooled), (1, 4, 8, 12), guided=True)
     assert torch.equal(guided["time_ids"], added["time_ids"])
@@ -129,3 +136,59 @@ def test_sdxl_sampler_refuses_a_conditioning_without_pooled_embeddings(sdxl_mode
     report = Executor(device="cpu", disk_cache=False).run(g, targets=[ids["sampler"]], output_dir=tmp_path)
     assert not report.ok
     assert "pooled text embeddings" in report.nodes[ids["sampler"]].error
+
+
+def img2img_pipeline(model_path, scheduler_name):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from kernels.sampling import make_scheduler
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_path, local_files_only=True)
+    pipe.scheduler = make_scheduler(scheduler_name, dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_refiner_loads_with_clip_g_only_and_encodes_as_its_pipeline(sdxl_refiner):
+    from kernels.sdxl import SDXLModelBundle
+    from kernels.text import encode_text
+
+    model, clip, _vae = load_model_folder(sdxl_refiner)
+    assert isinstance(model, SDXLModelBundle) and model.requires_aesthetics_score
+    assert clip.text_encoder.text_encoder is None and clip.tokenizer.tokenizer is None
+    cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    assert cond.embeds.shape == (1, 16, 32) and cond.words["red"] == (2,)
+    pipe = img2img_pipeline(sdxl_refiner, "euler")
+    fed = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda _m, _args, kwargs: fed.append((kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"])),
+        with_kwargs=True)
+    try:
+        pipe(PROMPT, image=torch.zeros(1, 4, 8, 12), strength=0.5, num_inference_steps=2,
+             guidance_scale=5.0, output_type="latent")
+    finally:
+        hook.remove()
+    (text, added), = fed
+    # the refiner ships force_zeros_for_empty_prompt false: its negative is the encoding of ""
+    assert cond.empty.any() and torch.equal(text, torch.cat([cond.empty, cond.embeds]))
+    assert torch.equal(added["text_embeds"], torch.cat([cond.empty_pooled, cond.pooled]))
+    assert added["time_ids"].tolist() == [[16, 24, 0, 0, 2.5], [16, 24, 0, 0, 6.0]]
+    ours = model.added_cond_kwargs((cond.pooled, cond.empty_pooled), (1, 4, 8, 12), guided=True)
+    assert torch.equal(ours["time_ids"], added["time_ids"])
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_sdxl_img2img_sampler_matches_the_img2img_pipeline(sdxl_model, sdxl_refiner, which):
+    from kernels.text import encode_text
+    from nodes.core import Sampler
+
+    path = sdxl_model if which == "base" else sdxl_refiner
+    model, clip, _vae = load_model_folder(path)
+    cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = Sampler().run(QuietContext(), model, cond, None, init, "euler", 4, 5.0, 3, 0.5)["latent"]
+    # a 4-channel image is taken as latents by the pipeline, as the Sampler takes its input latent
+    ref = img2img_pipeline(path, "euler")(
+        PROMPT, image=init, strength=0.5, num_inference_steps=4, guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
