@@ -161,7 +161,8 @@ class Sampler(Node):
             ctx.progress(i, n, preview=lambda: latent_preview(x))
 
         run = SamplingRun(unet=model.unet, scheduler=sched, positive=positive, negative=negative,
-                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator)
+                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator,
+                          positive_kwargs=_added_cond_kwargs(model, pooled, tuple(latent.shape), guided=False))
         patches = model.patches
         steering = [p for p in patches if type(p).before_step is not ModelPatch.before_step]
 
