@@ -9,8 +9,9 @@ Stable Diffusion 3 folders (`_class_name` StableDiffusion3Pipeline) load into th
 bundles: MODEL's `unet` is the SD3Transformer2DModel (the attribute keeps its name: it is "the
 denoiser" everywhere), and CLIP carries the three text encoders and tokenizers
 (kernels.text.SD3TextEncoders / SD3Tokenizers). T5 may be absent (`[null, null]`), as diffusers
-allows. FLUX text-to-image folders (FluxPipeline) load through kernels.flux; other FLUX
-pipelines (Fill, Kontext, ...) are refused with a clear message.
+allows. Stable Diffusion XL folders load the same way (kernels.sdxl); FLUX text-to-image
+folders (FluxPipeline) load through kernels.flux; other FLUX pipelines (Fill, Kontext, ...) are
+refused with a clear message.
 """
 
 from __future__ import annotations
@@ -238,6 +239,10 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
         return _load_flux_folder(path, index, pipeline, dtype, device)
     if pipeline in SD3_PIPELINES:
         return _load_sd3_folder(path, index, dtype, device)
+    if pipeline in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+        from kernels.sdxl import load_sdxl_folder  # lazily: kernels.sdxl builds on this module
+
+        return load_sdxl_folder(path, index, dtype, device)
     _check_components(path, index, SUPPORTED_COMPONENTS,
                       "Loomwork loads UNet text-to-image folders: SD 1.x/2.x and pixel-space "
                       "models, and SD3 folders")

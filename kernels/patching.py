@@ -35,6 +35,8 @@ class SamplingRun:
     timesteps: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
     state: dict = field(default_factory=dict)  # scratch space shared by patches within a run
+    # what the denoiser also takes in a call on the positive alone (SDXL: added_cond_kwargs)
+    positive_kwargs: dict = field(default_factory=dict)
 
 
 class ModelPatch:

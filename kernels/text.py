@@ -169,12 +169,17 @@ def encode_sd3(tok: SD3Tokenizers, enc: SD3TextEncoders, prompt: str) -> Conditi
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompt: str) -> Conditioning:
     """Encode like Stable Diffusion: padded to the model length, last hidden state, no mask.
-    SD3's encoders (an SD3TextEncoders) give the joint sequence instead (encode_sd3), FLUX's
-    (kernels.flux.FluxTextEncoders) T5's sequence and CLIP's pooled output (encode_flux)."""
+    SD3's encoders (an SD3TextEncoders) give the joint sequence instead (encode_sd3), SDXL's
+    (an SDXLTextEncoders) their side-by-side hidden states and pooled embedding (encode_sdxl),
+    FLUX's (kernels.flux.FluxTextEncoders) T5's sequence and CLIP's pooled output (encode_flux)."""
     if isinstance(text_encoder, SD3TextEncoders):
         return encode_sd3(tokenizer, text_encoder, prompt)
-    from kernels.flux import FluxTextEncoders, encode_flux  # here: kernels.flux imports this module
+    # lazily: kernels.sdxl and kernels.flux build on this module
+    from kernels.flux import FluxTextEncoders, encode_flux
+    from kernels.sdxl import SDXLTextEncoders, encode_sdxl
 
+    if isinstance(text_encoder, SDXLTextEncoders):
+        return encode_sdxl(tokenizer, text_encoder, prompt)
     if isinstance(text_encoder, FluxTextEncoders):
         return encode_flux(tokenizer, text_encoder, prompt)
     ids = tokenize(tokenizer, [prompt, ""]).input_ids.to(text_encoder.device)

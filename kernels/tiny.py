@@ -176,3 +176,86 @@ def build_tiny_sd3_model(path: str, *, seed: int = 0, max_length: int = 16,
     with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return path
+
+
+# The scheduler config SDXL base ships (EulerDiscreteScheduler); its DDIM/PNDM-era keys are kept
+# too, so a scheduler built from it (make_scheduler) sees what a real SDXL folder gives it.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "interpolation_type": "linear", "use_karras_sigmas": False, "timestep_spacing": "leading",
+    "steps_offset": 1, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "trained_betas": None}
+
+
+def build_tiny_sdxl_model(path: str, *, seed: int = 0, max_length: int = 16, refiner: bool = False) -> str:
+    """Write a tiny random Stable Diffusion XL folder at `path` and return the path.
+
+    The layout is StableDiffusionXLPipeline's: `unet` (UNet2DConditionModel with SDXL's
+    "text_time" added conditioning), CLIP-L as `text_encoder` (CLIPTextModel) and CLIP-G as
+    `text_encoder_2` (CLIPTextModelWithProjection), a word tokenizer for each, a tiny AutoencoderKL
+    with SDXL's scaling factor and SDXL's EulerDiscreteScheduler config (steps_offset 1, leading
+    spacing). The widths keep SDXL's arithmetic: the two hidden states (16 + 32) make the cross
+    attention width, and the added embedding takes 6 time ids x 8 + CLIP-G's projection (32).
+    `refiner` writes the refiner's layout instead (StableDiffusionXLImg2ImgPipeline): CLIP-G
+    only, 5 time ids (an aesthetic score in place of the target size), no zeroed negative.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from kernels.models import quiet_hub_libraries
+
+    quiet_hub_libraries()
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    clip_tok = build_word_tokenizer(TINY_WORDS, max_length, specials=CLIP_SPECIALS)
+
+    def clip_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=hidden, intermediate_size=2 * hidden,
+            projection_dim=hidden, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=max_length, pad_token_id=clip_tok.pad_token_id,
+            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id)
+
+    clip_l, clip_g = CLIPTextModel(clip_config(16)), CLIPTextModelWithProjection(clip_config(32))
+    time_embed_dim = 8
+    n_time_ids, text_width = (5, 32) if refiner else (6, 16 + 32)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        cross_attention_dim=text_width, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=n_time_ids * time_embed_dim + 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.13025)
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+             "force_zeros_for_empty_prompt": True,
+             "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    modules = [("unet", unet), ("vae", vae), ("text_encoder", clip_l), ("text_encoder_2", clip_g)]
+    tokenizers = ["tokenizer", "tokenizer_2"]
+    if refiner:
+        index.update({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                      "tokenizer": [None, None], "force_zeros_for_empty_prompt": False,
+                      "requires_aesthetics_score": True})
+        modules, tokenizers = [m for m in modules if m[0] != "text_encoder"], ["tokenizer_2"]
+    for name, module in modules:
+        module.save_pretrained(os.path.join(path, name), safe_serialization=True)
+    for name in tokenizers:
+        clip_tok.save_pretrained(os.path.join(path, name))
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    for file_name, data in (("scheduler/scheduler_config.json", SDXL_SCHEDULER_CONFIG),
+                            ("model_index.json", index)):
+        with open(os.path.join(path, file_name), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    return path

@@ -34,13 +34,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @register
 class LoadModel(Node):
-    """Load a diffusers model folder (SD 1.x/2.x, SD3, FLUX.1 dev/schnell, or a pixel-space model
-    such as the built-in ShapesT2I). `builtin:NAME` names a model shipped with Loomwork; a
+    """Load a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1 dev/schnell, or a pixel-space
+    model such as the built-in ShapesT2I). `builtin:NAME` names a model shipped with Loomwork; a
     relative path is taken from the graph file's folder."""
 
     category = "loaders"
     params = {
-        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder (SD 1.x/2.x, SD3, FLUX.1)"),
+        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
         "dtype": Choice(DTYPES, "float32", help="weights precision; float16 halves memory on GPUs"),
     }
     outputs = {"model": MODEL, "clip": CLIP, "vae": VAE}
@@ -162,7 +162,8 @@ class Sampler(Node):
             ctx.progress(i, n, preview=lambda: latent_preview(x))
 
         run = SamplingRun(unet=model.unet, scheduler=sched, positive=positive, negative=negative,
-                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator)
+                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator,
+                          positive_kwargs=_added_cond_kwargs(model, pooled, tuple(latent.shape), guided=False))
         patches = model.patches
         steering = [p for p in patches if type(p).before_step is not ModelPatch.before_step]
 
@@ -171,13 +172,25 @@ class Sampler(Node):
                 x = p.before_step(run, i, t, x)
             return x
 
+        added = _added_cond_kwargs(model, pooled, tuple(latent.shape), guided=neg is not None and cfg != 1.0)
         with applied_patches(patches, model.unet, run):
             out = sample(model.unet, sched, positive.embeds.to(device, dtype),
                          None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
-                         unet_kwargs=merged_unet_kwargs(patches, run) or None,
+                         unet_kwargs={**merged_unet_kwargs(patches, run), **added} or None,
                          before_step=before_step if steering else None, pooled=pooled)
         return {"latent": out.float().cpu()}
+
+
+def _added_cond_kwargs(model, pooled, latent_shape: tuple, guided: bool) -> dict:
+    """An SDXL UNet's pooled text and time ids, as the unet kwarg `added_cond_kwargs` ({} for
+    other models): MODEL bundles that need them say so by having `added_cond_kwargs`."""
+    if not hasattr(model, "added_cond_kwargs"):
+        return {}
+    try:
+        return {"added_cond_kwargs": model.added_cond_kwargs(pooled, latent_shape, guided)}
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
 
 
 @register

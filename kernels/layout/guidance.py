@@ -159,7 +159,7 @@ class GuidanceRun(LayoutRun):
         store.reset()
         ctl.guiding = True
         try:
-            run.unet(x_in, t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1))
+            run.unet(x_in, t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1), **run.positive_kwargs)
         finally:
             ctl.guiding = False
         maps = store.maps(min_size=self.patch.min_map_size)
