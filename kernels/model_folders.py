@@ -33,7 +33,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PICKLE_NOTE = "a pickle: convert it to .safetensors (pickles can run code, so Loomwork never opens them)"
 
 MAX_DEPTH = 4  # folder levels below a kind folder (sdxl/realistic/v2/x.safetensors is 3)
-MAX_VISITS = 20000  # directory entries looked at in one scan, so a root of `/` cannot hang
+MAX_VISITS = 20000  # directory entries looked at per root, so a root of `/` cannot hang
 MAX_HEADER_BYTES = 64 << 20  # a real header is kilobytes to a few megabytes
 
 ENV_VAR = "LOOMWORK_MODELS"
@@ -87,9 +87,9 @@ def kind_folders(root: str) -> list[tuple[str, str]]:
 def scan(roots: Iterable[str], *, max_depth: int = MAX_DEPTH, max_visits: int = MAX_VISITS) -> list[ModelEntry]:
     """Every model under the roots, in root order, then by kind folder, then by name. Never raises
     for a bad file or an unreadable folder: those are listed or skipped."""
-    budget = [max_visits]
     entries: list[ModelEntry] = []
     for root in roots:
+        budget = [max_visits]  # per root: a huge first root does not hide the others' models
         for folder, kind in kind_folders(os.path.expanduser(root)):
             entries.extend(sorted(_scan_kind_folder(folder, kind, max_depth, budget), key=lambda e: e.name))
     return entries
