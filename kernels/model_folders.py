@@ -239,7 +239,8 @@ def find_model(name: str, roots: Iterable[str], kinds: Iterable[str] = CHECKPOIN
     folders = [(folder, kind) for root in roots for folder, kind in kind_folders(os.path.expanduser(root))
                if kind in kinds]
     # A direct look first: a graph's every run resolves its paths, and a full scan can be slow.
-    if clean and ".." not in clean.split("/"):
+    # A name stays inside its kind folder: no `..`, no drive.
+    if clean and ".." not in clean.split("/") and not os.path.splitdrive(clean)[0]:
         for folder, _ in folders:
             for candidate in (clean,) + tuple(clean + suffix for suffix in SAFETENSORS_SUFFIXES):
                 path = os.path.join(folder, *candidate.split("/"))

@@ -194,6 +194,8 @@ def test_find_model_by_name_and_close_matches(comfy, a1111):
     assert str(checkpoints) in message and str(a1111 / "Stable-diffusion") in message
     with pytest.raises(ModelNotFound, match="flux1-dev"):  # a diffusion model is not a checkpoint
         find_model("flux1-dev", roots)
+    with pytest.raises(ModelNotFound):  # a name cannot climb out of its kind folder
+        find_model("../loras/detail.safetensors", roots)
     with pytest.raises(ModelNotFound, match="LOOMWORK_MODELS"):
         find_model("x", [])
 
