@@ -1,4 +1,4 @@
-"""The headless runner: `loomwork run|validate|nodes|oracle`.
+"""The headless runner: `loomwork run|validate|nodes|models|oracle`.
 
 Every user mistake (a bad file, an unknown node, a bad --set value, a missing model) is one
 clear message and a non-zero exit; tracebacks only with --debug.
@@ -133,7 +133,7 @@ def cmd_run(args) -> int:
     printer = ProgressPrinter(graph)
     events = EngineEvents(node_state=printer.node_state, progress=printer.progress)
     out = Path(args.out or ".")
-    executor = Executor(disk_cache=False if args.no_disk_cache else True)
+    executor = Executor(disk_cache=False if args.no_disk_cache else True, model_roots=model_roots(args))
     try:
         report = executor.run(graph, events=events, output_dir=out, graph_path=args.graph)
     except GraphError as exc:
@@ -195,6 +195,37 @@ def cmd_nodes(args) -> int:
     return EXIT_OK
 
 
+def model_roots(args) -> list[str]:
+    """The model folders: each --models DIR, then those in LOOMWORK_MODELS."""
+    from kernels.model_folders import roots_from_env
+
+    return [os.path.expanduser(d) for d in (args.models or [])] + roots_from_env()
+
+
+def cmd_models(args) -> int:
+    from kernels.model_folders import ENV_VAR, scan
+
+    roots = model_roots(args)
+    if not roots:
+        raise UsageError(f"no model folders: pass --models DIR or set {ENV_VAR}")
+    missing = [r for r in roots if not os.path.isdir(r)]
+    if missing:
+        raise UsageError(f"not a folder: {', '.join(missing)}")
+    entries = scan(roots)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        print(f"no models found in {', '.join(roots)}", file=sys.stderr)
+        return EXIT_OK
+    width = max(len(e.name) for e in entries)
+    print(f"{'KIND':<16} {'FAMILY':<10} {'NAME':<{width}}  PATH")
+    for e in entries:
+        note = f"  ({e.note})" if e.note else ""
+        print(f"{e.kind:<16} {e.family:<10} {e.name:<{width}}  {e.path}{note}")
+    return EXIT_OK
+
+
 def cmd_oracle(args) -> int:
     try:
         from kernels.shapes.oracle import detect_in_files
@@ -203,6 +234,10 @@ def cmd_oracle(args) -> int:
     results = detect_in_files(args.images)
     print(json.dumps(results, indent=2))
     return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
+
+
+MODELS_HELP = ("a model folder: a ComfyUI or A1111 install, its models folder, or a folder of models; "
+               "LoadModel's ckpt:NAME is looked up there, then in LOOMWORK_MODELS (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="where SaveImage nodes write (default: here)")
     run.add_argument("--report", metavar="FILE", help="write a JSON report of every node")
     run.add_argument("--no-disk-cache", action="store_true", help="do not read or write the disk cache")
+    run.add_argument("--models", action="append", metavar="DIR", help=MODELS_HELP)
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a graph without running it")
@@ -226,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list node types with ports and params")
     nodes.add_argument("--json", action="store_true")
     nodes.set_defaults(func=cmd_nodes)
+    models = sub.add_parser("models", help="list the models in the model folders")
+    models.add_argument("--json", action="store_true", help="a JSON list of {name, kind, path, family, note}")
+    models.add_argument("--models", action="append", metavar="DIR", help=MODELS_HELP)
+    models.set_defaults(func=cmd_models)
     oracle = sub.add_parser("oracle", help="detect the objects in ShapesT2I images (JSON)")
     oracle.add_argument("images", nargs="+")
     oracle.set_defaults(func=cmd_oracle)

@@ -198,8 +198,11 @@ class Executor:
 
     def __init__(self, *, device: Optional[str] = None, memory_budget: int = 4 << 30,
                  disk_cache: "DiskCache | str | Path | None | bool" = True,
-                 disk_budget: int = 2 << 30, resources: Optional[Path] = None):
+                 disk_budget: int = 2 << 30, resources: Optional[Path] = None,
+                 model_roots: Optional[Iterable[str]] = None):
         self._device = device
+        # None: LOOMWORK_MODELS, read when a `ckpt:` path is resolved.
+        self.model_roots = None if model_roots is None else list(model_roots)
         self.memory = MemoryCache(memory_budget)
         if disk_cache is True:
             disk_cache = default_cache_dir()
@@ -227,15 +230,27 @@ class Executor:
         return self._models
 
     def resolve_path(self, path: str, graph_dir: Optional[Path] = None) -> str:
-        """`builtin:NAME` -> a shipped model; `~` expanded; relative -> the graph's folder."""
+        """`builtin:NAME` -> a shipped model; `ckpt:NAME` -> a model in the model folders;
+        `~` expanded; relative -> the graph's folder."""
         if not path:
             return path
         if path.startswith("builtin:"):
             return str(self.resources / "models" / path[len("builtin:"):])
+        if path.startswith("ckpt:"):
+            return self._find_checkpoint(path[len("ckpt:"):])
         p = Path(path).expanduser()
         if not p.is_absolute() and graph_dir is not None:
             p = graph_dir / p
         return str(p)
+
+    def _find_checkpoint(self, name: str) -> str:
+        from kernels.model_folders import ModelNotFound, find_model, roots_from_env
+
+        roots = roots_from_env() if self.model_roots is None else self.model_roots
+        try:
+            return find_model(name, roots)
+        except ModelNotFound as exc:
+            raise NodeError(str(exc)) from None
 
     # -- planning ------------------------------------------------------------------------
     @staticmethod

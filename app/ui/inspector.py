@@ -185,7 +185,7 @@ class TextField(ParamField):
 
 
 class PathField(ParamField):
-    """A path with a picker (file, folder or save-as); `builtin:` names are typed as text."""
+    """A path with a picker (file, folder or save-as); `builtin:` and `ckpt:` names are typed as text."""
 
     def __init__(self, param: Path, commit):
         super().__init__(param, commit)
@@ -205,7 +205,7 @@ class PathField(ParamField):
 
     def choose(self):
         start = self.edit.text()
-        if start.startswith("builtin:"):
+        if start.startswith(("builtin:", "ckpt:")):
             start = ""
         parent = self.widget.window()
         if self.param.mode == "folder":
