@@ -35,8 +35,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 @register
 class LoadModel(Node):
     """Load a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1 dev/schnell, or a pixel-space
-    model such as the built-in ShapesT2I). `builtin:NAME` names a model shipped with Loomwork; a
-    relative path is taken from the graph file's folder."""
+    model such as the built-in ShapesT2I). `builtin:NAME` names a model shipped with Loomwork;
+    `ckpt:NAME` one found in the models folders (`loomwork models`); a relative path is taken
+    from the graph file's folder."""
 
     category = "loaders"
     params = {
