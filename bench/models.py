@@ -34,7 +34,13 @@ def build_family(family: str, folder: str) -> tuple[str, dict]:
     from kernels import tiny, tiny_flux
 
     if family == "sd1":
-        return tiny.build_tiny_model(folder, kind="latent"), {"scheduler": "euler", "cfg": 4.0}
+        tiny.build_tiny_model(folder, kind="latent")
+        # steps_offset 1, as SD 1.x checkpoints ship it: StableDiffusionPipeline rewrites any other
+        # value to 1 when it is built, which would compare two schedules
+        config_path = Path(folder) / "scheduler" / "scheduler_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "steps_offset": 1}))
+        return folder, {"scheduler": "euler", "cfg": 4.0}
     if family == "sdxl":
         return tiny.build_tiny_sdxl_model(folder), {"scheduler": "euler", "cfg": 4.0}
     if family == "sd3":
