@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from kernels.text import Conditioning, word_positions
+from kernels.text import Conditioning, TextEncoderSet, word_positions
 
 FLUX_PIPELINES = {"FluxPipeline"}
 FLUX_COMPONENTS = {"transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -41,7 +41,7 @@ def latent_channels_of(denoiser) -> int:
     return channels // 4 if is_flux_transformer(denoiser) else channels
 
 
-class FluxTextEncoders(torch.nn.Module):
+class FluxTextEncoders(TextEncoderSet):
     """The text encoders of a FLUX folder as one module (the CLIP bundle's encoder): CLIP-L
     (CLIPTextModel) and T5 (T5EncoderModel)."""
 
@@ -49,14 +49,6 @@ class FluxTextEncoders(torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder.dtype
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from kernels.models import (
     _vae_bundle,
     model_folder_key,
 )
-from kernels.text import Conditioning, word_positions
+from kernels.text import Conditioning, TextEncoderSet, word_positions
 
 SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
 SDXL_COMPONENTS = {"unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"}
@@ -46,7 +46,7 @@ CROP_TOP_LEFT = (0, 0)  # the pipeline's default crop corner
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner pipeline's defaults
 
 
-class SDXLTextEncoders(torch.nn.Module):
+class SDXLTextEncoders(TextEncoderSet):
     """The text encoders of an SDXL folder as one module (the CLIP bundle's encoder): CLIP-L
     (CLIPTextModel; None in a refiner) and CLIP-G (CLIPTextModelWithProjection), and whether the folder's negative
     for "no negative prompt" is zeros (`force_zeros_for_empty_prompt`)."""
@@ -56,14 +56,6 @@ class SDXLTextEncoders(torch.nn.Module):
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder_2.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder_2.dtype
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,20 @@ def word_positions(tokenizer, prompt: str, max_length: Optional[int] = None) -> 
     return {w: tuple(p) for w, p in out.items()}
 
 
-class SD3TextEncoders(torch.nn.Module):
+class TextEncoderSet(torch.nn.Module):
+    """A family's text encoders held as one module (the CLIP bundle's encoder); its device and
+    dtype are its first encoder's (the encoders sit together)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class SD3TextEncoders(TextEncoderSet):
     """The text encoders of a Stable Diffusion 3 folder as one module (the CLIP bundle's encoder):
     CLIP-L, CLIP-G (CLIPTextModelWithProjection) and T5 (None when the folder ships without it;
     its part of the sequence is then zeros of the transformer's joint attention width, as in
@@ -106,14 +119,6 @@ class SD3TextEncoders(torch.nn.Module):
         self.text_encoder_2 = text_encoder_2
         self.text_encoder_3 = text_encoder_3
         self.joint_attention_dim = int(joint_attention_dim)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder.dtype
 
 
 @dataclass(frozen=True)
