@@ -14,6 +14,8 @@
   layer resolution: the share of their attention that falls in the named cell (1/9 = uniform).
 - "where": a linear probe of a pixel's grid cell from the UNet's own features where its
   cross-attention reads them (can a pixel tell where it is, so a position word can reach it?).
+- "xt": no model output: from which noise level on the cell can be read off x_t itself (a
+  matched filter), and the share of the training loss weight the steps above each t get.
 - "text": a linear probe of the cell from frozen text embeddings, per token role (the shape
   word, which a causal CLIP encoder shows only the words before it; the end token).
 """
@@ -129,6 +131,36 @@ def probe_x0(comps, per_cell: int, ts=(999, 950, 900, 800, 600)) -> dict:
         out[str(t)] = {"snr": round(float(a / (1 - a)), 4),
                        "named_cell_share": round(float(share[torch.arange(len(caps)), cells].mean()), 4),
                        "named_cell_argmax": round(float((share.argmax(1) == cells).float().mean()), 4)}
+    return out
+
+
+def probe_xt(comps, images: int = 180, ts=(999, 950, 900, 850, 800, 700, 500)) -> dict:
+    """From which noise level on is an object's cell readable from x_t itself? A matched filter
+    (per-cell mean of |x_t - its mean|, summed over channels; argmax) on one-object renderings.
+    Below that t the caption's position words tell the denoiser nothing x_t does not, so only the
+    steps above it can teach them; with them the loss-weight share those steps get."""
+    from kernels.shapes.train import loss_weights
+    from kernels.shapes.world import downsample, render_array, sample_scene
+
+    sched = _scheduler(comps[3])
+    alphas = sched.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    rng = np.random.default_rng(11)
+    scenes = [sample_scene(rng, 1) for _ in range(images)]
+    x0 = torch.from_numpy(np.stack([downsample(render_array(sc, 64), 32) for sc in scenes]))
+    x0 = x0.permute(0, 3, 1, 2).float() / 127.5 - 1
+    cells = torch.tensor([sc.objects[0].cell for sc in scenes])
+    masks = cell_masks(32)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for t in ts:
+        a = alphas[t]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen)
+        dev = (xt - xt.mean((2, 3), keepdim=True)).abs().sum(1).flatten(1) @ masks.T
+        out[str(t)] = {"cell_from_xt": round(float((dev.argmax(1) == cells).float().mean()), 4),
+                       "min_snr5_weight_share_above": round(float(loss_weights(snr)[t:].sum() / loss_weights(snr).sum()), 4),
+                       "floor1_weight_share_above": round(float(loss_weights(snr, 1.0)[t:].sum()
+                                                                / loss_weights(snr, 1.0).sum()), 4)}
     return out
 
 
@@ -283,7 +315,7 @@ def main(argv=None) -> int:
     comps[1].eval(), comps[2].eval()
     probes = {"cells": lambda: probe_cells(comps, args.n), "sensitivity": lambda: probe_sensitivity(comps, args.seeds),
               "x0": lambda: probe_x0(comps, 8), "attention": lambda: probe_attention(comps, 4), "where": lambda: probe_where(comps),
-              "text": lambda: probe_text(comps)}
+              "text": lambda: probe_text(comps), "xt": lambda: probe_xt(comps)}
     result = {"model": args.model}
     for name in args.probes.split(","):
         result[name] = probes[name]()

@@ -153,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--snr-floor", type=float, default=0.0,
                         help="lower clamp of the x0-space loss weight (min-SNR-5's is SNR itself, which "
                              "starves the high-noise steps that place objects); 0 keeps plain min-SNR-5")
+    parser.add_argument("--t-min", type=int, default=0,
+                        help="train only on timesteps >= this (a probe of the high-noise, layout-setting steps)")
     parser.add_argument("--p-single", type=float, default=None,
                         help="fixed share of one-object scenes per batch instead of the curriculum")
     return parser.parse_args(argv)
@@ -230,7 +232,7 @@ def train_step(run: TrainingRun, data: Data, rng: np.random.Generator, args: arg
     if p_single is None:
         p_single = max(0.2, 0.7 - 0.5 * run.step / 6000)  # curriculum: one-object scenes first
     x0, ids = data.batch(rng, args.batch, p_single, p_drop=0.1)
-    t = torch.from_numpy(rng.integers(0, 1000, args.batch))
+    t = torch.from_numpy(rng.integers(args.t_min, 1000, args.batch))
     noise = torch.randn_like(x0)
     a = alphas[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
