@@ -3,9 +3,10 @@
     python -m kernels.shapes.train --workdir DIR [--resume MODEL_DIR] [--minutes N]
 
 Joint training of the text encoder and the pixel-space UNet: v-prediction on a cosine schedule,
-min-SNR-5 loss weights (with --snr-floor, an x0-weight floor that keeps the high-noise steps,
-where objects are placed, in the loss: bench/results/positions.md), EMA weights for sampling, 10% caption dropout (for classifier-free
-guidance), AdamW with warm-up, and a curriculum that shows more one-object scenes early.
+min-SNR-5 loss weights (--snr-floor adds an x0-weight floor that keeps the high-noise steps,
+where objects are placed, in the loss: bench/results/positions.md), EMA weights for sampling,
+10% caption dropout (for classifier-free guidance), AdamW with warm-up, and a curriculum that
+shows more one-object scenes early.
 Every few minutes it writes DIR/state.pt (resume point) and DIR/latest/ (EMA weights in the
 diffusers layout); every eval interval it samples held-out prompts, scores them with the oracle
 and keeps DIR/best/ (by one- and multi-object colour+shape). Logs go to DIR/log.jsonl.
