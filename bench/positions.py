@@ -1,6 +1,6 @@
 """Why ShapesT2I does or does not follow position words: a few cheap probes, one JSON object out.
 
-    python bench/positions.py [--model DIR] [--probes cells,sensitivity,x0,attention,where,text] [--n 48]
+    python bench/positions.py [--model DIR] [--probes cells,sensitivity,x0,attention,where,text,mean_x0,xt] [--n 48]
 
 - "cells": the held-out one-object prompts (first --n), sampled as bench/shapes.py samples them
   (20 dpmpp_2m steps, cfg 4, each prompt's own seed), scored by the oracle: colour+shape and cell.
@@ -14,10 +14,13 @@
   layer resolution: the share of their attention that falls in the named cell (1/9 = uniform).
 - "where": a linear probe of a pixel's grid cell from the UNet's own features where its
   cross-attention reads them (can a pixel tell where it is, so a position word can reach it?).
+- "mean_x0": x0_hat at t=999 averaged over seeds, RGB per column third, for captions that differ
+  only in position, colour or nothing (empty): what the very first sampling step draws.
 - "xt": no model output: from which noise level on the cell can be read off x_t itself (a
   matched filter), and the share of the training loss weight the steps above each t get.
 - "text": a linear probe of the cell from frozen text embeddings, per token role (the shape
-  word, which a causal CLIP encoder shows only the words before it; the end token).
+  word, which a causal CLIP encoder shows only the words before it; the end token), and how far
+  apart whole caption embeddings are when only the position, colour or background word differs.
 """
 
 from __future__ import annotations
@@ -296,13 +299,35 @@ def probe_text(comps, per_cell: int = 60) -> dict:
         xf = torch.cat([feats, torch.ones(len(caps), 1)], 1)
         w = torch.linalg.lstsq(xf[train], torch.nn.functional.one_hot(y[train], 9).float()).solution
         out[role] = round(float(((xf[test] @ w).argmax(1) == y[test]).float().mean()), 4)
+    pairs = {"left_vs_right": ("a red circle on the left", "a red circle on the right"),
+             "red_vs_blue": ("a red circle on the left", "a blue circle on the left"),
+             "white_vs_black": ("a red circle, white background", "a red circle, black background")}
+    h = {k: _encode(tok, te, list(v)) for k, v in pairs.items()}  # how far apart the whole sequences are
+    out["relative_difference"] = {k: round(float((v[0] - v[1]).norm() / v[0].norm()), 4) for k, v in h.items()}
+    return out
+
+
+@torch.no_grad()
+def probe_mean_x0(comps, seeds: int = 8) -> dict:
+    """x0_hat at t=999 (pure noise in), averaged over seeds, per third of the image: left, middle,
+    right columns. Does the output move with the position word, or only with colour/background?"""
+    tok, te, unet, cfg = comps
+    a = _scheduler(cfg).alphas_cumprod.float()[999]
+    noise = torch.randn((seeds, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for text in ("a red circle on the left, white background", "a red circle on the right, white background",
+                 "a red circle at the top, white background", "a blue circle on the left, white background", ""):
+        v = unet(noise, torch.full((seeds,), 999), encoder_hidden_states=_encode(tok, te, [text] * seeds)).sample
+        x0 = (a.sqrt() * noise - (1 - a).sqrt() * v).mean(0)
+        out[text or "<empty>"] = [[round(float(c), 3) for c in x0[:, :, i * 11:(i + 1) * 11].mean((1, 2))]
+                                  for i in range(3)]
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--probes", default="cells,sensitivity,x0,attention,where,text")
+    ap.add_argument("--probes", default="cells,sensitivity,x0,attention,where,text,mean_x0")
     ap.add_argument("--n", type=int, default=48, help="held-out one-object prompts for 'cells'")
     ap.add_argument("--seeds", type=int, default=8, help="noise seeds per phrase for 'sensitivity'")
     ap.add_argument("--threads", type=int, default=1)
@@ -315,7 +340,7 @@ def main(argv=None) -> int:
     comps[1].eval(), comps[2].eval()
     probes = {"cells": lambda: probe_cells(comps, args.n), "sensitivity": lambda: probe_sensitivity(comps, args.seeds),
               "x0": lambda: probe_x0(comps, 8), "attention": lambda: probe_attention(comps, 4), "where": lambda: probe_where(comps),
-              "text": lambda: probe_text(comps), "xt": lambda: probe_xt(comps)}
+              "text": lambda: probe_text(comps), "mean_x0": lambda: probe_mean_x0(comps), "xt": lambda: probe_xt(comps)}
     result = {"model": args.model}
     for name in args.probes.split(","):
         result[name] = probes[name]()
