@@ -104,7 +104,7 @@ def _chroma_mass(x0: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def probe_x0(comps, per_cell: int, ts=(999, 950, 900, 800, 600)) -> dict:
     """The clean-image estimate x0_hat for one-object captions, from pure noise (t=999) and from a
     rendering of the same object in a different cell noised to t (the text must move it)."""
-    from kernels.shapes.world import CELL_PHRASES, caption_for, downsample, render_array, sample_scene
+    from kernels.shapes.world import caption_for, downsample, render_array, sample_scene
 
     tok, te, unet, cfg = comps
     sched = _scheduler(cfg)
