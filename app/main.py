@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-CLI_COMMANDS = {"run", "validate", "nodes", "oracle", "-h", "--help"}
+from app.cli import COMMANDS  # torch- and Qt-free
+
+CLI_COMMANDS = {*COMMANDS, "-h", "--help"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -3,6 +3,7 @@ as a real process (exit codes, no tracebacks)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -339,3 +340,12 @@ def test_process_exit_codes_and_no_traceback(graph_file, tmp_path):
     assert "Traceback" not in run.stderr and str(missing) in run.stderr
     for proc in (nodes, malformed, bad_set, run):
         assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_every_cli_verb_runs_headless_from_the_loomwork_command():
+    """`loomwork VERB` must reach the CLI, not open the app, for every verb the parser has."""
+    from app.cli import COMMANDS, build_parser
+    from app.main import CLI_COMMANDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS) and set(COMMANDS) <= CLI_COMMANDS

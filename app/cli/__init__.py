@@ -240,6 +240,10 @@ MODELS_HELP = ("a model folder: a ComfyUI or A1111 install, its models folder, o
                "LoadModel's ckpt:NAME is looked up there, then in LOOMWORK_MODELS (repeatable)")
 
 
+# The verbs, for app.main to tell a command from a graph path (it must not start Qt for one).
+COMMANDS = ("run", "validate", "nodes", "models", "oracle")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loomwork", description="Loomwork: node graphs for diffusion. "
                                      "With no command (or a .loom/.png file) the desktop app opens.")
