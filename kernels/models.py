@@ -153,10 +153,25 @@ def _component_class(library: str, class_name: str, folder: str, name: str):
     return cls
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _not_a_folder(path: str) -> str:
+    """Why `path` cannot be loaded as a model folder, in words that say what to do."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return ("is a pickled checkpoint, which Loomwork never opens (unpickling can run code): "
+                "convert it to a diffusers folder or .safetensors with a tool you trust")
+    if path.lower().endswith(".safetensors"):
+        return ("is a single-file checkpoint; single files do not load yet: use the model's "
+                "diffusers folder")
+    return "is a file; LoadModel takes a diffusers model folder"
+
+
 def read_model_index(path: str) -> dict:
     if not os.path.isdir(path):
-        what = "is a file; LoadModel takes a diffusers model folder" if os.path.exists(path) else "does not exist"
-        raise ModelLoadError(f"model folder {path!r} {what}")
+        raise ModelLoadError(f"model folder {path!r} {_not_a_folder(path)}")
     index_path = os.path.join(path, "model_index.json")
     try:
         with open(index_path, encoding="utf-8") as f:

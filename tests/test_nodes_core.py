@@ -154,6 +154,18 @@ def test_bad_model_folders_give_clear_errors(tmp_path, setup, message):
         load_model_folder(str(folder))
 
 
+@pytest.mark.parametrize("name, message", [
+    ("model.ckpt", "pickled checkpoint, which Loomwork never opens"),
+    ("model.safetensors", "single-file checkpoint"),
+    ("notes.txt", "is a file; LoadModel takes a diffusers model folder"),
+])
+def test_a_file_instead_of_a_folder_says_what_to_do(tmp_path, name, message):
+    path = tmp_path / name
+    path.write_bytes(b"not read")  # never opened: the suffix decides the message
+    with pytest.raises(ModelLoadError, match=message):
+        load_model_folder(str(path))
+
+
 def test_missing_model_fails_the_loader_node_with_its_path(tmp_path):
     from conftest import txt2img_graph
 
