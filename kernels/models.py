@@ -25,6 +25,7 @@ import torch
 
 from kernels.files import path_fingerprint
 from kernels.hashing import key_of
+from kernels.model_folders import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 # Components a text-to-image folder may name that sampling never uses.
 IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
@@ -153,9 +154,6 @@ def _component_class(library: str, class_name: str, folder: str, name: str):
     return cls
 
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
 def _not_a_folder(path: str) -> str:
     """Why `path` cannot be loaded as a model folder, in words that say what to do."""
     if not os.path.exists(path):
@@ -163,7 +161,7 @@ def _not_a_folder(path: str) -> str:
     if path.lower().endswith(PICKLE_SUFFIXES):
         return ("is a pickled checkpoint, which Loomwork never opens (unpickling can run code): "
                 "convert it to a diffusers folder or .safetensors with a tool you trust")
-    if path.lower().endswith(".safetensors"):
+    if path.lower().endswith(SAFETENSORS_SUFFIXES):
         return ("is a single-file checkpoint; single files do not load yet: use the model's "
                 "diffusers folder")
     return "is a file; LoadModel takes a diffusers model folder"
