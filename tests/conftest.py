@@ -203,3 +203,16 @@ def tiny_layout_model(tiny_pixel_model):
 
     model, clip, _vae = load_model_folder(tiny_pixel_model)
     return model, clip, encode_text(clip.tokenizer, clip.text_encoder, LAYOUT_PROMPT)
+
+
+def inputs_fed_to(module, names, call) -> list[tuple]:
+    """The keyword arguments `names` that `module` received in each forward while `call()` ran:
+    what a diffusers pipeline itself feeds its denoiser."""
+    fed = []
+    hook = module.register_forward_pre_hook(
+        lambda _m, _args, kwargs: fed.append(tuple(kwargs[n] for n in names)), with_kwargs=True)
+    try:
+        call()
+    finally:
+        hook.remove()
+    return fed

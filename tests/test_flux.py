@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import CAPTURED, txt2img_graph
+from conftest import CAPTURED, inputs_fed_to, txt2img_graph
 
 from app.engine import Executor
 from kernels.models import ModelLoadError, load_model_folder
@@ -93,16 +93,10 @@ def test_flux_encoding_is_what_the_pipeline_feeds_its_transformer(flux_dev):
     cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
     assert cond.empty is None and cond.empty_pooled is None  # no negative: no CFG batch
     pipe = flux_pipeline(flux_dev)
-    fed = []
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda _m, _args, kwargs: fed.append((kwargs["encoder_hidden_states"], kwargs["pooled_projections"])),
-        with_kwargs=True)
-    try:
-        pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=1, max_sequence_length=16,
-             output_type="latent")
-    finally:
-        hook.remove()
-    (text, pooled), = fed
+    (text, pooled), = inputs_fed_to(
+        pipe.transformer, ("encoder_hidden_states", "pooled_projections"),
+        lambda: pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=1, max_sequence_length=16,
+                 output_type="latent"))
     assert torch.equal(text, cond.embeds) and torch.equal(pooled, cond.pooled)
     # the word map is over T5's tokens (no start token: "a" is token 0)
     assert cond.words["a"] == (0, 4) and cond.words["red"] == (1,) and cond.words["square"] == (6,)

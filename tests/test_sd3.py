@@ -3,7 +3,7 @@ attention mask (JointAttentionMask) on SD3's [image, text] joint attention. Tiny
 
 import pytest
 import torch
-from conftest import CAPTURED, txt2img_graph
+from conftest import CAPTURED, inputs_fed_to, txt2img_graph
 
 from app.engine import Executor
 from kernels.models import load_model_folder
@@ -61,16 +61,10 @@ def test_sd3_folder_loads_with_all_text_encoders(sd3_model):
     # transformer (uncond half first), caught on the way in
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    fed = []
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda _m, _args, kwargs: fed.append((kwargs["encoder_hidden_states"], kwargs["pooled_projections"])),
-        with_kwargs=True)
-    try:
-        pipe(PROMPT, height=16, width=16, num_inference_steps=1, guidance_scale=4.0,
-             max_sequence_length=16, output_type="latent")
-    finally:
-        hook.remove()
-    (text, pooled), = fed
+    (text, pooled), = inputs_fed_to(
+        pipe.transformer, ("encoder_hidden_states", "pooled_projections"),
+        lambda: pipe(PROMPT, height=16, width=16, num_inference_steps=1, guidance_scale=4.0,
+                 max_sequence_length=16, output_type="latent"))
     assert torch.equal(text, torch.cat([cond.empty, cond.embeds]))
     assert torch.equal(pooled, torch.cat([cond.empty_pooled, cond.pooled]))
     # each word sits in the CLIP part (0..15 here) and in the T5 part after it; links pair them

@@ -3,7 +3,7 @@ StableDiffusionXLPipeline on the same tiny random folder, seed and scheduler."""
 
 import pytest
 import torch
-from conftest import CAPTURED, QuietContext, txt2img_graph
+from conftest import CAPTURED, QuietContext, inputs_fed_to, txt2img_graph
 
 from app.engine import Executor
 from kernels.models import load_model_folder
@@ -76,15 +76,10 @@ def test_sdxl_folder_loads_and_encodes_as_the_pipeline_feeds_its_unet(sdxl_model
     cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
     assert cond.embeds.shape == (1, 16, 16 + 32) and cond.pooled.shape == (1, 32)
     pipe = sdxl_pipeline(sdxl_model)
-    fed = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda _m, _args, kwargs: fed.append((kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"])),
-        with_kwargs=True)
-    try:
-        pipe(PROMPT, height=16, width=24, num_inference_steps=1, guidance_scale=5.0, output_type="latent")
-    finally:
-        hook.remove()
-    (text, added), = fed  # uncond half first
+    (text, added), = inputs_fed_to(  # uncond half first
+        pipe.unet, ("encoder_hidden_states", "added_cond_kwargs"),
+        lambda: pipe(PROMPT, height=16, width=24, num_inference_steps=1, guidance_scale=5.0,
+                     output_type="latent"))
     assert torch.equal(text, torch.cat([cond.empty, cond.embeds]))
     assert torch.equal(added["text_embeds"], torch.cat([cond.empty_pooled, cond.pooled]))
     # the folder says force_zeros_for_empty_prompt, as SDXL ships: no negative is zeros
@@ -159,16 +154,10 @@ def test_sdxl_refiner_loads_with_clip_g_only_and_encodes_as_its_pipeline(sdxl_re
     cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
     assert cond.embeds.shape == (1, 16, 32) and cond.words["red"] == (2,)
     pipe = img2img_pipeline(sdxl_refiner, "euler")
-    fed = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda _m, _args, kwargs: fed.append((kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"])),
-        with_kwargs=True)
-    try:
-        pipe(PROMPT, image=torch.zeros(1, 4, 8, 12), strength=0.5, num_inference_steps=2,
-             guidance_scale=5.0, output_type="latent")
-    finally:
-        hook.remove()
-    (text, added), = fed
+    (text, added), = inputs_fed_to(
+        pipe.unet, ("encoder_hidden_states", "added_cond_kwargs"),
+        lambda: pipe(PROMPT, image=torch.zeros(1, 4, 8, 12), strength=0.5, num_inference_steps=2,
+                 guidance_scale=5.0, output_type="latent"))
     # the refiner ships force_zeros_for_empty_prompt false: its negative is the encoding of ""
     assert cond.empty.any() and torch.equal(text, torch.cat([cond.empty, cond.embeds]))
     assert torch.equal(added["text_embeds"], torch.cat([cond.empty_pooled, cond.pooled]))
