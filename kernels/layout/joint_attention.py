@@ -84,15 +84,19 @@ def joint_attention_mask(n_text: int, image_hw: tuple[int, int], text_groups: Se
     return ~blocked
 
 
-def masked_attention(query, key, value, mask: Optional[torch.Tensor], record: bool):
+def masked_attention(query, key, value, mask: Optional[torch.Tensor], record: bool,
+                     bias: Optional[torch.Tensor] = None):
     """Attention over (B, heads, S, d) with a boolean "may attend" mask, and the probabilities
-    when `record` (then the softmax is explicit; otherwise SDPA)."""
+    when `record` (then the softmax is explicit; otherwise SDPA). `bias`, an additive mask the
+    caller was given, is added to the logits before the boolean mask (recording only)."""
     if not record:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=None if mask is None else mask.to(query.device),
             dropout_p=0.0, is_causal=False)
         return out, None
     logits = (query @ key.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
+    if bias is not None:
+        logits = logits + bias
     if mask is not None:
         logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
     probs = logits.softmax(-1)
@@ -150,15 +154,9 @@ class FluxLayoutAttnProcessor(FluxAttnProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2)) * (attn.head_dim ** -0.5)
-        if attention_mask is not None:
-            logits = logits + attention_mask
-        if mask is not None:
-            logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
-        probs = logits.softmax(-1)
-        self.last_probs = probs.detach()
-        out = (probs @ v).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out, self.last_probs = masked_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                value.transpose(1, 2), mask, True, bias=attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if n_ctx:
             ctx_out, img_out = out[:, :n_ctx], out[:, n_ctx:]
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
