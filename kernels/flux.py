@@ -67,17 +67,17 @@ def load_flux_folder(path: str, index: dict, dtype: torch.dtype, device: str):
         ModelBundle,
         ModelLoadError,
         TextEncoderBundle,
-        _check_components,
-        _load_components,
-        _read_scheduler_config,
-        _vae_bundle,
+        build_vae_bundle,
+        check_components,
+        load_components,
         model_folder_key,
+        read_scheduler_config,
     )
 
-    _check_components(path, index, FLUX_COMPONENTS, "a FLUX folder has transformer, vae, "
+    check_components(path, index, FLUX_COMPONENTS, "a FLUX folder has transformer, vae, "
                       "scheduler, text_encoder(_2) and tokenizer(_2)")
     load_key = model_folder_key(path, dtype, device)
-    parts = _load_components(path, index, sorted(FLUX_COMPONENTS - {"scheduler"}), dtype, device)
+    parts = load_components(path, index, sorted(FLUX_COMPONENTS - {"scheduler"}), dtype, device)
     for required in sorted(FLUX_COMPONENTS - {"scheduler"}):
         if required not in parts:
             raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
@@ -85,9 +85,9 @@ def load_flux_folder(path: str, index: dict, dtype: torch.dtype, device: str):
     t5_tok = parts["tokenizer_2"]
     tokenizers = FluxTokenizers(parts["tokenizer"], t5_tok, min(MAX_T5_LENGTH, int(t5_tok.model_max_length)))
     encoders = FluxTextEncoders(parts["text_encoder"], parts["text_encoder_2"])
-    return (ModelBundle(transformer, _read_scheduler_config(path), path, load_key),
+    return (ModelBundle(transformer, read_scheduler_config(path), path, load_key),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
-            _vae_bundle(parts["vae"], path, load_key, 3))
+            build_vae_bundle(parts["vae"], path, load_key, 3))
 
 
 def _flux_text_pipeline(tok: FluxTokenizers, enc: FluxTextEncoders):

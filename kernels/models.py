@@ -33,6 +33,7 @@ SUPPORTED_COMPONENTS = {"unet", "text_encoder", "tokenizer", "scheduler", "vae"}
 SD3_COMPONENTS = {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
                   "tokenizer_2", "tokenizer_3", "scheduler", "vae"}
 SD3_PIPELINES = {"StableDiffusion3Pipeline"}
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}  # base, refiner
 
 
 class ModelLoadError(RuntimeError):
@@ -192,7 +193,7 @@ def quiet_hub_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load_components(path: str, index: dict, names, dtype: torch.dtype, device: str) -> dict[str, Any]:
+def load_components(path: str, index: dict, names, dtype: torch.dtype, device: str) -> dict[str, Any]:
     """Load the listed components that the index names (a `[null, null]` entry is skipped)."""
     parts: dict[str, Any] = {}
     for name in names:
@@ -220,7 +221,7 @@ def _load_components(path: str, index: dict, names, dtype: torch.dtype, device: 
     return parts
 
 
-def _read_scheduler_config(path: str) -> dict:
+def read_scheduler_config(path: str) -> dict:
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     try:
         with open(sched_path, encoding="utf-8") as f:
@@ -229,14 +230,14 @@ def _read_scheduler_config(path: str) -> dict:
         raise ModelLoadError(f"{sched_path}: cannot read the scheduler config ({exc})") from None
 
 
-def _vae_bundle(vae, path: str, load_key: str, pixel_channels: int) -> VaeBundle:
+def build_vae_bundle(vae, path: str, load_key: str, pixel_channels: int) -> VaeBundle:
     if vae is None:
         return VaeBundle(None, path, load_key, latent_channels=pixel_channels, scale_factor=1)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels, scale_factor=factor)
 
 
-def _check_components(path: str, index: dict, supported: set, what: str) -> None:
+def check_components(path: str, index: dict, supported: set, what: str) -> None:
     unknown = {k for k in index if not k.startswith("_")} - supported - IGNORED_COMPONENTS
     if unknown:
         raise ModelLoadError(f"{path}: components {sorted(unknown)} are not supported yet ({what})")
@@ -252,23 +253,23 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
         return _load_flux_folder(path, index, pipeline, dtype, device)
     if pipeline in SD3_PIPELINES:
         return _load_sd3_folder(path, index, dtype, device)
-    if pipeline in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+    if pipeline in SDXL_PIPELINES:
         from kernels.sdxl import load_sdxl_folder  # lazily: kernels.sdxl builds on this module
 
         return load_sdxl_folder(path, index, dtype, device)
-    _check_components(path, index, SUPPORTED_COMPONENTS,
+    check_components(path, index, SUPPORTED_COMPONENTS,
                       "Loomwork loads UNet text-to-image folders: SD 1.x/2.x and pixel-space "
                       "models, and SD3 folders")
     load_key = model_folder_key(path, dtype, device)
-    parts = _load_components(path, index, ("unet", "text_encoder", "tokenizer", "vae"), dtype, device)
+    parts = load_components(path, index, ("unet", "text_encoder", "tokenizer", "vae"), dtype, device)
     for required in ("unet", "text_encoder", "tokenizer"):
         if required not in parts:
             raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
-    scheduler_config = _read_scheduler_config(path)
-    vae_bundle = _vae_bundle(parts.get("vae"), path, load_key, parts["unet"].config.in_channels)
+    scheduler_config = read_scheduler_config(path)
+    vae = build_vae_bundle(parts.get("vae"), path, load_key, parts["unet"].config.in_channels)
     return (ModelBundle(parts["unet"], scheduler_config, path, load_key),
             TextEncoderBundle(parts["tokenizer"], parts["text_encoder"], path, load_key),
-            vae_bundle)
+            vae)
 
 
 def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
@@ -276,16 +277,16 @@ def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
     """An SD3 folder: the MM-DiT as MODEL, CLIP-L + CLIP-G (+ T5) as CLIP."""
     from kernels.text import SD3TextEncoders, SD3Tokenizers
 
-    _check_components(path, index, SD3_COMPONENTS, "an SD3 folder has transformer, vae, "
+    check_components(path, index, SD3_COMPONENTS, "an SD3 folder has transformer, vae, "
                       "scheduler, text_encoder(_2, _3) and tokenizer(_2, _3)")
     load_key = model_folder_key(path, dtype, device)
-    parts = _load_components(path, index, sorted(SD3_COMPONENTS - {"scheduler"}), dtype, device)
+    parts = load_components(path, index, sorted(SD3_COMPONENTS - {"scheduler"}), dtype, device)
     for required in ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         if required not in parts:
             raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
     if ("text_encoder_3" in parts) != ("tokenizer_3" in parts):
         raise ModelLoadError(f"{path}: text_encoder_3 (T5) and tokenizer_3 come together or not at all")
-    scheduler_config = _read_scheduler_config(path)
+    scheduler_config = read_scheduler_config(path)
     transformer = parts["transformer"]
     t5_tok = parts.get("tokenizer_3")
     t5_length = 256 if t5_tok is None else min(256, int(t5_tok.model_max_length))
@@ -294,7 +295,7 @@ def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
     tokenizers = SD3Tokenizers(parts["tokenizer"], parts["tokenizer_2"], t5_tok, t5_length)
     return (ModelBundle(transformer, scheduler_config, path, load_key),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
-            _vae_bundle(parts.get("vae"), path, load_key, transformer.config.in_channels))
+            build_vae_bundle(parts.get("vae"), path, load_key, transformer.config.in_channels))
 
 
 def _load_flux_folder(path: str, index: dict, pipeline: str, dtype: torch.dtype,

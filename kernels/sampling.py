@@ -191,8 +191,9 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     before_step(i, t, x) -> x: steers the sample before step i (gradient guidance); it runs
     with gradients enabled.
     """
-    if isinstance(unet, diffusers.FluxTransformer2DModel):  # packed latents, position ids: its own loop
-        from kernels.flux import sample_flux
+    from kernels.flux import is_flux_transformer, sample_flux  # here: kernels.flux builds on kernels.text
+
+    if is_flux_transformer(unet):  # packed latents, position ids: its own loop
 
         return sample_flux(unet, scheduler, positive, negative, noise, steps, cfg, generator, denoise,
                            init, progress, unet_kwargs, before_step, pooled)

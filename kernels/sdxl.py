@@ -30,15 +30,14 @@ from kernels.models import (
     ModelLoadError,
     TextEncoderBundle,
     VaeBundle,
-    _check_components,
-    _load_components,
-    _read_scheduler_config,
-    _vae_bundle,
+    build_vae_bundle,
+    check_components,
+    load_components,
     model_folder_key,
+    read_scheduler_config,
 )
 from kernels.text import Conditioning, TextEncoderSet, word_positions
 
-SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
 SDXL_COMPONENTS = {"unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "vae"}
 # model_index.json keys of an SDXL folder that are pipeline settings, not components.
 SDXL_SETTINGS = {"force_zeros_for_empty_prompt", "add_watermarker", "requires_aesthetics_score"}
@@ -136,10 +135,10 @@ def encode_sdxl(tok: SDXLTokenizers, enc: SDXLTextEncoders, prompt: str) -> Cond
 def load_sdxl_folder(path: str, index: dict, dtype: torch.dtype,
                      device: str) -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
     """An SDXL folder: the UNet as MODEL, CLIP-L + CLIP-G (a refiner: CLIP-G) as CLIP."""
-    _check_components(path, index, SDXL_COMPONENTS | SDXL_SETTINGS, "an SDXL folder has unet, "
+    check_components(path, index, SDXL_COMPONENTS | SDXL_SETTINGS, "an SDXL folder has unet, "
                       "vae, scheduler, text_encoder(_2) and tokenizer(_2)")
     load_key = model_folder_key(path, dtype, device)
-    parts = _load_components(path, index, sorted(SDXL_COMPONENTS - {"scheduler"}), dtype, device)
+    parts = load_components(path, index, sorted(SDXL_COMPONENTS - {"scheduler"}), dtype, device)
     refiner = index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline"
     needed = ("unet", "text_encoder_2", "tokenizer_2", "vae") + (() if refiner else ("text_encoder", "tokenizer"))
     for required in needed:
@@ -149,13 +148,13 @@ def load_sdxl_folder(path: str, index: dict, dtype: torch.dtype,
     if unet.config.addition_embed_type != "text_time":
         raise ModelLoadError(f"{path}: the UNet's addition_embed_type is "
                              f"{unet.config.addition_embed_type!r}; an SDXL UNet has 'text_time'")
-    vae = _vae_bundle(parts["vae"], path, load_key, unet.config.in_channels)
+    vae = build_vae_bundle(parts["vae"], path, load_key, unet.config.in_channels)
     if ("text_encoder" in parts) != ("tokenizer" in parts):
         raise ModelLoadError(f"{path}: text_encoder (CLIP-L) and tokenizer come together or not at all")
     encoders = SDXLTextEncoders(parts.get("text_encoder"), parts["text_encoder_2"],
                                 bool(index.get("force_zeros_for_empty_prompt", True)))
     tokenizers = SDXLTokenizers(parts.get("tokenizer"), parts["tokenizer_2"])
-    return (SDXLModelBundle(unet, _read_scheduler_config(path), path, load_key,
+    return (SDXLModelBundle(unet, read_scheduler_config(path), path, load_key,
                             vae_scale_factor=vae.scale_factor,
                             requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False))),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
