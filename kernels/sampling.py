@@ -180,7 +180,7 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
            denoise: float = 1.0, init: Optional[torch.Tensor] = None,
            progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None,
            before_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-           pooled: Optional[tuple] = None) -> torch.Tensor:
+           pooled: Optional[tuple] = None, guidance: Optional[float] = None) -> torch.Tensor:
     """Denoise `noise` (or `init` noised by `denoise`) into a clean latent.
 
     unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`,
@@ -190,13 +190,13 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     progress(i, n, x): called after every step; it may raise to cancel.
     before_step(i, t, x) -> x: steers the sample before step i (gradient guidance); it runs
     with gradients enabled.
+    guidance: FLUX dev's distilled guidance when it is set apart from cfg (kernels.flux.sample_flux).
     """
     from kernels.flux import is_flux_transformer, sample_flux  # here: kernels.flux builds on kernels.text
 
     if is_flux_transformer(unet):  # packed latents, position ids: its own loop
-
         return sample_flux(unet, scheduler, positive, negative, noise, steps, cfg, generator, denoise,
-                           init, progress, unet_kwargs, before_step, pooled)
+                           init, progress, unet_kwargs, before_step, pooled, guidance)
     mmdit = takes_pooled_projections(unet)
     if mmdit and (pooled is None or pooled[0] is None):
         raise ValueError(f"{type(unet).__name__} needs pooled text projections: encode the prompt "

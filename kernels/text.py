@@ -46,6 +46,7 @@ class Conditioning:
     pooled: Optional[torch.Tensor] = None
     empty_pooled: Optional[torch.Tensor] = None
     links: tuple[tuple[int, ...], ...] = ()
+    guidance: Optional[float] = None  # FLUX dev's distilled guidance, when set apart from cfg
 
     def positions(self, phrase: str) -> list[int]:
         """Token positions of every word of `phrase` that occurs in the prompt."""

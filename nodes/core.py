@@ -80,6 +80,22 @@ class TextEncode(Node):
 
 
 @register
+class FluxGuidance(Node):
+    """Set the guidance a FLUX "dev" model is distilled for on a conditioning, apart from the
+    Sampler's cfg (which then only scales true guidance against a negative). Other models ignore it."""
+
+    category = "conditioning"
+    inputs = {"conditioning": CONDITIONING}
+    params = {"guidance": Float(3.5, 0.0, 100.0, step=0.5, help="FLUX dev's distilled guidance scale")}
+    outputs = {"conditioning": CONDITIONING}
+
+    def run(self, ctx, conditioning, guidance):
+        from dataclasses import replace
+
+        return {"conditioning": replace(conditioning, guidance=float(guidance))}
+
+
+@register
 class EmptyLatent(Node):
     """A blank latent of the given image size; its shape comes from the VAE (pixel-space models
     have a 3-channel, full-size "latent")."""
@@ -96,11 +112,16 @@ class EmptyLatent(Node):
     def run(self, ctx, vae, width, height, batch):
         import torch
 
-        f = vae.scale_factor
-        if width % f or height % f:
-            raise NodeError(f"width and height must be multiples of {f} for this model, "
-                            f"got {width}x{height}")
+        f, multiple = vae.scale_factor, vae.size_multiple
+        if width % multiple or height % multiple:
+            raise NodeError(f"width and height must be multiples of {multiple} for this model, got "
+                            f"{width}x{height}: try {_nearest_multiple(width, multiple)}x"
+                            f"{_nearest_multiple(height, multiple)}")
         return {"latent": torch.zeros(batch, vae.latent_channels, height // f, width // f)}
+
+
+def _nearest_multiple(n: int, multiple: int) -> int:
+    return max(multiple, round(n / multiple) * multiple)
 
 
 def _sampler_v1_to_v2(params: dict) -> dict:
@@ -116,7 +137,9 @@ def _sampler_v1_to_v2(params: dict) -> dict:
 class Sampler(Node):
     """Denoise a latent with a scheduler and classifier-free guidance. With denoise < 1 the
     input latent is kept in part (img2img): only the last `denoise` fraction of the schedule runs.
-    FLUX takes no negative: cfg is the guidance a "dev" model is distilled for (none for "schnell")."""
+    FLUX: with no negative, cfg is the guidance a "dev" model is distilled for (none for
+    "schnell"); with a negative, cfg is true classifier-free guidance (two model calls per step)
+    and the distilled guidance is the positive's FluxGuidance (3.5 if it has none)."""
 
     category = "sampling"
     version = 2
@@ -179,7 +202,8 @@ class Sampler(Node):
                          None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
                          unet_kwargs={**merged_unet_kwargs(patches, run), **added} or None,
-                         before_step=before_step if steering else None, pooled=pooled)
+                         before_step=before_step if steering else None, pooled=pooled,
+                         guidance=positive.guidance)
         return {"latent": out.float().cpu()}
 
 

@@ -56,6 +56,7 @@ def test_sd3_folder_loads_with_all_text_encoders(sd3_model):
     assert isinstance(model.unet, SD3Transformer2DModel) and model.is_flow
     assert isinstance(clip.text_encoder, SD3TextEncoders) and clip.text_encoder.text_encoder_3 is not None
     assert (vae.latent_channels, vae.scale_factor) == (4, 2)
+    assert vae.size_multiple == 2 * model.unet.config.patch_size  # image sizes in whole patches
     cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
     # the joint sequence and pooled projections are what the pipeline itself feeds its
     # transformer (uncond half first), caught on the way in
