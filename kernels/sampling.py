@@ -174,6 +174,13 @@ def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
     return cfg_mix(uncond, cond, cfg)
 
 
+def per_image(text: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+    """A text embedding of batch 1 repeated for `batch` images (other batches are left as they are)."""
+    if text is None or text.shape[0] != 1 or batch == 1:
+        return text
+    return text.expand(batch, *text.shape[1:])
+
+
 @torch.no_grad()
 def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Tensor],
            noise: torch.Tensor, steps: int, cfg: float, generator: Optional[torch.Generator] = None,
@@ -194,6 +201,10 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     """
     from kernels.flux import is_flux_transformer, sample_flux  # here: kernels.flux builds on kernels.text
 
+    b = noise.shape[0]  # one prompt for a batch of images, as the pipelines' num_images_per_prompt
+    positive, negative = per_image(positive, b), per_image(negative, b)
+    if pooled is not None:
+        pooled = tuple(per_image(p, b) for p in pooled)
     if is_flux_transformer(unet):  # packed latents, position ids: its own loop
         return sample_flux(unet, scheduler, positive, negative, noise, steps, cfg, generator, denoise,
                            init, progress, unet_kwargs, before_step, pooled, guidance)

@@ -41,11 +41,11 @@ def flux_pipeline(path):
     return pipe
 
 
-def run_graph(path, tmp_path, cfg, *, layout=None, steps=STEPS, executor=None):
+def run_graph(path, tmp_path, cfg, *, layout=None, steps=STEPS, executor=None, batch=1):
     """LoadModel -> TextEncode -> EmptyLatent -> Sampler -> capture (+ decode), run on the CPU;
     with a `layout`, a JointAttentionMask (1 image step, 2 text steps) patches the model."""
     g, ids = txt2img_graph(path, prompt=PROMPT, steps=steps, size=SIZE, seed=SEED,
-                           scheduler="flow_match_euler", cfg=cfg, save=False)
+                           scheduler="flow_match_euler", cfg=cfg, save=False, batch=batch)
     capture = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", capture, "latent")
     preview = add_node(g, "PreviewImage", {}).id
@@ -109,6 +109,15 @@ def test_flux_dev_txt2img_graph_matches_the_diffusers_pipeline(flux_dev, tmp_pat
     assert torch.equal(latent, pipeline_latent(flux_dev, guidance_scale=3.5))
     # the guidance scale reaches the transformer: another cfg gives another latent
     assert not torch.equal(run_graph(flux_dev, tmp_path, cfg=5.0), latent)
+
+
+def test_flux_batch_is_the_pipelines_images_per_prompt(flux_dev, tmp_path):
+    latent = run_graph(flux_dev, tmp_path, cfg=3.5, batch=2)
+    pipe = flux_pipeline(flux_dev)
+    packed = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+                  max_sequence_length=16).images
+    assert latent.shape[0] == 2 and torch.equal(latent, pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor))
 
 
 def test_flux_schnell_txt2img_graph_matches_the_diffusers_pipeline(flux_schnell, tmp_path):

@@ -44,9 +44,9 @@ def sd_pipeline(model_path, scheduler_name):
     return pipe
 
 
-def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed):
+def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed, batch=1):
     g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=steps, scheduler=scheduler, cfg=cfg,
-                           seed=seed, save=False)
+                           seed=seed, save=False, batch=batch)
     ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", ids["capture"], "latent")
     report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
@@ -71,3 +71,12 @@ def test_unet_without_guidance_matches_the_pipeline(sd_model, tmp_path):
         PROMPT, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_a_batch_is_the_pipelines_images_per_prompt(sd_model, tmp_path, cfg):
+    ours = graph_latent(sd_model, tmp_path, scheduler="euler", steps=2, cfg=cfg, seed=3, batch=2)
+    ref = sd_pipeline(sd_model, "euler")(PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=cfg,
+                                         num_images_per_prompt=2, generator=torch.Generator().manual_seed(3),
+                                         output_type="latent").images
+    assert ours.shape[0] == 2 and torch.equal(ours, ref)
