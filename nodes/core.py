@@ -7,6 +7,7 @@ the app builds its palette and inspector from it before torch is loaded.
 from __future__ import annotations
 
 from kernels.files import path_fingerprint
+from kernels.model_folders import CHECKPOINT_KINDS  # standard library only
 from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free, unlike kernels.sampling
 
 from .base import (
@@ -41,7 +42,8 @@ class LoadModel(Node):
 
     category = "loaders"
     params = {
-        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
+        "path": Path("builtin:shapes-t2i", mode="folder", models=CHECKPOINT_KINDS,
+                     help="a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
         "dtype": Choice(DTYPES, "float32", help="weights precision; float16 halves memory on GPUs"),
     }
     outputs = {"model": MODEL, "clip": CLIP, "vae": VAE}

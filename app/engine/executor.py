@@ -122,8 +122,8 @@ class NodeContext:
         self.models = executor.models
         self._last_preview = 0.0
 
-    def resolve_path(self, path: str) -> str:
-        return self._executor.resolve_path(path, self._run.graph_dir)
+    def resolve_path(self, path: str, kinds: Optional[tuple] = None) -> str:
+        return self._executor.resolve_path(path, self._run.graph_dir, kinds)
 
     def check_cancel(self) -> None:
         if self._run.cancel.is_set():
@@ -229,26 +229,26 @@ class Executor:
             self._models = ModelManager(self.device)
         return self._models
 
-    def resolve_path(self, path: str, graph_dir: Optional[Path] = None) -> str:
-        """`builtin:NAME` -> a shipped model; `ckpt:NAME` -> a model in the model folders;
-        `~` expanded; relative -> the graph's folder."""
+    def resolve_path(self, path: str, graph_dir: Optional[Path] = None, kinds: Optional[tuple] = None) -> str:
+        """`builtin:NAME` -> a shipped model; `ckpt:NAME` -> a model in the model folders (of
+        `kinds`, default checkpoints and diffusers folders); `~` expanded; relative -> the graph's folder."""
         if not path:
             return path
         if path.startswith("builtin:"):
             return str(self.resources / "models" / path[len("builtin:"):])
         if path.startswith("ckpt:"):
-            return self._find_checkpoint(path[len("ckpt:"):])
+            return self._find_model(path[len("ckpt:"):], kinds)
         p = Path(path).expanduser()
         if not p.is_absolute() and graph_dir is not None:
             p = graph_dir / p
         return str(p)
 
-    def _find_checkpoint(self, name: str) -> str:
-        from kernels.model_folders import ModelNotFound, find_model, roots_from_env
+    def _find_model(self, name: str, kinds: Optional[tuple]) -> str:
+        from kernels.model_folders import CHECKPOINT_KINDS, ModelNotFound, find_model, roots_from_env
 
         roots = roots_from_env() if self.model_roots is None else self.model_roots
         try:
-            return find_model(name, roots)
+            return find_model(name, roots, kinds or CHECKPOINT_KINDS)
         except ModelNotFound as exc:
             raise NodeError(str(exc)) from None
 

@@ -201,7 +201,22 @@ class PathField(ParamField):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.edit, 1)
         lay.addWidget(self.pick)
+        self.models = None
+        if param.models:  # a model: offer the models folders' list as well as the file dialog
+            self.models = QtWidgets.QToolButton()
+            self.models.setText("Models")
+            self.models.setToolTip("choose from the models folders (File > Models Folders)")
+            self.models.clicked.connect(self.choose_model)
+            lay.addWidget(self.models)
         self.widget = row
+
+    def choose_model(self):
+        from .model_picker import ModelPicker
+
+        picker = ModelPicker(self.param.models, self.edit.text(), self.widget.window())
+        if picker.exec() == QtWidgets.QDialog.Accepted and picker.chosen():
+            self.edit.setText(picker.chosen())
+            self.commit(picker.chosen())
 
     def choose(self):
         start = self.edit.text()
