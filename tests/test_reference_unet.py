@@ -14,17 +14,28 @@ from nodes.registry import add_node
 PROMPT = "a red circle on the left"
 
 
+def _copy_with_scheduler(src, dst, **changes) -> str:
+    shutil.copytree(src, dst)
+    config_path = dst / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
 def sd_model(tiny_latent_model, tmp_path_factory):
-    """The tiny latent model with `steps_offset` 1, as SD1.x checkpoints ship it: the pipeline
-    rewrites any other value to 1 when it is built, which would compare two schedules."""
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    shutil.copytree(tiny_latent_model, path)
-    config_path = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["steps_offset"] = 1
-    config_path.write_text(json.dumps(config))
-    return str(path)
+    """The tiny latent model (v-prediction, as SD2's 768 models) with `steps_offset` 1, as SD
+    checkpoints ship it: the pipeline rewrites any other value to 1 when it is built, which
+    would compare two schedules."""
+    return _copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd", steps_offset=1)
+
+
+@pytest.fixture(scope="module")
+def sd_epsilon_model(tiny_latent_model, tmp_path_factory):
+    """The same with epsilon prediction, as SD1.x and SD2-base."""
+    return _copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd-eps",
+                                steps_offset=1, prediction_type="epsilon")
 
 
 def sd_pipeline(model_path, scheduler_name):
@@ -71,6 +82,16 @@ def test_unet_without_guidance_matches_the_pipeline(sd_model, tmp_path):
         PROMPT, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m"])
+def test_epsilon_prediction_matches_the_pipeline(sd_epsilon_model, tmp_path, scheduler):
+    ours = graph_latent(sd_epsilon_model, tmp_path, scheduler=scheduler, steps=3, cfg=4.0, seed=2)
+    ref = sd_pipeline(sd_epsilon_model, scheduler)(
+        PROMPT, height=16, width=16, num_inference_steps=3, guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(2), output_type="latent").images
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+    assert sd_pipeline(sd_epsilon_model, scheduler).scheduler.config.prediction_type == "epsilon"
 
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
