@@ -65,20 +65,25 @@ class LoadModel(Node):
 
 @register
 class TextEncode(Node):
-    """Encode a prompt. The conditioning remembers which tokens each word took, for layout and
-    attention tools."""
+    """Encode a prompt. `(words:1.3)`, `(words)` (1.1x) and `[words]` (1/1.1x) weigh words, `\\(`
+    is a literal bracket, BREAK starts a new 75-token chunk, and a longer prompt is encoded in
+    chunks, as in A1111 and ComfyUI. The conditioning remembers which tokens each word took, for
+    layout and attention tools."""
 
     category = "conditioning"
     inputs = {"clip": CLIP}
-    params = {"text": String("", multiline=True, help="the prompt")}
+    params = {"text": String("", multiline=True, help="the prompt; (words:1.3) weighs words")}
     outputs = {"conditioning": CONDITIONING}
 
     def run(self, ctx, clip, text):
         from kernels.patching import applied_patches
-        from kernels.text import encode_text
+        from kernels.prompt_weighting import PromptSyntaxError, encode_weighted
 
-        with applied_patches(clip.patches, clip.text_encoder):
-            return {"conditioning": encode_text(clip.tokenizer, clip.text_encoder, text)}
+        try:
+            with applied_patches(clip.patches, clip.text_encoder):
+                return {"conditioning": encode_weighted(clip.tokenizer, clip.text_encoder, text)}
+        except PromptSyntaxError as exc:
+            raise NodeError(f"the prompt: {exc}") from None
 
 
 @register
@@ -177,6 +182,9 @@ class Sampler(Node):
         dtype = model.unet.dtype
         device = model.unet.device
         neg = negative.embeds if negative is not None else positive.empty
+        pos = positive.embeds
+        if neg is not None and neg.shape[1] != pos.shape[1] and negative is not None:
+            pos, neg = _lined_up(model, positive, negative)
         init = latent.to(device, dtype) if denoise < 1.0 else None
         pooled = None  # an MM-DiT (SD3) also takes the pooled text projections
         if positive.pooled is not None:
@@ -200,13 +208,26 @@ class Sampler(Node):
 
         added = _added_cond_kwargs(model, pooled, tuple(latent.shape), guided=neg is not None and cfg != 1.0)
         with applied_patches(patches, model.unet, run):
-            out = sample(model.unet, sched, positive.embeds.to(device, dtype),
+            out = sample(model.unet, sched, pos.to(device, dtype),
                          None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
                          unet_kwargs={**merged_unet_kwargs(patches, run), **added} or None,
                          before_step=before_step if steering else None, pooled=pooled,
                          guidance=positive.guidance)
         return {"latent": out.float().cpu()}
+
+
+def _lined_up(model, positive, negative):
+    """Prompt and negative of different chunk counts padded to one length (FLUX calls them apart)."""
+    from kernels.flux import is_flux_transformer
+    from kernels.prompt_weighting import line_up
+
+    if is_flux_transformer(model.unet):
+        return positive.embeds, negative.embeds
+    try:
+        return line_up(positive.embeds, negative.embeds, positive.empty, negative.empty)
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
 
 
 def _added_cond_kwargs(model, pooled, latent_shape: tuple, guided: bool) -> dict:
