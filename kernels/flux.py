@@ -140,12 +140,13 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
                 denoise: float = 1.0, init: Optional[torch.Tensor] = None,
                 progress: Optional[Callable] = None, unet_kwargs: Optional[dict] = None,
                 before_step: Optional[Callable] = None, pooled: Optional[tuple] = None,
-                guidance: Optional[float] = None) -> torch.Tensor:
+                guidance: Optional[float] = None, text_at: Optional[Callable] = None) -> torch.Tensor:
     """Denoise `noise` (B, C, H, W) as FluxPipeline.__call__ does; kernels.sampling.sample's
     arguments. Without a `negative`, `cfg` is the guidance a guidance-distilled ("dev")
     transformer takes. With one (and its pooled embedding in `pooled[1]`), `cfg` is the pipeline's
     `true_cfg_scale`: a second call per step on the negative, mixed as classifier-free guidance,
     while the distilled guidance is `guidance` (FluxPipeline's default 3.5 when None).
+    `text_at(i, n)`: a prompt schedule's kernels.sampling.StepText for step i, or None.
     Returns the (B, C, H, W) latent."""
     from diffusers import FluxPipeline
 
@@ -172,11 +173,11 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
     if transformer.config.guidance_embeds:
         guidance_embed = torch.full([1], guidance, device=device, dtype=torch.float32).expand(b)
 
-    def predict(x, t, text, text_pooled):
+    def predict(x, t, text, text_pooled, kwargs):
         txt_ids = torch.zeros(text.shape[1], 3).to(device=device, dtype=dtype)
         return transformer(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=guidance_embed,
                            pooled_projections=text_pooled, encoder_hidden_states=text, txt_ids=txt_ids,
-                           img_ids=img_ids, return_dict=False, **(unet_kwargs or {}))[0]
+                           img_ids=img_ids, return_dict=False, **(kwargs or {}))[0]
 
     timesteps = flux_timesteps(scheduler, steps, (h // 2) * (w // 2), denoise, device=device)
     x = pack(noised_start(scheduler, noise, timesteps, init))
@@ -185,9 +186,14 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
         if before_step is not None:
             with torch.enable_grad():
                 x = pack(before_step(i, t, unpack(x)).detach())
-        pred = predict(x, t, positive, pooled[0])
+        pos, neg, pooled_i, kwargs = positive, negative, pooled, unet_kwargs
+        scheduled = text_at(i, n) if text_at is not None else None
+        if scheduled is not None:
+            text = scheduled.per_image(b)
+            pos, neg, pooled_i, kwargs = text.positive, text.negative, text.pooled, text.unet_kwargs
+        pred = predict(x, t, pos, pooled_i[0], kwargs)
         if true_cfg:  # two calls, not one batch of two, as the pipeline makes them
-            uncond = predict(x, t, negative.expand(b, -1, -1), pooled[1].expand(b, -1))
+            uncond = predict(x, t, neg.expand(b, -1, -1), pooled_i[1].expand(b, -1), kwargs)
             pred = uncond + cfg * (pred - uncond)
         x = scheduler.step(pred, t, x, return_dict=False)[0]
         if progress is not None:

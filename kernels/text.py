@@ -47,6 +47,9 @@ class Conditioning:
     empty_pooled: Optional[torch.Tensor] = None
     links: tuple[tuple[int, ...], ...] = ()
     guidance: Optional[float] = None  # FLUX dev's distilled guidance, when set apart from cfg
+    # a prompt schedule: (Conditioning, start, end, in_steps) read instead during its window
+    # (kernels.prompt_schedule)
+    stages: tuple = ()
 
     def positions(self, phrase: str) -> list[int]:
         """Token positions of every word of `phrase` that occurs in the prompt."""

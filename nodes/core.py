@@ -67,7 +67,8 @@ class LoadModel(Node):
 class TextEncode(Node):
     """Encode a prompt. `(words:1.3)`, `(words)` (1.1x) and `[words]` (1/1.1x) weigh words, `\\(`
     is a literal bracket, BREAK starts a new 75-token chunk, and a longer prompt is encoded in
-    chunks, as in A1111 and ComfyUI. The conditioning remembers which tokens each word took, for
+    chunks, as in A1111 and ComfyUI. `[from:to:when]` edits the prompt during sampling: `from`
+    until `when` (a fraction of the steps, or a step number from 1 up), then `to`. The conditioning remembers which tokens each word took, for
     layout and attention tools."""
 
     category = "conditioning"
@@ -77,13 +78,39 @@ class TextEncode(Node):
 
     def run(self, ctx, clip, text):
         from kernels.patching import applied_patches
+        from kernels.prompt_schedule import PromptEditError, scheduled_texts, with_stage
         from kernels.prompt_weighting import PromptSyntaxError, encode_weighted
 
         try:
+            first, later = scheduled_texts(text)
             with applied_patches(clip.patches, clip.text_encoder):
-                return {"conditioning": encode_weighted(clip.tokenizer, clip.text_encoder, text)}
-        except PromptSyntaxError as exc:
+                cond = encode_weighted(clip.tokenizer, clip.text_encoder, first)
+                for stage_text, start, end, in_steps in later:
+                    stage = encode_weighted(clip.tokenizer, clip.text_encoder, stage_text)
+                    cond = with_stage(cond, stage, start, end, in_steps)
+        except (PromptSyntaxError, PromptEditError) as exc:
             raise NodeError(f"the prompt: {exc}") from None
+        return {"conditioning": cond}
+
+
+@register
+class ConditioningStage(Node):
+    """Stage-wise prompts (eDiff-I's expert windows, ProSpect's stages): from `start` to `end` of
+    the sampling, the sampler reads `stage` instead of `conditioning`. Chain for more stages;
+    a later stage wins where windows overlap. Layout nodes read the base prompt's words."""
+
+    category = "conditioning"
+    inputs = {"conditioning": CONDITIONING, "stage": CONDITIONING}
+    params = {"start": Float(0.0, 0.0, 1.0, step=0.05, help="where the stage begins, as a fraction of the steps"),
+              "end": Float(1.0, 0.0, 1.0, step=0.05, help="where it ends (exclusive)")}
+    outputs = {"conditioning": CONDITIONING}
+
+    def run(self, ctx, conditioning, stage, start, end):
+        from kernels.prompt_schedule import with_stage
+
+        if end <= start:
+            raise NodeError(f"end ({end}) must come after start ({start})")
+        return {"conditioning": with_stage(conditioning, stage, start, end)}
 
 
 @register
@@ -164,10 +191,13 @@ class Sampler(Node):
     migrations = {1: lambda p: _sampler_v1_to_v2(p)}
 
     def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise):
+        from dataclasses import replace
+
         import torch
 
         from kernels.models import latent_preview
         from kernels.patching import ModelPatch, SamplingRun, applied_patches, merged_unet_kwargs
+        from kernels.prompt_schedule import stage_at
         from kernels.sampling import SchedulerMismatch, make_scheduler, sample
 
         try:
@@ -181,23 +211,17 @@ class Sampler(Node):
         noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
         dtype = model.unet.dtype
         device = model.unet.device
-        neg = negative.embeds if negative is not None else positive.empty
-        pos = positive.embeds
-        if neg is not None and neg.shape[1] != pos.shape[1] and negative is not None:
-            pos, neg = _lined_up(model, positive, negative)
+        shape = tuple(latent.shape)
+        base = _text_inputs(model, positive, negative, shape, cfg, device, dtype)
+        stages = [_text_inputs(model, stage[0], negative, shape, cfg, device, dtype) for stage in positive.stages]
         init = latent.to(device, dtype) if denoise < 1.0 else None
-        pooled = None  # an MM-DiT (SD3) also takes the pooled text projections
-        if positive.pooled is not None:
-            neg_pooled = negative.pooled if negative is not None else positive.empty_pooled
-            pooled = (positive.pooled.to(device, dtype),
-                      None if neg_pooled is None else neg_pooled.to(device, dtype))
 
         def progress(i, n, x):
             ctx.progress(i, n, preview=lambda: latent_preview(x))
 
         run = SamplingRun(unet=model.unet, scheduler=sched, positive=positive, negative=negative,
-                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator,
-                          positive_kwargs=_added_cond_kwargs(model, pooled, tuple(latent.shape), guided=False))
+                          cfg=cfg, steps=steps, latent_shape=shape, generator=generator,
+                          positive_kwargs=_added_cond_kwargs(model, base.pooled, shape, guided=False))
         patches = model.patches
         steering = [p for p in patches if type(p).before_step is not ModelPatch.before_step]
 
@@ -206,15 +230,37 @@ class Sampler(Node):
                 x = p.before_step(run, i, t, x)
             return x
 
-        added = _added_cond_kwargs(model, pooled, tuple(latent.shape), guided=neg is not None and cfg != 1.0)
         with applied_patches(patches, model.unet, run):
-            out = sample(model.unet, sched, pos.to(device, dtype),
-                         None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
+            patch_kwargs = merged_unet_kwargs(patches, run)
+
+            def text_at(i, n):  # a prompt schedule: the stage read at step i of n, if any
+                k = stage_at(positive.stages, i, n)
+                return None if k is None else replace(stages[k], unet_kwargs={**patch_kwargs, **stages[k].unet_kwargs})
+
+            out = sample(model.unet, sched, base.positive, base.negative, noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
-                         unet_kwargs={**merged_unet_kwargs(patches, run), **added} or None,
-                         before_step=before_step if steering else None, pooled=pooled,
-                         guidance=positive.guidance)
+                         unet_kwargs={**patch_kwargs, **base.unet_kwargs} or None,
+                         before_step=before_step if steering else None, pooled=base.pooled,
+                         guidance=positive.guidance, text_at=text_at if stages else None)
         return {"latent": out.float().cpu()}
+
+
+def _text_inputs(model, positive, negative, shape: tuple, cfg: float, device, dtype):
+    """A kernels.sampling.StepText of what the denoiser reads for `positive`: its embeddings and
+    the negative's (the empty prompt's by default) of one length, the pooled pair (SD3, SDXL,
+    FLUX) and SDXL's added kwargs."""
+    from kernels.sampling import StepText
+
+    neg = negative.embeds if negative is not None else positive.empty
+    pos = positive.embeds
+    if neg is not None and neg.shape[1] != pos.shape[1] and negative is not None:
+        pos, neg = _lined_up(model, positive, negative)
+    pooled = None  # an MM-DiT (SD3) also takes the pooled text projections
+    if positive.pooled is not None:
+        neg_pooled = negative.pooled if negative is not None else positive.empty_pooled
+        pooled = (positive.pooled.to(device, dtype), None if neg_pooled is None else neg_pooled.to(device, dtype))
+    added = _added_cond_kwargs(model, pooled, shape, guided=neg is not None and cfg != 1.0)
+    return StepText(pos.to(device, dtype), None if neg is None else neg.to(device, dtype), pooled, added)
 
 
 def _lined_up(model, positive, negative):
