@@ -102,8 +102,13 @@ class ModelManager:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key].value
+        from kernels.models import ModelLoadError
+
         torch_dtype = getattr(torch, dtype)
-        dropped = self._make_room(folder, dtype, estimate_model_bytes(folder, torch_dtype))
+        try:
+            dropped = self._make_room(folder, dtype, estimate_model_bytes(folder, torch_dtype))
+        except MemoryBudgetError as exc:  # a load's errors are ModelLoadError: LoadModel shows them
+            raise ModelLoadError(str(exc)) from exc
         self._dropped(dropped)
         # On an accelerator the weights land in RAM; `prepare` moves them per node.
         value = loader(folder, dtype=torch_dtype, device="cpu" if self.accelerated else self.device)
