@@ -167,10 +167,31 @@ def weight_files(path: str) -> list[str]:
         return [path] if path.lower().endswith(".safetensors") else []
     chosen = []
     for folder, _dirs, names in sorted(os.walk(path)):
+        if not _loaded_component(path, folder):
+            continue
         found = sorted(n for n in names if n.lower().endswith(".safetensors"))
         plain = [n for n in found if "." not in n[: -len(".safetensors")]]
         chosen.extend(os.path.join(folder, n) for n in (plain or found))
     return chosen
+
+
+def _loaded_component(root: str, folder: str) -> bool:
+    """Whether a model folder's load reads `folder`: its model_index.json names the component
+    (not `[null, null]`, not one sampling ignores); every folder when there is no index."""
+    import json
+
+    from kernels.models import IGNORED_COMPONENTS
+
+    try:
+        with open(os.path.join(root, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return True
+    name = os.path.relpath(folder, root).split(os.sep)[0]
+    if name == ".":
+        return True
+    spec = index.get(name) if isinstance(index, dict) else None
+    return bool(spec) and spec != [None, None] and name not in IGNORED_COMPONENTS
 
 
 def estimate_model_bytes(path: str, dtype) -> Optional[ModelEstimate]:

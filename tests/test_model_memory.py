@@ -21,6 +21,7 @@ from kernels.memory import (
     parse_bytes,
     plan_placement,
     tensor_bytes,
+    weight_files,
 )
 from kernels.models import ModelLoadError, load_model_folder
 
@@ -80,6 +81,23 @@ def test_sizes_are_measured_and_estimated_from_the_headers(three_models):
         assert abs(estimate.bytes - model_bytes(a, dtype)) < 1024  # unsaved buffers only
         assert estimate.file_backed == (dtype == torch.float32)  # the files store float32
     assert estimate_model_bytes(a, torch.bfloat16).bytes * 2 == estimate_model_bytes(a, torch.float32).bytes
+
+
+def test_estimate_reads_the_files_a_load_reads(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "unet": ["diffusers", "UNet2DConditionModel"], "safety_checker": ["x", "y"],
+        "text_encoder_3": [None, None]}))
+    for name in ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                 "safety_checker/model.safetensors", "text_encoder_3/model.safetensors"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        save_file({"w": torch.zeros(10, 10), "step": torch.zeros(3, dtype=torch.int64)}, str(tmp_path / name))
+    assert weight_files(str(tmp_path)) == [str(tmp_path / "unet/diffusion_pytorch_model.safetensors")]
+    estimate = estimate_model_bytes(str(tmp_path), torch.float16)
+    assert estimate.bytes == 100 * 2 + 3 * 8 and not estimate.file_backed
 
 
 def test_dropped_model_leaves_the_executor_and_its_memory_is_freed(three_models, tmp_path):
