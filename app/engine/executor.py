@@ -199,8 +199,12 @@ class Executor:
     def __init__(self, *, device: Optional[str] = None, memory_budget: int = 4 << 30,
                  disk_cache: "DiskCache | str | Path | None | bool" = True,
                  disk_budget: int = 2 << 30, resources: Optional[Path] = None,
-                 model_roots: Optional[Iterable[str]] = None):
+                 model_roots: Optional[Iterable[str]] = None,
+                 ram_budget: "int | str | None" = None, vram_budget: "int | str | None" = None):
         self._device = device
+        # Models' budgets (bytes or "12G"); None: LOOMWORK_RAM_BUDGET / _VRAM_ or the machine's.
+        self._model_budgets = (ram_budget, vram_budget)
+        self._current: Optional[_Run] = None  # the run in progress: its values' models stay loaded
         # None: LOOMWORK_MODELS, read when a `ckpt:` path is resolved.
         self.model_roots = None if model_roots is None else list(model_roots)
         self.memory = MemoryCache(memory_budget)
@@ -226,8 +230,21 @@ class Executor:
     @property
     def models(self) -> ModelManager:
         if self._models is None:
-            self._models = ModelManager(self.device)
+            ram, vram = self._model_budgets
+            self._models = ModelManager(self.device, ram_budget=ram, vram_budget=vram,
+                                        in_use=self._values_in_use, on_drop=self._forget_model)
         return self._models
+
+    def _values_in_use(self) -> list:
+        run = self._current
+        return list(run.values.values()) if run is not None else []
+
+    def _forget_model(self, value: Any) -> None:
+        """A dropped model leaves the memory cache too, so its memory is really freed."""
+        from kernels.memory import modules_in
+
+        dropped = {id(m) for m in modules_in(value)}
+        self.memory.discard_if(lambda values: any(id(m) in dropped for m in modules_in(values)))
 
     def resolve_path(self, path: str, graph_dir: Optional[Path] = None, kinds: Optional[tuple] = None) -> str:
         """`builtin:NAME` -> a shipped model; `ckpt:NAME` -> a model in the model folders (of
@@ -268,7 +285,10 @@ class Executor:
         """Run `targets` (default: every output node) and what they need. Never raises for a
         node's failure: the report says what happened to each node."""
         with self._lock:
-            return self._run_locked(graph, targets, events, cancel, output_dir, graph_path)
+            try:
+                return self._run_locked(graph, targets, events, cancel, output_dir, graph_path)
+            finally:
+                self._current = None
 
     def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path) -> RunReport:
         started = time.perf_counter()
@@ -279,6 +299,7 @@ class Executor:
         run = _Run(graph=graph, events=events or EngineEvents(), cancel=cancel or threading.Event(),
                    output_dir=Path(output_dir) if output_dir else Path.cwd(), graph_dir=graph_dir,
                    graph_text=dumps(graph, strict=False), report=RunReport())
+        self._current = run
         cone = graph.upstream(targets)
         on_cycle: set[str] = set()
         try:
@@ -397,6 +418,7 @@ class Executor:
         node_impl = spec()
         try:
             ctx.check_cancel()
+            ctx.models.prepare(inputs)  # its models count as used now; on a GPU, they go there
             outputs = node_impl.run(ctx, **inputs, **params) or {}
             missing = set(spec.outputs) - set(outputs)
             if missing:
