@@ -347,10 +347,14 @@ class RedTeamPrompt(Node):
             if judge_fn is None:
                 raise NodeError("the ShapesT2I oracle cannot judge this prompt (it names no colour or shape)")
         erased = Generator(model, clip)
-        result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
-                                 steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
-                                 eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
-                                 banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
+        try:
+            result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
+                                     steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
+                                     eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
+                                     banned_words=avoid_words.split(),
+                                     progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
+        except ValueError as exc:
+            raise NodeError(f"RedTeamPrompt: {exc}") from None
         if report:
             summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
                        "attack_success_rate": result.success_rate, "seconds": result.seconds}
