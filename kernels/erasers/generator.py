@@ -49,13 +49,12 @@ class Generator:
         if cond.pooled is not None:  # SDXL, SD3, FLUX
             pooled = (cond.pooled.expand(b, -1).to(dev, dt),
                       None if cond.empty_pooled is None else cond.empty_pooled.expand(b, -1).to(dev, dt))
-            if hasattr(self.model, "added_cond_kwargs"):  # SDXL's pooled text and time ids, per row
+            if hasattr(self.model, "added_cond_kwargs"):  # SDXL's pooled text and time ids, per image
                 one = (cond.pooled.to(dev, dt), None if cond.empty_pooled is None else cond.empty_pooled.to(dev, dt))
-                rows = lambda added: {k: v.repeat_interleave(b, dim=0) for k, v in added.items()}  # noqa: E731
-                run.positive_kwargs = {"added_cond_kwargs": rows(
-                    self.model.added_cond_kwargs(one, run.latent_shape, guided=False))}
+                run.positive_kwargs = {"added_cond_kwargs": self.model.added_cond_kwargs(
+                    one, run.latent_shape, guided=False)}
                 guided = neg is not None and cfg != 1.0
-                kwargs = {"added_cond_kwargs": rows(self.model.added_cond_kwargs(one, run.latent_shape, guided))}
+                kwargs = {"added_cond_kwargs": self.model.added_cond_kwargs(one, run.latent_shape, guided)}
         with applied_patches(self.model.patches, unet, run):
             return sample(unet, sched, pos.to(dev, dt), None if neg is None else neg.to(dev, dt),
                           noise.to(dev, dt), steps, cfg, unet_kwargs=kwargs, pooled=pooled).float().cpu()
