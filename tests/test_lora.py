@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import CAPTURED, QuietContext, same_state, state_copy, txt2img_graph
 
-
 from app.engine import Executor
 from kernels.adapters import LoraFileError, attached_lora, lora_patches, parse_lora
 from kernels.models import load_model_folder
@@ -104,9 +103,10 @@ def sd_loras(sd_model, tmp_path_factory):
     return {"peft": peft, "kohya": kohya, "second": second}
 
 
-def lora_graph(model_path, loras, *, prompt=PROMPT, steps=3, cfg=4.0, seed=3, size=16):
+def lora_graph(model_path, loras, *, prompt=PROMPT, steps=3, cfg=4.0, seed=3, size=16, scheduler="euler"):
     """txt2img with LoadLoRA nodes chained (each (path, strength_model, strength_clip))."""
-    g, ids = txt2img_graph(model_path, prompt=prompt, steps=steps, cfg=cfg, seed=seed, size=size, save=False)
+    g, ids = txt2img_graph(model_path, prompt=prompt, steps=steps, cfg=cfg, seed=seed, size=size,
+                           scheduler=scheduler, save=False)
     model_src, clip_src = (ids["load"], "model"), (ids["load"], "clip")
     ids["loras"] = []
     for path, sm, sc in loras:
@@ -260,3 +260,192 @@ def _layout_patch():
     from kernels.layout import RegionAttentionPatch
 
     return RegionAttentionPatch(TWO_BOX_LAYOUT, 2.0, suppress_outside=True)
+
+
+# -- the cache key --------------------------------------------------------------------------------
+def test_cache_key_follows_the_file_content_and_both_strengths(sd_model, sd_loras, tmp_path):
+    model, clip, _ = load_model_folder(sd_model)
+    path = tmp_path / "changing.safetensors"
+    shutil.copy(sd_loras["kohya"], path)
+    m1, c1 = lora_patches(str(path), model.unet, clip.text_encoder, 1.0, 1.0)
+    m2, c2 = lora_patches(str(path), model.unet, clip.text_encoder, 0.5, 0.25)
+    assert m1.cache_key() != m2.cache_key() and c1.cache_key() != c2.cache_key()
+    assert m1.cache_key() != c1.cache_key()
+    assert lora_patches(str(path), model.unet, clip.text_encoder, 1.0, 1.0)[0].cache_key() == m1.cache_key()
+    ex = Executor(device="cpu", disk_cache=False)
+    before = run_latent(sd_model, [(str(path), 1.0, 1.0)], tmp_path, ex)
+    shutil.copy(sd_loras["second"], path)  # new content at the same path: new fingerprint
+    assert lora_patches(str(path), model.unet, clip.text_encoder, 1.0, 1.0)[0].cache_key() != m1.cache_key()
+    after = run_latent(sd_model, [(str(path), 1.0, 1.0)], tmp_path, ex)
+    assert not torch.equal(before, after)
+    with pytest.raises(LoraFileError, match="changed since"):
+        with m1.applied(model.unet, None):
+            pass
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_a_lora_for_another_family_is_a_node_error_naming_the_file(sd_model, tmp_path):
+    flux_keys = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32),
+                 "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)}
+    path = write_file(tmp_path / "flux.safetensors", flux_keys)
+    error = lora_error(sd_model, path, tmp_path)
+    assert error.startswith("LoadLoRA:") and path in error and "another model family" in error
+
+
+def test_a_lora_whose_keys_match_no_layer_is_an_error(sd_model, tmp_path):
+    keys = {"lora_unet_nowhere_block_to_q.lora_down.weight": torch.zeros(2, 32),
+            "lora_unet_nowhere_block_to_q.lora_up.weight": torch.zeros(32, 2)}
+    path = write_file(tmp_path / "nowhere.safetensors", keys)
+    error = lora_error(sd_model, path, tmp_path)
+    assert path in error and "none of its 1 unet layers" in error
+
+
+def test_a_rank_or_shape_mismatch_is_an_error(sd_model, sd_loras, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(sd_loras["kohya"])
+    key = next(k for k in tensors if "attn2_to_k.lora_down" in k)
+    tensors[key] = torch.zeros(4, 7)  # the layer takes 32 features
+    path = write_file(tmp_path / "wrong-width.safetensors", tensors)
+    error = lora_error(sd_model, path, tmp_path)
+    assert path in error and "maps 32 to" in error and "(4, 7)" in error
+    tensors = load_file(sd_loras["kohya"])
+    tensors[key] = torch.zeros(3, 32)  # rank 3 down, rank 4 up
+    path = write_file(tmp_path / "wrong-rank.safetensors", tensors)
+    assert "ranks differ" in lora_error(sd_model, path, tmp_path)
+
+
+def test_pickles_other_suffixes_truncated_and_loha_files_are_refused(sd_model, sd_loras, tmp_path):
+    pickle = tmp_path / "lora.ckpt"
+    pickle.write_bytes(b"\x80\x04not opened")
+    assert "pickle" in lora_error(sd_model, str(pickle), tmp_path)
+    assert "not a .safetensors file" in lora_error(sd_model, str(tmp_path / "lora.txt"), tmp_path)
+    data = open(sd_loras["kohya"], "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    error = lora_error(sd_model, str(cut), tmp_path)
+    assert str(cut) in error and "truncated" in error
+    loha = write_file(tmp_path / "loha.safetensors", {
+        "lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(32, 2),
+        "lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_b": torch.zeros(2, 32)})
+    assert "LoHa" in lora_error(sd_model, loha, tmp_path)
+    assert "no LoRA file chosen" in lora_error(sd_model, "", tmp_path)
+    assert "does not exist" in lora_error(sd_model, str(tmp_path / "absent.safetensors"), tmp_path)
+
+
+def test_locon_convolution_layers_load(sd_model, tmp_path):
+    model, clip, _ = load_model_folder(sd_model)
+    conv, _ = peft_factors(model.unet, ["conv1", "conv2", "conv_shortcut"], rank=2, alpha=2.0, seed=3)
+    assert any(v.ndim == 4 for v in conv.values())
+    path = write_file(tmp_path / "locon.safetensors", kohya_keys(conv, "lora_unet_", 2.0))
+    ex = Executor(device="cpu", disk_cache=False)
+    assert not torch.equal(run_latent(sd_model, [(path, 1.0, 0.0)], tmp_path, ex), run_latent(sd_model, [], tmp_path, ex))
+
+
+# -- SDXL: both text encoders ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory):
+    from kernels.tiny import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_loras(sdxl_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl-loras")
+    model, clip, _ = load_model_folder(sdxl_model)
+    enc = clip.text_encoder
+    parts = {"unet": peft_factors(model.unet, UNET_TARGETS),
+             "text_encoder": peft_factors(enc.text_encoder, TE_TARGETS, seed=1),
+             "text_encoder_2": peft_factors(enc.text_encoder_2, TE_TARGETS, seed=2)}
+    peft = write_peft(folder, "StableDiffusionXLLoraLoaderMixin", parts)
+    kohya = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        module = model.unet if component == "unet" else getattr(enc, component)
+        text_model = "" if component == "unet" or hasattr(module, "text_model") else "text_model."
+        kohya.update(kohya_keys(parts[component][0], prefix, 2.0, text_model))
+    return {"peft": peft, "kohya": write_file(folder / "kohya.safetensors", kohya)}
+
+
+def test_sdxl_kohya_and_peft_spellings_match_and_change_both_text_encoders(sdxl_model, sdxl_loras, tmp_path):
+    from kernels.erasers.generator import Generator
+
+    ex = Executor(device="cpu", disk_cache=False)
+    peft = run_latent(sdxl_model, [(sdxl_loras["peft"], 0.8, 0.6)], tmp_path, ex)
+    kohya = run_latent(sdxl_model, [(sdxl_loras["kohya"], 0.8, 0.6)], tmp_path, ex)
+    assert torch.equal(peft, kohya)
+    model, clip, _ = load_model_folder(sdxl_model)
+    _, clip_patch = lora_patches(sdxl_loras["kohya"], model.unet, clip.text_encoder, 1.0, 1.0)
+    plain = Generator(model, clip).encode(PROMPT)
+    lora = Generator(model, clip.with_patch(clip_patch)).encode(PROMPT)
+    assert not torch.equal(plain.embeds[..., :16], lora.embeds[..., :16])  # CLIP-L
+    assert not torch.equal(plain.embeds[..., 16:], lora.embeds[..., 16:])  # CLIP-G
+    assert not torch.equal(plain.pooled, lora.pooled)
+    assert torch.equal(plain.embeds, Generator(model, clip).encode(PROMPT).embeds)
+
+
+def test_sdxl_lora_matches_the_diffusers_pipeline(sdxl_model, sdxl_loras, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from kernels.sampling import make_scheduler
+
+    ours = run_latent(sdxl_model, [(sdxl_loras["kohya"], 0.8, 0.6)], tmp_path, steps=3, seed=2)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_model, local_files_only=True)
+    pipe.scheduler = make_scheduler("euler", dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(sdxl_loras["kohya"], adapter_name="file")
+    pipe.set_adapters("file", adapter_weights={"unet": 0.8, "text_encoder": 0.6, "text_encoder_2": 0.6})
+    call = dict(height=16, width=16, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
+    ref = pipe(PROMPT, generator=torch.Generator().manual_seed(2), **call).images
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), (ours - ref).abs().max()  # unfused: rounding only
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+    assert torch.equal(ours, pipe(PROMPT, generator=torch.Generator().manual_seed(2), **call).images)
+
+
+# -- FLUX: the transformer, diffusers and kohya/BFL spellings ----------------------------------------
+@pytest.fixture(scope="module")
+def flux_model(tmp_path_factory):
+    from kernels.tiny_flux import build_tiny_flux_model
+
+    return build_tiny_flux_model(str(tmp_path_factory.mktemp("models") / "tiny-flux"))
+
+
+def test_flux_lora_in_diffusers_and_kohya_bfl_spellings_match(flux_model, tmp_path):
+    from peft import LoraConfig
+
+    model, _, _ = load_model_folder(flux_model)
+    attn = model.unet.transformer_blocks[0].attn
+    width, rank = attn.to_q.in_features, 4
+    torch.manual_seed(5)
+    down, qkv_up = torch.randn(rank, width) * 0.3, torch.randn(3 * attn.to_q.out_features, rank) * 0.3
+    proj_down, proj_up = torch.randn(rank, attn.to_out[0].in_features) * 0.3, torch.randn(width, rank) * 0.3
+    block = "transformer_blocks.0.attn."
+    peft = {f"{block}{name}.lora_A.weight": down.clone() for name in ("to_q", "to_k", "to_v")}
+    peft.update({f"{block}{name}.lora_B.weight": up.contiguous() for name, up in zip(("to_q", "to_k", "to_v"), qkv_up.clone().chunk(3))})
+    peft.update({f"{block}to_out.0.lora_A.weight": proj_down, f"{block}to_out.0.lora_B.weight": proj_up})
+    config = LoraConfig(r=rank, lora_alpha=2.0, target_modules=[f"{block}{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")])
+    diffusers_file = write_peft(tmp_path, "FluxLoraLoaderMixin", {"transformer": (peft, config)})
+    bfl = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+           "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qkv_up,
+           "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0),
+           "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": proj_down,
+           "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": proj_up,
+           "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(2.0)}
+    kohya_file = write_file(tmp_path / "bfl.safetensors", bfl)
+    ex = Executor(device="cpu", disk_cache=False)
+    run = lambda loras: run_latent(flux_model, loras, tmp_path, ex, scheduler="flow_match_euler", cfg=3.5)  # noqa: E731
+    plain, a, b = run([]), run([(diffusers_file, 1.0, 1.0)]), run([(kohya_file, 1.0, 1.0)])
+    assert (a - b).abs().max() < 1e-5 and not torch.equal(a, plain)
+    assert torch.equal(run([(kohya_file, 0.0, 1.0)]), plain)
+
+
+def test_a_first_forward_under_a_lora_leaves_the_plain_encoding_as_a_fresh_model_gives_it(sdxl_model, sdxl_loras):
+    from kernels.text import encode_text
+
+    model, clip, _ = load_model_folder(sdxl_model)
+    _, clip_patch = lora_patches(sdxl_loras["kohya"], model.unet, clip.text_encoder, 1.0, 1.0)
+    with clip_patch.applied(clip.text_encoder, None):  # transformers sets its output hooks up here
+        encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    after = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    _, fresh, _ = load_model_folder(sdxl_model)
+    assert torch.equal(after.embeds, encode_text(fresh.tokenizer, fresh.text_encoder, PROMPT).embeds)

@@ -282,11 +282,35 @@ def _plain_attributes(module: torch.nn.Module) -> dict:
     return {k: v for k, v in vars(module).items() if k not in _STRUCTURE_ATTRIBUTES}
 
 
-def _restore_attributes(module: torch.nn.Module, saved: dict) -> None:
-    for key in [k for k in vars(module) if k not in _STRUCTURE_ATTRIBUTES]:
-        if key not in saved:
-            del module.__dict__[key]
-    module.__dict__.update(saved)
+def _attribute_changes(saved: list[tuple[torch.nn.Module, dict]]) -> list[tuple[torch.nn.Module, dict, set]]:
+    """Which plain attributes of the modules in `saved` differ from their saved values: what
+    loading an adapter set (peft_config, flags). Only these are undone, so what the model sets
+    lazily during the run itself (transformers installs its output hooks on the first forward,
+    and remembers that it did) is left as the model wants it."""
+    changes = []
+    for module, attrs in saved:
+        now = _plain_attributes(module)
+        keys = {k for k in set(now) | set(attrs)
+                if k not in attrs or k not in now or (now[k] is not attrs[k] and not _same_value(now[k], attrs[k]))}
+        if keys:
+            changes.append((module, attrs, keys))
+    return changes
+
+
+def _same_value(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors and other values without a plain equality
+        return False
+
+
+def _undo_attributes(changes) -> None:
+    for module, attrs, keys in changes:
+        for key in keys:
+            if key in attrs:
+                module.__dict__[key] = attrs[key]
+            else:
+                module.__dict__.pop(key, None)
 
 
 def _remove_peft_layers(module: torch.nn.Module) -> None:
@@ -335,18 +359,19 @@ def attached_lora(module: torch.nn.Module, prefix: str, parsed: ParsedLora, stre
         raise RuntimeError(f"{type(module).__name__} already carries peft layers; a LoRA patch expects the "
                            f"model as it was loaded")
     originals = {n: p.data for n, p in module.named_parameters()}
-    saved = {n: _plain_attributes(m) for n, m in module.named_modules()}
+    saved = [(m, _plain_attributes(m)) for m in module.modules()]
+    changes = None
     try:
         _load_scale_fuse(parsed.family, prefix, module, parsed, strength, "loomwork_lora", fuse)
         if fuse:  # the merged tensors stay in the parameters; the module is its own again
             _remove_peft_layers(module)
-            for n, m in module.named_modules():
-                _restore_attributes(m, saved[n])
+        changes = _attribute_changes(saved)
+        if fuse:
+            _undo_attributes(changes)
         yield
     finally:
         _remove_peft_layers(module)
-        for n, m in module.named_modules():
-            _restore_attributes(m, saved[n])
+        _undo_attributes(_attribute_changes(saved) if changes is None else changes)
         for n, p in module.named_parameters():
             p.data = originals[n]
 
