@@ -449,3 +449,54 @@ def test_a_first_forward_under_a_lora_leaves_the_plain_encoding_as_a_fresh_model
     after = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
     _, fresh, _ = load_model_folder(sdxl_model)
     assert torch.equal(after.embeds, encode_text(fresh.tokenizer, fresh.text_encoder, PROMPT).embeds)
+
+
+# -- eraser files are ordinary LoRA files ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def esd_eraser(tiny_pixel_model):
+    """A LoRA eraser (ESD, one training step) on every transformer layer of the tiny model."""
+    from kernels.erasers import LoraPatch, encode_embeds, model_scheduler, train_erasure_lora
+
+    model, clip, _ = load_model_folder(tiny_pixel_model)
+    target = encode_embeds(clip.tokenizer, clip.text_encoder, ["a red circle"])
+    empty = encode_embeds(clip.tokenizer, clip.text_encoder, [""])
+    loras, scale, _ = train_erasure_lora(model.unet, model_scheduler(model), target, empty, scope="transformer",
+                                         rank=2, alpha=1.0, steps=1, lr=0.5, pool_runs=1, pool_steps=2)
+    return LoraPatch(loras, scale, 0.75, {"concept": "circle", "method": "esd"})
+
+
+def test_a_saved_lora_eraser_is_a_kohya_lora_that_loadlora_and_diffusers_read(tiny_pixel_model, esd_eraser,
+                                                                            tmp_path, monkeypatch):
+    from conftest import eraser_graph, run_captured
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from safetensors.torch import load_file
+
+    from kernels.erasers import load_erasers, save_erasers
+
+    monkeypatch.setenv("LOOMWORK_ERASER_DIR", str(tmp_path / "erasers"))
+    path = save_erasers(str(tmp_path / "erasers" / "esd.safetensors"), [esd_eraser])
+    tensors = load_file(path)
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in tensors)
+    assert any(v.ndim == 4 for v in tensors.values())  # the 1x1 convolutions (proj_in/out) too
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
+    assert len(state) == 2 * len(esd_eraser.loras) and len(alphas) == len(esd_eraser.loras)
+    (back,) = load_erasers(path)
+    assert back.cache_key() == esd_eraser.cache_key()
+    ex = Executor(device="cpu", disk_cache=False)
+    as_eraser, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("LoadEraser", {"path": "esd"})), tmp_path, ex)
+    as_lora, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("LoadLoRA", {"path": path})), tmp_path, ex)
+    plain, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path, ex)
+    assert not torch.equal(as_eraser, plain)
+    assert torch.allclose(as_lora, as_eraser, rtol=1e-5, atol=1e-5), (as_lora - as_eraser).abs().max()
+
+
+def test_version_1_eraser_files_still_load(esd_eraser, tmp_path):
+    from kernels.erasers import load_erasers
+
+    tensors, info = esd_eraser.to_state()
+    entries = [{"kind": esd_eraser.kind, **info}]
+    path = write_file(tmp_path / "old.safetensors", {f"0:{k}": v for k, v in tensors.items()},
+                      {"format": "loomwork.eraser", "version": "1", "patches": json.dumps(entries), "extra": "{}"})
+    (back,) = load_erasers(path)
+    assert back.cache_key() == esd_eraser.cache_key()
