@@ -16,7 +16,7 @@ denoiser or the text encoders) and one strength. Its `applied()` loads the adapt
 fuses it with safe fusing (the merged weights are new tensors; the originals are kept), removes
 the peft layers again so the module has its own structure and parameter names during the run
 (erasers that swap weights by name, and attention processors, compose with it), and on exit
-points every parameter back at its original tensor and restores the module's attributes.
+points every parameter back at its original tensor and undoes the attributes loading set.
 Fused rather than unfused: bench/adapters.py measures an unfused step at 1.15x a fused one and the
 extra apply cost of fusing at about two steps; fused also keeps the parameter names.
 The parsed file is cached per fingerprint (not run state: it is what the file says).
