@@ -141,3 +141,24 @@ def test_opening_a_result_png_reopens_its_graph(window, qtbot, tiny_pixel_model)
     assert window.open_path(png, ask=False)
     assert dumps(window.doc.graph) == expected
     assert window.doc.path is None  # Save asks for a .loom name rather than overwrite the image
+
+
+def test_a_new_graph_shows_nothing_of_the_last_ones_runs(window, qtbot, tiny_pixel_model, tmp_path):
+    """The failed label, the results strip and the Layout panel's image belong to their graph."""
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16)
+    window.doc.replace(graph, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    assert window.images.images and window.layout_panel.latest_image is not None
+    broken, broken_ids = txt2img_graph(str(tmp_path / "no-such-model"), steps=2, size=16)
+    window.doc.replace(broken, None)
+    assert not window.images.images and window.images.current is None
+    assert window.layout_panel.latest_image is None and window.layout_panel.canvas.background is None
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    assert "failed" in window.run_label.text()
+    window.doc.replace(graph, None)
+    assert window.run_label.text() == "" and window.states == {}
+    # images of a run that belongs to a graph no longer open are not shown
+    window._on_images(broken_ids["save"], [window.canvas.thumbnail(ids["save"]) or None], [])
+    assert not window.images.images

@@ -123,6 +123,15 @@ class ImageViewer(QtWidgets.QWidget):
         self.view.smooth = on
         self.view.apply_filter()
 
+    def clear(self) -> None:
+        """Another graph: its results are not this one's (they stay on disk)."""
+        self.images.clear()
+        self.strip.clear()
+        self.current = None
+        self.view.item.setPixmap(QtGui.QPixmap())
+        self.caption.setText("No image yet: press Run.")
+        self.save_btn.setEnabled(False)
+
     def show_preview(self, image: QtGui.QImage, label: str) -> None:
         """A live sampler preview: shown, not kept."""
         self.current = image

@@ -159,13 +159,17 @@ class RunControl:
         self._set_badge(nid, "running", f"running {step}/{total}")
 
     def _on_preview(self, nid: str, image: QtGui.QImage) -> None:
-        self.canvas.show_image(nid, image)
         node = self.doc.graph.nodes.get(nid)
-        self.images.show_preview(image, node.title or node.type if node else "preview")
+        if node is None:  # a run of the graph that was open before this one
+            return
+        self.canvas.show_image(nid, image)
+        self.images.show_preview(image, node.title or node.type)
 
     def _on_images(self, nid: str, images: list, paths: list) -> None:
         node = self.doc.graph.nodes.get(nid)
-        label = (node.title or node.type) if node else "image"
+        if node is None:  # a run of the graph that was open before this one (the files are saved)
+            return
+        label = node.title or node.type
         if images:
             self.canvas.show_image(nid, images[0])
             self.layout_panel.set_image(images[0])

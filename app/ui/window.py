@@ -163,7 +163,12 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
                                      QtCore.Qt.Vertical)
 
     def _on_replaced(self) -> None:
+        """A whole new graph: nothing shown of the old one's runs stays."""
         self._clear_run_state()
+        self.run_label.setText("")
+        self.run_label.setToolTip("")
+        self.images.clear()
+        self.layout_panel.set_image(None)
         self._update_title()
 
     # -- messages -------------------------------------------------------------------------
