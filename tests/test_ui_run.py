@@ -162,3 +162,21 @@ def test_a_new_graph_shows_nothing_of_the_last_ones_runs(window, qtbot, tiny_pix
     # images of a run that belongs to a graph no longer open are not shown
     window._on_images(broken_ids["save"], [window.canvas.thumbnail(ids["save"]) or None], [])
     assert not window.images.images
+
+
+def test_undoing_back_to_what_last_ran_clears_stale(window, qtbot, tiny_pixel_model):
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16)
+    window.doc.replace(graph, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    done = window.canvas.badge_text(ids["sampler"])
+    assert done.startswith("done")
+    window.doc.set_param(ids["sampler"], "seed", 7)
+    assert window.states[ids["sampler"]] == "stale" and window.states[ids["save"]] == "stale"
+    window.act_undo.trigger()  # exactly the graph that ran: its results are current again
+    assert window.states[ids["sampler"]] == "done" and window.canvas.badge_text(ids["sampler"]) == done
+    assert window.states[ids["save"]] == "done"
+    window.act_redo.trigger()
+    assert window.states[ids["sampler"]] == "stale"
+    window.doc.set_param(ids["sampler"], "seed", 1)  # the same value by another edit
+    assert window.states[ids["sampler"]] == "done"

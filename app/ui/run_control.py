@@ -21,6 +21,31 @@ from . import session
 STATE_LABELS = {"cached-memory": "cached", "cached-disk": "cached (disk)"}
 
 
+def recipe_keys(graph, ids) -> dict[str, str]:
+    """A key per node of what its result is made from, as drawn: its type, params and, through
+    its wires, its inputs' keys. The engine's cache keys also cover files on disk; this one needs
+    no run, which is what the badges want after an edit or an undo."""
+    from kernels.hashing import content_hash
+
+    keys: dict[str, str] = {}
+
+    def key(nid: str, visiting: frozenset) -> str:
+        if nid in keys:
+            return keys[nid]
+        node = graph.nodes[nid]
+        if nid in visiting:  # a cycle cannot run; give it a key that matches nothing
+            return f"cycle:{nid}"
+        inputs = {port: (key(e.src, visiting | {nid}), e.src_port) for port, e in graph.inputs_of(nid).items()
+                  if e.src in graph.nodes}
+        keys[nid] = content_hash(node.type, node.params, inputs)
+        return keys[nid]
+
+    for nid in ids:
+        if nid in graph.nodes:
+            key(nid, frozenset())
+    return {nid: keys[nid] for nid in ids if nid in keys}
+
+
 class RunControl:
     def _init_run_state(self) -> None:
         # Run states stay after a node is deleted, so undo brings the node back as it was.
@@ -30,6 +55,11 @@ class RunControl:
         self.problems: dict[str, list[str]] = {}  # node id -> why it cannot run as drawn
         self.run_started = 0.0
         self.edited_during_run: set = set()    # nodes whose results the running snapshot predates
+        # What each node's last finished run was made from (recipe_keys), and its badge then, so
+        # an undo back to exactly that graph shows the result as current again, not stale.
+        self._run_recipes: dict[str, str] = {}
+        self._ran_recipe: dict[str, str] = {}
+        self._ran_badge: dict[str, tuple] = {}
 
     # -- node states and badges -----------------------------------------------------------
     def _mark_stale(self, ids: list[str]) -> None:
@@ -37,14 +67,23 @@ class RunControl:
         cone = self.doc.graph.downstream(ids)
         if self.runner.busy:  # the running snapshot predates this edit: its results will be stale
             self.edited_during_run |= cone
+        recipes = recipe_keys(self.doc.graph, cone)
         for nid in cone:
-            if self.states.get(nid) not in (None, "stale", "running", "queued"):
+            if self.states.get(nid) in (None, "running", "queued"):
+                continue
+            if nid in self._ran_recipe and recipes.get(nid) == self._ran_recipe[nid]:
+                state, text, tip = self._ran_badge[nid]  # back to exactly what last ran
+                self.states[nid] = state
+                self._set_badge(nid, state, text, tip)
+            elif self.states.get(nid) != "stale":
                 self.states[nid] = "stale"
                 self.errors.pop(nid, None)
                 self._set_badge(nid, "stale", "stale", "out of date: an input changed since the last run")
 
     def _clear_run_state(self) -> None:
         """A new graph in the document: nothing of the old one's runs applies to it."""
+        self._ran_recipe.clear()
+        self._ran_badge.clear()
         self.states.clear()
         self.errors.clear()
         self._badges.clear()
@@ -116,6 +155,7 @@ class RunControl:
         out_dir = str(Path(path).parent / "output") if path else str(session.default_output_dir())
         self.run_started = time.monotonic()
         self.edited_during_run = set()
+        self._run_recipes = recipe_keys(self.doc.graph, self.doc.graph.nodes)
         if self.runner.start(self.doc.graph, targets, graph_path=path, output_dir=out_dir):
             self.act_run.setEnabled(False)
             self.act_run_sel.setEnabled(False)
@@ -145,6 +185,9 @@ class RunControl:
             text = f"done {info['seconds']:.1f}s"
         if state == "running":
             self.progress.setVisible(False)
+        if state in ("done", "cached-memory", "cached-disk") and nid in self._run_recipes:
+            self._ran_recipe[nid] = self._run_recipes[nid]
+            self._ran_badge[nid] = (state, text, tip)
         if nid in self.edited_during_run and state in ("done", "cached-memory", "cached-disk"):
             state, text, tip = "stale", "stale", "edited during the run: this result is out of date"
             self.states[nid] = state
