@@ -63,3 +63,20 @@ def test_a_users_graph_keeps_its_path(window, tmp_path):
     window.open_path(str(path), ask=False)
     assert window.doc.path == str(path.resolve())
     assert QtCore.QFileInfo(window.doc.path).exists()
+
+
+@pytest.mark.parametrize("stem", ["layout-regional-prompts", "erase-compare", "default"])
+@pytest.mark.parametrize("size", [(1600, 1000), (1280, 800)])
+def test_framing_a_graph_keeps_titles_and_port_names_legible(window, qtbot, stem, size):
+    from app.ui.ngqt_compat import MIN_LEGIBLE_SCALE
+
+    window.resize(*size)
+    window.open_example(ROOT / "resources" / "graphs" / f"{stem}.loom")
+    qtbot.wait(50)  # the frame happens once the canvas has its new items
+    window.canvas.frame()
+    viewer = window.canvas.viewer
+    assert viewer.transform().m11() >= MIN_LEGIBLE_SCALE - 1e-6
+    window.canvas.viewer.viewport().repaint()  # NodeGraphQt picks proxy mode while painting
+    shown = [item.view for item in window.canvas._items.values()
+             if viewer.mapFromScene(item.view.sceneBoundingRect()).boundingRect().intersects(viewer.viewport().rect())]
+    assert shown and not any(view._proxy_mode for view in shown)

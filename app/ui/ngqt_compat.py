@@ -169,14 +169,33 @@ def keep_none_alive() -> bool:
 keep_none_alive()  # before any canvas work: importing this module is the first Qt use of the UI
 
 
-def show_scene_rect(viewer: NodeViewer, rect: QtCore.QRectF, max_zoom: float = 0.1) -> None:
-    """Fit `rect` in the view. NodeViewer keeps its own visible range (`_scene_range`) and
-    recomputes the transform from it, so that is what must change (zoom_to_nodes does the same
-    but frames only node bodies, not the images we hang below them)."""
+# Below this scale node titles and port names are a few pixels high (and NodeGraphQt hides
+# them once a node is narrower than 70 px on screen): frame-to-fit never goes further out.
+MIN_LEGIBLE_SCALE = 0.6
+
+
+def show_scene_rect(viewer: NodeViewer, rect: QtCore.QRectF, max_zoom: float = 0.1,
+                    min_scale: float = MIN_LEGIBLE_SCALE) -> None:
+    """Fit `rect` in the view, but never so far out that text cannot be read: a graph too
+    large for that shows from its left edge (where its loaders are), at `min_scale`.
+    NodeViewer keeps its own visible range (`_scene_range`) and recomputes the transform from
+    it, so that is what must change (zoom_to_nodes does the same but frames only node bodies,
+    not the images we hang below them)."""
     viewer._scene_range = QtCore.QRectF(rect)
     viewer._update_scene()
     if viewer.get_zoom() > max_zoom:  # never blow a lone node up past ~100%
         viewer.reset_zoom(rect.center())
+    elif viewer.transform().m11() < min_scale:
+        port = viewer.viewport().rect()
+        target = min_scale * 1.02  # fitInView keeps a small margin: aim a little closer
+        w, h = port.width() / target, port.height() / target
+        visible = QtCore.QRectF(rect.left(), rect.center().y() - h / 2, w, h)
+        if h >= rect.height():
+            visible.moveCenter(QtCore.QPointF(visible.center().x(), rect.center().y()))
+        else:
+            visible.moveTop(rect.top())
+        viewer._scene_range = visible
+        viewer._update_scene()
 
 
 def pipe_between(port_a, port_b):
