@@ -120,6 +120,7 @@ class NodeContext:
         self._executor, self._run, self.node_id = executor, run, node_id
         self.device = executor.device
         self.models = executor.models
+        self.model_roots = executor.model_roots  # None: LOOMWORK_MODELS
         self._last_preview = 0.0
 
     def resolve_path(self, path: str) -> str:
