@@ -35,7 +35,7 @@ DEFAULT_TILE = 0  # 0: the largest tile the memory budget allows
 DEFAULT_OVERLAP = 32  # input pixels shared by neighbouring tiles
 DEFAULT_MEMORY_BUDGET_MB = 2048
 PROBE_SIZE = 64  # input pixels per side of the tile the activation probe runs on
-MIN_TILE = 32  # smaller tiles spend more on overlaps than on the image
+MIN_TILE = 64  # smaller tiles spend more on their overlaps than on the image
 
 
 class UpscaleModelError(ValueError):
