@@ -247,7 +247,7 @@ def plan_upscale(model: UpscaleModel, height: int, width: int, *, batch: int = 1
                  memory_budget: int = DEFAULT_MEMORY_BUDGET_MB << 20,
                  bytes_per_pixel: Optional[int] = None) -> UpscalePlan:
     """Choose the tile for an image (or check the one asked for) against the budget: the float32
-    result buffer, then one tile's activations plus its weighted copy."""
+    result buffer, then one tile's activations (plus its weighted copy when there are several)."""
     s, c = model.scale, model.output_channels
     result = batch * height * s * width * s * c * 4
     if result >= memory_budget:
@@ -255,12 +255,15 @@ def plan_upscale(model: UpscaleModel, height: int, width: int, *, batch: int = 1
             f"a {width * s}x{height * s} result ({batch} image(s), x{s}) needs {_mb(result)}, "
             f"more than the memory budget of {_mb(memory_budget)}: upscale a smaller image or "
             f"raise the budget")
-    per_pixel = (bytes_per_pixel or activation_bytes_per_pixel(model)) + 2 * s * s * c * 4
+    activations = bytes_per_pixel or activation_bytes_per_pixel(model)
+    per_pixel = activations + 2 * s * s * c * 4  # a tile's output weighted, then added in
     room = int((memory_budget - result) * TILE_HEADROOM)
     if model.tiling == "internal":  # tiles itself, or needs the whole image at once
         asked = (height, width)
     elif tile > 0:
         asked = (tile, tile)
+    elif height * width * activations <= room:  # one pass fits
+        asked = (height, width)
     else:
         side = int(math.isqrt(room // per_pixel))
         side -= side % max(8, model.multiple_of)
@@ -271,6 +274,8 @@ def plan_upscale(model: UpscaleModel, height: int, width: int, *, batch: int = 1
                 f"({_mb(per_pixel * MIN_TILE * MIN_TILE)}): raise the budget")
         asked = (side, side)
     grid = plan_tiles(height, width, asked, overlap, model.multiple_of)
+    if grid.single:  # the output is copied into the result as it is, never weighted
+        per_pixel = activations
     tile_bytes = per_pixel * _largest_tile(grid)
     if tile_bytes > room:
         raise UpscaleModelError(

@@ -57,6 +57,9 @@ def axis_spans(length: int, tile: int, overlap: int, multiple_of: int = 1) -> tu
     if stride <= 0:
         raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
     count = -(-(length - overlap) // stride)  # ceil
+    # the smallest tile that covers the length in that many: no tile overlaps more than it must
+    tile = min(tile, -(-(length + (count - 1) * overlap) // count))
+    tile += -tile % multiple_of
     last = length - tile
     starts = sorted({(round(i * last / (count - 1)) // multiple_of) * multiple_of for i in range(count)})
     return tuple((s, min(length, s + tile) if i + 1 < len(starts) else length)
@@ -70,9 +73,10 @@ def plan_tiles(height: int, width: int, tile: int | tuple[int, int], overlap: in
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     tile_h, tile_w = min(tile_h, height), min(tile_w, width)
     overlap = max(0, min(overlap, tile_h // 2, tile_w // 2))
-    return TileGrid(height, width, tile_h, tile_w, overlap,
-                    axis_spans(height, tile_h, overlap, multiple_of),
-                    axis_spans(width, tile_w, overlap, multiple_of))
+    rows = axis_spans(height, tile_h, overlap, multiple_of)
+    cols = axis_spans(width, tile_w, overlap, multiple_of)
+    return TileGrid(height, width, max(e - s for s, e in rows), max(e - s for s, e in cols),
+                    overlap, rows, cols)
 
 
 def _ramp(n: int) -> torch.Tensor:
