@@ -23,6 +23,7 @@ import torch
 from kernels.text import Conditioning, TextEncoderSet, word_positions
 
 FLUX_PIPELINES = {"FluxPipeline"}
+DEFAULT_DEV_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default
 FLUX_COMPONENTS = {"transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                    "scheduler", "vae"}
 MAX_T5_LENGTH = 512  # FluxPipeline's default and its upper bound
@@ -87,7 +88,7 @@ def load_flux_folder(path: str, index: dict, dtype: torch.dtype, device: str):
     encoders = FluxTextEncoders(parts["text_encoder"], parts["text_encoder_2"])
     return (ModelBundle(transformer, read_scheduler_config(path), path, load_key),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
-            build_vae_bundle(parts["vae"], path, load_key, 3))
+            build_vae_bundle(parts["vae"], path, load_key, 3, patch_size=2))  # 2x2 packed latents
 
 
 def _flux_text_pipeline(tok: FluxTokenizers, enc: FluxTextEncoders):
@@ -138,20 +139,28 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
                 noise: torch.Tensor, steps: int, cfg: float, generator: Optional[torch.Generator] = None,
                 denoise: float = 1.0, init: Optional[torch.Tensor] = None,
                 progress: Optional[Callable] = None, unet_kwargs: Optional[dict] = None,
-                before_step: Optional[Callable] = None, pooled: Optional[tuple] = None) -> torch.Tensor:
+                before_step: Optional[Callable] = None, pooled: Optional[tuple] = None,
+                guidance: Optional[float] = None, text_at: Optional[Callable] = None) -> torch.Tensor:
     """Denoise `noise` (B, C, H, W) as FluxPipeline.__call__ does; kernels.sampling.sample's
-    arguments. `cfg` is the guidance scale a guidance-distilled ("dev") transformer takes; there
-    is no negative batch, so `negative` must be None. Returns the (B, C, H, W) latent."""
+    arguments. Without a `negative`, `cfg` is the guidance a guidance-distilled ("dev")
+    transformer takes. With one (and its pooled embedding in `pooled[1]`), `cfg` is the pipeline's
+    `true_cfg_scale`: a second call per step on the negative, mixed as classifier-free guidance,
+    while the distilled guidance is `guidance` (FluxPipeline's default 3.5 when None).
+    `text_at(i, n)`: a prompt schedule's kernels.sampling.StepText for step i, or None.
+    Returns the (B, C, H, W) latent."""
     from diffusers import FluxPipeline
 
     from kernels.sampling import noised_start
 
-    if negative is not None:
-        raise ValueError("FLUX samples without a negative prompt (no true classifier-free "
-                         "guidance); leave the Sampler's negative unconnected")
     if pooled is None or pooled[0] is None:
         raise ValueError("FLUX needs CLIP's pooled text embedding: encode the prompt with this "
                          "model's own text encoders")
+    true_cfg = negative is not None and cfg > 1.0
+    if true_cfg and pooled[1] is None:
+        raise ValueError("true guidance on FLUX needs the negative's pooled embedding: encode the "
+                         "negative prompt with this model's own text encoders")
+    if guidance is None:
+        guidance = DEFAULT_DEV_GUIDANCE if negative is not None else cfg
     b, c, h, w = noise.shape
     if h % 2 or w % 2:
         raise ValueError(f"FLUX packs the latent in 2x2 patches: its size ({h}x{w}) must be even; "
@@ -160,21 +169,32 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
     unpack = lambda x: FluxPipeline._unpack_latents(x, h, w, 1)  # noqa: E731 (sizes in latent units)
     dtype, device = positive.dtype, noise.device
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
-    txt_ids = torch.zeros(positive.shape[1], 3).to(device=device, dtype=dtype)
-    guidance = None
+    guidance_embed = None
     if transformer.config.guidance_embeds:
-        guidance = torch.full([1], cfg, device=device, dtype=torch.float32).expand(b)
+        guidance_embed = torch.full([1], guidance, device=device, dtype=torch.float32).expand(b)
+
+    def predict(x, t, text, text_pooled, kwargs):
+        txt_ids = torch.zeros(text.shape[1], 3).to(device=device, dtype=dtype)
+        return transformer(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=guidance_embed,
+                           pooled_projections=text_pooled, encoder_hidden_states=text, txt_ids=txt_ids,
+                           img_ids=img_ids, return_dict=False, **(kwargs or {}))[0]
+
     timesteps = flux_timesteps(scheduler, steps, (h // 2) * (w // 2), denoise, device=device)
     x = pack(noised_start(scheduler, noise, timesteps, init))
-    kwargs = unet_kwargs or {}  # what patches add to each call, as for every denoiser
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         if before_step is not None:
             with torch.enable_grad():
                 x = pack(before_step(i, t, unpack(x)).detach())
-        pred = transformer(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=guidance,
-                           pooled_projections=pooled[0], encoder_hidden_states=positive,
-                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False, **kwargs)[0]
+        pos, neg, pooled_i, kwargs = positive, negative, pooled, unet_kwargs
+        scheduled = text_at(i, n) if text_at is not None else None
+        if scheduled is not None:
+            text = scheduled.per_image(b)
+            pos, neg, pooled_i, kwargs = text.positive, text.negative, text.pooled, text.unet_kwargs
+        pred = predict(x, t, pos, pooled_i[0], kwargs)
+        if true_cfg:  # two calls, not one batch of two, as the pipeline makes them
+            uncond = predict(x, t, neg.expand(b, -1, -1), pooled_i[1].expand(b, -1), kwargs)
+            pred = uncond + cfg * (pred - uncond)
         x = scheduler.step(pred, t, x, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, n, unpack(x))

@@ -96,6 +96,13 @@ class VaeBundle:
     load_key: str
     latent_channels: int = 3
     scale_factor: int = 1
+    # latent pixels the denoiser takes as one token (SD3 and FLUX transformers: 2), so image sizes
+    # must be multiples of scale_factor * patch_size
+    patch_size: int = 1
+
+    @property
+    def size_multiple(self) -> int:
+        return self.scale_factor * self.patch_size
 
     def content_key(self) -> str:
         return key_of("VAE", self.load_key)
@@ -238,11 +245,13 @@ def read_scheduler_config(path: str) -> dict:
         raise ModelLoadError(f"{sched_path}: cannot read the scheduler config ({exc})") from None
 
 
-def build_vae_bundle(vae, path: str, load_key: str, pixel_channels: int) -> VaeBundle:
+def build_vae_bundle(vae, path: str, load_key: str, pixel_channels: int, patch_size: int = 1) -> VaeBundle:
     if vae is None:
-        return VaeBundle(None, path, load_key, latent_channels=pixel_channels, scale_factor=1)
+        return VaeBundle(None, path, load_key, latent_channels=pixel_channels, scale_factor=1,
+                         patch_size=patch_size)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels, scale_factor=factor)
+    return VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels, scale_factor=factor,
+                     patch_size=patch_size)
 
 
 def check_components(path: str, index: dict, supported: set, what: str) -> None:
@@ -303,7 +312,8 @@ def _load_sd3_folder(path: str, index: dict, dtype: torch.dtype,
     tokenizers = SD3Tokenizers(parts["tokenizer"], parts["tokenizer_2"], t5_tok, t5_length)
     return (ModelBundle(transformer, scheduler_config, path, load_key),
             TextEncoderBundle(tokenizers, encoders, path, load_key),
-            build_vae_bundle(parts.get("vae"), path, load_key, transformer.config.in_channels))
+            build_vae_bundle(parts.get("vae"), path, load_key, transformer.config.in_channels,
+                             patch_size=transformer.config.patch_size))
 
 
 def _load_flux_folder(path: str, index: dict, pipeline: str, dtype: torch.dtype,

@@ -15,6 +15,7 @@ the guidance embedding) is sampled by kernels.flux.sample_flux, as FluxPipeline 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import diffusers
@@ -174,13 +175,39 @@ def predict_noise_cfg(unet, x: torch.Tensor, t, positive: torch.Tensor,
     return cfg_mix(uncond, cond, cfg)
 
 
+@dataclass(frozen=True)
+class StepText:
+    """What the denoiser reads at a step of a prompt schedule instead of the base prompt."""
+
+    positive: torch.Tensor
+    negative: Optional[torch.Tensor] = None
+    pooled: Optional[tuple] = None
+    unet_kwargs: Optional[dict] = None
+
+    def per_image(self, batch: int) -> "StepText":
+        pooled = None if self.pooled is None else tuple(per_image(p, batch) for p in self.pooled)
+        return StepText(per_image(self.positive, batch), per_image(self.negative, batch), pooled,
+                        self.unet_kwargs)
+
+
+TextAt = Callable[[int, int], Optional[StepText]]  # (step, steps) -> the schedule's text, or None
+
+
+def per_image(text: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+    """A text embedding of batch 1 repeated for `batch` images (other batches are left as they are)."""
+    if text is None or text.shape[0] != 1 or batch == 1:
+        return text
+    return text.expand(batch, *text.shape[1:])
+
+
 @torch.no_grad()
 def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Tensor],
            noise: torch.Tensor, steps: int, cfg: float, generator: Optional[torch.Generator] = None,
            denoise: float = 1.0, init: Optional[torch.Tensor] = None,
            progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None,
            before_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-           pooled: Optional[tuple] = None) -> torch.Tensor:
+           pooled: Optional[tuple] = None, guidance: Optional[float] = None,
+           text_at: Optional[TextAt] = None) -> torch.Tensor:
     """Denoise `noise` (or `init` noised by `denoise`) into a clean latent.
 
     unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`,
@@ -190,13 +217,18 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     progress(i, n, x): called after every step; it may raise to cancel.
     before_step(i, t, x) -> x: steers the sample before step i (gradient guidance); it runs
     with gradients enabled.
+    guidance: FLUX dev's distilled guidance when it is set apart from cfg (kernels.flux.sample_flux).
+    text_at(i, n): a prompt schedule's text for step i of n, or None for the base prompt.
     """
     from kernels.flux import is_flux_transformer, sample_flux  # here: kernels.flux builds on kernels.text
 
+    b = noise.shape[0]  # one prompt for a batch of images, as the pipelines' num_images_per_prompt
+    positive, negative = per_image(positive, b), per_image(negative, b)
+    if pooled is not None:
+        pooled = tuple(per_image(p, b) for p in pooled)
     if is_flux_transformer(unet):  # packed latents, position ids: its own loop
-
         return sample_flux(unet, scheduler, positive, negative, noise, steps, cfg, generator, denoise,
-                           init, progress, unet_kwargs, before_step, pooled)
+                           init, progress, unet_kwargs, before_step, pooled, guidance, text_at)
     mmdit = takes_pooled_projections(unet)
     if mmdit and (pooled is None or pooled[0] is None):
         raise ValueError(f"{type(unet).__name__} needs pooled text projections: encode the prompt "
@@ -210,11 +242,15 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
             with torch.enable_grad():
                 x = before_step(i, t, x).detach()
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        text = StepText(positive, negative, pooled, unet_kwargs)
+        scheduled = text_at(i, n) if text_at is not None else None
+        if scheduled is not None:
+            text = scheduled.per_image(b)
         if mmdit:
-            pred = predict_mmdit_cfg(unet, x_in, t, positive, negative, pooled[0], pooled[1], cfg,
-                                     unet_kwargs)
+            pred = predict_mmdit_cfg(unet, x_in, t, text.positive, text.negative, text.pooled[0],
+                                     text.pooled[1], cfg, text.unet_kwargs)
         else:
-            pred = predict_noise_cfg(unet, x_in, t, positive, negative, cfg, unet_kwargs)
+            pred = predict_noise_cfg(unet, x_in, t, text.positive, text.negative, cfg, text.unet_kwargs)
         kwargs = {"generator": generator} if with_generator else {}
         x = scheduler.step(pred, t, x, **kwargs).prev_sample
         if progress is not None:

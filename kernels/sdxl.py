@@ -79,16 +79,20 @@ class SDXLModelBundle(ModelBundle):
         if pooled is None or pooled[0] is None:
             raise ValueError("an SDXL UNet needs pooled text embeddings: encode the prompt with "
                              "this model's own text encoders")
+        from kernels.sampling import per_image
+
+        b = int(latent_shape[0])  # every image of the batch gets the pooled text and the ids
         positive, negative = pooled
         size = (int(latent_shape[-2]) * self.vae_scale_factor, int(latent_shape[-1]) * self.vae_scale_factor)
         time_ids, negative_time_ids = add_time_ids(self.unet, size, positive.dtype, positive.shape[-1],
                                                    self.requires_aesthetics_score)
+        positive, time_ids = per_image(positive, b), time_ids.repeat(b, 1).to(positive.device)
         if not guided:
-            return {"text_embeds": positive, "time_ids": time_ids.to(positive.device)}
+            return {"text_embeds": positive, "time_ids": time_ids}
         if negative is None:
             raise ValueError("guidance with an SDXL UNet needs the negative's pooled embeddings too")
         return {"text_embeds": torch.cat([negative.expand_as(positive), positive]),
-                "time_ids": torch.cat([negative_time_ids, time_ids]).to(positive.device)}
+                "time_ids": torch.cat([negative_time_ids.repeat(b, 1).to(time_ids.device), time_ids])}
 
 
 def add_time_ids(unet, size: tuple[int, int], dtype: torch.dtype, projection_dim: int,

@@ -46,6 +46,10 @@ class Conditioning:
     pooled: Optional[torch.Tensor] = None
     empty_pooled: Optional[torch.Tensor] = None
     links: tuple[tuple[int, ...], ...] = ()
+    guidance: Optional[float] = None  # FLUX dev's distilled guidance, when set apart from cfg
+    # a prompt schedule: (Conditioning, start, end, in_steps) read instead during its window
+    # (kernels.prompt_schedule)
+    stages: tuple = ()
 
     def positions(self, phrase: str) -> list[int]:
         """Token positions of every word of `phrase` that occurs in the prompt."""

@@ -196,10 +196,13 @@ class Path(String):
 
     mode: str = "file"  # "file", "folder" or "save"
     filters: str = ""   # Qt file-dialog filter, e.g. "Images (*.png *.jpg)"
+    # kinds of model (kernels.model_folders.KINDS) the path may name as `ckpt:NAME`: the inspector
+    # then offers the models folders' list, and the node resolves the name among those kinds
+    models: tuple = ()
     kind: ClassVar[str] = "path"
 
     def describe(self):
-        return {**super().describe(), "mode": self.mode, "filters": self.filters}
+        return {**super().describe(), "mode": self.mode, "filters": self.filters, "models": list(self.models)}
 
 
 @dataclass

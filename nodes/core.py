@@ -7,6 +7,7 @@ the app builds its palette and inspector from it before torch is loaded.
 from __future__ import annotations
 
 from kernels.files import path_fingerprint
+from kernels.model_folders import CHECKPOINT_KINDS  # standard library only
 from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free, unlike kernels.sampling
 
 from .base import (
@@ -41,7 +42,8 @@ class LoadModel(Node):
 
     category = "loaders"
     params = {
-        "path": Path("builtin:shapes-t2i", mode="folder", help="a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
+        "path": Path("builtin:shapes-t2i", mode="folder", models=CHECKPOINT_KINDS,
+                     help="a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
         "dtype": Choice(DTYPES, "float32", help="weights precision; float16 halves memory on GPUs"),
     }
     outputs = {"model": MODEL, "clip": CLIP, "vae": VAE}
@@ -63,20 +65,68 @@ class LoadModel(Node):
 
 @register
 class TextEncode(Node):
-    """Encode a prompt. The conditioning remembers which tokens each word took, for layout and
-    attention tools."""
+    """Encode a prompt. `(words:1.3)`, `(words)` (1.1x) and `[words]` (1/1.1x) weigh words, `\\(`
+    is a literal bracket, BREAK starts a new 75-token chunk, and a longer prompt is encoded in
+    chunks, as in A1111 and ComfyUI. `[from:to:when]` edits the prompt during sampling: `from`
+    until `when` (a fraction of the steps, or a step number from 1 up), then `to`. The conditioning remembers which tokens each word took, for
+    layout and attention tools."""
 
     category = "conditioning"
     inputs = {"clip": CLIP}
-    params = {"text": String("", multiline=True, help="the prompt")}
+    params = {"text": String("", multiline=True, help="the prompt; (words:1.3) weighs words")}
     outputs = {"conditioning": CONDITIONING}
 
     def run(self, ctx, clip, text):
         from kernels.patching import applied_patches
-        from kernels.text import encode_text
+        from kernels.prompt_schedule import PromptEditError, scheduled_texts, with_stage
+        from kernels.prompt_weighting import PromptSyntaxError, encode_weighted
 
-        with applied_patches(clip.patches, clip.text_encoder):
-            return {"conditioning": encode_text(clip.tokenizer, clip.text_encoder, text)}
+        try:
+            first, later = scheduled_texts(text)
+            with applied_patches(clip.patches, clip.text_encoder):
+                cond = encode_weighted(clip.tokenizer, clip.text_encoder, first)
+                for stage_text, start, end, in_steps in later:
+                    stage = encode_weighted(clip.tokenizer, clip.text_encoder, stage_text)
+                    cond = with_stage(cond, stage, start, end, in_steps)
+        except (PromptSyntaxError, PromptEditError) as exc:
+            raise NodeError(f"the prompt: {exc}") from None
+        return {"conditioning": cond}
+
+
+@register
+class ConditioningStage(Node):
+    """Stage-wise prompts (eDiff-I's expert windows, ProSpect's stages): from `start` to `end` of
+    the sampling, the sampler reads `stage` instead of `conditioning`. Chain for more stages;
+    a later stage wins where windows overlap. Layout nodes read the base prompt's words."""
+
+    category = "conditioning"
+    inputs = {"conditioning": CONDITIONING, "stage": CONDITIONING}
+    params = {"start": Float(0.0, 0.0, 1.0, step=0.05, help="where the stage begins, as a fraction of the steps"),
+              "end": Float(1.0, 0.0, 1.0, step=0.05, help="where it ends (exclusive)")}
+    outputs = {"conditioning": CONDITIONING}
+
+    def run(self, ctx, conditioning, stage, start, end):
+        from kernels.prompt_schedule import with_stage
+
+        if end <= start:
+            raise NodeError(f"end ({end}) must come after start ({start})")
+        return {"conditioning": with_stage(conditioning, stage, start, end)}
+
+
+@register
+class FluxGuidance(Node):
+    """Set the guidance a FLUX "dev" model is distilled for on a conditioning, apart from the
+    Sampler's cfg (which then only scales true guidance against a negative). Other models ignore it."""
+
+    category = "conditioning"
+    inputs = {"conditioning": CONDITIONING}
+    params = {"guidance": Float(3.5, 0.0, 100.0, step=0.5, help="FLUX dev's distilled guidance scale")}
+    outputs = {"conditioning": CONDITIONING}
+
+    def run(self, ctx, conditioning, guidance):
+        from dataclasses import replace
+
+        return {"conditioning": replace(conditioning, guidance=float(guidance))}
 
 
 @register
@@ -96,11 +146,16 @@ class EmptyLatent(Node):
     def run(self, ctx, vae, width, height, batch):
         import torch
 
-        f = vae.scale_factor
-        if width % f or height % f:
-            raise NodeError(f"width and height must be multiples of {f} for this model, "
-                            f"got {width}x{height}")
+        f, multiple = vae.scale_factor, vae.size_multiple
+        if width % multiple or height % multiple:
+            raise NodeError(f"width and height must be multiples of {multiple} for this model, got "
+                            f"{width}x{height}: try {_nearest_multiple(width, multiple)}x"
+                            f"{_nearest_multiple(height, multiple)}")
         return {"latent": torch.zeros(batch, vae.latent_channels, height // f, width // f)}
+
+
+def _nearest_multiple(n: int, multiple: int) -> int:
+    return max(multiple, round(n / multiple) * multiple)
 
 
 def _sampler_v1_to_v2(params: dict) -> dict:
@@ -116,7 +171,9 @@ def _sampler_v1_to_v2(params: dict) -> dict:
 class Sampler(Node):
     """Denoise a latent with a scheduler and classifier-free guidance. With denoise < 1 the
     input latent is kept in part (img2img): only the last `denoise` fraction of the schedule runs.
-    FLUX takes no negative: cfg is the guidance a "dev" model is distilled for (none for "schnell")."""
+    FLUX: with no negative, cfg is the guidance a "dev" model is distilled for (none for
+    "schnell"); with a negative, cfg is true classifier-free guidance (two model calls per step)
+    and the distilled guidance is the positive's FluxGuidance (3.5 if it has none)."""
 
     category = "sampling"
     version = 2
@@ -134,10 +191,13 @@ class Sampler(Node):
     migrations = {1: lambda p: _sampler_v1_to_v2(p)}
 
     def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise):
+        from dataclasses import replace
+
         import torch
 
         from kernels.models import latent_preview
         from kernels.patching import ModelPatch, SamplingRun, applied_patches, merged_unet_kwargs
+        from kernels.prompt_schedule import stage_at
         from kernels.sampling import SchedulerMismatch, make_scheduler, sample
 
         try:
@@ -151,20 +211,17 @@ class Sampler(Node):
         noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
         dtype = model.unet.dtype
         device = model.unet.device
-        neg = negative.embeds if negative is not None else positive.empty
+        shape = tuple(latent.shape)
+        base = _text_inputs(model, positive, negative, shape, cfg, device, dtype)
+        stages = [_text_inputs(model, stage[0], negative, shape, cfg, device, dtype) for stage in positive.stages]
         init = latent.to(device, dtype) if denoise < 1.0 else None
-        pooled = None  # an MM-DiT (SD3) also takes the pooled text projections
-        if positive.pooled is not None:
-            neg_pooled = negative.pooled if negative is not None else positive.empty_pooled
-            pooled = (positive.pooled.to(device, dtype),
-                      None if neg_pooled is None else neg_pooled.to(device, dtype))
 
         def progress(i, n, x):
             ctx.progress(i, n, preview=lambda: latent_preview(x))
 
         run = SamplingRun(unet=model.unet, scheduler=sched, positive=positive, negative=negative,
-                          cfg=cfg, steps=steps, latent_shape=tuple(latent.shape), generator=generator,
-                          positive_kwargs=_added_cond_kwargs(model, pooled, tuple(latent.shape), guided=False))
+                          cfg=cfg, steps=steps, latent_shape=shape, generator=generator,
+                          positive_kwargs=_added_cond_kwargs(model, base.pooled, shape, guided=False))
         patches = model.patches
         steering = [p for p in patches if type(p).before_step is not ModelPatch.before_step]
 
@@ -173,14 +230,50 @@ class Sampler(Node):
                 x = p.before_step(run, i, t, x)
             return x
 
-        added = _added_cond_kwargs(model, pooled, tuple(latent.shape), guided=neg is not None and cfg != 1.0)
         with applied_patches(patches, model.unet, run):
-            out = sample(model.unet, sched, positive.embeds.to(device, dtype),
-                         None if neg is None else neg.to(device, dtype), noise.to(device, dtype),
+            patch_kwargs = merged_unet_kwargs(patches, run)
+
+            def text_at(i, n):  # a prompt schedule: the stage read at step i of n, if any
+                k = stage_at(positive.stages, i, n)
+                return None if k is None else replace(stages[k], unet_kwargs={**patch_kwargs, **stages[k].unet_kwargs})
+
+            out = sample(model.unet, sched, base.positive, base.negative, noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
-                         unet_kwargs={**merged_unet_kwargs(patches, run), **added} or None,
-                         before_step=before_step if steering else None, pooled=pooled)
+                         unet_kwargs={**patch_kwargs, **base.unet_kwargs} or None,
+                         before_step=before_step if steering else None, pooled=base.pooled,
+                         guidance=positive.guidance, text_at=text_at if stages else None)
         return {"latent": out.float().cpu()}
+
+
+def _text_inputs(model, positive, negative, shape: tuple, cfg: float, device, dtype):
+    """A kernels.sampling.StepText of what the denoiser reads for `positive`: its embeddings and
+    the negative's (the empty prompt's by default) of one length, the pooled pair (SD3, SDXL,
+    FLUX) and SDXL's added kwargs."""
+    from kernels.sampling import StepText
+
+    neg = negative.embeds if negative is not None else positive.empty
+    pos = positive.embeds
+    if neg is not None and neg.shape[1] != pos.shape[1] and negative is not None:
+        pos, neg = _lined_up(model, positive, negative)
+    pooled = None  # an MM-DiT (SD3) also takes the pooled text projections
+    if positive.pooled is not None:
+        neg_pooled = negative.pooled if negative is not None else positive.empty_pooled
+        pooled = (positive.pooled.to(device, dtype), None if neg_pooled is None else neg_pooled.to(device, dtype))
+    added = _added_cond_kwargs(model, pooled, shape, guided=neg is not None and cfg != 1.0)
+    return StepText(pos.to(device, dtype), None if neg is None else neg.to(device, dtype), pooled, added)
+
+
+def _lined_up(model, positive, negative):
+    """Prompt and negative of different chunk counts padded to one length (FLUX calls them apart)."""
+    from kernels.flux import is_flux_transformer
+    from kernels.prompt_weighting import line_up
+
+    if is_flux_transformer(model.unet):
+        return positive.embeds, negative.embeds
+    try:
+        return line_up(positive.embeds, negative.embeds, positive.empty, negative.empty)
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
 
 
 def _added_cond_kwargs(model, pooled, latent_shape: tuple, guided: bool) -> dict:

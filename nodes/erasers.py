@@ -2,7 +2,8 @@
 
 The input model is never changed: the patch is applied only while a Sampler (MODEL patches) or
 TextEncode (CLIP patches) runs. Erasers chain: a second eraser is computed on the first one's
-output, and both are applied in order. The math lives in kernels/erasers/.
+output, and both are applied in order. The math lives in kernels/erasers/; every family
+(SD 1.x/2.x, SDXL, SD3, FLUX.1) is called through kernels.denoiser.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _strength():
 class ClosedFormErase(Node):
     """Erase a concept in seconds with a closed-form weight edit: the concept's keys are mapped to
     the anchor's, everything orthogonal to them is left exactly as it was. "text_encoder" edits
-    the first self-attention output projection of the text encoder (Diff-QuickFix);
-    "cross_attention" edits every cross-attention key/value projection of the UNet (UCE/TIME)."""
+    the first self-attention output projection of each CLIP text encoder (Diff-QuickFix; T5 is
+    left as it is); "cross_attention" edits the layers the text embeddings enter (UCE/TIME): a
+    UNet's cross-attention key/value projections, SD3's and FLUX's context embedder."""
 
     category = "erasers"
     inputs = {"model": MODEL, "clip": CLIP}
@@ -134,6 +136,7 @@ class PruneConcept(Node):
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, clip, concept, templates, general, fraction, timesteps, samples, seed, strength):
+        from kernels.denoiser import Denoiser
         from kernels.erasers import WeightDeltaPatch, model_scheduler, prune_concept_neurons
         from kernels.patching import applied_patches
 
@@ -146,7 +149,7 @@ class PruneConcept(Node):
                             f"(the 'general' list is {'empty' if not given else 'all about the concept'})")
         with applied_patches(clip.patches, clip.text_encoder), applied_patches(model.patches, model.unet):
             try:
-                deltas = prune_concept_neurons(model.unet, clip.tokenizer, clip.text_encoder, prompts, keep,
+                deltas = prune_concept_neurons(Denoiser.of(model), clip.tokenizer, clip.text_encoder, prompts, keep,
                                                fraction=fraction, scheduler=model_scheduler(model),
                                                timesteps=timesteps, seed=seed, samples=samples)
             except ValueError as exc:
@@ -158,11 +161,15 @@ class PruneConcept(Node):
 
 
 def _encode(clip, prompts):
-    from kernels.erasers import encode_embeds
+    """The denoiser's text for each prompt (kernels.denoiser.DenoiserText), with the CLIP's patches;
+    [""]: the unconditional text the family guides with."""
+    from kernels.denoiser import encode_prompts, encode_unconditional
     from kernels.patching import applied_patches
 
     with applied_patches(clip.patches, clip.text_encoder):
-        return encode_embeds(clip.tokenizer, clip.text_encoder, prompts)
+        if list(prompts) == [""]:
+            return encode_unconditional(clip.tokenizer, clip.text_encoder)
+        return encode_prompts(clip.tokenizer, clip.text_encoder, prompts)
 
 
 @register
@@ -190,6 +197,7 @@ class ConceptMembrane(Node):
 
     def run(self, ctx, model, clip, concept, templates, anchors, steps, rank, lr, eta, anchor_weight, seed,
             strength):
+        from kernels.denoiser import Denoiser
         from kernels.erasers import MembranePatch, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
         from kernels.text import words_of
@@ -200,10 +208,10 @@ class ConceptMembrane(Node):
         empty = _encode(clip, [""])
         anchor_prompts = _lines(anchors)
         anchor = _encode(clip, anchor_prompts) if anchor_prompts else None
-        concept_embeds = _encode(clip, [concept])
+        concept_embeds = _encode(clip, [concept]).embeds
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
-                model.unet, model_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
+                Denoiser.of(model), model_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
                 scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
                 seed=seed, progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
@@ -241,6 +249,7 @@ class EraseFinetune(Node):
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
             uncond_weight, preserve, seed, strength):
+        from kernels.denoiser import Denoiser
         from kernels.erasers import LoraPatch, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
 
@@ -256,7 +265,7 @@ class EraseFinetune(Node):
         keep = _lines(preserve)
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
-                model.unet, model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
+                Denoiser.of(model), model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
                 anchor_embeds=_encode(clip, keep) if keep else None,
                 scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
@@ -281,12 +290,18 @@ class SafeGuidance(Node):
     outputs = {"model": MODEL}
 
     def run(self, ctx, model, clip, concept, scale, warmup, strength):
+        from kernels.denoiser import Denoiser
         from kernels.erasers import SafeGuidancePatch
 
         concept = _need(concept)
-        embeds = _encode(clip, [concept])
+        text = _encode(clip, [concept])
+        # a family without a negative batch (FLUX) is steered against the empty prompt's prediction
+        uncond = None if Denoiser.of(model).takes_negative else _encode(clip, [""])
         meta = {"method": "safe-guidance", "concept": concept}
-        return {"model": model.with_patch(SafeGuidancePatch(embeds, scale, warmup, strength, meta))}
+        return {"model": model.with_patch(SafeGuidancePatch(
+            text.embeds, scale, warmup, strength, meta, concept_pooled=text.pooled,
+            uncond_embeds=None if uncond is None else uncond.embeds,
+            uncond_pooled=None if uncond is None else uncond.pooled))}
 
 
 @register
@@ -332,10 +347,14 @@ class RedTeamPrompt(Node):
             if judge_fn is None:
                 raise NodeError("the ShapesT2I oracle cannot judge this prompt (it names no colour or shape)")
         erased = Generator(model, clip)
-        result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
-                                 steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
-                                 eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
-                                 banned_words=avoid_words.split(), progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
+        try:
+            result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
+                                     steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
+                                     eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
+                                     banned_words=avoid_words.split(),
+                                     progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
+        except ValueError as exc:
+            raise NodeError(f"RedTeamPrompt: {exc}") from None
         if report:
             summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
                        "attack_success_rate": result.success_rate, "seconds": result.seconds}

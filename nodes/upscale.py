@@ -41,18 +41,8 @@ PIXEL_METHODS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 def resolve_upscale_path(ctx, path: str) -> str:
-    """`ckpt:NAME` is looked up among the upscale models of the model folders; anything else
-    as every node's paths are."""
-    if not path.startswith("ckpt:"):
-        return ctx.resolve_path(path)
-    from kernels.model_folders import ModelNotFound, find_model, roots_from_env
-
-    roots = getattr(ctx, "model_roots", None)
-    try:
-        return find_model(path[len("ckpt:"):], roots_from_env() if roots is None else roots,
-                          kinds=("upscale_model",))
-    except ModelNotFound as exc:
-        raise NodeError(str(exc)) from None
+    """`ckpt:NAME` is looked up among the upscale models of the model folders."""
+    return ctx.resolve_path(path, kinds=("upscale_model",))
 
 
 @register
@@ -74,6 +64,7 @@ class LoadUpscaleModel(Node):
         return path_fingerprint(resolve_upscale_path(ctx, params["path"])) if params["path"] else None
 
     def run(self, ctx, path, dtype):
+        from kernels.models import ModelLoadError
         from kernels.upscale.model_upscale import UpscaleModelError, load_upscale_model
 
         if not path:
@@ -81,7 +72,7 @@ class LoadUpscaleModel(Node):
         file = resolve_upscale_path(ctx, path)
         try:
             return {"upscale_model": ctx.models.load(file, dtype, load_upscale_model)}
-        except UpscaleModelError as exc:
+        except (UpscaleModelError, ModelLoadError) as exc:  # ModelLoadError: the models' RAM budget
             raise NodeError(str(exc)) from None
 
 

@@ -39,7 +39,7 @@ def tiny_flow_model(tmp_path_factory):
 
 
 def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, size=16, seed=1,
-                  scheduler="euler", cfg=4.0, save=True):
+                  scheduler="euler", cfg=4.0, save=True, batch=1):
     """The standard text-to-image chain as a document; returns (graph, ids by role)."""
     from app.graph import Graph
     from nodes.registry import add_node
@@ -48,7 +48,7 @@ def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, siz
     ids = {}
     ids["load"] = add_node(g, "LoadModel", {"path": model_path}, title="Load", pos=(0, 0)).id
     ids["text"] = add_node(g, "TextEncode", {"text": prompt}, title="Prompt", pos=(200, 0)).id
-    ids["empty"] = add_node(g, "EmptyLatent", {"width": size, "height": size}, title="Empty", pos=(200, 200)).id
+    ids["empty"] = add_node(g, "EmptyLatent", {"width": size, "height": size, "batch": batch}, title="Empty", pos=(200, 200)).id
     ids["sampler"] = add_node(g, "Sampler", {"steps": steps, "seed": seed, "scheduler": scheduler, "cfg": cfg},
                                 title="Sampler", pos=(400, 0)).id
     ids["decode"] = add_node(g, "VAEDecode", {}, title="Decode", pos=(600, 0)).id

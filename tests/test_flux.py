@@ -41,11 +41,11 @@ def flux_pipeline(path):
     return pipe
 
 
-def run_graph(path, tmp_path, cfg, *, layout=None, steps=STEPS, executor=None):
+def run_graph(path, tmp_path, cfg, *, layout=None, steps=STEPS, executor=None, batch=1):
     """LoadModel -> TextEncode -> EmptyLatent -> Sampler -> capture (+ decode), run on the CPU;
     with a `layout`, a JointAttentionMask (1 image step, 2 text steps) patches the model."""
     g, ids = txt2img_graph(path, prompt=PROMPT, steps=steps, size=SIZE, seed=SEED,
-                           scheduler="flow_match_euler", cfg=cfg, save=False)
+                           scheduler="flow_match_euler", cfg=cfg, save=False, batch=batch)
     capture = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", capture, "latent")
     preview = add_node(g, "PreviewImage", {}).id
@@ -111,6 +111,15 @@ def test_flux_dev_txt2img_graph_matches_the_diffusers_pipeline(flux_dev, tmp_pat
     assert not torch.equal(run_graph(flux_dev, tmp_path, cfg=5.0), latent)
 
 
+def test_flux_batch_is_the_pipelines_images_per_prompt(flux_dev, tmp_path):
+    latent = run_graph(flux_dev, tmp_path, cfg=3.5, batch=2)
+    pipe = flux_pipeline(flux_dev)
+    packed = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+                  max_sequence_length=16).images
+    assert latent.shape[0] == 2 and torch.equal(latent, pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor))
+
+
 def test_flux_schnell_txt2img_graph_matches_the_diffusers_pipeline(flux_schnell, tmp_path):
     latent = run_graph(flux_schnell, tmp_path, cfg=1.0)
     assert torch.equal(latent, pipeline_latent(flux_schnell, guidance_scale=0.0))
@@ -140,15 +149,72 @@ def test_flux_img2img_matches_the_diffusers_img2img_pipeline(flux_dev, steps, de
     assert torch.equal(out, pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor))
 
 
-def test_flux_sampler_refuses_a_negative_prompt(flux_dev):
+def negative_graph(path, *, cfg, guidance=None):
+    """run_graph's txt2img with a negative prompt, and FluxGuidance on the positive if given."""
+    g, ids = txt2img_graph(path, prompt=PROMPT, steps=STEPS, size=SIZE, seed=SEED,
+                           scheduler="flow_match_euler", cfg=cfg, save=False)
+    neg = add_node(g, "TextEncode", {"text": NEGATIVE}).id
+    g.connect(ids["load"], "clip", neg, "clip")
+    g.connect(neg, "conditioning", ids["sampler"], "negative")
+    if guidance is not None:
+        fg = add_node(g, "FluxGuidance", {"guidance": guidance}).id
+        g.connect(ids["text"], "conditioning", fg, "conditioning")
+        g.connect(fg, "conditioning", ids["sampler"], "positive")
+    ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
+    g.connect(ids["sampler"], "latent", ids["capture"], "latent")
+    return g, ids
+
+
+NEGATIVE = "a green triangle"
+
+
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_flux_true_cfg_with_a_negative_matches_the_pipelines_true_cfg_scale(flux_dev, tmp_path, guidance):
+    g, ids = negative_graph(flux_dev, cfg=4.0, guidance=guidance)
+    report = Executor(device="cpu", disk_cache=False).run(g, targets=[ids["capture"]], output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    pipe = flux_pipeline(flux_dev)
+    packed = pipe(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, height=SIZE, width=SIZE,
+                  num_inference_steps=STEPS, guidance_scale=3.5 if guidance is None else guidance,
+                  generator=torch.Generator().manual_seed(SEED), output_type="latent",
+                  max_sequence_length=16).images
+    assert torch.equal(CAPTURED.pop("latent"), pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor))
+
+
+def test_flux_guidance_without_a_negative_is_the_same_as_that_cfg(flux_dev, tmp_path):
+    """FluxGuidance sets the distilled guidance; without a negative, cfg 3.5 is the same thing."""
+    plain = run_graph(flux_dev, tmp_path, cfg=3.5).clone()
+    g, ids = txt2img_graph(flux_dev, prompt=PROMPT, steps=STEPS, size=SIZE, seed=SEED,
+                           scheduler="flow_match_euler", cfg=1.0, save=False)
+    fg = add_node(g, "FluxGuidance", {"guidance": 3.5}).id
+    g.connect(ids["text"], "conditioning", fg, "conditioning")
+    g.connect(fg, "conditioning", ids["sampler"], "positive")
+    cap = add_node(g, "TestCaptureLatent", {}).id
+    g.connect(ids["sampler"], "latent", cap, "latent")
+    assert Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path).ok
+    assert torch.equal(CAPTURED.pop("latent"), plain)
+
+
+def test_flux_true_cfg_needs_the_negatives_pooled_embedding(flux_dev):
     from kernels.flux import sample_flux
     from kernels.sampling import make_scheduler
 
     model, _clip, _vae = load_model_folder(flux_dev)
     text = torch.zeros(1, 4, 32)
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="negative's pooled"):
         sample_flux(model.unet, make_scheduler("flow_match_euler", model.scheduler_config), text, text,
-                    torch.zeros(1, 16, 8, 8), 1, 1.0, pooled=(torch.zeros(1, 32), None))
+                    torch.zeros(1, 16, 8, 8), 1, 4.0, pooled=(torch.zeros(1, 32), None))
+
+
+def test_empty_latent_asks_for_sizes_the_packed_latent_can_take(flux_dev):
+    from nodes.base import NodeError
+    from nodes.core import EmptyLatent
+
+    _model, _clip, vae = load_model_folder(flux_dev)
+    assert vae.size_multiple == 2 * vae.scale_factor  # 2x2 packed latent patches
+    with pytest.raises(NodeError, match=f"multiples of {vae.size_multiple}.*try 20x16"):
+        EmptyLatent().run(None, vae, 19, 16, 1)
+    assert EmptyLatent().run(None, vae, 20, 16, 1)["latent"].shape == (1, 16, 8, 10)
 
 
 def test_other_flux_pipelines_are_refused_clearly(tmp_path):

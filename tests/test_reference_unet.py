@@ -14,17 +14,28 @@ from nodes.registry import add_node
 PROMPT = "a red circle on the left"
 
 
+def _copy_with_scheduler(src, dst, **changes) -> str:
+    shutil.copytree(src, dst)
+    config_path = dst / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
 def sd_model(tiny_latent_model, tmp_path_factory):
-    """The tiny latent model with `steps_offset` 1, as SD1.x checkpoints ship it: the pipeline
-    rewrites any other value to 1 when it is built, which would compare two schedules."""
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    shutil.copytree(tiny_latent_model, path)
-    config_path = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["steps_offset"] = 1
-    config_path.write_text(json.dumps(config))
-    return str(path)
+    """The tiny latent model (v-prediction, as SD2's 768 models) with `steps_offset` 1, as SD
+    checkpoints ship it: the pipeline rewrites any other value to 1 when it is built, which
+    would compare two schedules."""
+    return _copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd", steps_offset=1)
+
+
+@pytest.fixture(scope="module")
+def sd_epsilon_model(tiny_latent_model, tmp_path_factory):
+    """The same with epsilon prediction, as SD1.x and SD2-base."""
+    return _copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd-eps",
+                                steps_offset=1, prediction_type="epsilon")
 
 
 def sd_pipeline(model_path, scheduler_name):
@@ -44,9 +55,9 @@ def sd_pipeline(model_path, scheduler_name):
     return pipe
 
 
-def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed):
+def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed, batch=1):
     g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=steps, scheduler=scheduler, cfg=cfg,
-                           seed=seed, save=False)
+                           seed=seed, save=False, batch=batch)
     ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", ids["capture"], "latent")
     report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
@@ -71,3 +82,22 @@ def test_unet_without_guidance_matches_the_pipeline(sd_model, tmp_path):
         PROMPT, height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m"])
+def test_epsilon_prediction_matches_the_pipeline(sd_epsilon_model, tmp_path, scheduler):
+    ours = graph_latent(sd_epsilon_model, tmp_path, scheduler=scheduler, steps=3, cfg=4.0, seed=2)
+    ref = sd_pipeline(sd_epsilon_model, scheduler)(
+        PROMPT, height=16, width=16, num_inference_steps=3, guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(2), output_type="latent").images
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+    assert sd_pipeline(sd_epsilon_model, scheduler).scheduler.config.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_a_batch_is_the_pipelines_images_per_prompt(sd_model, tmp_path, cfg):
+    ours = graph_latent(sd_model, tmp_path, scheduler="euler", steps=2, cfg=cfg, seed=3, batch=2)
+    ref = sd_pipeline(sd_model, "euler")(PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=cfg,
+                                         num_images_per_prompt=2, generator=torch.Generator().manual_seed(3),
+                                         output_type="latent").images
+    assert ours.shape[0] == 2 and torch.equal(ours, ref)

@@ -21,10 +21,10 @@ def sd3_model(tmp_path_factory):
     return build_tiny_sd3_model(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
 
 
-def sd3_graph(path, *, layout=None, steps=3, image_steps=1, text_steps=2):
+def sd3_graph(path, *, layout=None, steps=3, image_steps=1, text_steps=2, batch=1):
     """LoadModel -> TextEncode -> EmptyLatent -> Sampler -> VAEDecode (+ JointAttentionMask)."""
     g, ids = txt2img_graph(path, prompt=PROMPT, steps=steps, scheduler="flow_match_euler",
-                           cfg=4.0, save=False)
+                           cfg=4.0, save=False, batch=batch)
     ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
     g.connect(ids["sampler"], "latent", ids["capture"], "latent")
     ids["preview"] = add_node(g, "PreviewImage", {}).id
@@ -56,6 +56,7 @@ def test_sd3_folder_loads_with_all_text_encoders(sd3_model):
     assert isinstance(model.unet, SD3Transformer2DModel) and model.is_flow
     assert isinstance(clip.text_encoder, SD3TextEncoders) and clip.text_encoder.text_encoder_3 is not None
     assert (vae.latent_channels, vae.scale_factor) == (4, 2)
+    assert vae.size_multiple == 2 * model.unet.config.patch_size  # image sizes in whole patches
     cond = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
     # the joint sequence and pooled projections are what the pipeline itself feeds its
     # transformer (uncond half first), caught on the way in
@@ -88,6 +89,18 @@ def test_sd3_txt2img_graph_matches_the_diffusers_pipeline(sd3_model, tmp_path):
                generator=torch.Generator().manual_seed(1), output_type="latent",
                max_sequence_length=16).images
     assert torch.equal(CAPTURED["latent"], ref)
+
+
+def test_sd3_batch_is_the_pipelines_images_per_prompt(sd3_model, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    g, _ids = sd3_graph(sd3_model, steps=2, batch=2)
+    run_ok(g, tmp_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=4.0, num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(1), output_type="latent", max_sequence_length=16).images
+    assert CAPTURED["latent"].shape[0] == 2 and torch.equal(CAPTURED["latent"], ref)
 
 
 def test_joint_attention_mask_with_no_boxes_is_bit_identical(sd3_model, tmp_path):

@@ -40,9 +40,9 @@ def sdxl_pipeline(model_path, scheduler_name=None):
     return pipe
 
 
-def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed, size=16, negative=None):
+def graph_latent(model_path, tmp_path, *, scheduler, steps, cfg, seed, size=16, negative=None, batch=1):
     g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=steps, scheduler=scheduler, cfg=cfg,
-                           seed=seed, size=size, save=False)
+                           seed=seed, size=size, save=False, batch=batch)
     if negative is not None:
         ids["negative"] = add_node(g, "TextEncode", {"text": negative}).id
         g.connect(ids["load"], "clip", ids["negative"], "clip")
@@ -121,6 +121,17 @@ def test_sdxl_negative_prompt_matches_the_pipeline(sdxl_model, tmp_path):
         PROMPT, negative_prompt=negative, height=16, width=16, num_inference_steps=3,
         guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="latent").images
     assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("cfg, negative", [(1.0, None), (5.0, None), (5.0, "a blue square")])
+def test_sdxl_batch_is_the_pipelines_images_per_prompt(sdxl_model, tmp_path, cfg, negative):
+    # the pooled text and time ids go to every image of the batch
+    ours = graph_latent(sdxl_model, tmp_path, scheduler="euler", steps=2, cfg=cfg, seed=7, negative=negative,
+                        batch=2)
+    ref = sdxl_pipeline(sdxl_model, "euler")(
+        PROMPT, negative_prompt=negative, height=16, width=16, num_inference_steps=2, guidance_scale=cfg,
+        num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert ours.shape[0] == 2 and torch.equal(ours, ref)
 
 
 def test_sdxl_sampler_refuses_a_conditioning_without_pooled_embeddings(sdxl_model, tiny_latent_model, tmp_path):

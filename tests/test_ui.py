@@ -160,7 +160,7 @@ def test_inspector_widgets_follow_the_declaration(window, qtbot):
     window.canvas.select([text])
     prompt = window.inspector.fields["text"]
     assert isinstance(prompt.widget, QtWidgets.QPlainTextEdit)
-    assert prompt.widget.toolTip() == "the prompt"
+    assert prompt.widget.toolTip() == "the prompt; (words:1.3) weighs words"
     prompt.widget.setPlainText("a green star")
     qtbot.waitUntil(lambda: window.doc.graph.nodes[text].params.get("text") == "a green star", timeout=3000)
     save = window.add_node("SaveImage", QtCore.QPointF(0, 200))

@@ -333,17 +333,19 @@ def test_load_upscale_model_goes_through_the_model_manager_and_finds_ckpt_names(
     save_model(tiny_esrgan(2), root / "upscale_models" / "tiny-x2.safetensors")
     executor = Executor(device="cpu", disk_cache=False, model_roots=[str(root)])
 
-    class Ctx:
-        model_roots = [str(root)]
+    class Ctx:  # a node context over the executor, without a graph run
         models = executor.models
 
-        def resolve_path(self, p):
-            return executor.resolve_path(p)
+        def resolve_path(self, p, kinds=None):
+            return executor.resolve_path(p, kinds=kinds)
 
     node = get("LoadUpscaleModel")()
     first = node.run(Ctx(), path="ckpt:tiny-x2", dtype="float32")["upscale_model"]
     again = node.run(Ctx(), path="ckpt:tiny-x2.safetensors", dtype="float32")["upscale_model"]
     assert first is again and executor.models.loads == 1 and first.scale == 2
+    from kernels.memory import modules_in
+
+    assert modules_in(first) == [first.module]  # the manager can count and move it
     from nodes.base import NodeError
 
     with pytest.raises(NodeError, match="no model called 'nothing'"):

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from kernels.files import atomic_write
 from kernels.storage import storable_class, storage_name
@@ -76,6 +76,12 @@ class MemoryCache:
                 e = self._entries.pop(victim)
                 self._clock = e.priority
                 self.used -= e.size
+
+    def discard_if(self, holds: "Callable[[dict[str, Any]], bool]") -> None:
+        """Forget the entries whose values `holds` says yes to (values of a dropped model)."""
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if holds(e.values)]:
+                self.used -= self._entries.pop(key).size
 
     def clear(self) -> None:
         with self._lock:

@@ -120,11 +120,10 @@ class NodeContext:
         self._executor, self._run, self.node_id = executor, run, node_id
         self.device = executor.device
         self.models = executor.models
-        self.model_roots = executor.model_roots  # None: LOOMWORK_MODELS
         self._last_preview = 0.0
 
-    def resolve_path(self, path: str) -> str:
-        return self._executor.resolve_path(path, self._run.graph_dir)
+    def resolve_path(self, path: str, kinds: Optional[tuple] = None) -> str:
+        return self._executor.resolve_path(path, self._run.graph_dir, kinds)
 
     def check_cancel(self) -> None:
         if self._run.cancel.is_set():
@@ -200,8 +199,12 @@ class Executor:
     def __init__(self, *, device: Optional[str] = None, memory_budget: int = 4 << 30,
                  disk_cache: "DiskCache | str | Path | None | bool" = True,
                  disk_budget: int = 2 << 30, resources: Optional[Path] = None,
-                 model_roots: Optional[Iterable[str]] = None):
+                 model_roots: Optional[Iterable[str]] = None,
+                 ram_budget: "int | str | None" = None, vram_budget: "int | str | None" = None):
         self._device = device
+        # Models' budgets (bytes or "12G"); None: LOOMWORK_RAM_BUDGET / _VRAM_ or the machine's.
+        self._model_budgets = (ram_budget, vram_budget)
+        self._current: Optional[_Run] = None  # the run in progress: its values' models stay loaded
         # None: LOOMWORK_MODELS, read when a `ckpt:` path is resolved.
         self.model_roots = None if model_roots is None else list(model_roots)
         self.memory = MemoryCache(memory_budget)
@@ -227,29 +230,42 @@ class Executor:
     @property
     def models(self) -> ModelManager:
         if self._models is None:
-            self._models = ModelManager(self.device)
+            ram, vram = self._model_budgets
+            self._models = ModelManager(self.device, ram_budget=ram, vram_budget=vram,
+                                        in_use=self._values_in_use, on_drop=self._forget_model)
         return self._models
 
-    def resolve_path(self, path: str, graph_dir: Optional[Path] = None) -> str:
-        """`builtin:NAME` -> a shipped model; `ckpt:NAME` -> a model in the model folders;
-        `~` expanded; relative -> the graph's folder."""
+    def _values_in_use(self) -> list:
+        run = self._current
+        return list(run.values.values()) if run is not None else []
+
+    def _forget_model(self, value: Any) -> None:
+        """A dropped model leaves the memory cache too, so its memory is really freed."""
+        from kernels.memory import modules_in
+
+        dropped = {id(m) for m in modules_in(value)}
+        self.memory.discard_if(lambda values: any(id(m) in dropped for m in modules_in(values)))
+
+    def resolve_path(self, path: str, graph_dir: Optional[Path] = None, kinds: Optional[tuple] = None) -> str:
+        """`builtin:NAME` -> a shipped model; `ckpt:NAME` -> a model in the model folders (of
+        `kinds`, default checkpoints and diffusers folders); `~` expanded; relative -> the graph's folder."""
         if not path:
             return path
         if path.startswith("builtin:"):
             return str(self.resources / "models" / path[len("builtin:"):])
         if path.startswith("ckpt:"):
-            return self._find_checkpoint(path[len("ckpt:"):])
+            return self._find_model(path[len("ckpt:"):], kinds)
         p = Path(path).expanduser()
         if not p.is_absolute() and graph_dir is not None:
             p = graph_dir / p
         return str(p)
 
-    def _find_checkpoint(self, name: str) -> str:
-        from kernels.model_folders import ModelNotFound, find_model, roots_from_env
+    def _find_model(self, name: str, kinds: Optional[tuple]) -> str:
+        from kernels.model_folders import CHECKPOINT_KINDS, ModelNotFound, find_model, roots_from_env
 
         roots = roots_from_env() if self.model_roots is None else self.model_roots
         try:
-            return find_model(name, roots)
+            return find_model(name, roots, kinds or CHECKPOINT_KINDS)
         except ModelNotFound as exc:
             raise NodeError(str(exc)) from None
 
@@ -269,7 +285,10 @@ class Executor:
         """Run `targets` (default: every output node) and what they need. Never raises for a
         node's failure: the report says what happened to each node."""
         with self._lock:
-            return self._run_locked(graph, targets, events, cancel, output_dir, graph_path)
+            try:
+                return self._run_locked(graph, targets, events, cancel, output_dir, graph_path)
+            finally:
+                self._current = None
 
     def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path) -> RunReport:
         started = time.perf_counter()
@@ -280,6 +299,7 @@ class Executor:
         run = _Run(graph=graph, events=events or EngineEvents(), cancel=cancel or threading.Event(),
                    output_dir=Path(output_dir) if output_dir else Path.cwd(), graph_dir=graph_dir,
                    graph_text=dumps(graph, strict=False), report=RunReport())
+        self._current = run
         cone = graph.upstream(targets)
         on_cycle: set[str] = set()
         try:
@@ -398,6 +418,7 @@ class Executor:
         node_impl = spec()
         try:
             ctx.check_cancel()
+            ctx.models.prepare(inputs)  # its models count as used now; on a GPU, they go there
             outputs = node_impl.run(ctx, **inputs, **params) or {}
             missing = set(spec.outputs) - set(outputs)
             if missing:

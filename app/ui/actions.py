@@ -28,6 +28,8 @@ class WindowActions:
         self.act_open = self._action("&Open…", self.file_open, K.Open)
         self.act_save = self._action("&Save", self.file_save, K.Save)
         self.act_save_as = self._action("Save &As…", self.file_save_as, K("Ctrl+Shift+S"))
+        self.act_model_folders = self._action("&Models Folders…", self.edit_model_folders, None,
+                                              "the folders searched for models (ComfyUI, A1111 or your own)")
         self.act_quit = self._action("&Quit", self.close, K.Quit)
         # Our own undo/redo actions (not createUndoAction): a fixed label keeps the toolbar still;
         # what would be undone goes in the tooltip.
@@ -66,6 +68,8 @@ class WindowActions:
         self.examples_menu.aboutToShow.connect(self._fill_examples)
         m.addSeparator()
         m.addActions([self.act_save, self.act_save_as])
+        m.addSeparator()
+        m.addAction(self.act_model_folders)
         m.addSeparator()
         m.addAction(self.act_quit)
         m = mb.addMenu("&Edit")
@@ -113,6 +117,14 @@ class WindowActions:
         ("Ctrl+S / Ctrl+Shift+S / Ctrl+O", "save / save as / open"),
         ("Double-click a title", "rename the node (or a group)"),
     ]
+
+    def edit_model_folders(self) -> None:
+        from . import session
+        from .model_picker import ModelFoldersDialog
+
+        dialog = ModelFoldersDialog(self)
+        if dialog.exec() == QtWidgets.QDialog.Accepted:
+            self.runner.set_model_roots(session.all_model_roots())
 
     def show_shortcuts(self) -> None:
         rows = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in self.SHORTCUTS)

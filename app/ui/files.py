@@ -58,11 +58,14 @@ class FileHandling:
             self._notice("Cannot open graph", str(exc))
             return False
         is_png = path.lower().endswith(".png")
-        # A graph opened from a PNG saves as a new .loom, never over the image.
-        self.doc.replace(graph, None if is_png else str(Path(path).resolve()))
-        if not is_png:
+        shipped = _inside(Path(path), resources_dir())
+        # A graph opened from a PNG saves as a new .loom, never over the image; one shipped with
+        # the app opens as an untitled copy (Save asks where; outputs go to the output folder).
+        self.doc.replace(graph, None if is_png or shipped else str(Path(path).resolve()))
+        if not (is_png or shipped):
             session.add_recent(path)
-        self.show_message(f"Opened {path}")
+        self._update_title()
+        self.show_message(f"Opened a copy of {path}" if shipped else f"Opened {path}")
         return True
 
     def file_save(self) -> bool:
@@ -114,11 +117,7 @@ class FileHandling:
 
     def open_example(self, path: Path) -> bool:
         """Examples open as untitled copies: Save asks where, the shipped file stays as it is."""
-        if not self.open_path(str(path)):
-            return False
-        self.doc.path = None
-        self._update_title()
-        return True
+        return self.open_path(str(path))
 
     # -- crash recovery -------------------------------------------------------------------
     def offer_recovery(self) -> bool:
@@ -165,3 +164,11 @@ class FileHandling:
         if paths:
             event.acceptProposedAction()
             self._open_dropped(paths)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False

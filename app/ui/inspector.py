@@ -28,13 +28,35 @@ class ParamField(QtCore.QObject):
         super().__init__()
         self.param, self._commit = param, commit
         self.widget: QtWidgets.QWidget = QtWidgets.QWidget()
+        # why the value is invalid, under the field; hidden while it is fine
+        self.problem = QtWidgets.QLabel("")
+        self.problem.setObjectName("ParamProblem")
+        self.problem.setWordWrap(True)
+        self.problem.setVisible(False)
 
     def commit(self, value, merge: bool = False) -> None:
-        problem = self._commit(value, merge)
+        self.show_problem(self._commit(value, merge))
+
+    def show_problem(self, problem: Optional[str]) -> None:
         self.widget.setProperty("invalid", bool(problem))
         self.widget.style().unpolish(self.widget)
         self.widget.style().polish(self.widget)
         self.widget.setToolTip(f"{problem}" if problem else self.param.help)
+        self.problem.setText(problem or "")
+        self.problem.setVisible(bool(problem))
+
+    def load_checked(self, value) -> None:
+        """Show a stored value; one the param refuses (a file's "many" steps) is flagged with
+        the reason, and the widget shows the default until the user sets a new value."""
+        problem = self.param.check(value)
+        try:
+            self.load(value)
+        except (TypeError, ValueError, OverflowError):
+            self.load(self.param.default)
+            problem = problem or f"{value!r} cannot be shown here"
+        if problem:
+            problem = f"the stored value is invalid: {problem}; set a new one"
+        self.show_problem(problem)
 
     def load(self, value) -> None:
         raise NotImplementedError
@@ -201,7 +223,22 @@ class PathField(ParamField):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.edit, 1)
         lay.addWidget(self.pick)
+        self.models = None
+        if param.models:  # a model: offer the models folders' list as well as the file dialog
+            self.models = QtWidgets.QToolButton()
+            self.models.setText("Models")
+            self.models.setToolTip("choose from the models folders (File > Models Folders)")
+            self.models.clicked.connect(self.choose_model)
+            lay.addWidget(self.models)
         self.widget = row
+
+    def choose_model(self):
+        from .model_picker import ModelPicker
+
+        picker = ModelPicker(self.param.models, self.edit.text(), self.widget.window())
+        if picker.exec() == QtWidgets.QDialog.Accepted and picker.chosen():
+            self.edit.setText(picker.chosen())
+            self.commit(picker.chosen())
 
     def choose(self):
         start = self.edit.text()
@@ -381,7 +418,7 @@ class Inspector(QtWidgets.QScrollArea):
                 field.hint = " · draw them on the Layout panel"
             field.widget.setObjectName(f"param:{name}")
             field.widget.setToolTip(param.help)
-            field.load(values[name])
+            field.load_checked(values[name])
             label = QtWidgets.QLabel(name.replace("_", " "))
             label.setObjectName("ParamLabel")
             label.setToolTip(param.help)
@@ -390,6 +427,7 @@ class Inspector(QtWidgets.QScrollArea):
                 form.addRow(field.widget)
             else:
                 form.addRow(label, field.widget)
+            form.addRow("", field.problem)
             self.fields[name] = field
         outer.addLayout(form)
         outer.addStretch(1)
@@ -423,7 +461,7 @@ class Inspector(QtWidgets.QScrollArea):
             return
         values = spec.resolved_params(node.params)
         for name, field in self.fields.items():
-            field.load(values[name])
+            field.load_checked(values[name])
         if self.title_edit.text() != node.title:
             self.title_edit.setText(node.title)
 

@@ -94,6 +94,7 @@ class Runner(QtCore.QObject):
     def __init__(self, parent=None, *, disk_cache=True):
         super().__init__(parent)
         self._disk_cache = disk_cache
+        self._model_roots: Optional[list[str]] = None  # None: LOOMWORK_MODELS only
         self._executor = None
         self._thread: Optional[threading.Thread] = None
         self._cancel = threading.Event()
@@ -108,8 +109,15 @@ class Runner(QtCore.QObject):
             if self._executor is None:
                 from app.engine import Executor
 
-                self._executor = Executor(disk_cache=self._disk_cache)
+                self._executor = Executor(disk_cache=self._disk_cache, model_roots=self._model_roots)
             return self._executor
+
+    def set_model_roots(self, roots: list[str]) -> None:
+        """Where `ckpt:` names are found, from the next run on."""
+        with self._lock:
+            self._model_roots = list(roots)
+            if self._executor is not None:
+                self._executor.model_roots = list(roots)
 
     def warm_up(self) -> None:
         """Import torch and the kernels in the background after the window shows, so the first

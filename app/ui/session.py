@@ -52,6 +52,32 @@ def settings() -> QtCore.QSettings:
     return QtCore.QSettings(str(data_dir() / "settings.ini"), QtCore.QSettings.IniFormat)
 
 
+# -- models folders ---------------------------------------------------------------------------
+MODEL_FOLDERS_KEY = "models/folders"
+
+
+def model_folders() -> list[str]:
+    """The models folders set in the app (File > Models Folders), in order."""
+    value = settings().value(MODEL_FOLDERS_KEY, [])
+    if isinstance(value, str):  # QSettings gives a one-item list back as a plain string
+        value = [value]
+    return [str(v) for v in (value or []) if str(v).strip()]
+
+
+def set_model_folders(folders: list[str]) -> None:
+    s = settings()
+    s.setValue(MODEL_FOLDERS_KEY, [f for f in folders if f.strip()])
+    s.sync()
+
+
+def all_model_roots() -> list[str]:
+    """Where `ckpt:` names are looked up: the app's folders, then those in LOOMWORK_MODELS."""
+    from kernels.model_folders import roots_from_env
+
+    roots = [os.path.expanduser(f) for f in model_folders()]
+    return roots + [r for r in roots_from_env() if r not in roots]
+
+
 # -- recent files ---------------------------------------------------------------------------
 def _recent_file() -> Path:
     return data_dir() / "recent.json"

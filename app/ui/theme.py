@@ -79,7 +79,8 @@ QLineEdit, QPlainTextEdit, QTextEdit, QSpinBox, QDoubleSpinBox, QComboBox {{
     padding: 0.2em 0.4em; selection-background-color: {ACCENT_DIM}; }}
 QLineEdit:focus, QPlainTextEdit:focus, QSpinBox:focus, QDoubleSpinBox:focus, QComboBox:focus {{
     border-color: {ACCENT}; }}
-QLineEdit[invalid="true"], QPlainTextEdit[invalid="true"] {{ border-color: {DANGER}; }}
+QLineEdit[invalid="true"], QPlainTextEdit[invalid="true"], QSpinBox[invalid="true"],
+QDoubleSpinBox[invalid="true"], QComboBox[invalid="true"], QCheckBox[invalid="true"] {{ border-color: {DANGER}; }}
 QPushButton {{ background: {RAISED}; color: {TEXT}; border: 1px solid {BORDER}; border-radius: 4px;
     padding: 0.25em 0.8em; }}
 QPushButton:hover {{ border-color: {ACCENT}; }}
@@ -96,6 +97,7 @@ QScrollArea {{ border: none; background: {PANEL}; }}
 QLabel#InspectorTitle {{ font-size: 12pt; font-weight: 600; color: {TEXT}; }}
 QLabel#InspectorDoc, QLabel#Hint {{ color: {TEXT_DIM}; }}
 QLabel#ParamLabel {{ color: {TEXT_DIM}; }}
+QLabel#ParamProblem {{ color: {DANGER}; }}
 QToolTip {{ background: {RAISED}; color: {TEXT}; border: 1px solid {BORDER}; padding: 0.3em; }}
 QTabWidget::pane {{ border: none; }}
 QTabBar::tab {{ background: {PANEL}; color: {TEXT_DIM}; padding: 0.35em 0.9em; border: none; }}

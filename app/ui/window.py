@@ -38,6 +38,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.canvas = GraphCanvas(self.doc, self)
         self.runner = runner or Runner(self)
         self.runner.setParent(self)
+        self.runner.set_model_roots(session.all_model_roots())
         self._init_run_state()
         self._closing_ok = False
         self.setAcceptDrops(True)

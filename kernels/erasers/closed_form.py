@@ -21,6 +21,21 @@ every direction orthogonal to all keys exactly as it was.
   trainscripts/uce_sd_erase.py: same normal equations, lam 0.5 there, erase/preserve scales.
   `positions="to_end"` also edits every later position, as Diff-QuickFix does for EOS, which
   small encoders need because the causal encoder copies the concept into the tokens after it.
+
+Other families (kernels.denoiser's text):
+- UCE edits the layers the denoiser's text embeddings enter (`text_input_layers`): on a UNet
+  the cross-attention to_k/to_v (SDXL's take both encoders' hidden states side by side); on an
+  MM-DiT (SD3, FLUX) text reaches the joint attention only through its text stream, so the edit
+  is the `context_embedder` Linear the raw text sequence enters: the concept's rows are mapped
+  to what it makes of the anchor's, the same least squares. Keys are the concept's positions
+  in each encoder's part of the sequence (SD3: its CLIP part and its T5 part; FLUX: T5's). The
+  pooled text (SDXL's added embedding, the MM-DiTs' pooled projections) is left as it is, as
+  UCE leaves SDXL's.
+- Diff-QuickFix edits every CLIP encoder of the set (SDXL: CLIP-L and CLIP-G; SD3: both CLIPs;
+  FLUX: CLIP-L, whose pooled output is all FLUX takes from it). T5 is left out: the edit's
+  keys (the last subject token and the positions after it) localise the concept only in a
+  causal encoder, and T5's encoder attends both ways, so layer 0 spreads the concept into
+  every position, earlier ones included. On FLUX erase with cross_attention to reach its T5.
 """
 
 from __future__ import annotations
@@ -29,10 +44,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from kernels.text import tokenize
+from kernels.denoiser import encode_prompts
+from kernels.text import TextEncoderSet, tokenize
 
-from .model_io import encode_embeds
-from .patches import cross_attention_kv, text_encoder_out_proj
+from .patches import text_encoder_out_proj, text_input_layers
 
 # Diff-QuickFix's augmentation templates ("{}" is the concept).
 QUICKFIX_TEMPLATES = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
@@ -104,29 +119,83 @@ def _aligned_positions(src_idx: int, anc_idx: int, length: int, to_end: bool) ->
     return src, anc
 
 
-def _concept_and_anchor_rows(tokenizer, src: torch.Tensor, anc: torch.Tensor, pairs, to_end: bool):
+def _concept_and_anchor_rows(parts, src: torch.Tensor, anc: torch.Tensor, pairs, to_end: bool):
     """Rows of `src` at each source prompt's concept positions, and of `anc` at the aligned
-    positions of its anchor prompt (both (prompts, length, D))."""
-    length = src.shape[1]
+    positions of its anchor prompt (both (prompts, length, D)). `parts`: a tokenizer (one
+    encoder's sequence) or (tokenizer, start, length) per encoder's part of a joint sequence."""
+    if not isinstance(parts, (list, tuple)):
+        parts = [(parts, 0, src.shape[1])]
     keys, anchor_rows = [], []
     for i, ((sp, se), (ap, ae)) in enumerate(pairs):
-        si = min(last_token_index(tokenizer, sp, se), length - 1)
-        ai = min(last_token_index(tokenizer, ap, ae), length - 1)
-        src_pos, anc_pos = _aligned_positions(si, ai, length, to_end)
-        keys.append(src[i, src_pos])
-        anchor_rows.append(anc[i, anc_pos])
+        for tokenizer, start, length in parts:
+            si = min(last_token_index(tokenizer, sp, se), length - 1)
+            ai = min(last_token_index(tokenizer, ap, ae), length - 1)
+            src_pos, anc_pos = _aligned_positions(si, ai, length, to_end)
+            keys.append(src[i, [start + p for p in src_pos]])
+            anchor_rows.append(anc[i, [start + p for p in anc_pos]])
     return torch.cat(keys), torch.cat(anchor_rows)
+
+
+def clip_encoders(tokenizer, text_encoder) -> list[tuple[str, Any, Any]]:
+    """(parameter-name prefix, tokenizer, CLIP text model) of each CLIP encoder of a CLIP bundle:
+    the encoder itself (prefix "") or the CLIPs of a family's set (prefix "text_encoder_2." ...;
+    T5 is not a CLIP)."""
+    if not isinstance(text_encoder, TextEncoderSet):
+        return [("", tokenizer, text_encoder)]
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    out = []
+    for suffix in ("", "_2", "_3"):
+        encoder = getattr(text_encoder, "text_encoder" + suffix, None)
+        if isinstance(encoder, (CLIPTextModel, CLIPTextModelWithProjection)):
+            out.append((f"text_encoder{suffix}.", getattr(tokenizer, "tokenizer" + suffix), encoder))
+    if not out:
+        raise ValueError("the text encoders have no CLIP encoder to edit")
+    return out
+
+
+def sequence_parts(tokenizer, text_encoder, length: int) -> list[tuple[Any, int, int]]:
+    """(tokenizer, start, length) of each encoder's part of the text sequence the denoiser takes
+    (`length` long): SD 1.x and SDXL one CLIP part (SDXL's encoders split a prompt alike), SD3
+    its CLIP part then its T5 part, FLUX its T5 sequence."""
+    from kernels.flux import FluxTextEncoders
+    from kernels.sdxl import SDXLTextEncoders
+    from kernels.text import SD3TextEncoders
+
+    if isinstance(text_encoder, SDXLTextEncoders):
+        return [(tokenizer.tokenizer or tokenizer.tokenizer_2, 0, length)]
+    if isinstance(text_encoder, FluxTextEncoders):
+        return [(tokenizer.tokenizer_2, 0, length)]
+    if isinstance(text_encoder, SD3TextEncoders):
+        n_clip = int(tokenizer.tokenizer.model_max_length)
+        parts = [(tokenizer.tokenizer, 0, n_clip)]
+        if text_encoder.text_encoder_3 is not None and tokenizer.tokenizer_3 is not None:
+            parts.append((tokenizer.tokenizer_3, n_clip, length - n_clip))
+        return parts
+    return [(tokenizer, 0, length)]
 
 
 @torch.no_grad()
 def quickfix_edit(tokenizer, text_encoder, concept: str, anchor: str, *,
                   templates: Sequence[str] = QUICKFIX_TEMPLATES, preserve: Sequence[str] = (),
                   lam: float = 0.01, layer: int = 0, preserve_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Diff-QuickFix: edit the text encoder's layer-`layer` self-attention out_proj.
+    """Diff-QuickFix: edit the text encoder's layer-`layer` self-attention out_proj (every CLIP
+    encoder of a family's set: `clip_encoders`).
 
-    Returns {parameter name: delta}. Run it with the CLIP's existing patches applied, so the
-    delta is relative to the weights the chain has so far.
+    Returns {parameter name: delta}, names relative to `text_encoder`. Run it with the CLIP's
+    existing patches applied, so the delta is relative to the weights the chain has so far.
     """
+    out = {}
+    for prefix, tok, encoder in clip_encoders(tokenizer, text_encoder):
+        deltas = _quickfix_one(tok, encoder, concept, anchor, templates=templates, preserve=preserve,
+                               lam=lam, layer=layer, preserve_scale=preserve_scale)
+        out.update({prefix + k: v for k, v in deltas.items()})
+    return out
+
+
+def _quickfix_one(tokenizer, text_encoder, concept: str, anchor: str, *, templates: Sequence[str],
+                  preserve: Sequence[str], lam: float, layer: int, preserve_scale: float) -> dict[str, torch.Tensor]:
+    """Diff-QuickFix on one CLIP text model."""
     name = text_encoder_out_proj(text_encoder, layer)
     device = text_encoder.device
     pairs = [(fill_template(t, concept), fill_template(t, anchor)) for t in templates]
@@ -150,24 +219,28 @@ def uce_edit(unet, tokenizer, text_encoder, concept: str, anchor: str, *,
              templates: Sequence[str] = ("{}",), preserve: Sequence[str] = (), lam: float = 0.5,
              positions: str = "last", erase_scale: float = 1.0, preserve_scale: float = 1.0,
              layers: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-    """UCE/TIME: edit every cross-attention to_k/to_v so the concept's keys give the anchor's outputs.
+    """UCE/TIME: edit the layers the text embeddings enter (`text_input_layers`: a UNet's
+    cross-attention to_k/to_v, an MM-DiT's context_embedder) so the concept's keys give the
+    anchor's outputs.
 
     positions="last": the concept's last token only (UCE); "to_end": that token and every later
-    one (EOS, padding). Preserved prompts keep all their token positions' outputs.
-    Returns {parameter name: delta}; run with the model's and CLIP's patches applied.
+    one (EOS, padding), in each encoder's part of the sequence. Preserved prompts keep all their
+    token positions' outputs. Returns {parameter name: delta}; run with the model's and CLIP's
+    patches applied.
     """
     if positions not in ("last", "to_end"):
         raise ValueError("positions must be 'last' or 'to_end'")
     pairs = [(fill_template(t, concept), fill_template(t, anchor)) for t in templates]
-    src = encode_embeds(tokenizer, text_encoder, [p for (p, _), _ in pairs])
-    anc = encode_embeds(tokenizer, text_encoder, [p for _, (p, _) in pairs])
-    keys_t, anchor_t = _concept_and_anchor_rows(tokenizer, src, anc, pairs, positions == "to_end")
+    src = encode_prompts(tokenizer, text_encoder, [p for (p, _), _ in pairs]).embeds
+    anc = encode_prompts(tokenizer, text_encoder, [p for _, (p, _) in pairs]).embeds
+    parts = sequence_parts(tokenizer, text_encoder, src.shape[1])
+    keys_t, anchor_t = _concept_and_anchor_rows(parts, src, anc, pairs, positions == "to_end")
     keys_t, anchor_t = keys_t.float(), anchor_t.float()
     pk = None
     if preserve:
-        pk = encode_embeds(tokenizer, text_encoder, list(preserve)).reshape(-1, keys_t.shape[-1]).float()
+        pk = encode_prompts(tokenizer, text_encoder, list(preserve)).embeds.reshape(-1, keys_t.shape[-1]).float()
     out = {}
-    for name in (layers or cross_attention_kv(unet)):
+    for name in (layers or text_input_layers(unet)):
         module = unet.get_submodule(name)
         w = module.weight.float()
         values = anchor_t.to(w.device) @ w.T

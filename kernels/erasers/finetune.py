@@ -17,6 +17,11 @@ concept (ESD is data-free). Each objective is one loss function, a list of squar
   share, e.g. every colour for a shape).
 
 The trained LoRA is kept as peft's (A, B) factors (`LoraPatch`, `MembranePatch`).
+
+Every family trains the same way (kernels.denoiser): text is a tensor or a DenoiserText (with
+the pooled embedding SDXL, SD3 and FLUX take), the model a module or a Denoiser. FLUX has no
+negative batch: its trajectories are sampled at guidance `pool_cfg` through its guidance input,
+and every prediction of its training takes that guidance.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
-from kernels.sampling import cfg_mix, latent_sample_shape
+from kernels.denoiser import as_denoiser, cat_text
+from kernels.sampling import cfg_mix
 
 from .model_io import predict_noise
 from .patches import lora_targets
@@ -47,24 +53,24 @@ class TrainReport:
 
 
 @torch.no_grad()
-def concept_trajectories(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, *, count: int,
+def concept_trajectories(unet, scheduler, cond, uncond, *, count: int,
                          steps: int, cfg: float, generator: torch.Generator, sample_shape: tuple,
                          with_prompts: bool = False):
     """x_t and t at every step of `count` sampling runs of the model on `cond` (ESD's data);
     with_prompts: also which row of `cond` each x_t was sampled for."""
-    scheduler.set_timesteps(steps)
+    denoiser = as_denoiser(unet)
+    timesteps = denoiser.set_timesteps(scheduler, steps)
     x = torch.randn((count,) + tuple(sample_shape), generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
     x = x.to(cond.device, cond.dtype)
     which = torch.arange(count) % cond.shape[0]
     c = cond[which]
     u = uncond.expand(count, -1, -1)
     xs, ts = [], []
-    for t in scheduler.timesteps:
+    for t in timesteps:
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         xs.append(x_in.clone())
         ts.append(torch.full((count,), float(t)))
-        e_u, e_c = predict_noise(unet, torch.cat([x_in, x_in]), t, torch.cat([u, c])).chunk(2)
-        x = scheduler.step(cfg_mix(e_u, e_c, cfg), t, x).prev_sample
+        x = scheduler.step(denoiser.guided(x_in, t, c, u, cfg), t, x).prev_sample
     if with_prompts:
         return torch.cat(xs), torch.cat(ts), which.repeat(len(xs))
     return torch.cat(xs), torch.cat(ts)
@@ -97,7 +103,7 @@ class TrainingBatch:
 
 def training_pools(teacher, scheduler, target_embeds, empty_embeds, anchor_embeds, *, runs: int, steps: int,
                    cfg: float, generator: torch.Generator) -> TrainingPools:
-    sample_shape = latent_sample_shape(teacher)
+    sample_shape = as_denoiser(teacher).sample_shape()
     x, t = concept_trajectories(teacher, scheduler, target_embeds, empty_embeds, count=runs, steps=steps,
                                 cfg=cfg, generator=generator, sample_shape=sample_shape)
     anchors = None
@@ -129,7 +135,7 @@ def draw_batch(pools: TrainingPools, target_embeds, alt_embeds, anchor_embeds, s
         j = torch.randint(0, ax.shape[0], (size - half,), generator=generator)
         rows = anchor_embeds[torch.randint(0, anchor_embeds.shape[0], (half,), generator=generator)]
         anchor = (torch.cat([x[:half], ax[j]]), torch.cat([t[:half], at[j].to(dev)]),
-                  torch.cat([rows, anchor_embeds[ap[j]]]))
+                  cat_text([rows, anchor_embeds[ap[j]]]))
     return TrainingBatch(x, t, concept, alternative, anchor)
 
 
@@ -152,7 +158,7 @@ def esd_loss(teacher, batch: TrainingBatch, empty_embeds, *, eta: float) -> list
     """ESD: the concept's prediction pushed along the negative guidance direction."""
     x, t, c = batch.x, batch.t, batch.concept
     u = empty_embeds.expand(x.shape[0], -1, -1)
-    e_u, e_c = predict_noise(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
+    e_u, e_c = predict_noise(teacher, torch.cat([x, x]), torch.cat([t, t]), cat_text([u, c])).chunk(2)
     return [LossTerm(x, t, c, cfg_mix(e_u, e_c, -eta))]  # guidance away from the concept
 
 
@@ -164,7 +170,7 @@ def all_but_one_loss(teacher, batch: TrainingBatch, empty_embeds, *, eta: float,
     x, t = batch.x, batch.t
     u = empty_embeds.expand(x.shape[0], -1, -1)
     e_u, e_a = predict_noise(teacher, torch.cat([x, x]), torch.cat([t, t]),
-                             torch.cat([u, batch.alternative])).chunk(2)
+                             cat_text([u, batch.alternative])).chunk(2)
     terms = [LossTerm(x, t, batch.concept, cfg_mix(e_u, e_a, eta))]
     if uncond_weight > 0:
         terms.append(LossTerm(x, t, u, e_u, uncond_weight))
@@ -198,7 +204,7 @@ def objective_loss(objective: str, *, eta: float, uncond_weight: float) -> Calla
 def squared_error(student, terms: list[LossTerm]) -> torch.Tensor:
     """sum_i weight_i * MSE(student prediction, target_i), all terms in one student call."""
     preds = predict_noise(student, torch.cat([term.x for term in terms]), torch.cat([term.t for term in terms]),
-                          torch.cat([term.embeds for term in terms])).split([term.x.shape[0] for term in terms])
+                          cat_text([term.embeds for term in terms])).split([term.x.shape[0] for term in terms])
     total = None
     for term, pred in zip(terms, preds):
         part = term.weight * torch.nn.functional.mse_loss(pred.float(), term.target.float())
@@ -245,7 +251,9 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
                        ) -> tuple[LoraFactors, float, TrainReport]:
     """Train an erasing LoRA on a private copy of `unet` (the frozen teacher is `unet` itself).
 
-    target_embeds: (n, L, D) the concept's prompts; empty_embeds: (1, L, D) the empty prompt.
+    unet: a denoiser module or a kernels.denoiser.Denoiser (any family); target_embeds: (n, L, D)
+    the concept's prompts and empty_embeds: (1, L, D) the unconditional text, tensors or
+    DenoiserTexts (with the pooled embeddings of the families that take them).
     objective "esd" (`esd_loss`), "all_but_one" (`all_but_one_loss`, needs alt_embeds (n or 1,
     L, D)), "spm" (`spm_loss`); given anchor_embeds, every objective adds `anchoring_loss` with
     `anchor_weight`. Returns ({param name: (A, B)}, scale, report); `unet` is not modified.
@@ -257,20 +265,23 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
     gen = torch.Generator("cpu").manual_seed(seed)
     torch.manual_seed(seed)  # peft draws the initial A factors from the global generator
     alpha = float(alpha if alpha is not None else rank)
-    student, targets = lora_student(unet, scope, rank, alpha)
-    opt = torch.optim.Adam([p for n, p in student.named_parameters() if "lora_" in n], lr=lr)
+    teacher = as_denoiser(unet).with_guidance(pool_cfg)  # (the guidance input of FLUX "dev" only)
+    student_module, targets = lora_student(teacher.module, scope, rank, alpha)
+    student = teacher.on(student_module)
+    opt = torch.optim.Adam([p for n, p in student_module.named_parameters() if "lora_" in n], lr=lr)
 
-    dev, dt = next(unet.parameters()).device, next(unet.parameters()).dtype
+    params = next(teacher.module.parameters())
+    dev, dt = params.device, params.dtype
     target_embeds, empty_embeds = target_embeds.to(dev, dt), empty_embeds.to(dev, dt)
     alt = alt_embeds.to(dev, dt) if objective == "all_but_one" else None
     anchors = anchor_embeds.to(dev, dt) if anchor_embeds is not None and anchor_weight > 0 else None
-    pools = training_pools(unet, scheduler, target_embeds, empty_embeds, anchors, runs=pool_runs,
+    pools = training_pools(teacher, scheduler, target_embeds, empty_embeds, anchors, runs=pool_runs,
                            steps=pool_steps, cfg=pool_cfg, generator=gen)
     report = TrainReport()
-    student.train()
+    student_module.train()
     for step in range(steps):
         sample = draw_batch(pools, target_embeds, alt, anchors, batch, gen)
-        terms = loss_terms(unet, sample, empty_embeds) + anchoring_loss(unet, sample, anchor_weight)
+        terms = loss_terms(teacher, sample, empty_embeds) + anchoring_loss(teacher, sample, anchor_weight)
         loss = squared_error(student, terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,4 +291,4 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
             progress(step + 1, steps)
     report.steps = steps
     report.seconds = time.perf_counter() - started
-    return lora_factors(student, targets), alpha / rank, report
+    return lora_factors(student_module, targets), alpha / rank, report

@@ -41,41 +41,73 @@ def text_encoder_out_proj(text_encoder, layer: int = 0) -> str:
     raise ValueError(f"the text encoder has no module ending in {suffix!r}")
 
 
+def _is_mmdit(denoiser) -> bool:
+    """An SD3 or FLUX transformer: text and image meet in joint attention blocks."""
+    return any(name in ("transformer_blocks", "single_transformer_blocks") for name, _ in denoiser.named_children()) \
+        and hasattr(denoiser, "context_embedder")
+
+
 def cross_attention_kv(unet) -> list[str]:
-    """Names of the UNet's cross-attention key and value projections (attn2.to_k / to_v)."""
-    names = [n for n, m in unet.named_modules()
-             if ".attn2." in f".{n}." and (n.endswith("attn2.to_k") or n.endswith("attn2.to_v"))
-             and isinstance(m, torch.nn.Linear)]
+    """Names of the projections that make keys and values from text tokens: a UNet's
+    cross-attention attn2.to_k / to_v; an MM-DiT's (SD3, FLUX) joint-attention text-stream
+    attn.add_k_proj / add_v_proj (FLUX's single blocks have none: text and image share theirs)."""
+    if _is_mmdit(unet):
+        names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+                 and re.search(r"(^|\.)transformer_blocks\.\d+\.attn\.add_[kv]_proj$", n)]
+    else:
+        names = [n for n, m in unet.named_modules()
+                 if ".attn2." in f".{n}." and (n.endswith("attn2.to_k") or n.endswith("attn2.to_v"))
+                 and isinstance(m, torch.nn.Linear)]
     if not names:
         raise ValueError("the model has no cross-attention key/value projections (attn2.to_k/to_v)")
     return names
 
 
+def text_input_layers(unet) -> list[str]:
+    """The Linear layers the denoiser's text embeddings enter, which UCE edits: a UNet's
+    cross-attention to_k / to_v (each takes the text embeddings as they are); an MM-DiT's
+    `context_embedder`, where the text sequence enters its text stream (the only way it reaches
+    the joint attention)."""
+    if _is_mmdit(unet):
+        return ["context_embedder"]
+    return cross_attention_kv(unet)
+
+
 LAYER_SCOPES = ("cross_attention", "attention", "transformer")
+
+_ATTENTION_LINEAR = re.compile(r"attn[12]?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+
+
+def _in_transformer(name: str, mmdit: bool) -> bool:
+    if mmdit:
+        return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    return ".attentions." in f".{name}." or name.startswith("attentions.")
 
 
 def lora_targets(unet, scope: str) -> list[str]:
     """Module names a LoRA eraser trains, by scope.
 
-    cross_attention: attn2 to_k/to_v (ESD-x); attention: every q/k/v/out of attn1 and attn2;
-    transformer: every Linear and 1x1 Conv2d inside the transformer blocks (SPM).
+    cross_attention: the text key/value projections (`cross_attention_kv`; ESD-x);
+    attention: every q/k/v/out of attn1 and attn2 (an MM-DiT's: every projection of its joint
+    attention, image and text stream); transformer: every Linear and 1x1 Conv2d inside the
+    transformer blocks (SPM; an MM-DiT's transformer blocks are its joint and single blocks).
     """
     if scope == "cross_attention":
         return cross_attention_kv(unet)
+    if scope not in LAYER_SCOPES:
+        raise ValueError(f"scope must be one of {LAYER_SCOPES}, got {scope!r}")
+    mmdit = _is_mmdit(unet)
     out = []
     for name, module in unet.named_modules():
-        in_transformer = ".attentions." in f".{name}." or name.startswith("attentions.")
-        if not in_transformer:
+        if not _in_transformer(name, mmdit):
             continue
         if scope == "attention":
-            if isinstance(module, torch.nn.Linear) and re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+            if isinstance(module, torch.nn.Linear) and (
+                    _ATTENTION_LINEAR.search(name) if mmdit else re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name)):
                 out.append(name)
-        elif scope == "transformer":
-            if isinstance(module, torch.nn.Linear) or (
-                    isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)):
-                out.append(name)
-        else:
-            raise ValueError(f"scope must be one of {LAYER_SCOPES}, got {scope!r}")
+        elif isinstance(module, torch.nn.Linear) or (
+                isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)):
+            out.append(name)
     if not out:
         raise ValueError(f"the model has no layers in scope {scope!r}")
     return out

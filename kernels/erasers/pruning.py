@@ -14,9 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from kernels.sampling import latent_sample_shape
-
-from .model_io import encode_embeds
+from kernels.denoiser import as_denoiser, encode_prompts
 
 
 def _is_feed_forward(module) -> bool:
@@ -26,10 +24,13 @@ def _is_feed_forward(module) -> bool:
 
 
 def ffn_output_layers(unet) -> list[str]:
-    """Names of the output Linear (`ff.net.2`) of every transformer feed-forward block.
+    """Names of the output Linear (`ff.net.2`) of every transformer feed-forward block (an
+    MM-DiT's: both streams' `ff` and `ff_context`; FLUX's single blocks fuse their MLP into
+    `proj_out` with the attention and are not among them).
 
     Its input is the FFN's hidden layer (GEGLU/GELU output): one column of its weight per neuron.
     """
+    unet = getattr(unet, "module", unet)
     names = [f"{n}.net.2" for n, m in unet.named_modules() if _is_feed_forward(m)]
     if not names:
         raise ValueError("the model has no transformer feed-forward blocks (diffusers FeedForward, ff.net.2)")
@@ -52,9 +53,12 @@ def ffn_activations(unet, embeds: torch.Tensor, layers: Sequence[str], *, timest
     prompt in `embeds` (n, L, D), `samples` fixed-seed noise images, every timestep and every
     spatial position. The noise depends on `seed` only, so two prompt sets probed with the same
     seed see the same inputs and differ only in their text."""
+    denoiser = as_denoiser(unet)
+    unet = denoiser.module
     params = next(unet.parameters())
     dev, dt = params.device, params.dtype
-    noise = torch.randn((samples,) + latent_sample_shape(unet), generator=torch.Generator("cpu").manual_seed(seed))
+    noise = torch.randn((samples,) + tuple(denoiser.sample_shape()),
+                        generator=torch.Generator("cpu").manual_seed(seed))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in layers}
 
@@ -74,7 +78,7 @@ def ffn_activations(unet, embeds: torch.Tensor, layers: Sequence[str], *, timest
             x = torch.stack([noise[s] for _, _, s in chunk]).to(dev, dt)
             t = torch.tensor([float(t) for t, _, _ in chunk], device=dev)
             e = embeds[[p for _, p, _ in chunk]].to(dev, dt)
-            unet(x, t, encoder_hidden_states=e)
+            denoiser.predict(x, t, e)
     finally:
         for h in handles:
             h.remove()
@@ -124,9 +128,10 @@ def concept_neuron_scores(unet, tokenizer, text_encoder, concept_prompts: Sequen
     layers = list(layers or ffn_output_layers(unet))
     acts = []
     for prompts in (concept_prompts, general_prompts):
-        embeds = encode_embeds(tokenizer, text_encoder, prompts)
+        embeds = encode_prompts(tokenizer, text_encoder, prompts)
         acts.append(ffn_activations(unet, embeds, layers, timesteps=ts, seed=seed, samples=samples))
-    return {f"{name}.weight": neuron_scores(unet.get_submodule(name).weight, acts[0][name], acts[1][name])
+    module = as_denoiser(unet).module
+    return {f"{name}.weight": neuron_scores(module.get_submodule(name).weight, acts[0][name], acts[1][name])
             for name in layers}
 
 
@@ -161,7 +166,8 @@ def prune_concept_neurons(unet, tokenizer, text_encoder, concept_prompts: Sequen
     Returns {parameter name: delta} (delta = -W on pruned columns, 0 elsewhere) for
     WeightDeltaPatch("unet", ...); at strength 1 the columns are exactly zero. Run it with the
     model's and CLIP's patches applied, so the delta is relative to the chain's weights. `unet`
-    is not modified. UNets that need added conditioning (SDXL's) are not supported.
+    is not modified. `unet`: a denoiser module or a kernels.denoiser.Denoiser (any family; an SDXL
+    UNet's time ids need its MODEL's VAE factor, so pass `Denoiser.of(model)`).
     """
     k_frac = float(fraction)
     pruned_count(k_frac, 1)  # validates the fraction
@@ -176,7 +182,7 @@ def prune_concept_neurons(unet, tokenizer, text_encoder, concept_prompts: Sequen
         top = top[score[top] > 0]
         if not top.numel():
             continue
-        w = unet.get_parameter(name).detach().float().cpu()
+        w = as_denoiser(unet).module.get_parameter(name).detach().float().cpu()
         delta = torch.zeros_like(w)
         delta[:, top] = -w[:, top]
         out[name] = delta

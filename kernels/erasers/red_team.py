@@ -18,7 +18,7 @@ import torch
 
 from kernels.patching import SamplingRun, applied_patches
 from kernels.sampling import cfg_mix, noised_sample, training_timesteps
-from kernels.text import Conditioning, tokenize, words_of
+from kernels.text import Conditioning, TextEncoderSet, tokenize, words_of
 
 from .generator import Generator, model_scheduler
 from .model_io import predict_noise
@@ -155,6 +155,9 @@ def red_team_prompt(erased: Generator, original: Generator, target_prompt: str, 
     `judge` is given: images -> [concept present]); the best-judged (else lowest-loss) prompt is
     returned. `banned_words` are never chosen (e.g. the concept's own words, to look for a bypass).
     """
+    if isinstance(erased.clip.text_encoder, TextEncoderSet) or isinstance(original.clip.text_encoder, TextEncoderSet):
+        raise ValueError("the red team optimises one CLIP encoder's tokens (SD 1.x/2.x); SDXL, SD3 and FLUX "
+                         "models, with several text encoders, are not supported")
     started = time.perf_counter()
     gen = torch.Generator("cpu").manual_seed(seed)
     unet = erased.model.unet

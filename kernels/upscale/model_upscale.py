@@ -51,6 +51,7 @@ class UpscaleModel:
     """UPSCALE_MODEL: a spandrel image model and what it needs of its input."""
 
     descriptor: Any  # spandrel.ImageModelDescriptor
+    module: torch.nn.Module  # the descriptor's network, a field so the model manager finds it
     source: str
     load_key: str
     architecture: str
@@ -144,7 +145,7 @@ def model_from_state_dict(state_dict: Any, source: str, load_key: str = "") -> U
                                 f"{descriptor.purpose.lower()} model, not an image-to-image upscaler")
     req = descriptor.size_requirements
     return UpscaleModel(
-        descriptor=descriptor.eval(), source=source, load_key=load_key or source,
+        descriptor=descriptor.eval(), module=descriptor.model, source=source, load_key=load_key or source,
         architecture=descriptor.architecture.name, scale=descriptor.scale,
         input_channels=descriptor.input_channels, output_channels=descriptor.output_channels,
         multiple_of=req.multiple_of, minimum=req.minimum, tiling=descriptor.tiling.name.lower())

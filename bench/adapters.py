@@ -1,0 +1,162 @@
+"""Adapters on a small random model (JSON on stdout, and to --out): one section per adapter.
+
+Sections (`--sections`, comma-separated; more adapters add theirs to SECTIONS):
+- lora: a kohya LoRA file (rank --rank on every attention, feed-forward, projection and resnet
+  convolution of the UNet) applied through kernels.adapters.lora, fused (the patch's way: merged
+  into new weight tensors, peft layers removed) and unfused (peft layers beside the weights):
+  the seconds to put the LoRA on and take it off, the tensor bytes held while it is on, and the
+  seconds of one guided denoiser call (a sampler step) with no LoRA, fused and unfused. Variants
+  run side by side, interleaved, --repeats times; medians and ratios are reported, and the
+  number of steps from which fusing pays for its own apply cost.
+
+  python bench/adapters.py --repeats 9 --out bench/results/adapters.json
+  python bench/adapters.py --model tiny --repeats 3          # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2"]
+MODELS = {  # UNet2DConditionModel configs: the tests' tiny one, and a small SD-shaped one
+    "tiny": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                 norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=2),
+    "small": dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256),
+                  layers_per_block=1, norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=256, attention_head_dim=8),
+}
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def kohya_lora_file(unet, folder: str, rank: int, alpha: float) -> str:
+    """A kohya LoRA file with random factors on LORA_TARGETS, written from peft's state dict."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)
+    state = get_peft_model_state_dict(inject_adapter_in_model(config, copy.deepcopy(unet)))
+    tensors = {}
+    for key, value in state.items():
+        module, _, factor = key.partition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = value.contiguous() * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    path = os.path.join(folder, "bench-lora.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+def held_bytes(unet, originals: dict) -> int:
+    """Bytes of parameter tensors that are not the model's own: merged copies or adapter factors."""
+    own = {t.data_ptr() for t in originals.values()}
+    return sum(p.numel() * p.element_size() for p in unet.parameters() if p.data_ptr() not in own)
+
+
+def lora_section(args) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    from kernels.adapters import FAMILIES, attached_lora, parse_lora
+    from kernels.adapters.lora import peft_layer_factors
+
+    model, repeats, rank, batch = args.model, args.repeats, args.rank, args.batch
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**MODELS[model]).eval().requires_grad_(False)
+    cfg = unet.config
+    with tempfile.TemporaryDirectory() as folder:
+        path = kohya_lora_file(unet, folder, rank, alpha=rank / 2)
+        parsed = parse_lora(path, FAMILIES["sd"])
+        size = os.path.getsize(path)
+    x = torch.randn(2 * batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    text = torch.randn(2 * batch, 16, cfg.cross_attention_dim)
+    t = torch.tensor(500)
+    originals = {n: p.data for n, p in unet.named_parameters()}
+
+    def step():
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=text)
+
+    times = {k: [] for k in ("apply_fused", "apply_unfused", "step_none", "step_fused", "step_unfused")}
+    held = {}
+    step()  # warm-up
+    for _ in range(repeats):
+        for variant in ("fused", "unfused"):
+            started = time.perf_counter()
+            with attached_lora(unet, "unet", parsed, 1.0, fuse=variant == "fused"):
+                times[f"apply_{variant}"].append(time.perf_counter() - started)
+                held[variant] = held_bytes(unet, originals)
+                step()  # the first call after a change of weights can pay one-off costs
+                started = time.perf_counter()
+                step()
+                times[f"step_{variant}"].append(time.perf_counter() - started)
+                exit_started = time.perf_counter()
+            times[f"apply_{variant}"][-1] += time.perf_counter() - exit_started
+        started = time.perf_counter()
+        step()
+        times["step_none"].append(time.perf_counter() - started)
+    med = {k: median(v) for k, v in times.items()}
+    extra_apply = med["apply_fused"] - med["apply_unfused"]
+    saved_per_step = med["step_unfused"] - med["step_fused"]
+    lora_layers = len(peft_layer_factors(parsed.part("unet"), "unet", unet))
+    return {
+        "model": model, "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "lora_rank": rank, "lora_layers": lora_layers, "lora_file_bytes": size, "batch_with_cfg": 2 * batch,
+        "repeats": repeats, "median_seconds": {k: round(v, 5) for k, v in med.items()},
+        "held_tensor_bytes": held,
+        "step_ratio_unfused_over_fused": round(med["step_unfused"] / med["step_fused"], 3),
+        "step_ratio_fused_over_none": round(med["step_fused"] / med["step_none"], 3),
+        "apply_ratio_fused_over_unfused": round(med["apply_fused"] / med["apply_unfused"], 3),
+        "fusing_pays_after_steps": (round(extra_apply / saved_per_step, 2) if saved_per_step > 0 else None),
+    }
+
+
+SECTIONS = {"lora": lora_section}  # name -> function(args) -> dict; IP-Adapter, ControlNet add theirs
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="which sections to run")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (the call runs 2x for CFG)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {"bench": "adapters", "torch_threads": args.threads, "sections": {}}
+    for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+        if name not in SECTIONS:
+            parser.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+        results["sections"][name] = SECTIONS[name](args)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        from kernels.files import atomic_write
+
+        atomic_write(args.out, (text + "\n").encode("utf-8"), durable=False)
+    return results
+
+
+if __name__ == "__main__":
+    main()

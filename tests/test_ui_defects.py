@@ -1,0 +1,65 @@
+"""Defects a new user hit in the app, each kept fixed by a test (pytest-qt, offscreen)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("NodeGraphQt")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecated:DeprecationWarning")
+
+from PySide6 import QtCore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sampler_file(tmp_path, steps):
+    from app.graph import Graph, dumps
+    from nodes.registry import add_node
+
+    g = Graph()
+    node = add_node(g, "Sampler", {}, title="Sampler")
+    data = json.loads(dumps(g))
+    data["nodes"][0]["params"]["steps"] = steps
+    path = tmp_path / "bad.loom"
+    path.write_text(json.dumps(data))
+    return path, node.id
+
+
+def test_an_invalid_stored_value_shows_as_invalid_with_its_reason_and_can_be_fixed(window, tmp_path):
+    path, sampler = sampler_file(tmp_path, "many")
+    assert window.open_path(str(path), ask=False)
+    window.canvas.select([sampler])  # raised ValueError in the inspector before
+    field = window.inspector.fields["steps"]
+    assert field.widget.property("invalid") is True
+    assert not field.problem.isHidden() and "'many'" in field.problem.text()
+    assert window.doc.graph.nodes[sampler].params["steps"] == "many"  # nothing the user made is lost
+    field.widget.setValue(12)
+    assert window.doc.graph.nodes[sampler].params["steps"] == 12
+    assert field.widget.property("invalid") is False and field.problem.isHidden()
+
+
+def test_an_out_of_range_stored_value_is_flagged_too(window, tmp_path):
+    path, sampler = sampler_file(tmp_path, 100000)
+    window.open_path(str(path), ask=False)
+    window.canvas.select([sampler])
+    assert "above the maximum 500" in window.inspector.fields["steps"].problem.text()
+
+
+def test_a_shipped_graph_opens_as_an_untitled_copy(window):
+    shipped = ROOT / "resources" / "graphs" / "default.loom"
+    assert window.open_path(str(shipped), ask=False)
+    assert window.doc.path is None  # Save asks where; the shipped file is never overwritten
+    from app.ui import session
+
+    assert str(shipped.resolve()) not in session.recent_files()
+    assert "copy" in window.statusBar().currentMessage()
+
+
+def test_a_users_graph_keeps_its_path(window, tmp_path):
+    path, _ = sampler_file(tmp_path, 20)
+    window.open_path(str(path), ask=False)
+    assert window.doc.path == str(path.resolve())
+    assert QtCore.QFileInfo(window.doc.path).exists()
