@@ -107,22 +107,30 @@ class VaeBundle:
     def content_key(self) -> str:
         return key_of("VAE", self.load_key)
 
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+               tile_size: Optional[int] = None) -> torch.Tensor:
+        """`tile_size` (pixels): encode an image larger than that tile by tile (diffusers' tiling)."""
         if self.vae is None:
             return images
+        from kernels.upscale.vae_tiling import vae_tiling
+
         cfg = self.vae.config
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        with vae_tiling(self.vae, tile_size, self.scale_factor):
+            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         latents = dist.mode()
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return (latents - shift) * cfg.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tile_size: Optional[int] = None) -> torch.Tensor:
+        """`tile_size` (pixels): decode a latent whose image is larger than that tile by tile."""
         if self.vae is None:
             return latents
+        from kernels.upscale.vae_tiling import vae_tiling
+
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + shift).sample
-
+        with vae_tiling(self.vae, tile_size, self.scale_factor):
+            return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + shift).sample
 
 
 def latent_preview(latents: torch.Tensor) -> torch.Tensor:

@@ -287,21 +287,42 @@ def _added_cond_kwargs(model, pooled, latent_shape: tuple, guided: bool) -> dict
         raise NodeError(str(exc)) from None
 
 
+# Tiled VAE: an image larger than the tile is coded tile by tile, so 2048x2048 and up fit.
+VAE_TILE_PARAMS = {
+    "tiled": Bool(False, help="code large images tile by tile (less memory; seams are blended)"),
+    "tile_size": Int(512, 64, 4096, step=64, help="tile side in pixels, when tiled"),
+}
+
+
+def _vae_tile(vae, tiled: bool, tile_size: int):
+    """The tile size to hand the VAE (None: untiled), or a NodeError saying why not."""
+    if not tiled:
+        return None
+    if vae.vae is not None and not hasattr(vae.vae, "use_tiling"):
+        raise NodeError(f"this VAE ({type(vae.vae).__name__}) has no tiled mode; turn tiled off")
+    if tile_size % vae.scale_factor:
+        raise NodeError(f"tile_size {tile_size} is not a multiple of this VAE's scale factor "
+                        f"{vae.scale_factor}")
+    return tile_size
+
+
 @register
 class VAEDecode(Node):
     """Latents to images."""
 
     category = "latent"
     inputs = {"vae": VAE, "latent": LATENT}
+    params = dict(VAE_TILE_PARAMS)
     outputs = {"image": IMAGE}
 
-    def run(self, ctx, vae, latent):
+    def run(self, ctx, vae, latent, tiled=False, tile_size=512):
         import torch
 
         from kernels.images import model_to_image
 
+        tile = _vae_tile(vae, tiled, tile_size)
         with torch.no_grad():
-            return {"image": model_to_image(vae.decode(latent)).cpu()}
+            return {"image": model_to_image(vae.decode(latent, tile_size=tile)).cpu()}
 
 
 @register
@@ -310,9 +331,10 @@ class VAEEncode(Node):
 
     category = "latent"
     inputs = {"vae": VAE, "image": IMAGE}
+    params = dict(VAE_TILE_PARAMS)
     outputs = {"latent": LATENT}
 
-    def run(self, ctx, vae, image):
+    def run(self, ctx, vae, image, tiled=False, tile_size=512):
         import torch
 
         from kernels.images import image_to_model
@@ -320,8 +342,9 @@ class VAEEncode(Node):
         f = vae.scale_factor
         if image.shape[1] % f or image.shape[2] % f:
             raise NodeError(f"image size {image.shape[2]}x{image.shape[1]} is not a multiple of {f}")
+        tile = _vae_tile(vae, tiled, tile_size)
         with torch.no_grad():
-            return {"latent": vae.encode(image_to_model(image)).float().cpu()}
+            return {"latent": vae.encode(image_to_model(image), tile_size=tile).float().cpu()}
 
 
 @register
