@@ -80,3 +80,17 @@ def test_framing_a_graph_keeps_titles_and_port_names_legible(window, qtbot, stem
     shown = [item.view for item in window.canvas._items.values()
              if viewer.mapFromScene(item.view.sceneBoundingRect()).boundingRect().intersects(viewer.viewport().rect())]
     assert shown and not any(view._proxy_mode for view in shown)
+
+
+def test_no_modifier_hint_is_left_painted_on_the_canvas(window, qtbot):
+    from PySide6 import QtGui
+
+    viewer = window.canvas.viewer
+    for key, modifier in ((QtCore.Qt.Key_Control, QtCore.Qt.ControlModifier),
+                          (QtCore.Qt.Key_Shift, QtCore.Qt.ShiftModifier)):
+        viewer._cursor_text.setVisible(True)  # what NodeGraphQt's press does when it reads the modifier
+        viewer.keyPressEvent(QtGui.QKeyEvent(QtCore.QEvent.KeyPress, key, modifier))
+        assert not viewer._cursor_text.isVisible()  # the release may never come (a shortcut eats it)
+    viewer._cursor_text.setVisible(True)
+    viewer.focusOutEvent(QtGui.QFocusEvent(QtCore.QEvent.FocusOut))
+    assert not viewer._cursor_text.isVisible()

@@ -74,6 +74,17 @@ class LoomViewer(NodeViewer):
             return True
         return super().event(event)
 
+    def keyPressEvent(self, event):
+        super().keyPressEvent(event)
+        # NodeGraphQt paints "CTRL: Deselect Nodes" (and SHIFT/ALT hints) at the cursor on a
+        # modifier press and hides it only on the release, which a shortcut (Ctrl+Z) swallows:
+        # the text stayed on the canvas. The modifiers are in Help > Keyboard and mouse.
+        self._cursor_text.setVisible(False)
+
+    def focusOutEvent(self, event):
+        super().focusOutEvent(event)
+        self._cursor_text.setVisible(False)
+
     def contextMenuEvent(self, event):
         self.RMB_state = False
         self.context_requested.emit(event.globalPos(), self.mapToScene(event.pos()))
