@@ -94,3 +94,19 @@ def test_no_modifier_hint_is_left_painted_on_the_canvas(window, qtbot):
     viewer._cursor_text.setVisible(True)
     viewer.focusOutEvent(QtGui.QFocusEvent(QtCore.QEvent.FocusOut))
     assert not viewer._cursor_text.isVisible()
+
+
+def test_a_long_node_shows_the_time_left(window, monkeypatch):
+    from app.ui import run_control
+
+    assert run_control.time_left(10.0, 5, 295) == "9m 50s"
+    assert run_control.time_left(0.5, 5, 100) == "" and run_control.time_left(30, 1, 10) == ""
+    assert run_control.time_left(7200.0, 10, 20) == "4h 00m"
+    clock = iter([100.0, 101.0, 112.0])
+    monkeypatch.setattr(run_control.time, "monotonic", lambda: next(clock))
+    sampler = window.add_node("Sampler", QtCore.QPointF(0, 0))
+    window._on_progress(sampler, 1, 300)
+    window._on_progress(sampler, 2, 300)  # one step a second is too little to go on
+    assert window.canvas.badge_text(sampler) == "running 2/300"
+    window._on_progress(sampler, 12, 300)  # 11 steps in 12 s: 288 more take 5m 14s
+    assert window.canvas.badge_text(sampler) == "running 12/300 · 5m 14s left"

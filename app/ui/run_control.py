@@ -21,6 +21,18 @@ from . import session
 STATE_LABELS = {"cached-memory": "cached", "cached-disk": "cached (disk)"}
 
 
+def time_left(elapsed: float, steps_done: int, steps_left: int) -> str:
+    """"1m 20s" from the pace so far; "" until there is a pace worth extrapolating."""
+    if steps_done < 2 or elapsed < 1.0 or steps_left <= 0:
+        return ""
+    seconds = round(elapsed / steps_done * steps_left)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
 def recipe_keys(graph, ids) -> dict[str, str]:
     """A key per node of what its result is made from, as drawn: its type, params and, through
     its wires, its inputs' keys. The engine's cache keys also cover files on disk; this one needs
@@ -60,6 +72,7 @@ class RunControl:
         self._run_recipes: dict[str, str] = {}
         self._ran_recipe: dict[str, str] = {}
         self._ran_badge: dict[str, tuple] = {}
+        self._progress_first: dict[str, tuple] = {}  # node id -> (time, step) of its first report
 
     # -- node states and badges -----------------------------------------------------------
     def _mark_stale(self, ids: list[str]) -> None:
@@ -169,6 +182,7 @@ class RunControl:
 
     # -- what the runner reports ----------------------------------------------------------
     def _run_started(self, cone: list[str]) -> None:
+        self._progress_first.clear()
         for nid in cone:
             self.errors.pop(nid, None)
 
@@ -199,7 +213,14 @@ class RunControl:
         self.progress.setVisible(True)
         self.progress.setRange(0, max(1, total))
         self.progress.setValue(step)
-        self._set_badge(nid, "running", f"running {step}/{total}")
+        now = time.monotonic()
+        first = self._progress_first.get(nid)
+        if first is None or step <= first[1]:  # the node's first report (or it started over)
+            self._progress_first[nid] = first = (now, step)
+        left = time_left(now - first[0], step - first[1], total - step)
+        text = f"running {step}/{total}" + (f" · {left} left" if left else "")
+        self._set_badge(nid, "running", text)
+        self.progress.setFormat(f"%v/%m · {left} left" if left else "%v/%m")
 
     def _on_preview(self, nid: str, image: QtGui.QImage) -> None:
         node = self.doc.graph.nodes.get(nid)
