@@ -110,3 +110,25 @@ def test_a_long_node_shows_the_time_left(window, monkeypatch):
     assert window.canvas.badge_text(sampler) == "running 2/300"
     window._on_progress(sampler, 12, 300)  # 11 steps in 12 s: 288 more take 5m 14s
     assert window.canvas.badge_text(sampler) == "running 12/300 · 5m 14s left"
+
+
+def test_the_layout_panel_gives_the_column_back_and_results_come_to_the_front(window, qtbot):
+    window.resize(1600, 1000)
+    window.open_example(ROOT / "resources" / "graphs" / "default.loom")
+    qtbot.wait(50)
+    nodes = window.doc.graph.nodes
+    layout = next(n for n, node in nodes.items() if node.type == "Layout")
+    sampler = next(n for n, node in nodes.items() if node.type == "Sampler")
+    before = window.inspector_dock.height()
+    window.canvas.select([layout])
+    qtbot.wait(50)
+    assert window.layout_dock.height() > window.inspector_dock.height()
+    window.canvas.select([sampler])
+    qtbot.wait(50)
+    assert window.inspector_dock.height() >= before * 0.95  # not squeezed for every other node
+    window.layout_dock.raise_()
+    from PySide6 import QtGui
+
+    image = QtGui.QImage(16, 16, QtGui.QImage.Format_RGB32)
+    window._on_images(sampler, [image], [])
+    assert not window.image_dock.visibleRegion().isEmpty()  # the result is in front

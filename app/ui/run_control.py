@@ -234,6 +234,8 @@ class RunControl:
         if node is None:  # a run of the graph that was open before this one (the files are saved)
             return
         label = node.title or node.type
+        if images and not self.is_layout_node(self.inspector.node_id):
+            self.image_dock.raise_()  # a result is not left behind the Layout tab
         if images:
             self.canvas.show_image(nid, images[0])
             self.layout_panel.set_image(images[0])

@@ -42,6 +42,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self._init_run_state()
         self._closing_ok = False
         self.setAcceptDrops(True)
+        self._layout_enlarged = False  # the Layout panel was given most of the right column
 
         self.setCentralWidget(self.canvas.widget)
         self.palette = NodePalette()
@@ -150,17 +151,27 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         nid = ids[0] if len(ids) == 1 else None
         self.inspector.show_node(nid)
         self._show_node_status(nid)
-        if nid is not None:
-            spec = registry.get(self.doc.graph.nodes[nid].type)
-            if spec is not None and "boxes" in spec.params:
-                self.layout_panel.set_node(nid)
-                self.layout_dock.show()
-                self.layout_dock.raise_()
-                # drawing boxes wants room: give the layout panel most of the column
-                h = self.inspector_dock.height() + self.layout_dock.height()
-                if self.layout_dock.height() < h * 0.5:
-                    self.resizeDocks([self.inspector_dock, self.layout_dock], [int(h * 0.4), int(h * 0.6)],
-                                     QtCore.Qt.Vertical)
+        if self.is_layout_node(nid):
+            self.layout_panel.set_node(nid)
+            self.layout_dock.show()
+            self.layout_dock.raise_()
+            # drawing boxes wants room: give the layout panel most of the column, for as long
+            # as a Layout node is selected
+            h = self.inspector_dock.height() + self.layout_dock.height()
+            if self.layout_dock.height() < h * 0.5:
+                self.resizeDocks([self.inspector_dock, self.layout_dock], [int(h * 0.4), int(h * 0.6)],
+                                 QtCore.Qt.Vertical)
+                self._layout_enlarged = True
+        elif self._layout_enlarged:  # another node: the inspector gets its share back
+            self._layout_enlarged = False
+            h = self.inspector_dock.height() + self.layout_dock.height()
+            self.resizeDocks([self.inspector_dock, self.image_dock], [int(h * 0.58), int(h * 0.42)],
+                             QtCore.Qt.Vertical)
+
+    def is_layout_node(self, nid: Optional[str]) -> bool:
+        node = self.doc.graph.nodes.get(nid) if nid else None
+        spec = registry.get(node.type) if node else None
+        return spec is not None and "boxes" in spec.params
 
     def _on_replaced(self) -> None:
         """A whole new graph: nothing shown of the old one's runs stays."""
