@@ -132,3 +132,20 @@ def test_the_layout_panel_gives_the_column_back_and_results_come_to_the_front(wi
     image = QtGui.QImage(16, 16, QtGui.QImage.Format_RGB32)
     window._on_images(sampler, [image], [])
     assert not window.image_dock.visibleRegion().isEmpty()  # the result is in front
+
+
+def test_the_search_popup_stays_in_the_window_fits_its_entries_and_shrinks(window, qtbot):
+    window.resize(1280, 800)
+    qtbot.wait(20)
+    popup = window.search
+    frame = window.frameGeometry()
+    popup.popup(QtCore.QPoint(frame.right() - 20, frame.bottom() - 20))  # the cursor near the corner
+    assert frame.contains(popup.geometry())
+    fm = popup.list.fontMetrics()
+    widest = max(fm.horizontalAdvance(popup.list.item(i).text()) for i in range(popup.list.count()))
+    assert popup.list.viewport().width() >= widest  # category names are not cut
+    tall = popup.height()
+    popup.edit.setText("vae decode")
+    assert popup.list.count() >= 1 and popup.height() < tall
+    assert frame.contains(popup.geometry())
+    popup.hide()

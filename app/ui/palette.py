@@ -125,15 +125,40 @@ class NodeSearchPopup(QtWidgets.QFrame):
         self.edit.installEventFilter(self)
         self.list.itemActivated.connect(self._choose)
         self.list.itemClicked.connect(self._choose)
-        em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
-        self.resize(em * 22, em * 24)
+        self._anchor = QtCore.QPoint()
 
     def popup(self, global_pos: QtCore.QPoint) -> None:
+        self._anchor = QtCore.QPoint(global_pos)
         self.edit.clear()
         self._filter("")
-        self.move(global_pos)
         self.show()
         self.edit.setFocus()
+
+    def _fit(self) -> None:
+        """As wide as the longest entry and as tall as the matches (up to a limit), kept inside
+        the window (or the screen) from the cursor, flipped up or left where it would run out."""
+        fm = QtGui.QFontMetrics(self.list.font())
+        em = fm.horizontalAdvance("M")
+        texts = [self.list.item(i).text() for i in range(self.list.count())]
+        width = max([em * 16] + [fm.horizontalAdvance(t) for t in texts]) + em * 3
+        rows = max(1, min(len(texts), 16))
+        height = self.edit.sizeHint().height() + rows * (fm.height() + 6) + 16
+        height = max(height, self.minimumSizeHint().height())
+        bounds = self._bounds()
+        width, height = min(width, bounds.width()), min(height, bounds.height())
+        x, y = self._anchor.x(), self._anchor.y()
+        if x + width > bounds.right():
+            x = max(bounds.left(), bounds.right() - width)
+        if y + height > bounds.bottom():
+            y = max(bounds.top(), min(y, bounds.bottom()) - height)
+        self.setGeometry(x, y, width, height)
+
+    def _bounds(self) -> QtCore.QRect:
+        parent = self.parentWidget()
+        if parent is not None and parent.isVisible():
+            return parent.window().frameGeometry()
+        screen = QtGui.QGuiApplication.screenAt(self._anchor) or QtGui.QGuiApplication.primaryScreen()
+        return screen.availableGeometry() if screen is not None else QtCore.QRect(0, 0, 1600, 1000)
 
     def _filter(self, text: str) -> None:
         words = text.lower().split()
@@ -147,6 +172,7 @@ class NodeSearchPopup(QtWidgets.QFrame):
             self.list.addItem(item)
         if self.list.count():
             self.list.setCurrentRow(0)
+        self._fit()
 
     def eventFilter(self, obj, event) -> bool:
         if obj is self.edit and event.type() == QtCore.QEvent.KeyPress:
