@@ -180,3 +180,16 @@ def test_undoing_back_to_what_last_ran_clears_stale(window, qtbot, tiny_pixel_mo
     assert window.states[ids["sampler"]] == "stale"
     window.doc.set_param(ids["sampler"], "seed", 1)  # the same value by another edit
     assert window.states[ids["sampler"]] == "done"
+
+
+def test_the_right_column_keeps_its_width_on_the_first_run(window, qtbot, tiny_pixel_model):
+    window.resize(1600, 1000)
+    graph, _ids = txt2img_graph(tiny_pixel_model, steps=2, size=16)
+    window.doc.replace(graph, None)
+    qtbot.wait(50)
+    before = window.image_dock.width()
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    qtbot.wait(50)
+    assert window.images.zoom_label.text().endswith("%")
+    assert window.image_dock.width() == before

@@ -77,6 +77,9 @@ class ImageViewer(QtWidgets.QWidget):
         self.caption.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
         self.zoom_label = QtWidgets.QLabel("")
         self.zoom_label.setObjectName("Hint")
+        # room for "10000%" from the start, so the first image does not widen the column
+        self.zoom_label.setFixedWidth(QtGui.QFontMetrics(self.zoom_label.font()).horizontalAdvance("10000%") + 4)
+        self.zoom_label.setAlignment(QtCore.Qt.AlignRight | QtCore.Qt.AlignVCenter)
         bar = QtWidgets.QHBoxLayout()
         bar.setContentsMargins(0, 0, 0, 0)
         self.fit_btn = self._button("Fit", "fit the image to the panel", self.view.fit)
