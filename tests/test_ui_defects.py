@@ -149,3 +149,22 @@ def test_the_search_popup_stays_in_the_window_fits_its_entries_and_shrinks(windo
     assert popup.list.count() >= 1 and popup.height() < tall
     assert frame.contains(popup.geometry())
     popup.hide()
+
+
+def test_qt_file_dialogs_have_light_icons_and_room_for_their_columns(window, tmp_path):
+    from PySide6 import QtGui, QtWidgets
+
+    from app.ui.file_dialogs import DIALOG_SIZE, make_dialog
+
+    (tmp_path / "sub").mkdir()
+    dialog = make_dialog(window, "Open graph", str(tmp_path), "Loomwork graphs (*.loom)", "open")
+    icon = dialog.iconProvider().icon(QtCore.QFileInfo(str(tmp_path / "sub")))
+    pixels = icon.pixmap(16, 16).toImage()
+    brightest = max(QtGui.QColor(pixels.pixel(x, y)).lightness() for x in range(16) for y in range(16))
+    assert brightest > 150  # readable on the dark background (Qt's own are dark grey)
+    assert (dialog.width(), dialog.height()) == DIALOG_SIZE
+    tree = dialog.findChildren(QtWidgets.QTreeView)
+    header = tree[0].header()
+    assert header.sectionResizeMode(0) == QtWidgets.QHeaderView.Stretch
+    assert all(header.sectionResizeMode(c) == QtWidgets.QHeaderView.ResizeToContents for c in range(1, header.count()))
+    dialog.close()

@@ -14,7 +14,7 @@ from PySide6 import QtWidgets
 from app.graph import GraphFileError, load, save
 from nodes import registry
 
-from . import session
+from . import file_dialogs, session
 from .resources import APP_NAME, default_graph, resources_dir
 
 FILE_FILTER = "Loomwork graphs (*.loom *.png);;Graph files (*.loom);;Loomwork images (*.png);;All files (*)"
@@ -42,7 +42,7 @@ class FileHandling:
         if not self.maybe_save():
             return
         start = str(Path(self.doc.path).parent) if self.doc.path else ""
-        path, _ = QtWidgets.QFileDialog.getOpenFileName(self, "Open graph", start, FILE_FILTER)
+        path = file_dialogs.open_file(self, "Open graph", start, FILE_FILTER)
         if path:
             self.open_path(path, ask=False)
 
@@ -75,7 +75,7 @@ class FileHandling:
 
     def file_save_as(self) -> bool:
         start = self.doc.path or str(Path.home() / "untitled.loom")
-        path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save graph", start, "Loomwork graphs (*.loom)")
+        path = file_dialogs.save_file(self, "Save graph", start, "Loomwork graphs (*.loom)")
         if not path:
             return False
         if not path.lower().endswith(".loom"):

@@ -8,6 +8,8 @@ from typing import Optional
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from . import file_dialogs
+
 
 class ZoomView(QtWidgets.QGraphicsView):
     """A pixmap with wheel zoom and drag pan; starts fitted to the panel."""
@@ -176,7 +178,7 @@ class ImageViewer(QtWidgets.QWidget):
         if self.current is None:
             return None
         if not path:
-            path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save image", "image.png", "PNG (*.png)")
+            path = file_dialogs.save_file(self, "Save image", "image.png", "PNG (*.png)")
         if not path:
             return None
         source = self.current_path()

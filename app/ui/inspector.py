@@ -16,6 +16,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from nodes import registry
 from nodes.base import Bool, Choice, Float, Int, Json, Param, Path, Seed, String
 
+from . import file_dialogs
 from .document import Document
 
 INT32 = 2**31 - 1
@@ -246,11 +247,11 @@ class PathField(ParamField):
             start = ""
         parent = self.widget.window()
         if self.param.mode == "folder":
-            path = QtWidgets.QFileDialog.getExistingDirectory(parent, "Choose a folder", start)
+            path = file_dialogs.choose_folder(parent, "Choose a folder", start)
         elif self.param.mode == "save":
-            path, _ = QtWidgets.QFileDialog.getSaveFileName(parent, "Save as", start, self.param.filters)
+            path = file_dialogs.save_file(parent, "Save as", start, self.param.filters)
         else:
-            path, _ = QtWidgets.QFileDialog.getOpenFileName(parent, "Choose a file", start, self.param.filters)
+            path = file_dialogs.open_file(parent, "Choose a file", start, self.param.filters)
         if path:
             self.edit.setText(path)
             self.commit(path)

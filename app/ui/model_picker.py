@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from PySide6 import QtCore, QtWidgets
 
-from . import session
+from . import file_dialogs, session
 
 COLUMNS = ("Name", "Kind", "Family", "Note")
 
@@ -196,7 +196,7 @@ class ModelFoldersDialog(QtWidgets.QDialog):
             self.list.addItem(folder)
 
     def _add(self) -> None:
-        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Add a models folder", os.path.expanduser("~"))
+        folder = file_dialogs.choose_folder(self, "Add a models folder", os.path.expanduser("~"))
         self.add_folder(folder)
 
     def _remove(self) -> None:
