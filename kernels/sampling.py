@@ -67,6 +67,18 @@ def seed_noise(denoiser, seeds) -> torch.Tensor:
                         for s in seeds])
 
 
+def batch_noise(seed: int, shape: tuple):
+    """The generator(s) and starting noise of a batch: image k draws from its own generator
+    seeded `seed + k`, so it is the image a batch of one gives with that seed (A1111's rule;
+    diffusers' pipelines take the same list of generators). A batch of one keeps one generator."""
+    if shape[0] == 1:
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        return generator, torch.randn(shape, generator=generator, dtype=torch.float32)
+    generators = [torch.Generator("cpu").manual_seed(int(seed) + k) for k in range(shape[0])]
+    noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
+    return generators, noise
+
+
 def training_timesteps(scheduler, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` training timesteps drawn uniformly, for losses on noised samples: integers in
     [0, T) for DDPM-family schedulers; for flow matching, entries of the scheduler's own

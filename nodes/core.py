@@ -171,6 +171,7 @@ def _sampler_v1_to_v2(params: dict) -> dict:
 class Sampler(Node):
     """Denoise a latent with a scheduler and classifier-free guidance. With denoise < 1 the
     input latent is kept in part (img2img): only the last `denoise` fraction of the schedule runs.
+    Image k of a batch is the image a batch of one gives with seed + k.
     FLUX: with no negative, cfg is the guidance a "dev" model is distilled for (none for
     "schnell"); with a negative, cfg is true classifier-free guidance (two model calls per step)
     and the distilled guidance is the positive's FluxGuidance (3.5 if it has none)."""
@@ -193,12 +194,10 @@ class Sampler(Node):
     def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise):
         from dataclasses import replace
 
-        import torch
-
         from kernels.models import latent_preview
         from kernels.patching import ModelPatch, SamplingRun, applied_patches, merged_unet_kwargs
         from kernels.prompt_schedule import stage_at
-        from kernels.sampling import SchedulerMismatch, make_scheduler, sample
+        from kernels.sampling import SchedulerMismatch, batch_noise, make_scheduler, sample
 
         try:
             sched = make_scheduler(scheduler, model.scheduler_config)
@@ -207,8 +206,7 @@ class Sampler(Node):
         if latent.shape[1] != model.in_channels:
             raise NodeError(f"the latent has {latent.shape[1]} channels but the model takes "
                             f"{model.in_channels}: is the latent from another model's VAE?")
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
+        generator, noise = batch_noise(seed, tuple(latent.shape))
         dtype = model.unet.dtype
         device = model.unet.device
         shape = tuple(latent.shape)

@@ -115,7 +115,7 @@ def test_flux_batch_is_the_pipelines_images_per_prompt(flux_dev, tmp_path):
     latent = run_graph(flux_dev, tmp_path, cfg=3.5, batch=2)
     pipe = flux_pipeline(flux_dev)
     packed = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
-                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+                  num_images_per_prompt=2, generator=[torch.Generator().manual_seed(SEED + k) for k in range(2)], output_type="latent",
                   max_sequence_length=16).images
     assert latent.shape[0] == 2 and torch.equal(latent, pipe._unpack_latents(packed, SIZE, SIZE, pipe.vae_scale_factor))
 

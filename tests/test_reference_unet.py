@@ -98,6 +98,16 @@ def test_epsilon_prediction_matches_the_pipeline(sd_epsilon_model, tmp_path, sch
 def test_a_batch_is_the_pipelines_images_per_prompt(sd_model, tmp_path, cfg):
     ours = graph_latent(sd_model, tmp_path, scheduler="euler", steps=2, cfg=cfg, seed=3, batch=2)
     ref = sd_pipeline(sd_model, "euler")(PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=cfg,
-                                         num_images_per_prompt=2, generator=torch.Generator().manual_seed(3),
+                                         num_images_per_prompt=2, generator=[torch.Generator().manual_seed(3 + k) for k in range(2)],
                                          output_type="latent").images
     assert ours.shape[0] == 2 and torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_ancestral", "lcm"])
+def test_image_k_of_a_batch_is_the_single_run_with_seed_plus_k(sd_model, tmp_path, scheduler):
+    """The documented generator rule: each image draws its start noise, and an ancestral
+    sampler's step noise, from its own generator seeded seed + k."""
+    batch = graph_latent(sd_model, tmp_path, scheduler=scheduler, steps=3, cfg=4.0, seed=10, batch=3)
+    for k in range(3):
+        single = graph_latent(sd_model, tmp_path, scheduler=scheduler, steps=3, cfg=4.0, seed=10 + k)
+        assert torch.allclose(batch[k:k + 1], single, atol=1e-5), (scheduler, k)

@@ -99,7 +99,7 @@ def test_sd3_batch_is_the_pipelines_images_per_prompt(sd3_model, tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=4.0, num_images_per_prompt=2,
-               generator=torch.Generator().manual_seed(1), output_type="latent", max_sequence_length=16).images
+               generator=[torch.Generator().manual_seed(1 + k) for k in range(2)], output_type="latent", max_sequence_length=16).images
     assert CAPTURED["latent"].shape[0] == 2 and torch.equal(CAPTURED["latent"], ref)
 
 

@@ -130,7 +130,7 @@ def test_sdxl_batch_is_the_pipelines_images_per_prompt(sdxl_model, tmp_path, cfg
                         batch=2)
     ref = sdxl_pipeline(sdxl_model, "euler")(
         PROMPT, negative_prompt=negative, height=16, width=16, num_inference_steps=2, guidance_scale=cfg,
-        num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), output_type="latent").images
+        num_images_per_prompt=2, generator=[torch.Generator().manual_seed(7 + k) for k in range(2)], output_type="latent").images
     assert ours.shape[0] == 2 and torch.equal(ours, ref)
 
 
