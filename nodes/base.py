@@ -38,8 +38,9 @@ IMAGE = DataType("IMAGE", "#64b5f6", "a batch of images, float NHWC in 0..1")
 MASK = DataType("MASK", "#81c784", "a batch of masks, float NHW in 0..1")
 LAYOUT = DataType("LAYOUT", "#4dd0c8", "boxes with phrases, in 0..1 image coordinates")
 ATTENTION_MAPS = DataType("ATTENTION_MAPS", "#a1887f", "per-token cross-attention maps")
+IP_ADAPTER = DataType("IP_ADAPTER", "#9575cd", "an IP-Adapter's weights with its CLIP image encoder")
 DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, LAYOUT,
-                                  ATTENTION_MAPS)}
+                                  ATTENTION_MAPS, IP_ADAPTER)}
 
 
 @dataclass(frozen=True)
