@@ -481,3 +481,123 @@ def test_sdxl_ip_adapter_matches_the_sdxl_pipeline(ip_files, tmp_path):
     ref = pipe_latent(pipe, Image.open(ip_files["image"]).convert("RGB"), cfg=5.0)
     assert torch.equal(ours, ref), (ours - ref).abs().max()  # the same diffusers ops, bit for bit
     assert (ours - plain).abs().max() > 1e-3
+
+
+def test_a_guidance_steps_positive_only_call_gets_the_cond_image_embeds(loaded, ip_files):
+    """ZestGuide's gradient step calls the UNet on the positive alone: the image embeds follow."""
+    from conftest import TWO_BOX_LAYOUT
+
+    from kernels.layout import ZestGuidePatch
+    from kernels.text import encode_text
+    from nodes.core import Sampler
+
+    model, clip, adapter = loaded
+    guide = ZestGuidePatch(TWO_BOX_LAYOUT, eta=0.5)
+    ip = ip_adapter_patch(adapter, model.unet, image_tensor(ip_files["image"]), 0.8)
+    positive = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    latent = torch.zeros(1, 4, 8, 8)
+    batches = []
+    hook = model.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: batches.append(args[0].shape[0] if args else kwargs["sample"].shape[0]),
+        with_kwargs=True)
+
+    def run(*patches):
+        return Sampler().run(QuietContext(), _with(model, patches), positive, None, latent, "euler", 2, 4.0, 0,
+                             1.0)["latent"]
+
+    try:
+        guided = run(ip, guide)
+    finally:
+        hook.remove()
+    assert {1, 2} <= set(batches)  # guidance calls of one row and denoising calls of two
+    assert not torch.equal(guided, run(guide)) and not torch.equal(guided, run(ip))
+
+
+# -- the example graph ----------------------------------------------------------------------------
+EXAMPLE = "ip-adapter-mask"
+EXAMPLE_PATHS = {"LoadModel": "ckpt:stable-diffusion-v1-5", "LoadIPAdapter": "ckpt:ip-adapter_sd15",
+                 "image_encoder": "ckpt:ip-adapter-image-encoder/model.safetensors",
+                 "reference": "reference.png", "mask": "mask.png"}
+
+
+def build_example(paths=EXAMPLE_PATHS, size=512):
+    """resources/graphs/ip-adapter-mask.loom: an image prompt kept to a region by a mask."""
+    from app.graph import Graph
+
+    g = Graph(meta={"title": "IP-Adapter with a mask", "description": (
+        "The reference image prompts the model through an IP-Adapter only where the mask is white "
+        "(the mask is the transparency of mask.png); the text prompt rules elsewhere. Point LoadModel at "
+        "an SD 1.5 model and LoadIPAdapter at ip-adapter_sd15.safetensors and the CLIP vision model it "
+        "was trained with.")})
+    load = add_node(g, "LoadModel", {"path": paths["LoadModel"]}, title="Load SD 1.5", pos=(0, 0))
+    text = add_node(g, "TextEncode", {"text": "a cat sitting in a garden, photo"}, title="Prompt", pos=(320, -200))
+    ip = add_node(g, "LoadIPAdapter", {"path": paths["LoadIPAdapter"], "image_encoder": paths["image_encoder"]},
+                  title="Load IP-Adapter", pos=(0, 240))
+    ref = add_node(g, "LoadImage", {"path": paths["reference"]}, title="Reference image", pos=(0, 420))
+    mask = add_node(g, "LoadImage", {"path": paths["mask"]}, title="Mask (its transparency)", pos=(0, 600))
+    apply = add_node(g, "IPAdapterApply", {"scale": 0.8}, title="Image prompt", pos=(320, 240))
+    empty = add_node(g, "EmptyLatent", {"width": size, "height": size}, title="Canvas", pos=(320, 40))
+    sampler = add_node(g, "Sampler", {"scheduler": "euler", "steps": 25, "cfg": 7.0, "seed": 7}, title="Sampler",
+                       pos=(640, 0))
+    decode = add_node(g, "VAEDecode", {}, title="Decode", pos=(940, 0))
+    save_node = add_node(g, "SaveImage", {"prefix": EXAMPLE}, title="Save", pos=(1180, 0))
+    for src, out, dst, port in ((load, "clip", text, "clip"), (load, "vae", empty, "vae"), (load, "model", apply, "model"),
+                                (ip, "ip_adapter", apply, "ip_adapter"), (ref, "image", apply, "image"),
+                                (mask, "mask", apply, "mask"), (apply, "model", sampler, "model"),
+                                (text, "conditioning", sampler, "positive"), (empty, "latent", sampler, "latent"),
+                                (load, "vae", decode, "vae"), (sampler, "latent", decode, "latent"),
+                                (decode, "image", save_node, "image")):
+        g.connect(src.id, out, dst.id, port)
+    return g
+
+
+def example_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "resources" / "graphs" / f"{EXAMPLE}.loom"
+
+
+def test_example_graph_is_current_and_valid():
+    from app.graph import load
+    from app.graph.validate import validate
+    from nodes import registry
+
+    g = load(example_path(), registry.get)
+    assert not [p.message for p in validate(g, registry.get)]
+    for node in g.nodes.values():
+        assert node.version == registry.get(node.type).version, node.type
+    assert sorted(n.type for n in g.nodes.values()) == sorted(n.type for n in build_example().nodes.values())
+
+
+def test_example_graph_runs_headless(sd_model, ip_files, tmp_path):
+    from app.graph import load
+    from nodes import registry
+
+    g = load(example_path(), registry.get)
+    paths = {"LoadModel": sd_model, "LoadIPAdapter": ip_files["plain"], "image_encoder": ip_files["encoder"],
+             "reference": ip_files["image"], "mask": ip_files["mask_rgba"]}
+    for node in g.nodes.values():
+        if node.type == "LoadModel":
+            node.params["path"] = paths["LoadModel"]
+        elif node.type == "LoadIPAdapter":
+            node.params.update(path=paths["LoadIPAdapter"], image_encoder=paths["image_encoder"])
+        elif node.type == "LoadImage":
+            node.params["path"] = paths["mask" if "Mask" in node.title else "reference"]
+        elif node.type == "EmptyLatent":
+            node.params.update(width=16, height=16)
+        elif node.type == "Sampler":
+            node.params["steps"] = 2
+    report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    assert len(report.outputs()) == 1
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from app.graph import save as save_graph
+
+    save_graph(build_example(), example_path())
+    print("wrote", example_path())

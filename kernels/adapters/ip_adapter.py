@@ -363,8 +363,9 @@ class IPAdapterPatch(ModelPatch):
 
     @contextlib.contextmanager
     def applied(self, unet, run: Optional[SamplingRun]):
-        if run is None:
-            raise IPAdapterError("an IP-Adapter acts only inside a sampling run")
+        if run is None:  # outside a sampling run (an eraser's training) no image is prompted, as layouts do
+            yield
+            return
         state = run.state.get(STATE_KEY)
         owner = state is None
         if owner:
