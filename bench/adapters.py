@@ -9,6 +9,13 @@ Sections (`--sections`, comma-separated; more adapters add theirs to SECTIONS):
   run side by side, interleaved, --repeats times; medians and ratios are reported, and the
   number of steps from which fusing pays for its own apply cost.
 
+- ip_adapter: IP-Adapter files in the standard layout (plain: 4 image tokens; Plus: a
+  resampler to 16 tokens) with a small random CLIP vision encoder, applied through
+  kernels.adapters.ip_adapter: the seconds of one guided denoiser call (a sampler step) with no
+  IP-Adapter, one plain, one plain with a mask, one Plus and two plain at once, interleaved
+  --repeats times (medians, ratios to the plain step); the seconds to put one on and take it off
+  (per run) and to encode the image (once per IPAdapterApply).
+
   python bench/adapters.py --repeats 9 --out bench/results/adapters.json
   python bench/adapters.py --model tiny --repeats 3          # smoke
 """
@@ -130,7 +137,109 @@ def lora_section(args) -> dict:
     }
 
 
-SECTIONS = {"lora": lora_section}  # name -> function(args) -> dict; IP-Adapter, ControlNet add theirs
+IMAGE_ENCODER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     image_size=112, patch_size=14, projection_dim=128)
+
+
+def ip_adapter_tensors(unet, kind: str, encoder, seed: int) -> dict:
+    """Random IP-Adapter tensors in the standard layout for `unet` and `encoder`."""
+    from kernels.adapters.ip_adapter import cross_attention_layers
+
+    g = torch.Generator().manual_seed(seed)
+    width = unet.config.cross_attention_dim
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    if kind == "plain":
+        out = {"image_proj.proj.weight": r(4 * width, encoder.projection_dim), "image_proj.proj.bias": r(4 * width),
+               "image_proj.norm.weight": 1 + r(width), "image_proj.norm.bias": r(width)}
+    else:  # Plus: the reference resampler, 4 layers of 64-wide heads, FFN x4, 16 queries
+        hidden = 256
+        out = {"image_proj.latents": r(1, 16, hidden), "image_proj.proj_in.weight": r(hidden, encoder.hidden_size),
+               "image_proj.proj_in.bias": r(hidden), "image_proj.proj_out.weight": r(width, hidden),
+               "image_proj.proj_out.bias": r(width), "image_proj.norm_out.weight": 1 + r(width),
+               "image_proj.norm_out.bias": r(width)}
+        for i in range(4):
+            p = f"image_proj.layers.{i}."
+            out.update({p + "0.norm1.weight": 1 + r(hidden), p + "0.norm1.bias": r(hidden),
+                        p + "0.norm2.weight": 1 + r(hidden), p + "0.norm2.bias": r(hidden),
+                        p + "0.to_q.weight": r(hidden, hidden), p + "0.to_kv.weight": r(2 * hidden, hidden),
+                        p + "0.to_out.weight": r(hidden, hidden), p + "1.0.weight": 1 + r(hidden),
+                        p + "1.0.bias": r(hidden), p + "1.1.weight": r(4 * hidden, hidden),
+                        p + "1.3.weight": r(hidden, 4 * hidden)})
+    for index, (_name, attn) in enumerate(cross_attention_layers(unet)):
+        for part in ("to_k_ip", "to_v_ip"):
+            out[f"ip_adapter.{2 * index + 1}.{part}.weight"] = r(attn.to_k.out_features, width)
+    return out
+
+
+def ip_adapter_section(args) -> dict:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from kernels.adapters.ip_adapter import ip_adapter, ip_adapter_patch, load_image_encoder, read_ip_adapter_file
+    from kernels.patching import SamplingRun, applied_patches
+
+    model, repeats, batch = args.model, args.repeats, args.batch
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**MODELS[model]).eval().requires_grad_(False)
+    cfg = unet.config
+    image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as folder:
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER)).save_pretrained(os.path.join(folder, "enc"))
+        encoder = load_image_encoder(os.path.join(folder, "enc"))
+        adapters = {}
+        for kind, seed in (("plain", 1), ("second", 2), ("plus", 3)):
+            path = os.path.join(folder, f"{kind}.safetensors")
+            save_file(ip_adapter_tensors(unet, "plus" if kind == "plus" else "plain", encoder.model.config, seed), path)
+            adapters[kind] = ip_adapter(read_ip_adapter_file(path), encoder)
+    side = cfg.sample_size * 8
+    mask = torch.zeros(1, side, side)
+    mask[:, :, : side // 2] = 1.0
+    encode_times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        plain = ip_adapter_patch(adapters["plain"], unet, image, 1.0)
+        encode_times.append(time.perf_counter() - started)
+    variants = {"none": [], "plain": [plain],
+                "plain_masked": [ip_adapter_patch(adapters["plain"], unet, image, 1.0, mask=mask)],
+                "plus": [ip_adapter_patch(adapters["plus"], unet, image, 1.0)],
+                "two_plain": [plain, ip_adapter_patch(adapters["second"], unet, image, 0.5)]}
+    shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    x = torch.randn(2 * batch, *shape[1:])
+    text = torch.randn(2 * batch, 16, cfg.cross_attention_dim)
+    t = torch.tensor(500)
+    steps = {k: [] for k in variants}
+    apply_times = []
+    for _ in range(repeats):
+        for name, patches in variants.items():
+            run = SamplingRun(unet, None, None, None, 4.0, 1, shape)
+            started = time.perf_counter()
+            with applied_patches(patches, unet, run), torch.no_grad():
+                entered = time.perf_counter() - started
+                unet(x, t, encoder_hidden_states=text)  # the first call installs the processors
+                started = time.perf_counter()
+                unet(x, t, encoder_hidden_states=text)
+                steps[name].append(time.perf_counter() - started)
+                exit_started = time.perf_counter()
+            if name == "plain":
+                apply_times.append(entered + time.perf_counter() - exit_started)
+    med = {k: median(v) for k, v in steps.items()}
+    return {
+        "model": model, "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "image_encoder_parameters": sum(p.numel() for p in encoder.model.parameters()),
+        "cross_attention_layers": len([n for n in unet.attn_processors if n.endswith("attn2.processor")]),
+        "batch_with_cfg": 2 * batch, "repeats": repeats,
+        "median_step_seconds": {k: round(v, 5) for k, v in med.items()},
+        "step_ratio_to_none": {k: round(v / med["none"], 3) for k, v in med.items() if k != "none"},
+        "median_apply_and_restore_seconds": round(median(apply_times), 5),
+        "median_encode_seconds": round(median(encode_times), 5),
+    }
+
+
+SECTIONS = {"lora": lora_section, "ip_adapter": ip_adapter_section}  # name -> function(args) -> dict
 
 
 def main(argv=None) -> dict:
@@ -141,7 +250,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1, help="images per call (the call runs 2x for CFG)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="")
+    parser.add_argument("--out", default="", help="write the JSON here; sections of an earlier file that "
+                                                   "this run leaves out are kept")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"bench": "adapters", "torch_threads": args.threads, "sections": {}}
@@ -154,7 +264,12 @@ def main(argv=None) -> dict:
     if args.out:
         from kernels.files import atomic_write
 
-        atomic_write(args.out, (text + "\n").encode("utf-8"), durable=False)
+        kept = {}
+        if os.path.isfile(args.out):
+            with open(args.out, encoding="utf-8") as f:
+                kept = json.load(f).get("sections", {})
+        merged = {**results, "sections": {**kept, **results["sections"]}}
+        atomic_write(args.out, (json.dumps(merged, indent=2) + "\n").encode("utf-8"), durable=False)
     return results
 
 

@@ -39,8 +39,9 @@ MASK = DataType("MASK", "#81c784", "a batch of masks, float NHW in 0..1")
 LAYOUT = DataType("LAYOUT", "#4dd0c8", "boxes with phrases, in 0..1 image coordinates")
 ATTENTION_MAPS = DataType("ATTENTION_MAPS", "#a1887f", "per-token cross-attention maps")
 UPSCALE_MODEL = DataType("UPSCALE_MODEL", "#9575cd", "a super-resolution model (ESRGAN, SwinIR, HAT, DAT...)")
+IP_ADAPTER = DataType("IP_ADAPTER", "#ba68c8", "an IP-Adapter's weights with its CLIP image encoder")
 DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, LAYOUT,
-                                  ATTENTION_MAPS, UPSCALE_MODEL)}
+                                  ATTENTION_MAPS, UPSCALE_MODEL, IP_ADAPTER)}
 
 
 @dataclass(frozen=True)
