@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Mapping, Optional
 
 KINDS = ("checkpoint", "diffusion_model", "text_encoder", "vae", "lora", "upscale_model",
-         "controlnet", "ipadapter", "diffusers")
+         "controlnet", "ipadapter", "clip_vision", "diffusers")
 # Kinds a LoadModel `ckpt:NAME` is searched in.
 CHECKPOINT_KINDS = ("checkpoint", "diffusers")
 
@@ -25,7 +25,7 @@ KIND_FOLDERS = {
     "checkpoints": "checkpoint", "diffusion_models": "diffusion_model", "unet": "diffusion_model",
     "clip": "text_encoder", "text_encoders": "text_encoder", "vae": "vae", "loras": "lora",
     "upscale_models": "upscale_model", "controlnet": "controlnet", "ipadapter": "ipadapter",
-    "diffusers": "diffusers",
+    "clip_vision": "clip_vision", "diffusers": "diffusers",
     "Stable-diffusion": "checkpoint", "Lora": "lora", "VAE": "vae", "ESRGAN": "upscale_model",
 }
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")

@@ -274,3 +274,13 @@ def test_importing_model_folders_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_image_encoders_are_their_own_kind(tmp_path):
+    models = tmp_path / "ComfyUI" / "models"
+    write_safetensors(models / "clip_vision" / "vit-h" / "model.safetensors",
+                      ["vision_model.embeddings.patch_embedding.weight"])
+    entries = by_name(scan([str(tmp_path / "ComfyUI")]))
+    assert entries["vit-h/model.safetensors"].kind == "clip_vision"
+    assert find_model("vit-h/model.safetensors", [str(tmp_path / "ComfyUI")], kinds=("clip_vision",)).endswith(
+        "model.safetensors")
