@@ -106,7 +106,7 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
 
 
 PAIRED = ["app.graph.fileformat", "app.graph.png", "nodes.registry", "nodes.base", "nodes.core",
-          "nodes.erasers", "nodes.layout", "nodes.adapters"]
+          "nodes.erasers", "nodes.layout", "nodes.adapters", "nodes.controlnet"]
 
 
 @pytest.mark.parametrize("first", PAIRED)

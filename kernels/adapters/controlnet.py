@@ -1,0 +1,398 @@
+"""ControlNet on MODEL: a conditioning image steers the UNet through added residuals, for one run.
+
+Zhang, Rao and Agrawala, "Adding Conditional Control to Text-to-Image Diffusion Models": a copy
+of the UNet's encoder reads the noisy latent, the step's text and an image (edges, depth, a
+scribble) and returns one residual per skip connection and one for the middle block, each scaled
+by a strength; the UNet adds them to its own. The ControlNet itself is diffusers'
+`ControlNetModel` (a diffusers folder via `from_pretrained`, a single .safetensors file via
+`from_single_file` with a local config); so is the addition (the UNet's
+`down_block_additional_residuals` / `mid_block_additional_residual`).
+
+What is ours is the wiring, checked against StableDiffusionControlNetPipeline and
+StableDiffusionXLControlNetPipeline (tests/test_controlnet.py): the ControlNet runs on exactly
+the UNet call's inputs (the batched [negative, positive] latent, the timestep, the text, SDXL's
+added conditioning), with the control image resized to the latent's pixel size as the pipelines'
+`prepare_image` does, repeated per image and for guidance; a step is inside [start, end] by the
+pipelines' rule (step i of n runs when i/n >= start and (i+1)/n <= end); several ControlNets
+chain and their residuals sum, as MultiControlNetModel sums them. Guess mode (and ControlNets
+with `global_pool_conditions`) run the ControlNet on the positive rows only, zeros for the rest.
+
+`ControlNetPatch` is a value: the ControlNet, the image's content hash, strength, start, end and
+guess mode. Its `applied()` registers a forward pre-hook on the UNet that adds the residuals to
+the call's keyword arguments, and removes it on exit, so it composes with every other patch and
+with other ControlNets. Outside the window, or at strength 0, the ControlNet is not run at all:
+the UNet call is the plain one (the pipelines run it at scale 0, which adds zeros).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+from kernels.hashing import content_hash, key_of
+from kernels.model_folders import PICKLE_NOTE, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header
+from kernels.patching import ModelPatch, SamplingRun
+
+CONTROL_CLASSES = ("ControlNetModel",)
+# keys only a ControlNet has: diffusers' layout, and the original (ldm/A1111) one
+CONTROLNET_KEYS = ("controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight",
+                   "control_model.input_hint_block.0.weight")
+# the UNet's config values the residuals' shapes and the ControlNet's inputs depend on
+FIT_FIELDS = (("in_channels", "latent channels"), ("cross_attention_dim", "cross-attention width"),
+              ("block_out_channels", "block widths"), ("layers_per_block", "layers per block"),
+              ("addition_embed_type", "added conditioning"),
+              ("projection_class_embeddings_input_dim", "added embedding width"))
+
+
+class ControlNetError(ValueError):
+    """A ControlNet that cannot be loaded or applied; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNet:
+    """CONTROL_NET: a loaded ControlNetModel and the file or folder it came from."""
+
+    module: Any
+    path: str
+    load_key: str
+
+    def content_key(self) -> str:
+        return key_of("CONTROL_NET", self.load_key)
+
+    @property
+    def pixel_factor(self) -> int:
+        """Image pixels per latent pixel the ControlNet's conditioning embedding expects: its
+        embedding halves the size once per block after the first."""
+        channels = self.module.config.conditioning_embedding_out_channels
+        return 2 ** (len(channels) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def load_control_net(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ControlNet:
+    """A ControlNet from a diffusers folder (config.json + safetensors weights) or a .safetensors
+    file. A file's config is, in order: `<name>.yaml` beside it (the original format's config, as
+    A1111 keeps them), a diffusers `config.json` in its folder, or the config diffusers infers
+    for the file if it is in the local Hugging Face cache. Nothing is downloaded; pickles are
+    refused by their suffix."""
+    from kernels.models import model_folder_key, quiet_hub_libraries
+
+    quiet_hub_libraries()
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        module = _load_folder(path, dtype)
+    elif os.path.isfile(path):
+        module = _load_file(path, dtype)
+    else:
+        raise ControlNetError(f"ControlNet {path!r} does not exist")
+    if torch.device(device) != module.device:  # `to` warns about float32 modules even when it moves nothing
+        module = module.to(device)
+    module = module.eval().requires_grad_(False)
+    return ControlNet(module, path, model_folder_key(path, dtype, device))
+
+
+def _load_folder(path: str, dtype: torch.dtype):
+    import json
+
+    from diffusers import ControlNetModel
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ControlNetError(f"ControlNet folder {path!r} has no config.json: it is not a diffusers ControlNet")
+    with open(config_path, encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name not in CONTROL_CLASSES:
+        raise ControlNetError(f"ControlNet folder {path!r} holds a {class_name}, not a ControlNetModel")
+    names = os.listdir(path)
+    if not any(n.endswith(SAFETENSORS_SUFFIXES) for n in names):
+        pickled = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+        what = f"only {pickled[0]}, {PICKLE_NOTE}" if pickled else "no .safetensors weights"
+        raise ControlNetError(f"ControlNet folder {path!r} has {what}")
+    try:
+        return ControlNetModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ControlNetError(f"ControlNet folder {path!r} cannot be loaded: {_first_line(exc)}") from None
+
+
+def _load_file(path: str, dtype: torch.dtype):
+    from diffusers import ControlNetModel
+
+    low = path.lower()
+    if low.endswith(PICKLE_SUFFIXES):
+        raise ControlNetError(f"ControlNet file {path!r} is {PICKLE_NOTE}")
+    if not low.endswith(SAFETENSORS_SUFFIXES):
+        raise ControlNetError(f"ControlNet file {path!r} is not a .safetensors file; ControlNets are read "
+                              f"from safetensors or diffusers folders only")
+    try:
+        keys, _metadata = read_safetensors_header(path)
+    except ValueError as exc:
+        raise ControlNetError(f"ControlNet file {path!r} is {exc}") from None
+    if not any(k in keys for k in CONTROLNET_KEYS):
+        raise ControlNetError(f"ControlNet file {path!r} has no ControlNet tensors (no conditioning "
+                              f"embedding / input hint block): it is not a ControlNet")
+    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    kwargs: dict = {"torch_dtype": dtype, "local_files_only": True}
+    if os.path.isfile(os.path.join(folder, stem + ".yaml")):
+        kwargs["original_config"] = os.path.join(folder, stem + ".yaml")
+    elif os.path.isfile(os.path.join(folder, "config.json")):
+        kwargs["config"] = folder
+    try:
+        return ControlNetModel.from_single_file(path, **kwargs)
+    except Exception as exc:  # diffusers raises hub, config and conversion errors of many types
+        if "config" not in kwargs and "original_config" not in kwargs:
+            raise ControlNetError(
+                f"ControlNet file {path!r} needs its config to load offline: put its original "
+                f"{stem}.yaml beside it, or its diffusers config.json in the same folder "
+                f"({_first_line(exc)})") from None
+        raise ControlNetError(f"ControlNet file {path!r} cannot be loaded: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# checking the fit
+# ---------------------------------------------------------------------------------------------
+def _family(config) -> str:
+    if config.get("addition_embed_type") == "text_time":
+        return "Stable Diffusion XL"
+    return {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(config.get("cross_attention_dim"),
+                                                                         "Stable Diffusion")
+
+
+def check_fits(control_net: ControlNet, unet) -> None:
+    """Raise ControlNetError unless the ControlNet's residuals fit this UNet, naming the file and
+    the first difference: a ControlNet for another family would fail inside the UNet, or worse
+    (same widths, other blocks) add its residuals in the wrong places."""
+    if type(unet).__name__ != "UNet2DConditionModel":
+        raise ControlNetError(f"ControlNet {control_net.path!r} applies to UNet models (SD 1.x/2.x, SDXL); "
+                              f"this MODEL's denoiser is a {type(unet).__name__}")
+    cn, un = dict(control_net.module.config), dict(unet.config)
+    for name, what in FIT_FIELDS:
+        ours, theirs = _normalised(cn.get(name)), _normalised(un.get(name))
+        if ours != theirs:
+            raise ControlNetError(
+                f"ControlNet {control_net.path!r} is for a {_family(cn)} UNet but this MODEL is "
+                f"{_family(un)}: its {what} is {ours} where the UNet's is {theirs}; use a ControlNet "
+                f"made for this model family")
+
+
+def _normalised(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# the control image
+# ---------------------------------------------------------------------------------------------
+def control_pixels(image: torch.Tensor, height: int, width: int, factor: int = 8) -> torch.Tensor:
+    """(N, 3, height, width) float32 in 0..1 from an IMAGE (NHWC in 0..1), by diffusers' control
+    image processor (RGB, no normalising) as the ControlNet pipelines prepare theirs. An image of
+    the right size passes as a tensor, unchanged; another size is resized as the pipelines resize
+    the PIL images they are given (Lanczos)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from kernels.images import to_pil
+
+    if image.ndim != 4:
+        raise ControlNetError(f"a control image is a batch of NHWC images; got shape {tuple(image.shape)}")
+    channels = image.shape[-1]
+    image = image[..., :3] if channels >= 3 else image[..., :1].expand(*image.shape[:-1], 3)
+    processor = VaeImageProcessor(vae_scale_factor=factor, do_convert_rgb=True, do_normalize=False)
+    if tuple(image.shape[1:3]) == (height, width):
+        return processor.preprocess(image.permute(0, 3, 1, 2).float(), height=height, width=width)
+    return processor.preprocess(to_pil(image), height=height, width=width).float()
+
+
+def step_of(scheduler, timestep) -> Optional[tuple[int, int]]:
+    """(step index, steps) of `timestep` in the scheduler's schedule, or None without one."""
+    schedule = getattr(scheduler, "timesteps", None)
+    if schedule is None or not len(schedule):
+        return None
+    t = torch.as_tensor(timestep).flatten()[0].float().cpu()
+    return int(torch.argmin((schedule.float().cpu() - t).abs())), len(schedule)
+
+
+def in_control_window(i: int, n: int, start: float, end: float) -> bool:
+    """The ControlNet pipelines' rule (their `controlnet_keep`): step i of n runs when
+    i/n >= start and (i+1)/n <= end."""
+    return not (i / n < start or (i + 1) / n > end)
+
+
+# ---------------------------------------------------------------------------------------------
+# the patch
+# ---------------------------------------------------------------------------------------------
+class ControlRun:
+    """One sampling run of a ControlNetPatch: the control image at the sizes the run meets."""
+
+    def __init__(self, patch: "ControlNetPatch", run: Optional[SamplingRun]):
+        self.patch = patch
+        self.run = run
+        self.images: dict = {}
+
+    def active(self, timestep) -> bool:
+        step = step_of(getattr(self.run, "scheduler", None), timestep)
+        if step is None:  # no schedule to place the call in (a call outside a sampler's run)
+            return True
+        return in_control_window(*step, self.patch.start, self.patch.end)
+
+    def images_per_call(self, rows: int) -> int:
+        """Images one UNet call of `rows` samples is for: the run's batch (twice that is guidance)."""
+        if self.run is None:
+            return rows
+        return int(self.run.latent_shape[0])
+
+    def condition(self, rows: int, height: int, width: int, device, dtype) -> torch.Tensor:
+        """The control image for a ControlNet call on `rows` latents of height x width."""
+        key = (rows, height, width, str(device), dtype)
+        if key not in self.images:
+            cn = self.patch.control_net
+            f = cn.pixel_factor
+            pixels = control_pixels(self.patch.image, height * f, width * f, f)
+            images = self.images_per_call(rows)
+            if pixels.shape[0] == 1:
+                pixels = pixels.repeat_interleave(images, dim=0)
+            elif pixels.shape[0] != images:
+                raise ControlNetError(f"ControlNet {cn.path!r}: the control image batch has {pixels.shape[0]} "
+                                      f"images but {images} are being sampled; give one image or one per image")
+            if rows != images:
+                pixels = torch.cat([pixels] * (rows // images))
+            self.images[key] = pixels.to(device=device, dtype=dtype)
+        return self.images[key]
+
+    def residuals(self, sample: torch.Tensor, timestep, text: torch.Tensor,
+                  added: Optional[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ControlNet's (down residuals, mid residual) for one UNet call's inputs."""
+        module = self.patch.control_net.module
+        guess = self.patch.guess_mode or bool(module.config.global_pool_conditions)
+        rows, out_dtype = sample.shape[0], sample.dtype
+        split = guess and rows == 2 * self.images_per_call(rows)
+        if split:  # the positive rows only, as the pipelines' guess mode
+            half = rows // 2
+            sample, text = sample[half:], text[half:]
+            added = {k: v[half:] for k, v in added.items()} if added else added
+        dtype = module.dtype
+        cond = self.condition(sample.shape[0], sample.shape[2], sample.shape[3], sample.device, dtype)
+        if added:
+            added = {k: v.to(dtype) for k, v in added.items()}
+        down, mid = module(sample.to(dtype), timestep, encoder_hidden_states=text.to(dtype),
+                           controlnet_cond=cond, conditioning_scale=self.patch.strength, guess_mode=guess,
+                           added_cond_kwargs=added, return_dict=False)
+        if split:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return [d.to(out_dtype) for d in down], mid.to(out_dtype)
+
+    def pre_hook(self, _module, args, kwargs):
+        """The UNet's forward pre-hook: the call's keyword arguments with the residuals added."""
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        if not self.active(timestep):
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        text = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        down, mid = self.residuals(sample, timestep, text, kwargs.get("added_cond_kwargs"))
+        kwargs = dict(kwargs)
+        earlier_down = kwargs.get("down_block_additional_residuals")
+        if earlier_down is not None:  # an earlier ControlNet in the chain: sum, as MultiControlNetModel
+            down = [e + d for e, d in zip(earlier_down, down)]
+            mid = kwargs["mid_block_additional_residual"] + mid
+        kwargs["down_block_additional_residuals"] = down
+        kwargs["mid_block_additional_residual"] = mid
+        return args, kwargs
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNetPatch(ModelPatch):
+    """A ControlNet with its control image at one strength and step window. A value: nothing in
+    it changes; each run's state is a ControlRun in `run.state`."""
+
+    control_net: ControlNet
+    image: torch.Tensor  # NHWC in 0..1
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+    image_key: str = field(default="", compare=False)
+
+    kind = "controlnet"
+
+    def __post_init__(self):
+        if not self.image_key:
+            object.__setattr__(self, "image_key", content_hash(self.image))
+
+    def cache_key(self) -> str:
+        return f"{self.kind}:" + content_hash(self.control_net.load_key, self.image_key, float(self.strength),
+                                              float(self.start), float(self.end), bool(self.guess_mode))
+
+    def describe(self) -> str:
+        return f"ControlNet {os.path.basename(self.control_net.path)} ({self.strength:g}, {self.start:g}-{self.end:g})"
+
+    @contextlib.contextmanager
+    def applied(self, unet, run) -> Iterator[Optional[ControlRun]]:
+        if self.strength == 0.0 or self.end <= self.start:
+            yield None
+            return
+        state = ControlRun(self, run)
+        handle = unet.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
+        if run is not None:
+            run.state[self] = state
+        try:
+            yield state
+        finally:
+            handle.remove()
+            if run is not None:
+                run.state.pop(self, None)
+
+
+def controlnet_patch(control_net: ControlNet, unet, image: torch.Tensor, strength: float = 1.0,
+                     start: float = 0.0, end: float = 1.0, guess_mode: bool = False) -> ControlNetPatch:
+    """A ControlNetPatch, checked before any run: the ControlNet fits the UNet, the window is a window."""
+    check_fits(control_net, unet)
+    if not 0.0 <= start < end <= 1.0:
+        raise ControlNetError(f"the step window must satisfy 0 <= start < end <= 1; got start {start}, end {end}")
+    return ControlNetPatch(control_net, image.detach().float().cpu().contiguous(), float(strength), float(start),
+                           float(end), bool(guess_mode))
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny random ControlNets, for tests and benches
+# ---------------------------------------------------------------------------------------------
+def build_tiny_controlnet(path: str, model_folder: str, *, seed: int = 0, single_file: bool = False,
+                          scale: float = 0.05) -> str:
+    """Write a random ControlNet for the model folder's UNet at `path` (a diffusers folder, or with
+    `single_file` a .safetensors file with its config.json beside it) and return the path. Built by
+    diffusers' `ControlNetModel.from_unet`, whose zero-initialised output convolutions are then
+    drawn at random (`scale`), so that the residuals are not zero; the conditioning embedding
+    downsamples by the model's VAE factor."""
+    import json
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_folder, "unet"))
+    vae_config = os.path.join(model_folder, "vae", "config.json")
+    blocks = 1
+    if os.path.isfile(vae_config):
+        with open(vae_config, encoding="utf-8") as f:
+            blocks = len(json.load(f)["block_out_channels"])
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,) * blocks)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn_like(p) * scale)
+    if not single_file:
+        cn.save_pretrained(path, safe_serialization=True)
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    cn.save_config(folder)
+    save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, path)
+    return path

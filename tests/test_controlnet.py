@@ -1,0 +1,445 @@
+"""LoadControlNet, ControlNetApply and the control-image nodes on tiny random models and tiny
+random ControlNets (diffusers' ControlNetModel.from_unet with random output convolutions), each
+checked against StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import CAPTURED, QuietContext, txt2img_graph
+
+from app.engine import Executor
+from kernels.adapters.controlnet import (
+    ControlNetError,
+    build_tiny_controlnet,
+    control_pixels,
+    in_control_window,
+    load_control_net,
+)
+from kernels.adapters.preprocess import canny, layout_scribble, normalised_depth, normals_from_depth
+from kernels.models import load_model_folder
+from kernels.text import encode_text
+from nodes.base import NodeError
+from nodes.controlnet import ControlNetApply
+from nodes.core import Sampler
+from nodes.registry import add_node
+
+PROMPT = "a red circle on the left"
+
+
+def square_image(size=16, lo=4, hi=12, value=1.0, batch=1):
+    img = torch.zeros(batch, size, size, 3)
+    img[:, lo:hi, lo:hi] = value
+    return img
+
+
+def save_png(tensor, path):
+    from kernels.images import to_pil
+
+    to_pil(tensor)[0].save(path)
+    return str(path)
+
+
+# -- models ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd_model(tiny_latent_model, tmp_path_factory):
+    """The tiny latent model with `steps_offset` 1, as the SD pipelines rewrite it."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    shutil.copytree(tiny_latent_model, path)
+    config_path = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["steps_offset"] = 1
+    config_path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cns(sd_model, tmp_path_factory):
+    """Two ControlNets for the tiny SD model (folders), the first also as a single file."""
+    folder = tmp_path_factory.mktemp("controlnets")
+    return {"a": build_tiny_controlnet(str(folder / "a"), sd_model, seed=0),
+            "b": build_tiny_controlnet(str(folder / "b"), sd_model, seed=1),
+            "file": build_tiny_controlnet(str(folder / "single" / "a.safetensors"), sd_model, seed=0,
+                                          single_file=True)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("control-images")
+    return {"square": save_png(square_image(), folder / "square.png"),
+            "other": save_png(square_image(lo=2, hi=7), folder / "other.png"),
+            "odd": save_png(square_image(size=24, lo=5, hi=18), folder / "odd.png")}
+
+
+@pytest.fixture(scope="module")
+def sd(sd_model):
+    model, clip, vae = load_model_folder(sd_model)
+    return model, clip, vae, encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+
+
+def sample(model, positive, *, steps=4, cfg=4.0, seed=3, size=8, scheduler="euler"):
+    return Sampler().run(QuietContext(), model, positive, None, torch.zeros(1, 4, size, size),
+                         scheduler=scheduler, steps=steps, cfg=cfg, seed=seed, denoise=1.0)["latent"]
+
+
+def applied(model, cn_path, image, strength=1.0, start=0.0, end=1.0, guess_mode=False):
+    return ControlNetApply().run(QuietContext(), model, load_control_net(cn_path), image, strength, start, end,
+                                 guess_mode)["model"]
+
+
+def cn_graph(model_path, applies, *, steps=4, cfg=4.0, seed=3, size=16, canny_first=False):
+    """txt2img with (controlnet path, image path, strength, start, end) ControlNetApply nodes chained."""
+    g, ids = txt2img_graph(model_path, prompt=PROMPT, steps=steps, cfg=cfg, seed=seed, size=size, save=False)
+    model_src = (ids["load"], "model")
+    ids["applies"] = []
+    for cn_path, image_path, strength, start, end in applies:
+        loader = add_node(g, "LoadControlNet", {"path": cn_path})
+        image = add_node(g, "LoadImage", {"path": image_path})
+        apply = add_node(g, "ControlNetApply", {"strength": strength, "start": start, "end": end})
+        image_src = (image.id, "image")
+        if canny_first:
+            edges = add_node(g, "CannyEdges", {})
+            g.connect(*image_src, edges.id, "image")
+            image_src = (edges.id, "image")
+        g.connect(*model_src, apply.id, "model")
+        g.connect(loader.id, "control_net", apply.id, "control_net")
+        g.connect(*image_src, apply.id, "image")
+        model_src = (apply.id, "model")
+        ids["applies"].append((loader.id, apply.id))
+    g.connect(*model_src, ids["sampler"], "model")
+    ids["capture"] = add_node(g, "TestCaptureLatent", {}).id
+    g.connect(ids["sampler"], "latent", ids["capture"], "latent")
+    return g, ids
+
+
+def run_graph(g, ids, tmp_path, ex=None):
+    report = (ex or Executor(device="cpu", disk_cache=False)).run(g, targets=[ids["capture"]], output_dir=tmp_path)
+    return report, CAPTURED.pop("latent", None)
+
+
+def sd_pipeline(sd, controlnet):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from kernels.sampling import make_scheduler
+
+    model, clip, vae, _ = sd
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae.vae, text_encoder=clip.text_encoder, tokenizer=clip.tokenizer, unet=model.unet,
+        controlnet=controlnet, scheduler=make_scheduler("euler", model.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_latent(pipe, image, **kwargs):
+    call = dict(height=16, width=16, num_inference_steps=4, guidance_scale=4.0, output_type="latent",
+                generator=torch.Generator().manual_seed(3))
+    return pipe(PROMPT, image=image, **{**call, **kwargs}).images
+
+
+def nchw(image):
+    return image.permute(0, 3, 1, 2)
+
+
+# -- off is off -----------------------------------------------------------------------------------
+def test_strength_zero_is_bit_identical_and_records_no_patch(sd_model, cns, images, tmp_path, sd):
+    ex = Executor(device="cpu", disk_cache=False)
+    _, plain = run_graph(*cn_graph(sd_model, []), tmp_path, ex)
+    report, off = run_graph(*cn_graph(sd_model, [(cns["a"], images["square"], 0.0, 0.0, 1.0)]), tmp_path, ex)
+    assert report.ok and torch.equal(plain, off)
+    model = sd[0]
+    assert applied(model, cns["a"], square_image(), strength=0.0) is model
+
+
+def test_outside_its_window_a_step_is_the_plain_step(sd, cns):
+    model, _clip, _vae, positive = sd
+    predictions = {}
+    for name, mdl in (("plain", model), ("windowed", applied(model, cns["a"], square_image(), 1.0, 0.5, 1.0))):
+        outs = predictions[name] = []
+        hook = model.unet.register_forward_hook(lambda _m, _a, out, outs=outs: outs.append(out.sample.clone()))
+        try:
+            sample(mdl, positive, steps=4)
+        finally:
+            hook.remove()
+    plain, windowed = predictions["plain"], predictions["windowed"]
+    assert torch.equal(plain[0], windowed[0]) and torch.equal(plain[1], windowed[1])  # steps 0, 1 of 4
+    assert not torch.equal(plain[2], windowed[2])
+    assert [in_control_window(i, 4, 0.5, 1.0) for i in range(4)] == [False, False, True, True]
+    assert [in_control_window(i, 4, 0.0, 0.6) for i in range(4)] == [True, True, False, False]
+
+
+def test_the_conditioning_image_reaches_the_residuals(sd, cns):
+    model, _clip, _vae, positive = sd
+    control = load_control_net(cns["a"])
+
+    def recorded(image):
+        seen = []
+
+        def hook(_m, args, kwargs, _out):
+            seen.append((args[0].clone(), args[1], kwargs["encoder_hidden_states"],
+                         kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"]))
+
+        handle = model.unet.register_forward_hook(hook, with_kwargs=True)
+        try:
+            out = sample(ControlNetApply().run(QuietContext(), model, control, image, 0.7, 0.0, 1.0, False)["model"],
+                         positive, steps=2)
+        finally:
+            handle.remove()
+        return out, seen
+
+    first, seen = recorded(square_image())
+    other, _ = recorded(square_image(lo=2, hi=7))
+    assert not torch.equal(first, other)
+    x, t, text, down, mid = seen[0]
+    assert x.shape[0] == 2  # [negative, positive], the ControlNet on the same batch
+    pixels = control_pixels(square_image(), 16, 16, 2).repeat_interleave(1, dim=0)  # as prepare_image
+    cond = torch.cat([pixels] * 2)  # (its memory layout picks the convolution's rounding)
+    with torch.no_grad():
+        own_down, own_mid = control.module(x, t, encoder_hidden_states=text, controlnet_cond=cond,
+                                           conditioning_scale=0.7, return_dict=False)
+    assert len(down) == len(own_down) and all(torch.equal(a, b) for a, b in zip(down, own_down))
+    assert torch.equal(mid, own_mid) and mid.abs().max() > 0
+
+
+# -- against the diffusers pipelines --------------------------------------------------------------
+@pytest.mark.parametrize("strength,start,end,guess", [(0.8, 0.0, 1.0, False), (1.3, 0.25, 0.75, False),
+                                                       (1.0, 0.0, 1.0, True)])
+def test_matches_the_diffusers_controlnet_pipeline(sd, cns, strength, start, end, guess):
+    model, _clip, _vae, positive = sd
+    image = square_image()
+    ours = sample(applied(model, cns["a"], image, strength, start, end, guess), positive)
+    ref = pipeline_latent(sd_pipeline(sd, load_control_net(cns["a"]).module), nchw(image),
+                          controlnet_conditioning_scale=strength, control_guidance_start=start,
+                          control_guidance_end=end, guess_mode=guess)
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+def test_the_graph_matches_the_pipeline_and_two_controlnets_sum_as_multicontrolnet(sd_model, sd, cns, images,
+                                                                                   tmp_path):
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    from kernels.images import from_pil
+
+    report, ours = run_graph(*cn_graph(sd_model, [(cns["a"], images["square"], 0.9, 0.0, 1.0),
+                                                  (cns["b"], images["other"], 0.6, 0.0, 0.5)]), tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    from PIL import Image
+
+    pictures = [nchw(from_pil(Image.open(images[k]))[0]) for k in ("square", "other")]
+    multi = MultiControlNetModel([load_control_net(cns[k]).module for k in ("a", "b")])
+    ref = pipeline_latent(sd_pipeline(sd, multi), pictures, controlnet_conditioning_scale=[0.9, 0.6],
+                          control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 0.5])
+    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+
+
+def test_a_control_image_of_another_size_is_resized_as_the_pipeline_resizes_a_picture(sd, cns, images):
+    from PIL import Image
+
+    from kernels.images import from_pil
+
+    model, _clip, _vae, positive = sd
+    picture = Image.open(images["odd"])
+    ours = sample(applied(model, cns["a"], from_pil(picture)[0]), positive)
+    ref = pipeline_latent(sd_pipeline(sd, load_control_net(cns["a"]).module), picture)
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+def test_canny_edges_in_the_graph_match_the_pipeline_given_the_same_edges(sd_model, sd, cns, images, tmp_path):
+    from PIL import Image
+
+    from kernels.images import from_pil
+
+    report, ours = run_graph(*cn_graph(sd_model, [(cns["a"], images["square"], 1.0, 0.0, 1.0)], canny_first=True),
+                             tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    edges = canny(from_pil(Image.open(images["square"]))[0])
+    ref = pipeline_latent(sd_pipeline(sd, load_control_net(cns["a"]).module), nchw(edges))
+    assert (ours - ref).abs().max() < 1e-5
+
+
+# -- loading, caching, running twice --------------------------------------------------------------
+def test_a_single_file_with_its_config_loads_the_folders_weights(cns):
+    folder, file = load_control_net(cns["a"]), load_control_net(cns["file"])
+    a, b = folder.module.state_dict(), file.module.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert folder.content_key() != file.content_key()
+
+
+def test_a_patched_model_runs_twice_alike_and_leaves_no_hook(sd, cns):
+    model, _clip, _vae, positive = sd
+    patched = applied(model, cns["a"], square_image())
+    first, second = sample(patched, positive, steps=2), sample(patched, positive, steps=2)
+    assert torch.equal(first, second)
+    assert not model.unet._forward_pre_hooks
+    assert torch.equal(sample(model, positive, steps=2), sample(model, positive, steps=2))
+
+
+def test_cache_key_follows_image_strength_window_and_file(sd, cns):
+    model = sd[0]
+    key = applied(model, cns["a"], square_image()).content_key()
+    assert key == applied(model, cns["a"], square_image()).content_key()
+    others = [applied(model, cns["a"], square_image(lo=3)), applied(model, cns["a"], square_image(), 0.9),
+              applied(model, cns["a"], square_image(), 1.0, 0.1), applied(model, cns["a"], square_image(), 1.0, 0.0, 0.9),
+              applied(model, cns["a"], square_image(), guess_mode=True), applied(model, cns["b"], square_image())]
+    assert len({key} | {m.content_key() for m in others}) == 1 + len(others)
+
+
+def test_a_controlnet_is_found_by_name_in_the_models_folders(sd_model, cns, images, tmp_path):
+    folder = tmp_path / "ComfyUI" / "models" / "controlnet"
+    folder.mkdir(parents=True)
+    shutil.copy(cns["file"], folder / "tiny_canny.safetensors")
+    shutil.copy(cns["file"].replace("a.safetensors", "config.json"), folder / "config.json")
+    ex = Executor(device="cpu", disk_cache=False, model_roots=[str(tmp_path / "ComfyUI")])
+    report, by_name = run_graph(*cn_graph(sd_model, [("ckpt:tiny_canny", images["square"], 1.0, 0.0, 1.0)]),
+                                tmp_path, ex)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    _, by_path = run_graph(*cn_graph(sd_model, [(cns["a"], images["square"], 1.0, 0.0, 1.0)]), tmp_path)
+    assert torch.equal(by_name, by_path)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory):
+    from kernels.tiny import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_cn(sdxl_model, tmp_path_factory):
+    return build_tiny_controlnet(str(tmp_path_factory.mktemp("sdxl-cn") / "xl.safetensors"), sdxl_model,
+                                 single_file=True)
+
+
+def node_error(g, ids, tmp_path, which):
+    report, _ = run_graph(g, ids, tmp_path)
+    return report.nodes[ids["applies"][0][which]].error or ""
+
+
+def test_a_controlnet_for_another_family_is_a_node_error_naming_the_file(sd_model, sdxl_cn, images, tmp_path):
+    error = node_error(*cn_graph(sd_model, [(sdxl_cn, images["square"], 1.0, 0.0, 1.0)]), tmp_path, 1)
+    assert error.startswith("ControlNetApply:") and sdxl_cn in error
+    assert "Stable Diffusion XL" in error and "cross-attention width is 48 where the UNet's is 32" in error
+
+
+def test_bad_files_are_refused_with_the_file_named(sd_model, cns, images, tmp_path):
+    pickle = tmp_path / "cn.pth"
+    pickle.write_bytes(b"\x80\x04not opened")
+    cases = {str(pickle): "pickle", str(tmp_path / "absent.safetensors"): "does not exist",
+             str(tmp_path / "cn.txt"): "not a .safetensors file"}
+    (tmp_path / "cn.txt").write_text("x")
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    cases[str(lora)] = "not a ControlNet"
+    lonely = tmp_path / "lonely" / "cn.safetensors"
+    lonely.parent.mkdir()
+    shutil.copy(cns["file"], lonely)
+    cases[str(lonely)] = "needs its config to load offline"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(cns["file"], "rb").read()[:100])
+    cases[str(cut)] = "truncated"
+    for path, expected in cases.items():
+        error = node_error(*cn_graph(sd_model, [(path, images["square"], 1.0, 0.0, 1.0)]), tmp_path, 0)
+        assert error.startswith("LoadControlNet:") and path in error and expected in error, error
+    assert "no ControlNet file chosen" in node_error(*cn_graph(sd_model, [("", images["square"], 1.0, 0.0, 1.0)]),
+                                                     tmp_path, 0)
+    assert "must come after start" in node_error(*cn_graph(sd_model, [(cns["a"], images["square"], 1.0, 0.6, 0.4)]),
+                                                 tmp_path, 1)
+
+
+def test_a_controlnet_on_a_transformer_model_is_refused(cns, tmp_path):
+    from kernels.tiny import build_tiny_sd3_model
+
+    model, _, _ = load_model_folder(build_tiny_sd3_model(str(tmp_path / "sd3")))
+    with pytest.raises(NodeError, match="applies to UNet models"):
+        applied(model, cns["a"], square_image())
+    with pytest.raises(ControlNetError, match="does not exist"):
+        load_control_net(str(tmp_path / "nothing"))
+
+
+# -- SDXL -----------------------------------------------------------------------------------------
+def test_sdxl_controlnet_matches_the_diffusers_sdxl_controlnet_pipeline(sdxl_model, sdxl_cn, images, tmp_path):
+    from diffusers import StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from kernels.images import from_pil
+    from kernels.sampling import make_scheduler
+
+    report, ours = run_graph(*cn_graph(sdxl_model, [(sdxl_cn, images["square"], 0.7, 0.0, 0.75)], steps=3,
+                                       seed=2), tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    control = load_control_net(sdxl_cn).module
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(sdxl_model, controlnet=control, local_files_only=True)
+    pipe.scheduler = make_scheduler("euler", dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    picture = nchw(from_pil(Image.open(images["square"]))[0])
+    ref = pipe(PROMPT, image=picture, height=16, width=16, num_inference_steps=3, guidance_scale=4.0,
+               controlnet_conditioning_scale=0.7, control_guidance_end=0.75, output_type="latent",
+               generator=torch.Generator().manual_seed(2)).images
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), (ours - ref).abs().max()
+
+
+# -- the control images ---------------------------------------------------------------------------
+def test_canny_on_a_square_gives_edges_exactly_on_its_border():
+    edges = canny(square_image(size=16, lo=4, hi=12))
+    expected = torch.zeros(16, 16)
+    expected[4:12, 4:12] = 1.0
+    expected[5:11, 5:11] = 0.0
+    assert edges.shape == (1, 16, 16, 3)
+    assert torch.equal(edges[0, ..., 0], expected) and torch.equal(edges[..., 0], edges[..., 2])
+    # a step of 0.2 (51 grey levels) has an L1 Sobel magnitude of 204 along a side: above 200
+    assert torch.equal(canny(square_image(value=0.2))[0, ..., 0], expected)
+    # at 0.19 the sides' 194 starts no edge; the corners' 291 do, and continue through sides above low
+    corners = torch.zeros(16, 16)
+    corners[[4, 4, 11, 11], [4, 11, 4, 11]] = 1.0
+    assert torch.equal(canny(square_image(value=0.19), low=195, high=200)[0, ..., 0], corners)
+    assert torch.equal(canny(square_image(value=0.19), low=100, high=200)[0, ..., 0], expected)
+    assert canny(square_image(value=0.19), low=195, high=300).sum() == 0
+
+
+def test_canny_hysteresis_continues_a_strong_edge_through_weak_pixels():
+    img = torch.zeros(1, 16, 16, 3)
+    img[:, 4:12, 4:8] = 1.0    # left half: a strong step
+    img[:, 4:12, 8:12] = 0.1  # right half: 25.5 levels, magnitude 102 along its sides, 153 at its corners
+    strong_only = canny(img, low=200, high=200)[0, ..., 0]
+    joined = canny(img, low=100, high=200)[0, ..., 0]
+    assert strong_only[4, 9:12].sum() == 0 and joined[4, 9:12].sum() == 3
+    lone = torch.zeros(1, 16, 16, 3)
+    lone[:, 4:12, 8:12] = 0.1  # the weak square alone starts no edge
+    assert canny(lone, low=100, high=200).sum() == 0
+
+
+def test_depth_is_stretched_to_0_1_and_a_ramp_gives_one_tilted_normal():
+    ramp = torch.linspace(0.2, 0.6, 8).expand(1, 8, 8)[..., None].expand(1, 8, 8, 3)
+    depth = normalised_depth(ramp)
+    assert torch.allclose(depth[0, 0], torch.linspace(0, 1, 8), atol=1e-6)
+    assert torch.allclose(normalised_depth(ramp, invert=True), 1 - depth, atol=1e-6)
+    assert torch.equal(normalised_depth(torch.full((1, 4, 4, 3), 0.3)), torch.zeros(1, 4, 4))
+    normal = normals_from_depth(depth, strength=2.0)
+    slope = 2.0 * (1 / 7) * 8  # dz per pixel times pixels per image width
+    n = torch.tensor([-slope, 0.0, 1.0]) / (slope ** 2 + 1) ** 0.5
+    assert torch.allclose(normal[0], ((n + 1) / 2).expand(8, 8, 3), atol=1e-6)  # facing left, toward the viewer
+    flat = normals_from_depth(torch.zeros(1, 4, 4))
+    assert torch.equal(flat, torch.tensor([0.5, 0.5, 1.0]).expand(1, 4, 4, 3))
+
+
+def test_layout_scribble_draws_the_boxes_outlines_or_fills_them():
+    from kernels.layout.boxes import box_mask
+
+    box = {"x0": 0.25, "y0": 0.25, "x1": 0.75, "y1": 0.75, "phrase": "a red circle"}
+    edge = {"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 0.5, "phrase": "a blue square"}
+    outline = layout_scribble({"boxes": [box]}, 16, 16, line_width=1)[0, ..., 0]
+    expected = torch.zeros(16, 16)
+    expected[4:12, 4:12] = 1.0
+    expected[5:11, 5:11] = 0.0
+    assert torch.equal(outline, expected)
+    filled = layout_scribble({"boxes": [box, edge]}, 16, 16, filled=True)[0, ..., 0]
+    assert torch.equal(filled, torch.maximum(box_mask(box, 16, 16), box_mask(edge, 16, 16)))
+    at_border = layout_scribble({"boxes": [edge]}, 8, 8, line_width=1)[0, ..., 0]
+    assert at_border[0].sum() == 8 and at_border[3].sum() == 8 and at_border[1:3, 1:7].sum() == 0
+    thick = layout_scribble({"boxes": [box]}, 16, 16, line_width=2)[0, ..., 0]
+    assert thick[4:12, 4:12].sum() == 64 - 16 and thick[6:10, 6:10].sum() == 0
+    assert layout_scribble({"boxes": []}, 8, 8).sum() == 0
