@@ -4,6 +4,7 @@ checked against StableDiffusionControlNetPipeline / StableDiffusionXLControlNetP
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,3 +444,84 @@ def test_layout_scribble_draws_the_boxes_outlines_or_fills_them():
     thick = layout_scribble({"boxes": [box]}, 16, 16, line_width=2)[0, ..., 0]
     assert thick[4:12, 4:12].sum() == 64 - 16 and thick[6:10, 6:10].sum() == 0
     assert layout_scribble({"boxes": []}, 8, 8).sum() == 0
+
+
+# -- the example graph ----------------------------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "resources" / "graphs" / "controlnet-canny.loom"
+
+
+def build_example():
+    """resources/graphs/controlnet-canny.loom: a picture's Canny edges steer SD 1.5 through the
+    canny ControlNet (both named in the models folders; the picture is the user's to choose)."""
+    from app.graph import Graph
+
+    g = Graph(meta={"title": "ControlNet: Canny edges", "description": (
+        "Choose a picture in Load picture: its Canny edges (shown) steer Stable Diffusion 1.5 through "
+        "the canny ControlNet, so the new image keeps the picture's outlines. The model and the "
+        "ControlNet are looked up in the models folders; lower the strength or the end for a "
+        "looser hold.")})
+    load = add_node(g, "LoadModel", {"path": "ckpt:stable-diffusion-v1-5"}, title="Load SD 1.5", pos=(0, 0))
+    text = add_node(g, "TextEncode", {"text": "a watercolor painting of a house by a lake, soft light"},
+                    title="Prompt", pos=(320, -200))
+    negative = add_node(g, "TextEncode", {"text": "blurry, low quality"}, title="Negative", pos=(320, -20))
+    picture = add_node(g, "LoadImage", {"path": ""}, title="Load picture", pos=(0, 320))
+    edges = add_node(g, "CannyEdges", {"low": 100, "high": 200}, title="Canny edges", pos=(320, 320))
+    show = add_node(g, "PreviewImage", {}, title="Edges", pos=(620, 480))
+    control = add_node(g, "LoadControlNet", {"path": "ckpt:control_v11p_sd15_canny"}, title="Load ControlNet",
+                       pos=(320, 160))
+    apply = add_node(g, "ControlNetApply", {"strength": 1.0, "start": 0.0, "end": 1.0}, title="Apply ControlNet",
+                     pos=(640, 160))
+    empty = add_node(g, "EmptyLatent", {"width": 512, "height": 512}, title="Canvas 512x512", pos=(640, 360))
+    sampler = add_node(g, "Sampler", {"scheduler": "euler", "steps": 20, "cfg": 7.0, "seed": 7}, title="Sampler",
+                       pos=(960, 0))
+    decode = add_node(g, "VAEDecode", {}, title="Decode", pos=(1260, 0))
+    save = add_node(g, "SaveImage", {"prefix": "controlnet-canny"}, title="Save", pos=(1500, 0))
+    for src, out, dst, port in [
+            (load, "clip", text, "clip"), (load, "clip", negative, "clip"), (picture, "image", edges, "image"),
+            (edges, "image", show, "image"), (load, "model", apply, "model"), (control, "control_net", apply, "control_net"),
+            (edges, "image", apply, "image"), (load, "vae", empty, "vae"), (apply, "model", sampler, "model"),
+            (text, "conditioning", sampler, "positive"), (negative, "conditioning", sampler, "negative"),
+            (empty, "latent", sampler, "latent"), (load, "vae", decode, "vae"), (sampler, "latent", decode, "latent"),
+            (decode, "image", save, "image")]:
+        g.connect(src.id, out, dst.id, port)
+    return g
+
+
+def test_the_example_graph_is_current_and_valid():
+    from app.graph import load
+    from app.graph.validate import validate
+    from nodes import registry
+
+    g = load(EXAMPLE, registry.get)
+    assert not [p.message for p in validate(g, registry.get)]
+    for node in g.nodes.values():
+        assert node.version == registry.get(node.type).version, node.type
+    assert sorted(n.type for n in g.nodes.values()) == sorted(n.type for n in build_example().nodes.values())
+
+
+def test_the_example_graph_renders_headless_on_tiny_models(sd_model, cns, images, tmp_path):
+    from app.graph import load
+    from nodes import registry
+
+    g = load(EXAMPLE, registry.get)
+    paths = {"LoadModel": sd_model, "LoadControlNet": cns["a"], "LoadImage": images["square"]}
+    for node in g.nodes.values():
+        if node.type in paths:
+            node.params["path"] = paths[node.type]
+        if node.type == "EmptyLatent":
+            node.params.update(width=16, height=16)
+        if node.type == "Sampler":
+            node.params["steps"] = 2
+    report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+    assert len(report.outputs()) == 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(EXAMPLE.parents[2]))
+    from app.graph import save
+
+    save(build_example(), EXAMPLE)
+    print("wrote", EXAMPLE)
