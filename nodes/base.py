@@ -40,7 +40,7 @@ LAYOUT = DataType("LAYOUT", "#4dd0c8", "boxes with phrases, in 0..1 image coordi
 ATTENTION_MAPS = DataType("ATTENTION_MAPS", "#a1887f", "per-token cross-attention maps")
 DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, LAYOUT,
                                   ATTENTION_MAPS)}
-CONTROL_NET = DATA_TYPES["CONTROL_NET"] = DataType("CONTROL_NET", "#2bb673", "a ControlNet for ControlNetApply")
+CONTROL_NET = DATA_TYPES["CONTROL_NET"] = DataType("CONTROL_NET", "#2bb673", "a ControlNet or T2I-Adapter for ControlNetApply")
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ CONTROLNET_KINDS = ("controlnet",)  # what `ckpt:NAME` is looked up among in the
 
 @register
 class LoadControlNet(Node):
-    """Load a ControlNet: a diffusers folder, or a .safetensors file (diffusers or original
-    layout) with its config beside it (`NAME.yaml`, or a diffusers config.json in its folder).
-    `ckpt:NAME` names one in the models folders' controlnet folder. Nothing is downloaded."""
+    """Load a ControlNet or a T2I-Adapter: a diffusers folder, or a .safetensors file (diffusers
+    or original layout) with its config beside it (`NAME.yaml`, or a diffusers config.json in its
+    folder). `ckpt:NAME` names one in the models folders' controlnet folder. Nothing is downloaded."""
 
     category = "loaders"
     params = {
@@ -60,8 +60,8 @@ class LoadControlNet(Node):
 
 @register
 class ControlNetApply(Node):
-    """Steer a MODEL with a ControlNet and its control image (edges, depth, a scribble): the
-    ControlNet's residuals, times `strength`, join the UNet's from `start` to `end` of the steps.
+    """Steer a MODEL with a ControlNet (or T2I-Adapter) and its control image (edges, depth, a
+    scribble): its residuals, times `strength`, join the UNet's from `start` to `end` of the steps.
     Chain several to combine them (their residuals add up). The image is resized to the latent's
     size; strength 0 leaves the MODEL as it was."""
 
@@ -71,7 +71,7 @@ class ControlNetApply(Node):
         "strength": Float(1.0, 0.0, 10.0, step=0.05, help="how strongly the control image steers; 0 = off"),
         "start": Float(0.0, 0.0, 1.0, step=0.05, help="the fraction of the steps at which it begins"),
         "end": Float(1.0, 0.0, 1.0, step=0.05, help="the fraction of the steps at which it ends"),
-        "guess_mode": Bool(False, help="the ControlNet sees the positive prompt only (works with no prompt)"),
+        "guess_mode": Bool(False, help="the ControlNet sees the positive prompt only (works with no prompt); adapters ignore it"),
     }
     outputs = {"model": MODEL}
 

@@ -383,6 +383,74 @@ def test_sdxl_controlnet_matches_the_diffusers_sdxl_controlnet_pipeline(sdxl_mod
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), (ours - ref).abs().max()
 
 
+# -- T2I-Adapter ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter_model(sd_model, tmp_path_factory):
+    """The tiny SD folder with a UNet whose first block has cross-attention (a T2I-Adapter's first
+    feature joins inside it, at the latent's size), and a random T2I-Adapter for it, as a folder
+    and as a file with its config.json beside it."""
+    from diffusers import T2IAdapter, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("adapter")
+    folder = root / "model"
+    shutil.copytree(sd_model, folder)
+    shutil.rmtree(folder / "unet")
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                         norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=2).save_pretrained(folder / "unet", safe_serialization=True)
+    adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=2)
+    adapter.save_pretrained(root / "t2i", safe_serialization=True)
+    (root / "single").mkdir()
+    shutil.copy(root / "t2i" / "config.json", root / "single" / "config.json")
+    shutil.copy(root / "t2i" / "diffusion_pytorch_model.safetensors", root / "single" / "t2i.safetensors")
+    return str(folder), str(root / "t2i"), str(root / "single" / "t2i.safetensors")
+
+
+@pytest.mark.parametrize("strength", [0.8, 1.5])
+def test_t2i_adapter_matches_the_diffusers_adapter_pipeline(adapter_model, strength):
+    from diffusers import StableDiffusionAdapterPipeline
+
+    from kernels.sampling import make_scheduler
+
+    folder, adapter_path, _file = adapter_model
+    model, clip, vae = load_model_folder(folder)
+    positive = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    image = square_image()
+    ours = sample(applied(model, adapter_path, image, strength), positive)
+    assert not torch.equal(ours, sample(model, positive))
+    pipe = StableDiffusionAdapterPipeline(
+        vae=vae.vae, text_encoder=clip.text_encoder, tokenizer=clip.tokenizer, unet=model.unet,
+        adapter=load_control_net(adapter_path).module, scheduler=make_scheduler("euler", model.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, image=nchw(image), height=16, width=16, num_inference_steps=4, guidance_scale=4.0,
+               adapter_conditioning_scale=strength, generator=torch.Generator().manual_seed(3),
+               output_type="latent").images
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+def test_t2i_adapter_file_window_and_fit(adapter_model, sd, tmp_path):
+    folder, adapter_path, file = adapter_model
+    a, b = load_control_net(adapter_path).module.state_dict(), load_control_net(file).module.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    model, clip, _ = load_model_folder(folder)
+    positive = encode_text(clip.tokenizer, clip.text_encoder, PROMPT)
+    outs = {}
+    for name, mdl in (("plain", model), ("late", applied(model, file, square_image(), 1.0, 0.5, 1.0))):
+        outs[name] = []
+        hook = model.unet.register_forward_hook(lambda _m, _a, out, seen=outs[name]: seen.append(out.sample))
+        try:
+            sample(mdl, positive)
+        finally:
+            hook.remove()
+    assert all(torch.equal(p, q) for p, q in zip(outs["plain"][:2], outs["late"][:2]))
+    assert not torch.equal(outs["plain"][2], outs["late"][2])
+    with pytest.raises(NodeError, match=r"T2I-Adapter .*t2i.* does not fit .*\(16, 2\)"):
+        applied(sd[0], adapter_path, square_image())  # the other tiny UNet: its first block downsamples first
+
+
 # -- the control images ---------------------------------------------------------------------------
 def test_canny_on_a_square_gives_edges_exactly_on_its_border():
     edges = canny(square_image(size=16, lo=4, hi=12))

@@ -22,6 +22,13 @@ guess mode. Its `applied()` registers a forward pre-hook on the UNet that adds t
 the call's keyword arguments, and removes it on exit, so it composes with every other patch and
 with other ControlNets. Outside the window, or at strength 0, the ControlNet is not run at all:
 the UNet call is the plain one (the pipelines run it at scale 0, which adds zeros).
+
+A T2I-Adapter (Mou et al., "T2I-Adapter: Learning Adapters to Dig out More Controllable Ability
+for Text-to-Image Diffusion Models"; diffusers' `T2IAdapter`) loads and applies through the same
+nodes: its features depend on the image alone, so they are computed once per run, scaled by the
+strength and fed as the UNet's `down_intrablock_additional_residuals`, as
+StableDiffusionAdapterPipeline feeds them (its SDXL pipeline's `adapter_conditioning_factor` f
+is the window [0, f]).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from kernels.hashing import content_hash, key_of
 from kernels.model_folders import PICKLE_NOTE, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header
 from kernels.patching import ModelPatch, SamplingRun
 
-CONTROL_CLASSES = ("ControlNetModel",)
+CONTROL_CLASSES = ("ControlNetModel", "T2IAdapter")
 # keys only a ControlNet has: diffusers' layout, and the original (ldm/A1111) one
 CONTROLNET_KEYS = ("controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight",
                    "control_model.input_hint_block.0.weight")
@@ -54,7 +61,7 @@ class ControlNetError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ControlNet:
-    """CONTROL_NET: a loaded ControlNetModel and the file or folder it came from."""
+    """CONTROL_NET: a loaded ControlNetModel (or T2IAdapter) and the file or folder it came from."""
 
     module: Any
     path: str
@@ -64,9 +71,17 @@ class ControlNet:
         return key_of("CONTROL_NET", self.load_key)
 
     @property
+    def is_adapter(self) -> bool:
+        return type(self.module).__name__ == "T2IAdapter"
+
+    @property
     def pixel_factor(self) -> int:
-        """Image pixels per latent pixel the ControlNet's conditioning embedding expects: its
-        embedding halves the size once per block after the first."""
+        """Image pixels per latent pixel the ControlNet expects: its conditioning embedding halves
+        the size once per block after the first. A T2I-Adapter unshuffles by its downscale factor
+        to the first block's size (SDXL's adapter to the size after the first block: twice that)."""
+        if self.is_adapter:
+            xl = self.module.config.adapter_type == "full_adapter_xl"
+            return self.module.downscale_factor // (2 if xl else 1)
         channels = self.module.config.conditioning_embedding_out_channels
         return 2 ** (len(channels) - 1)
 
@@ -99,7 +114,7 @@ def load_control_net(path: str, dtype: torch.dtype = torch.float32, device: str 
 def _load_folder(path: str, dtype: torch.dtype):
     import json
 
-    from diffusers import ControlNetModel
+    import diffusers
 
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -107,14 +122,16 @@ def _load_folder(path: str, dtype: torch.dtype):
     with open(config_path, encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name")
     if class_name not in CONTROL_CLASSES:
-        raise ControlNetError(f"ControlNet folder {path!r} holds a {class_name}, not a ControlNetModel")
+        raise ControlNetError(f"ControlNet folder {path!r} holds a {class_name}, not a ControlNetModel or "
+                              f"T2IAdapter")
     names = os.listdir(path)
     if not any(n.endswith(SAFETENSORS_SUFFIXES) for n in names):
         pickled = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
         what = f"only {pickled[0]}, {PICKLE_NOTE}" if pickled else "no .safetensors weights"
         raise ControlNetError(f"ControlNet folder {path!r} has {what}")
     try:
-        return ControlNetModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        return getattr(diffusers, class_name).from_pretrained(path, torch_dtype=dtype, use_safetensors=True,
+                                                              local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ControlNetError(f"ControlNet folder {path!r} cannot be loaded: {_first_line(exc)}") from None
 
@@ -132,10 +149,12 @@ def _load_file(path: str, dtype: torch.dtype):
         keys, _metadata = read_safetensors_header(path)
     except ValueError as exc:
         raise ControlNetError(f"ControlNet file {path!r} is {exc}") from None
+    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    if any(k.startswith("adapter.") for k in keys):
+        return _load_adapter_file(path, os.path.join(folder, "config.json"), dtype)
     if not any(k in keys for k in CONTROLNET_KEYS):
         raise ControlNetError(f"ControlNet file {path!r} has no ControlNet tensors (no conditioning "
                               f"embedding / input hint block): it is not a ControlNet")
-    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
     kwargs: dict = {"torch_dtype": dtype, "local_files_only": True}
     if os.path.isfile(os.path.join(folder, stem + ".yaml")):
         kwargs["original_config"] = os.path.join(folder, stem + ".yaml")
@@ -150,6 +169,22 @@ def _load_file(path: str, dtype: torch.dtype):
                 f"{stem}.yaml beside it, or its diffusers config.json in the same folder "
                 f"({_first_line(exc)})") from None
         raise ControlNetError(f"ControlNet file {path!r} cannot be loaded: {_first_line(exc)}") from None
+
+
+def _load_adapter_file(path: str, config_path: str, dtype: torch.dtype):
+    """A T2I-Adapter's weights in one file: diffusers has no single-file loader for adapters, so
+    it is built from the diffusers config.json beside it and the weights loaded strictly."""
+    from diffusers import T2IAdapter
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(config_path):
+        raise ControlNetError(f"T2I-Adapter file {path!r} needs its diffusers config.json in the same folder")
+    try:
+        module = T2IAdapter.from_config(T2IAdapter.load_config(os.path.dirname(config_path)))
+        module.load_state_dict(load_file(path, device="cpu"), strict=True)
+    except Exception as exc:  # config, shape and key errors alike
+        raise ControlNetError(f"T2I-Adapter file {path!r} cannot be loaded: {_first_line(exc)}") from None
+    return module.to(dtype)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -175,6 +210,9 @@ def check_fits(control_net: ControlNet, unet) -> None:
         raise ControlNetError(f"ControlNet {control_net.path!r} applies to UNet models (SD 1.x/2.x, SDXL); "
                               f"this MODEL's denoiser is a {type(unet).__name__}")
     cn, un = dict(control_net.module.config), dict(unet.config)
+    if control_net.is_adapter:
+        _check_adapter_fits(control_net, cn, un)
+        return
     for name, what in FIT_FIELDS:
         ours, theirs = _normalised(cn.get(name)), _normalised(un.get(name))
         if ours != theirs:
@@ -182,6 +220,29 @@ def check_fits(control_net: ControlNet, unet) -> None:
                 f"ControlNet {control_net.path!r} is for a {_family(cn)} UNet but this MODEL is "
                 f"{_family(un)}: its {what} is {ours} where the UNet's is {theirs}; use a ControlNet "
                 f"made for this model family")
+
+
+def _check_adapter_fits(control_net: ControlNet, cn: dict, un: dict) -> None:
+    xl_adapter, xl_unet = cn.get("adapter_type") == "full_adapter_xl", un.get("addition_embed_type") == "text_time"
+    problem = None
+    if xl_adapter != xl_unet:
+        problem = f"it is {'an SDXL' if xl_adapter else 'a Stable Diffusion 1.x/2.x'} adapter"
+    elif not xl_adapter:
+        # (width, downsampling from the latent) of each feature: the adapter halves the size per
+        # level; the UNet adds one inside each cross-attention block and after each other block
+        made = [(c, 2 ** i) for i, c in enumerate(cn["channels"])]
+        wanted, down = [], 1
+        types = list(un["down_block_types"])
+        for i, (kind, width) in enumerate(zip(types, un["block_out_channels"])):
+            last = i == len(types) - 1
+            wanted.append((width, down if "CrossAttn" in kind or last else 2 * down))
+            down *= 1 if last else 2
+        if made != wanted:
+            problem = (f"its features (width, downsampling) are {made} where the UNet's blocks take "
+                       f"{wanted}")
+    if problem:
+        raise ControlNetError(f"T2I-Adapter {control_net.path!r} does not fit this {_family(un)} MODEL: {problem}; "
+                              f"use an adapter made for this model family")
 
 
 def _normalised(value):
@@ -266,6 +327,31 @@ class ControlRun:
             self.images[key] = pixels.to(device=device, dtype=dtype)
         return self.images[key]
 
+    def adapter_features(self, rows: int, height: int, width: int, device, dtype) -> list[torch.Tensor]:
+        """A T2I-Adapter's features for `rows` latents of height x width, scaled by the strength:
+        they depend on the image alone, so they are made once per run and size."""
+        key = ("adapter", rows, height, width, str(device), dtype)
+        if key not in self.images:
+            cn = self.patch.control_net
+            f = cn.pixel_factor
+            pixels = control_pixels(self.patch.image, height * f, width * f, f)
+            if cn.module.config.in_channels == 1:  # sketch adapters read one grey channel
+                from kernels.adapters.preprocess import gray
+
+                pixels = gray(pixels.permute(0, 2, 3, 1))[:, None]
+            with torch.no_grad():
+                features = [v * self.patch.strength for v in cn.module(pixels.to(device=device, dtype=cn.module.dtype))]
+            images = self.images_per_call(rows)
+            if pixels.shape[0] == 1 and images > 1:
+                features = [v.repeat(images, 1, 1, 1) for v in features]
+            elif pixels.shape[0] not in (1, images):
+                raise ControlNetError(f"T2I-Adapter {cn.path!r}: the control image batch has {pixels.shape[0]} "
+                                      f"images but {images} are being sampled; give one image or one per image")
+            if rows != images:
+                features = [torch.cat([v] * (rows // images)) for v in features]
+            self.images[key] = [v.to(dtype) for v in features]
+        return self.images[key]
+
     def residuals(self, sample: torch.Tensor, timestep, text: torch.Tensor,
                   added: Optional[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The ControlNet's (down residuals, mid residual) for one UNet call's inputs."""
@@ -295,9 +381,17 @@ class ControlRun:
         if not self.active(timestep):
             return None
         sample = args[0] if args else kwargs["sample"]
+        kwargs = dict(kwargs)
+        if self.patch.control_net.is_adapter:
+            features = self.adapter_features(sample.shape[0], sample.shape[2], sample.shape[3], sample.device,
+                                             sample.dtype)
+            earlier = kwargs.get("down_intrablock_additional_residuals")  # summed, as MultiAdapter
+            # a new list at every call: the UNet pops the features it has used
+            kwargs["down_intrablock_additional_residuals"] = (
+                list(features) if earlier is None else [e + v for e, v in zip(earlier, features)])
+            return args, kwargs
         text = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         down, mid = self.residuals(sample, timestep, text, kwargs.get("added_cond_kwargs"))
-        kwargs = dict(kwargs)
         earlier_down = kwargs.get("down_block_additional_residuals")
         if earlier_down is not None:  # an earlier ControlNet in the chain: sum, as MultiControlNetModel
             down = [e + d for e, d in zip(earlier_down, down)]
