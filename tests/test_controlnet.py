@@ -3,6 +3,7 @@ random ControlNets (diffusers' ControlNetModel.from_unet with random output conv
 checked against StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,12 +14,11 @@ from conftest import CAPTURED, QuietContext, txt2img_graph
 from app.engine import Executor
 from kernels.adapters.controlnet import (
     ControlNetError,
-    build_tiny_controlnet,
     control_pixels,
     in_control_window,
     load_control_net,
 )
-from kernels.adapters.preprocess import canny, layout_scribble, normalised_depth, normals_from_depth
+from kernels.adapters.preprocess import canny
 from kernels.models import load_model_folder
 from kernels.text import encode_text
 from nodes.base import NodeError
@@ -40,6 +40,38 @@ def save_png(tensor, path):
 
     to_pil(tensor)[0].save(path)
     return str(path)
+
+
+def build_tiny_controlnet(path, model_folder, *, seed=0, single_file=False, scale=0.05, embedding=None):
+    """Write a random ControlNet for the model folder's UNet at `path` (a diffusers folder, or with
+    `single_file` a .safetensors file with its config.json beside it) and return the path. Built by
+    diffusers' `ControlNetModel.from_unet`, whose zero-initialised output convolutions are then
+    drawn at random (`scale`), so that the residuals are not zero; the conditioning embedding
+    downsamples by the model's VAE factor."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_folder, "unet"))
+    vae_config = os.path.join(model_folder, "vae", "config.json")
+    blocks = 1
+    if os.path.isfile(vae_config):
+        with open(vae_config, encoding="utf-8") as f:
+            blocks = len(json.load(f)["block_out_channels"])
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding or (8,) * blocks)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn_like(p) * scale)
+    if not single_file:
+        cn.save_pretrained(path, safe_serialization=True)
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    cn.save_config(folder)
+    save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, path)
+    return path
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -335,10 +367,10 @@ def test_bad_files_are_refused_with_the_file_named(sd_model, cns, images, tmp_pa
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     cases[str(lora)] = "not a ControlNet"
-    lonely = tmp_path / "lonely" / "cn.safetensors"
-    lonely.parent.mkdir()
-    shutil.copy(cns["file"], lonely)
-    cases[str(lonely)] = "needs its config to load offline"
+    broken = tmp_path / "broken" / "cn.safetensors"  # a ControlNet's keys, but not all of them
+    broken.parent.mkdir()
+    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(8, 3, 3, 3)}, str(broken))
+    cases[str(broken)] = "cannot be loaded"
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(open(cns["file"], "rb").read()[:100])
     cases[str(cut)] = "truncated"
@@ -449,69 +481,6 @@ def test_t2i_adapter_file_window_and_fit(adapter_model, sd, tmp_path):
     assert not torch.equal(outs["plain"][2], outs["late"][2])
     with pytest.raises(NodeError, match=r"T2I-Adapter .*t2i.* does not fit .*\(16, 2\)"):
         applied(sd[0], adapter_path, square_image())  # the other tiny UNet: its first block downsamples first
-
-
-# -- the control images ---------------------------------------------------------------------------
-def test_canny_on_a_square_gives_edges_exactly_on_its_border():
-    edges = canny(square_image(size=16, lo=4, hi=12))
-    expected = torch.zeros(16, 16)
-    expected[4:12, 4:12] = 1.0
-    expected[5:11, 5:11] = 0.0
-    assert edges.shape == (1, 16, 16, 3)
-    assert torch.equal(edges[0, ..., 0], expected) and torch.equal(edges[..., 0], edges[..., 2])
-    # a step of 0.2 (51 grey levels) has an L1 Sobel magnitude of 204 along a side: above 200
-    assert torch.equal(canny(square_image(value=0.2))[0, ..., 0], expected)
-    # at 0.19 the sides' 194 starts no edge; the corners' 291 do, and continue through sides above low
-    corners = torch.zeros(16, 16)
-    corners[[4, 4, 11, 11], [4, 11, 4, 11]] = 1.0
-    assert torch.equal(canny(square_image(value=0.19), low=195, high=200)[0, ..., 0], corners)
-    assert torch.equal(canny(square_image(value=0.19), low=100, high=200)[0, ..., 0], expected)
-    assert canny(square_image(value=0.19), low=195, high=300).sum() == 0
-
-
-def test_canny_hysteresis_continues_a_strong_edge_through_weak_pixels():
-    img = torch.zeros(1, 16, 16, 3)
-    img[:, 4:12, 4:8] = 1.0    # left half: a strong step
-    img[:, 4:12, 8:12] = 0.1  # right half: 25.5 levels, magnitude 102 along its sides, 153 at its corners
-    strong_only = canny(img, low=200, high=200)[0, ..., 0]
-    joined = canny(img, low=100, high=200)[0, ..., 0]
-    assert strong_only[4, 9:12].sum() == 0 and joined[4, 9:12].sum() == 3
-    lone = torch.zeros(1, 16, 16, 3)
-    lone[:, 4:12, 8:12] = 0.1  # the weak square alone starts no edge
-    assert canny(lone, low=100, high=200).sum() == 0
-
-
-def test_depth_is_stretched_to_0_1_and_a_ramp_gives_one_tilted_normal():
-    ramp = torch.linspace(0.2, 0.6, 8).expand(1, 8, 8)[..., None].expand(1, 8, 8, 3)
-    depth = normalised_depth(ramp)
-    assert torch.allclose(depth[0, 0], torch.linspace(0, 1, 8), atol=1e-6)
-    assert torch.allclose(normalised_depth(ramp, invert=True), 1 - depth, atol=1e-6)
-    assert torch.equal(normalised_depth(torch.full((1, 4, 4, 3), 0.3)), torch.zeros(1, 4, 4))
-    normal = normals_from_depth(depth, strength=2.0)
-    slope = 2.0 * (1 / 7) * 8  # dz per pixel times pixels per image width
-    n = torch.tensor([-slope, 0.0, 1.0]) / (slope ** 2 + 1) ** 0.5
-    assert torch.allclose(normal[0], ((n + 1) / 2).expand(8, 8, 3), atol=1e-6)  # facing left, toward the viewer
-    flat = normals_from_depth(torch.zeros(1, 4, 4))
-    assert torch.equal(flat, torch.tensor([0.5, 0.5, 1.0]).expand(1, 4, 4, 3))
-
-
-def test_layout_scribble_draws_the_boxes_outlines_or_fills_them():
-    from kernels.layout.boxes import box_mask
-
-    box = {"x0": 0.25, "y0": 0.25, "x1": 0.75, "y1": 0.75, "phrase": "a red circle"}
-    edge = {"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 0.5, "phrase": "a blue square"}
-    outline = layout_scribble({"boxes": [box]}, 16, 16, line_width=1)[0, ..., 0]
-    expected = torch.zeros(16, 16)
-    expected[4:12, 4:12] = 1.0
-    expected[5:11, 5:11] = 0.0
-    assert torch.equal(outline, expected)
-    filled = layout_scribble({"boxes": [box, edge]}, 16, 16, filled=True)[0, ..., 0]
-    assert torch.equal(filled, torch.maximum(box_mask(box, 16, 16), box_mask(edge, 16, 16)))
-    at_border = layout_scribble({"boxes": [edge]}, 8, 8, line_width=1)[0, ..., 0]
-    assert at_border[0].sum() == 8 and at_border[3].sum() == 8 and at_border[1:3, 1:7].sum() == 0
-    thick = layout_scribble({"boxes": [box]}, 16, 16, line_width=2)[0, ..., 0]
-    assert thick[4:12, 4:12].sum() == 64 - 16 and thick[6:10, 6:10].sum() == 0
-    assert layout_scribble({"boxes": []}, 8, 8).sum() == 0
 
 
 # -- the example graph ----------------------------------------------------------------------------

@@ -5,7 +5,8 @@ of the UNet's encoder reads the noisy latent, the step's text and an image (edge
 scribble) and returns one residual per skip connection and one for the middle block, each scaled
 by a strength; the UNet adds them to its own. The ControlNet itself is diffusers'
 `ControlNetModel` (a diffusers folder via `from_pretrained`, a single .safetensors file via
-`from_single_file` with a local config); so is the addition (the UNet's
+`from_single_file` with its local config, or with one read off its tensors' shapes); so is the
+addition (the UNet's
 `down_block_additional_residuals` / `mid_block_additional_residual`).
 
 What is ours is the wiring, checked against StableDiffusionControlNetPipeline and
@@ -92,9 +93,9 @@ class ControlNet:
 def load_control_net(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ControlNet:
     """A ControlNet from a diffusers folder (config.json + safetensors weights) or a .safetensors
     file. A file's config is, in order: `<name>.yaml` beside it (the original format's config, as
-    A1111 keeps them), a diffusers `config.json` in its folder, or the config diffusers infers
-    for the file if it is in the local Hugging Face cache. Nothing is downloaded; pickles are
-    refused by their suffix."""
+    A1111 keeps them), a diffusers `config.json` in its folder, or one read off the tensors'
+    shapes (ComfyUI keeps the file alone). Nothing is downloaded; pickles are refused by their
+    suffix."""
     from kernels.models import model_folder_key, quiet_hub_libraries
 
     quiet_hub_libraries()
@@ -156,35 +157,158 @@ def _load_file(path: str, dtype: torch.dtype):
         raise ControlNetError(f"ControlNet file {path!r} has no ControlNet tensors (no conditioning "
                               f"embedding / input hint block): it is not a ControlNet")
     kwargs: dict = {"torch_dtype": dtype, "local_files_only": True}
-    if os.path.isfile(os.path.join(folder, stem + ".yaml")):
-        kwargs["original_config"] = os.path.join(folder, stem + ".yaml")
-    elif os.path.isfile(os.path.join(folder, "config.json")):
-        kwargs["config"] = folder
     try:
-        return ControlNetModel.from_single_file(path, **kwargs)
-    except Exception as exc:  # diffusers raises hub, config and conversion errors of many types
-        if "config" not in kwargs and "original_config" not in kwargs:
-            raise ControlNetError(
-                f"ControlNet file {path!r} needs its config to load offline: put its original "
-                f"{stem}.yaml beside it, or its diffusers config.json in the same folder "
-                f"({_first_line(exc)})") from None
-        raise ControlNetError(f"ControlNet file {path!r} cannot be loaded: {_first_line(exc)}") from None
+        yaml_path = os.path.join(folder, stem + ".yaml")
+        if os.path.isfile(yaml_path):
+            return _load_original_layout(path, _read_yaml(yaml_path), dtype)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return ControlNetModel.from_single_file(path, config=folder, **kwargs)
+        shapes = tensor_shapes(path)
+        if "controlnet_cond_embedding.conv_in.weight" in shapes:  # diffusers' layout: no conversion
+            module = ControlNetModel.from_config(diffusers_config_from_shapes(shapes))
+            module.load_state_dict(_read_tensors(path), strict=True)
+            return module.to(dtype)
+        return _load_original_layout(path, original_config_from_shapes(shapes), dtype)
+    except ControlNetError:
+        raise
+    except Exception as exc:  # diffusers raises config, key and conversion errors of many types
+        raise ControlNetError(f"ControlNet file {path!r} cannot be loaded: {_first_line(exc)}; put its "
+                              f"original {stem}.yaml or its diffusers config.json beside it") from None
+
+
+# the ControlNetModel config fields diffusers takes from an original config's UNet part
+ORIGINAL_CONFIG_FIELDS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+                          "cross_attention_dim", "attention_head_dim", "use_linear_projection", "class_embed_type",
+                          "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                          "transformer_layers_per_block")
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)  # data only: safe_load builds no objects
+
+
+def _load_original_layout(path: str, original_config: dict, dtype: torch.dtype):
+    """An original-layout (ldm) ControlNet converted by diffusers' own functions. They are called
+    here rather than through `from_single_file(original_config=...)`, whose ControlNet config
+    step fails in diffusers 0.42 (it calls the UNet config step without the checkpoint)."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    tensors = _read_tensors(path)
+    unet_config = create_unet_diffusers_config_from_ldm(original_config, tensors)
+    hint = original_config["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
+    config = {**{k: unet_config[k] for k in ORIGINAL_CONFIG_FIELDS}, "conditioning_channels": hint}
+    module = ControlNetModel.from_config(config)
+    module.load_state_dict(convert_controlnet_checkpoint(tensors, config), strict=True)
+    return module.to(dtype)
+
+
+def _read_tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path, device="cpu")
 
 
 def _load_adapter_file(path: str, config_path: str, dtype: torch.dtype):
     """A T2I-Adapter's weights in one file: diffusers has no single-file loader for adapters, so
     it is built from the diffusers config.json beside it and the weights loaded strictly."""
     from diffusers import T2IAdapter
-    from safetensors.torch import load_file
 
     if not os.path.isfile(config_path):
         raise ControlNetError(f"T2I-Adapter file {path!r} needs its diffusers config.json in the same folder")
     try:
         module = T2IAdapter.from_config(T2IAdapter.load_config(os.path.dirname(config_path)))
-        module.load_state_dict(load_file(path, device="cpu"), strict=True)
+        module.load_state_dict(_read_tensors(path), strict=True)
     except Exception as exc:  # config, shape and key errors alike
         raise ControlNetError(f"T2I-Adapter file {path!r} cannot be loaded: {_first_line(exc)}") from None
     return module.to(dtype)
+
+
+# A file without its config: the architecture read off the tensors' shapes. The widths, blocks,
+# depths and text width are in the shapes; the attention heads are not, so they follow the
+# families' rule (SD 1.x: 8 heads; SD 2.x and SDXL: 64 channels a head), as does SDXL's time
+# embedding width (256).
+def tensor_shapes(path: str) -> dict[str, tuple]:
+    """Every tensor's shape, from the safetensors header (no data is read)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _heads(context_dim: int, widths: list[int]):
+    return 8 if context_dim == 768 else [max(1, w // 64) for w in widths]
+
+
+def _context_dim(shapes: dict) -> int:
+    return next(v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
+
+
+def diffusers_config_from_shapes(shapes: dict) -> dict:
+    """A ControlNetModel config for a diffusers-layout state dict."""
+    blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("down_blocks.")})
+    widths = [shapes[f"down_blocks.{b}.resnets.0.conv1.weight"][0] for b in blocks]
+    layers = len({k.split(".")[3] for k in shapes if k.startswith("down_blocks.0.resnets.")})
+
+    def depth(prefix: str) -> int:
+        return len({k.split(".")[4] for k in shapes if k.startswith(prefix + ".transformer_blocks.")})
+
+    attention = [f"down_blocks.{b}.attentions.0.proj_in.weight" in shapes for b in blocks]
+    proj_in = next((v for k, v in shapes.items() if k.endswith("proj_in.weight")), (0, 0))
+    embedding = [shapes["controlnet_cond_embedding.conv_in.weight"][0]] + [
+        shapes[k][0] for k in sorted((k for k in shapes if k.startswith("controlnet_cond_embedding.blocks.")
+                                      and k.endswith(".weight")), key=lambda k: int(k.split(".")[2]))[1::2]]
+    context = _context_dim(shapes)
+    config = {
+        "in_channels": shapes["conv_in.weight"][1],
+        "conditioning_channels": shapes["controlnet_cond_embedding.conv_in.weight"][1],
+        "block_out_channels": widths, "layers_per_block": layers,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "transformer_layers_per_block": [max(1, depth(f"down_blocks.{b}.attentions.0")) for b in blocks],
+        "cross_attention_dim": context, "attention_head_dim": _heads(context, widths),
+        "use_linear_projection": len(proj_in) == 2, "conditioning_embedding_out_channels": embedding,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if "mid_block.attentions.0.proj_in.weight" in shapes else None,
+    }
+    if "add_embedding.linear_1.weight" in shapes:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=shapes["add_embedding.linear_1.weight"][1])
+    return config
+
+
+def original_config_from_shapes(shapes: dict) -> dict:
+    """The original format's config (as its yaml would give it) for an original-layout
+    ControlNet, for diffusers' own conversion."""
+    s = {k.removeprefix("control_model."): v for k, v in shapes.items()}
+    levels, current, i = [], [], 1
+    while f"input_blocks.{i}.0.in_layers.2.weight" in s or f"input_blocks.{i}.0.op.weight" in s:
+        if f"input_blocks.{i}.0.op.weight" in s:
+            levels.append(current)
+            current = []
+        else:
+            current.append(i)
+        i += 1
+    levels.append(current)
+    channels = s["input_blocks.0.0.weight"][0]
+    widths = [s[f"input_blocks.{level[0]}.0.in_layers.2.weight"][0] for level in levels]
+    depths = [len({k.split(".")[4] for k in s if k.startswith(f"input_blocks.{level[0]}.1.transformer_blocks.")})
+              for level in levels]
+    context = _context_dim(s)
+    linear = len(next(v for k, v in s.items() if k.endswith("proj_in.weight"))) == 2
+    params = {
+        "in_channels": s["input_blocks.0.0.weight"][1], "out_channels": s["input_blocks.0.0.weight"][1],
+        "hint_channels": s["input_hint_block.0.weight"][1], "model_channels": channels,
+        "channel_mult": [w // channels for w in widths], "num_res_blocks": len(levels[0]),
+        "attention_resolutions": [2 ** n for n, d in enumerate(depths) if d], "transformer_depth": depths,
+        "context_dim": context, "use_linear_in_transformer": linear,
+    }
+    params.update({"num_head_channels": 64} if linear and context != 768 else {"num_heads": 8})
+    if "label_emb.0.0.weight" in s:  # SDXL's added embedding
+        params.update(num_classes="sequential", adm_in_channels=s["label_emb.0.0.weight"][1])
+    return {"model": {"params": {"control_stage_config": {"params": params}, "unet_config": {"params": params},
+                                 "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -452,41 +576,3 @@ def controlnet_patch(control_net: ControlNet, unet, image: torch.Tensor, strengt
         raise ControlNetError(f"the step window must satisfy 0 <= start < end <= 1; got start {start}, end {end}")
     return ControlNetPatch(control_net, image.detach().float().cpu().contiguous(), float(strength), float(start),
                            float(end), bool(guess_mode))
-
-
-# ---------------------------------------------------------------------------------------------
-# tiny random ControlNets, for tests and benches
-# ---------------------------------------------------------------------------------------------
-def build_tiny_controlnet(path: str, model_folder: str, *, seed: int = 0, single_file: bool = False,
-                          scale: float = 0.05) -> str:
-    """Write a random ControlNet for the model folder's UNet at `path` (a diffusers folder, or with
-    `single_file` a .safetensors file with its config.json beside it) and return the path. Built by
-    diffusers' `ControlNetModel.from_unet`, whose zero-initialised output convolutions are then
-    drawn at random (`scale`), so that the residuals are not zero; the conditioning embedding
-    downsamples by the model's VAE factor."""
-    import json
-
-    from diffusers import ControlNetModel, UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_folder, "unet"))
-    vae_config = os.path.join(model_folder, "vae", "config.json")
-    blocks = 1
-    if os.path.isfile(vae_config):
-        with open(vae_config, encoding="utf-8") as f:
-            blocks = len(json.load(f)["block_out_channels"])
-    torch.manual_seed(seed)
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,) * blocks)
-    with torch.no_grad():
-        for name, p in cn.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
-                                "controlnet_cond_embedding.conv_out")):
-                p.copy_(torch.randn_like(p) * scale)
-    if not single_file:
-        cn.save_pretrained(path, safe_serialization=True)
-        return path
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    cn.save_config(folder)
-    save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, path)
-    return path
