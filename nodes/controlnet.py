@@ -20,7 +20,8 @@ CONTROLNET_KINDS = ("controlnet",)  # what `ckpt:NAME` is looked up among in the
 class LoadControlNet(Node):
     """Load a ControlNet or a T2I-Adapter: a diffusers folder, or a .safetensors file (diffusers
     or original layout) with its config beside it (`NAME.yaml`, or a diffusers config.json in its
-    folder). `ckpt:NAME` names one in the models folders' controlnet folder. Nothing is downloaded."""
+    folder) or alone (its architecture is read off its tensors). `ckpt:NAME` names one in the
+    models folders' controlnet folder. Nothing is downloaded."""
 
     category = "loaders"
     params = {
