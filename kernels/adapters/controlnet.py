@@ -431,7 +431,11 @@ class ControlRun:
         """Images one UNet call of `rows` samples is for: the run's batch (twice that is guidance)."""
         if self.run is None:
             return rows
-        return int(self.run.latent_shape[0])
+        images = int(self.run.latent_shape[0])
+        if rows % images:
+            raise ControlNetError(f"ControlNet {self.patch.control_net.path!r}: a UNet call on {rows} latents in a "
+                                  f"run of {images} images; ControlNets follow the sampler's batch")
+        return images
 
     def condition(self, rows: int, height: int, width: int, device, dtype) -> torch.Tensor:
         """The control image for a ControlNet call on `rows` latents of height x width."""
