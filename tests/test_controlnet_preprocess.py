@@ -1,6 +1,7 @@
 """The control images that need no model (kernels/adapters/preprocess.py): Canny edges on shapes
 whose edges are known, a depth map's stretch and normals on a ramp, and layout scribbles."""
 
+import pytest
 import torch
 
 from kernels.adapters.preprocess import canny, layout_scribble, normalised_depth, normals_from_depth
@@ -73,3 +74,21 @@ def test_layout_scribble_draws_the_boxes_outlines_or_fills_them():
     thick = layout_scribble({"boxes": [box]}, 16, 16, line_width=2)[0, ..., 0]
     assert thick[4:12, 4:12].sum() == 64 - 16 and thick[6:10, 6:10].sum() == 0
     assert layout_scribble({"boxes": []}, 8, 8).sum() == 0
+
+
+def test_the_nodes_return_what_the_kernels_make():
+    from nodes.base import NodeError
+    from nodes.controlnet import CannyEdges, DepthFromImage, LayoutScribble
+
+    image = square_image(value=0.5)
+    assert torch.equal(CannyEdges().run(None, image, 50, 100)["image"], canny(image, 50.0, 100.0))
+    with pytest.raises(NodeError, match="low .* must not exceed high"):
+        CannyEdges().run(None, image, 200, 100)
+    out = DepthFromImage().run(None, image, True, 2.0)
+    depth = normalised_depth(image, invert=True)
+    assert torch.equal(out["depth"], depth[..., None].expand(1, 16, 16, 3))
+    assert torch.equal(out["normal"], normals_from_depth(depth, 2.0))
+    layout = {"boxes": [{"x0": 0.1, "y0": 0.2, "x1": 0.6, "y1": 0.9, "phrase": "a cat"}]}
+    scribble = LayoutScribble().run(None, layout, 32, 24, False, 2)["image"]
+    assert scribble.shape == (1, 24, 32, 3)
+    assert torch.equal(scribble, layout_scribble(layout, 32, 24, filled=False, line_width=2))
