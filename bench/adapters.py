@@ -15,9 +15,16 @@ Sections (`--sections`, comma-separated; more adapters add theirs to SECTIONS):
   IP-Adapter, one plain, one plain with a mask, one Plus and two plain at once, interleaved
   --repeats times (medians, ratios to the plain step); the seconds to put one on and take it off
   (per run) and to encode the image (once per IPAdapterApply).
+- controlnet: a ControlNet made from the UNet (diffusers' ControlNetModel.from_unet, SD's
+  conditioning embedding) applied through kernels.adapters.controlnet's patch: the seconds of
+  one guided denoiser call with no ControlNet, with one inside its step window (the ControlNet
+  runs, then the UNet with its residuals) and with one outside it (the hook only), interleaved.
 
   python bench/adapters.py --repeats 9 --out bench/results/adapters.json
+  python bench/adapters.py --sections controlnet --out bench/results/adapters.json  # one section
   python bench/adapters.py --model tiny --repeats 3          # smoke
+
+With --out, the sections of an existing file that this run does not make are kept.
 """
 
 from __future__ import annotations
@@ -239,7 +246,62 @@ def ip_adapter_section(args) -> dict:
     }
 
 
-SECTIONS = {"lora": lora_section, "ip_adapter": ip_adapter_section}  # name -> function(args) -> dict
+def controlnet_section(args) -> dict:
+    from diffusers import ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+
+    from kernels.adapters.controlnet import ControlNet, controlnet_patch
+    from kernels.patching import SamplingRun
+
+    model, repeats, batch = args.model, args.repeats, args.batch
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**MODELS[model]).eval().requires_grad_(False)
+    cn = ControlNetModel.from_unet(unet).eval().requires_grad_(False)
+    with torch.no_grad():  # random output convolutions: the residuals are not zero
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                p.copy_(torch.randn_like(p) * 0.05)
+    control = ControlNet(cn, "bench-controlnet", "bench-controlnet")
+    cfg = unet.config
+    size = cfg.sample_size
+    image = torch.rand(1, size * 8, size * 8, 3)
+    x = torch.randn(2 * batch, cfg.in_channels, size, size)
+    text = torch.randn(2 * batch, 16, cfg.cross_attention_dim)
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(10)
+    inside, outside = scheduler.timesteps[2], scheduler.timesteps[8]  # the window is [0, 0.5]
+    patch = controlnet_patch(control, unet, image, 1.0, 0.0, 0.5)
+
+    def step(t):
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=text)
+
+    times = {k: [] for k in ("step_none", "step_controlnet", "step_outside_window")}
+    run = SamplingRun(unet=unet, scheduler=scheduler, positive=None, negative=None, cfg=5.0, steps=10,
+                      latent_shape=(batch, cfg.in_channels, size, size))
+    with patch.applied(unet, run):
+        step(inside)  # warm-up (the control image is prepared once per run)
+    step(inside)
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step(inside)
+        times["step_none"].append(time.perf_counter() - started)
+        with patch.applied(unet, run):
+            step(inside)  # the run's first call prepares the control image
+            for key, t in (("step_controlnet", inside), ("step_outside_window", outside)):
+                started = time.perf_counter()
+                step(t)
+                times[key].append(time.perf_counter() - started)
+    med = {k: median(v) for k, v in times.items()}
+    return {
+        "model": model, "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "controlnet_parameters": sum(p.numel() for p in cn.parameters()), "control_image": [size * 8, size * 8],
+        "batch_with_cfg": 2 * batch, "repeats": repeats, "median_seconds": {k: round(v, 5) for k, v in med.items()},
+        "step_ratio_controlnet_over_none": round(med["step_controlnet"] / med["step_none"], 3),
+        "step_ratio_outside_window_over_none": round(med["step_outside_window"] / med["step_none"], 3),
+    }
+
+
+SECTIONS = {"lora": lora_section, "ip_adapter": ip_adapter_section, "controlnet": controlnet_section}  # name -> function(args) -> dict
 
 
 def main(argv=None) -> dict:
@@ -255,6 +317,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"bench": "adapters", "torch_threads": args.threads, "sections": {}}
+    if args.out and os.path.isfile(args.out):  # keep the sections this run does not make
+        with open(args.out, encoding="utf-8") as f:
+            results["sections"].update(json.load(f).get("sections", {}))
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
@@ -264,12 +329,7 @@ def main(argv=None) -> dict:
     if args.out:
         from kernels.files import atomic_write
 
-        kept = {}
-        if os.path.isfile(args.out):
-            with open(args.out, encoding="utf-8") as f:
-                kept = json.load(f).get("sections", {})
-        merged = {**results, "sections": {**kept, **results["sections"]}}
-        atomic_write(args.out, (json.dumps(merged, indent=2) + "\n").encode("utf-8"), durable=False)
+        atomic_write(args.out, (text + "\n").encode("utf-8"), durable=False)
     return results
 
 

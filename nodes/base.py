@@ -40,8 +40,9 @@ LAYOUT = DataType("LAYOUT", "#4dd0c8", "boxes with phrases, in 0..1 image coordi
 ATTENTION_MAPS = DataType("ATTENTION_MAPS", "#a1887f", "per-token cross-attention maps")
 UPSCALE_MODEL = DataType("UPSCALE_MODEL", "#9575cd", "a super-resolution model (ESRGAN, SwinIR, HAT, DAT...)")
 IP_ADAPTER = DataType("IP_ADAPTER", "#ba68c8", "an IP-Adapter's weights with its CLIP image encoder")
+CONTROL_NET = DataType("CONTROL_NET", "#2bb673", "a ControlNet or T2I-Adapter for ControlNetApply")
 DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, LAYOUT,
-                                  ATTENTION_MAPS, UPSCALE_MODEL, IP_ADAPTER)}
+                                  ATTENTION_MAPS, UPSCALE_MODEL, IP_ADAPTER, CONTROL_NET)}
 
 
 @dataclass(frozen=True)

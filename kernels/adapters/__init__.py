@@ -6,6 +6,8 @@ the shared module only while a sampler or text encoder runs. One technique per m
 - lora: LoRA files (kohya/A1111, diffusers/PEFT, LyCORIS LoCon; SD 1.x/2.x, SDXL, SD3, FLUX),
   read, checked and applied through diffusers' own LoRA loaders and peft.
 - ip_adapter: IP-Adapter image prompts (with masks, several at once) on diffusers' IP-Adapter processors.
+- controlnet: ControlNets and T2I-Adapters on the UNet for a run (a forward pre-hook adding their
+  residuals); preprocess: the control images that need no model (Canny, depth/normal, scribble).
 """
 
 from .lora import (
