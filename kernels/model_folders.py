@@ -116,8 +116,11 @@ def _scan_kind_folder(folder: str, kind: str, max_depth: int, budget: list[int])
             except OSError:
                 continue
             if is_dir:
+                component = None if kind in CHECKPOINT_KINDS else component_folder_entry(child.path, name, kind)
                 if os.path.isfile(os.path.join(child.path, "model_index.json")):
                     yield ModelEntry(name, "diffusers", child.path, diffusers_family(child.path))
+                elif component is not None:
+                    yield component
                 elif depth + 1 < max_depth:
                     real = os.path.realpath(child.path)
                     if real not in seen:  # a symlink loop would otherwise go round to the depth bound
@@ -127,6 +130,23 @@ def _scan_kind_folder(folder: str, kind: str, max_depth: int, budget: list[int])
             entry = file_entry(child.path, name, kind)
             if entry is not None:
                 yield entry
+
+
+CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def component_folder_entry(path: str, name: str, kind: str) -> Optional[ModelEntry]:
+    """A diffusers/transformers component saved on its own (a ControlNet, VAE or image-encoder
+    folder: config.json beside safetensors weights), or None."""
+    try:
+        has_weights = any(f.lower().endswith(SAFETENSORS_SUFFIXES) for f in os.listdir(path))
+    except OSError:
+        return None
+    config = _read_json(os.path.join(path, "config.json")) if has_weights else None
+    if config is None:
+        return None
+    family = CROSS_ATTENTION_FAMILIES.get(config.get("cross_attention_dim"), "unknown")
+    return ModelEntry(name, kind, path, family)
 
 
 def file_entry(path: str, name: str, kind: str) -> Optional[ModelEntry]:
@@ -241,10 +261,13 @@ def find_model(name: str, roots: Iterable[str], kinds: Iterable[str] = CHECKPOIN
     # A direct look first: a graph's every run resolves its paths, and a full scan can be slow.
     # A name stays inside its kind folder: no `..`, no drive.
     if clean and ".." not in clean.split("/") and not os.path.splitdrive(clean)[0]:
-        for folder, _ in folders:
+        for folder, kind in folders:
             for candidate in (clean,) + tuple(clean + suffix for suffix in SAFETENSORS_SUFFIXES):
                 path = os.path.join(folder, *candidate.split("/"))
                 if os.path.isfile(path) or os.path.isfile(os.path.join(path, "model_index.json")):
+                    return path
+                if kind not in CHECKPOINT_KINDS and os.path.isdir(path) and \
+                        component_folder_entry(path, clean, kind) is not None:
                     return path
     raise ModelNotFound(_not_found_message(name, roots, folders, kinds))
 

@@ -284,3 +284,18 @@ def test_image_encoders_are_their_own_kind(tmp_path):
     assert entries["vit-h/model.safetensors"].kind == "clip_vision"
     assert find_model("vit-h/model.safetensors", [str(tmp_path / "ComfyUI")], kinds=("clip_vision",)).endswith(
         "model.safetensors")
+
+
+def test_component_folders_are_listed_and_found_in_their_kind(tmp_path):
+    models = tmp_path / "ComfyUI" / "models"
+    cn = models / "controlnet" / "canny-sd15"
+    write_safetensors(cn / "diffusion_pytorch_model.safetensors", ["controlnet_cond_embedding.conv_in.weight"])
+    (cn / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "cross_attention_dim": 768}))
+    (models / "controlnet" / "empty").mkdir()
+    entries = by_name(scan([str(tmp_path / "ComfyUI")]))
+    assert entries["canny-sd15"].kind == "controlnet" and entries["canny-sd15"].family == "sd1"
+    assert "empty" not in entries
+    root = [str(tmp_path / "ComfyUI")]
+    assert find_model("canny-sd15", root, kinds=("controlnet",)) == str(cn)
+    with pytest.raises(ModelNotFound):
+        find_model("canny-sd15", root)  # not a checkpoint
