@@ -216,6 +216,24 @@ class DiskCache:
                 self._used += added
         self._trim()
 
+    def size_bytes(self) -> int:
+        """What the stored results take on disk now."""
+        return sum(size for _, size, _ in self._scan())
+
+    def clear(self) -> int:
+        """Delete every stored result; returns the bytes freed. Entries are independent files, so
+        a run going on at the same time only misses (or stores again) what it asks for."""
+        freed = 0
+        with self._lock:
+            for _mtime, size, path in self._scan():
+                try:
+                    path.unlink()
+                    freed += size
+                except OSError:
+                    pass
+            self._used = None
+        return freed
+
     def _scan(self) -> list[tuple[float, int, Path]]:
         files = []
         for p in self.root.glob("*/*"):

@@ -75,6 +75,17 @@ def install_excepthook(window) -> None:
     threading.excepthook = lambda args: hook(args.exc_type, args.exc_value, args.exc_traceback)
 
 
+def _apply_ui_scale() -> None:
+    """Preferences' interface scale, read before Qt starts (QT_SCALE_FACTOR set by hand wins)."""
+    import os
+
+    from . import session
+
+    scale = session.ui_scale()
+    if scale and "QT_SCALE_FACTOR" not in os.environ:
+        os.environ["QT_SCALE_FACTOR"] = scale
+
+
 def create_app(argv: Optional[list[str]] = None):
     from PySide6 import QtWidgets
 
@@ -82,6 +93,8 @@ def create_app(argv: Optional[list[str]] = None):
     from .ngqt_compat import keep_none_alive
 
     keep_none_alive()  # PySide6 6.12 + Python 3.11 otherwise aborts after a few thousand Qt calls
+    if QtWidgets.QApplication.instance() is None:
+        _apply_ui_scale()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["loomwork", *(argv or [])])
     app.setApplicationName("Loomwork")
     app.setOrganizationName("Loomwork")

@@ -28,6 +28,8 @@ class WindowActions:
         self.act_open = self._action("&Open…", self.file_open, K.Open)
         self.act_save = self._action("&Save", self.file_save, K.Save)
         self.act_save_as = self._action("Save &As…", self.file_save_as, K("Ctrl+Shift+S"))
+        self.act_preferences = self._action("&Preferences…", self.edit_preferences, K.Preferences,
+                                            "models and output folders, cache, device, memory, scale")
         self.act_model_folders = self._action("&Models Folders…", self.edit_model_folders, None,
                                               "the folders searched for models (ComfyUI, A1111 or your own)")
         self.act_quit = self._action("&Quit", self.close, K.Quit)
@@ -78,6 +80,8 @@ class WindowActions:
         m.addActions([self.act_cut, self.act_copy, self.act_paste, self.act_duplicate, self.act_delete])
         m.addSeparator()
         m.addActions([self.act_add, self.act_group, self.act_select_all])
+        m.addSeparator()
+        m.addAction(self.act_preferences)
         m = mb.addMenu("&View")
         m.addAction(self.act_frame)
         m.addSeparator()
@@ -125,6 +129,11 @@ class WindowActions:
         dialog = ModelFoldersDialog(self)
         if dialog.exec() == QtWidgets.QDialog.Accepted:
             self.runner.set_model_roots(session.all_model_roots())
+
+    def edit_preferences(self) -> None:
+        from .preferences import PreferencesDialog
+
+        PreferencesDialog(self.runner, self).exec()
 
     def show_shortcuts(self) -> None:
         rows = "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{v}</td></tr>" for k, v in self.SHORTCUTS)

@@ -147,6 +147,42 @@ class ModelPicker(QtWidgets.QDialog):
             self.rescan()
 
 
+class ModelFoldersList(QtWidgets.QWidget):
+    """The models folders as an editable list (Add…, Remove), for the dialog and Preferences."""
+
+    def __init__(self, folders: Sequence[str] = (), parent=None):
+        super().__init__(parent)
+        self.list = QtWidgets.QListWidget()
+        for folder in folders:
+            self.list.addItem(folder)
+        add = QtWidgets.QPushButton("Add…")
+        add.clicked.connect(self._add)
+        self.remove = QtWidgets.QPushButton("Remove")
+        self.remove.clicked.connect(self._remove)
+        side = QtWidgets.QVBoxLayout()
+        side.addWidget(add)
+        side.addWidget(self.remove)
+        side.addStretch(1)
+        row = QtWidgets.QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.list, 1)
+        row.addLayout(side)
+
+    def folders(self) -> list[str]:
+        return [self.list.item(i).text() for i in range(self.list.count())]
+
+    def add_folder(self, folder: str) -> None:
+        if folder and folder not in self.folders():
+            self.list.addItem(folder)
+
+    def _add(self) -> None:
+        self.add_folder(file_dialogs.choose_folder(self, "Add a models folder", os.path.expanduser("~")))
+
+    def _remove(self) -> None:
+        for item in self.list.selectedItems():
+            self.list.takeItem(self.list.row(item))
+
+
 class ModelFoldersDialog(QtWidgets.QDialog):
     """The models folders: a ComfyUI or A1111 install (or its `models` folder), or any folder of models."""
 
@@ -159,20 +195,7 @@ class ModelFoldersDialog(QtWidgets.QDialog):
         intro = QtWidgets.QLabel("Folders searched for models, in order. A ComfyUI or A1111 install "
                                  "(or its models folder) is read in its own layout.")
         intro.setWordWrap(True)
-        self.list = QtWidgets.QListWidget()
-        for folder in session.model_folders():
-            self.list.addItem(folder)
-        add = QtWidgets.QPushButton("Add…")
-        add.clicked.connect(self._add)
-        self.remove = QtWidgets.QPushButton("Remove")
-        self.remove.clicked.connect(self._remove)
-        side = QtWidgets.QVBoxLayout()
-        side.addWidget(add)
-        side.addWidget(self.remove)
-        side.addStretch(1)
-        row = QtWidgets.QHBoxLayout()
-        row.addWidget(self.list, 1)
-        row.addLayout(side)
+        self.editor = ModelFoldersList(session.model_folders())
         from kernels.model_folders import ENV_VAR, roots_from_env
 
         env = roots_from_env()
@@ -184,24 +207,15 @@ class ModelFoldersDialog(QtWidgets.QDialog):
         buttons.rejected.connect(self.reject)
         lay = QtWidgets.QVBoxLayout(self)
         lay.addWidget(intro)
-        lay.addLayout(row, 1)
+        lay.addWidget(self.editor, 1)
         lay.addWidget(note)
         lay.addWidget(buttons)
 
     def folders(self) -> list[str]:
-        return [self.list.item(i).text() for i in range(self.list.count())]
+        return self.editor.folders()
 
     def add_folder(self, folder: str) -> None:
-        if folder and folder not in self.folders():
-            self.list.addItem(folder)
-
-    def _add(self) -> None:
-        folder = file_dialogs.choose_folder(self, "Add a models folder", os.path.expanduser("~"))
-        self.add_folder(folder)
-
-    def _remove(self) -> None:
-        for item in self.list.selectedItems():
-            self.list.takeItem(self.list.row(item))
+        self.editor.add_folder(folder)
 
     def accept(self) -> None:
         session.set_model_folders(self.folders())

@@ -80,6 +80,26 @@ def import_torch_gently(*more: str) -> None:
             gc.enable()
 
 
+def executor_arguments(disk_cache: bool = True) -> dict:
+    """Executor arguments from Preferences (each left to the engine's default when not set)."""
+    from . import session
+
+    chosen = session.engine_settings()
+    out: dict = {"disk_cache": disk_cache}
+    if chosen["device"] and chosen["device"] != "auto":
+        out["device"] = chosen["device"]
+    if chosen["ram_budget"]:
+        out["ram_budget"] = chosen["ram_budget"]
+    if disk_cache and chosen["disk_cache"]:
+        out["disk_cache"] = chosen["disk_cache"]
+    if chosen["disk_budget_gb"]:
+        try:
+            out["disk_budget"] = int(float(chosen["disk_budget_gb"]) * (1 << 30))
+        except ValueError:
+            pass  # the dialog refuses such values; a hand-edited file falls back to the default
+    return out
+
+
 class Runner(QtCore.QObject):
     """Start, cancel and report runs. Signals arrive on the UI thread (queued)."""
 
@@ -95,6 +115,7 @@ class Runner(QtCore.QObject):
         super().__init__(parent)
         self._disk_cache = disk_cache
         self._model_roots: Optional[list[str]] = None  # None: LOOMWORK_MODELS only
+        self._rebuild = False  # Preferences changed: a new engine for the next run
         self._executor = None
         self._thread: Optional[threading.Thread] = None
         self._cancel = threading.Event()
@@ -106,11 +127,18 @@ class Runner(QtCore.QObject):
 
     def executor(self):
         with self._lock:
-            if self._executor is None:
+            if self._executor is None or (self._rebuild and not self.busy):
                 from app.engine import Executor
 
-                self._executor = Executor(disk_cache=self._disk_cache, model_roots=self._model_roots)
+                self._executor = Executor(**executor_arguments(self._disk_cache), model_roots=self._model_roots)
+                self._rebuild = False
             return self._executor
+
+    def reconfigure(self) -> None:
+        """Build the engine again from Preferences (device, budgets, cache folder) for the next
+        run, not the one going on. Its caches in memory go with it; the disk cache stays."""
+        with self._lock:
+            self._rebuild = True
 
     def set_model_roots(self, roots: list[str]) -> None:
         """Where `ckpt:` names are found, from the next run on."""

@@ -38,10 +38,14 @@ def data_dir() -> Path:
 
 
 def default_output_dir() -> Path:
-    """Where Save Image writes when its folder is empty and the graph is unsaved."""
+    """Where Save Image writes when its folder is empty and the graph is unsaved: LOOMWORK_OUTPUT_DIR,
+    else the folder set in Preferences, else the user's pictures folder."""
     env = os.environ.get("LOOMWORK_OUTPUT_DIR")
     if env:
         return Path(env)
+    chosen = str(settings().value(OUTPUT_FOLDER_KEY, "") or "").strip()
+    if chosen:
+        return Path(os.path.expanduser(chosen))
     import platformdirs
 
     return Path(platformdirs.user_pictures_dir()) / "Loomwork"
@@ -50,6 +54,33 @@ def default_output_dir() -> Path:
 def settings() -> QtCore.QSettings:
     """Window layout and other preferences, as an ini file next to the recent-files list."""
     return QtCore.QSettings(str(data_dir() / "settings.ini"), QtCore.QSettings.IniFormat)
+
+
+# -- preferences ---------------------------------------------------------------------------
+OUTPUT_FOLDER_KEY = "output/folder"
+ENGINE_KEYS = {  # Preferences -> the runner's Executor arguments ("" = the default)
+    "device": "engine/device", "ram_budget": "engine/ram_budget", "disk_cache": "engine/cache_folder",
+    "disk_budget_gb": "engine/cache_budget_gb",
+}
+UI_SCALE_KEY = "ui/scale"
+
+
+def engine_settings() -> dict:
+    """The engine settings from Preferences, as plain strings ("" where the default applies)."""
+    s = settings()
+    return {name: str(s.value(key, "") or "").strip() for name, key in ENGINE_KEYS.items()}
+
+
+def set_preferences(values: dict) -> None:
+    s = settings()
+    for name, key in {**ENGINE_KEYS, "output_folder": OUTPUT_FOLDER_KEY, "ui_scale": UI_SCALE_KEY}.items():
+        if name in values:
+            s.setValue(key, str(values[name]).strip())
+    s.sync()
+
+
+def ui_scale() -> str:
+    return str(settings().value(UI_SCALE_KEY, "") or "").strip()
 
 
 # -- models folders ---------------------------------------------------------------------------

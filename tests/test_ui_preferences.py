@@ -1,0 +1,58 @@
+"""Edit > Preferences: folders, cache, device and memory, saved and given to the engine."""
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("NodeGraphQt")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecated:DeprecationWarning")
+
+
+def test_preferences_are_saved_and_the_next_engine_uses_them(window, tmp_path, monkeypatch):
+    from app.ui import session
+    from app.ui.preferences import PreferencesDialog
+
+    monkeypatch.delenv("LOOMWORK_OUTPUT_DIR")
+    dialog = PreferencesDialog(window.runner, window)
+    dialog.models.add_folder(str(tmp_path / "ComfyUI"))
+    dialog.output.setText(str(tmp_path / "pictures"))
+    dialog.cache_folder.setText(str(tmp_path / "results"))
+    dialog.cache_budget.setText("0.5")
+    dialog.ram_budget.setText("6G")
+    dialog.device.setCurrentText("cpu")
+    before = window.runner.executor()
+    dialog.accept()
+    assert session.model_folders() == [str(tmp_path / "ComfyUI")]
+    assert session.default_output_dir() == tmp_path / "pictures"
+    engine = window.runner.executor()
+    assert engine is not before  # rebuilt for the next run
+    assert engine.device == "cpu" and engine.disk.root == tmp_path / "results"
+    assert engine.disk.budget == 1 << 29 and engine.models.ram_budget == 6 << 30
+    assert engine.model_roots[0] == str(tmp_path / "ComfyUI")
+
+
+def test_bad_values_are_refused_with_the_reason(window):
+    from app.ui.preferences import PreferencesDialog
+
+    dialog = PreferencesDialog(window.runner, window)
+    dialog.ram_budget.setText("lots")
+    dialog.accept()
+    assert dialog.result() != dialog.DialogCode.Accepted  # not saved
+    assert "memory for models" in dialog.problem.text()
+    dialog.ram_budget.setText("")
+    dialog.cache_budget.setText("-1")
+    assert "cache size" in dialog.check()
+
+
+def test_the_cache_shows_its_size_and_clears(window, tmp_path):
+    from app.engine.cache import DiskCache
+    from app.ui.preferences import PreferencesDialog
+
+    cache = DiskCache(tmp_path / "results")
+    cache.put("k" * 40, {"out": "h"}, {"out": 1})
+    dialog = PreferencesDialog(window.runner, window)
+    dialog.cache_folder.setText(str(tmp_path / "results"))
+    dialog.refresh_cache_size()
+    assert "holds" in dialog.cache_size.text() and cache.size_bytes() > 0
+    dialog.clear_cache()
+    assert cache.size_bytes() == 0 and "Cleared" in dialog.problem.text()
