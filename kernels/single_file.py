@@ -87,7 +87,9 @@ class SingleFile:
         from safetensors import SafetensorError
 
         try:
-            return {k: self._file.get_tensor(k) for k in self.keys if keep(k)}
+            # A fresh, aligned copy of each: tensors viewed at their file offsets are not aligned
+            # for the BLAS kernels, which then round differently (and run slower).
+            return {k: self._file.get_tensor(k).clone() for k in self.keys if keep(k)}
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ModelLoadError(f"{self.path}: cannot read its tensors, perhaps truncated or "
                                  f"corrupt ({exc})") from None
@@ -110,8 +112,10 @@ class SingleFile:
         return family
 
     def denoiser_tensors(self) -> dict[str, torch.Tensor]:
+        """The denoiser's tensors, named without the `model.diffusion_model.` prefix (a bare
+        transformer file's: every tensor that is not a VAE's or a text encoder's)."""
         if self.has_prefix(DENOISER_PREFIX):
-            return self.with_prefix(DENOISER_PREFIX)
+            return {k[len(DENOISER_PREFIX):]: v for k, v in self.with_prefix(DENOISER_PREFIX).items()}
         return self.tensors(lambda k: not k.startswith(OTHER_PREFIXES))
 
 
@@ -198,6 +202,7 @@ def load_denoiser(sf: SingleFile, family: str, source: ConfigSource, dtype, devi
         raise ModelLoadError(f"{sf.path}: holds no {family} denoiser ({name}) weights")
     kwargs = _transformer_kwargs(sf, family) if name == "transformer" and source.root_for(name) == source.shipped else {}
     try:
+        # diffusers' UNet converter reads the prefixed names; its transformer ones either
         module = cls.from_single_file({DENOISER_PREFIX + k: v for k, v in tensors.items()}
                                       if name == "unet" else tensors,
                                       config=source.root_for(name), subfolder=name,
