@@ -76,7 +76,7 @@ class SingleFile:
             self._file = safe_open(path, framework="pt", device="cpu")
             self.keys = list(self._file.keys())
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: not a readable safetensors file, perhaps truncated or "
+            raise ModelLoadError(f"{path}: not a readable safetensors single-file checkpoint, perhaps truncated or "
                                  f"corrupt ({exc})") from None
         self.metadata = self._file.metadata() or {}
 

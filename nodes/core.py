@@ -54,9 +54,9 @@ class LoadModel(Node):
 
     @classmethod
     def fingerprint(cls, params, ctx):
+        model = path_fingerprint(ctx.resolve_path(params["path"]))
         config = params.get("config") or ""
-        return (path_fingerprint(ctx.resolve_path(params["path"])),
-                path_fingerprint(ctx.resolve_path(config)) if config else None)
+        return (*model, path_fingerprint(ctx.resolve_path(config))) if config else model
 
     def run(self, ctx, path, dtype, config=""):
         from kernels.models import ModelLoadError, load_model_folder
