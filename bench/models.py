@@ -9,7 +9,7 @@ the ratio is an upper bound on what the engine adds.
 Single files (`--load-repeats N`, 0 to skip): for each family, the time and peak RSS of loading
 its single file (our converter's original-layout file; FLUX as a transformer file, CLIP-L/T5
 files and an ae-layout VAE file) against loading its diffusers folder, each load in a fresh
-child process (so its peak RSS is its own: `ru_maxrss`, with the RSS after imports beside it),
+child process (so its peak RSS is its own: VmHWM, with the peak after imports beside it),
 the folder and file runs interleaved, medians. `--full sd1` adds a full-size SD 1.5 model of
 random fp16 weights loaded through the shipped config skeleton (no config folder).
 
@@ -145,10 +145,23 @@ def bench_family(family: str, steps: int, repeats: int) -> dict:
 
 # -- single files: load time and peak RSS, one child process per load ----------------------
 
-def measure_load(kind: str, path: str, config: str, dtype: str) -> dict:
-    """Run in a child: import everything, then load once; the time and the peak RSS."""
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss would carry the
+    parent's peak into the child on Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_load(kind: str, path: str, config: str, dtype: str) -> dict:
+    """Run in a child: import everything, then load once; the time and the peak RSS."""
     import torch
 
     from kernels.models import load_model_folder, quiet_hub_libraries
@@ -169,7 +182,7 @@ def measure_load(kind: str, path: str, config: str, dtype: str) -> dict:
         getattr(diffusers, name)  # diffusers imports its model modules on first use: not a load's cost
     for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "CLIPTokenizer"):
         getattr(transformers, name)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     dt = getattr(torch, dtype)
     if kind == "folder":
@@ -182,7 +195,7 @@ def measure_load(kind: str, path: str, config: str, dtype: str) -> dict:
         load_text_encoder_files("flux", {"clip_l": files["clip_l"], "t5": files["t5"]}, dt, config=config or None)
         load_vae_file(files["vae"], "flux", dt, config=config or None)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"load_s": seconds, "peak_rss_mb": peak, "rss_after_imports_mb": before}
 
 

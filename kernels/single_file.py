@@ -62,37 +62,65 @@ PARTS_NOTE = ("load it with LoadDiffusionModel, its text encoders with LoadTextE
               "VAE with LoadVAE")
 
 
+# safetensors' dtype names -> torch's
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+
+
 class SingleFile:
-    """An open safetensors file: its tensor names and shapes, read from the header; tensors on
-    demand. Errors name the file."""
+    """An open safetensors file: its tensor names and shapes, from the header (checked by
+    safetensors' own reader); tensors on demand. Errors name the file."""
 
     def __init__(self, path: str):
+        import json
+        import struct
+
         from safetensors import SafetensorError, safe_open
 
         self.path = path
         if not os.path.isfile(path):
             raise ModelLoadError(f"{path}: does not exist")
         try:
-            self._file = safe_open(path, framework="pt", device="cpu")
-            self.keys = list(self._file.keys())
+            with safe_open(path, framework="pt", device="cpu") as checked:  # validates the layout
+                self.keys = list(checked.keys())
+                self.metadata = checked.metadata() or {}
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                self._header = json.loads(f.read(length))
+            self._data_start = 8 + length
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: not a readable safetensors single-file checkpoint, perhaps truncated or "
-                                 f"corrupt ({exc})") from None
-        self.metadata = self._file.metadata() or {}
+            raise ModelLoadError(f"{path}: not a readable safetensors single-file checkpoint, perhaps "
+                                 f"truncated or corrupt ({exc})") from None
 
     def shape(self, key: str) -> tuple:
-        return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._header[key]["shape"])
 
     def tensors(self, keep) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
+        """The tensors whose names `keep` accepts, each read into fresh memory.
 
+        Read by hand rather than through safetensors' mapped views: a view at its file offset is
+        unaligned (the BLAS kernels then round differently and run slower), and copying each view
+        would hold the tensor twice, once in the copy and once in the mapped pages.
+        """
+        out = {}
         try:
-            # A fresh, aligned copy of each: tensors viewed at their file offsets are not aligned
-            # for the BLAS kernels, which then round differently (and run slower).
-            return {k: self._file.get_tensor(k).clone() for k in self.keys if keep(k)}
-        except (SafetensorError, OSError, RuntimeError) as exc:
+            with open(self.path, "rb") as f:
+                for key in self.keys:
+                    if not keep(key):
+                        continue
+                    info = self._header[key]
+                    begin, end = info["data_offsets"]
+                    tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                    f.seek(self._data_start + begin)
+                    if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                        raise OSError("short read")
+                    out[key] = tensor
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"{self.path}: cannot read its tensors, perhaps truncated or "
-                                 f"corrupt ({exc})") from None
+                                 f"corrupt ({type(exc).__name__}: {exc})") from None
+        return out
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         return self.tensors(lambda k: k.startswith(prefix))
@@ -127,6 +155,8 @@ def open_checkpoint(path: str, families=None) -> tuple[SingleFile, str]:
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise ModelLoadError(f"{path}: a pickled checkpoint, which Loomwork never opens (unpickling "
                              f"can run code): convert it to .safetensors with a tool you trust")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: a folder; a config folder applies to single files only")
     sf = SingleFile(path)
     family = sf.family()
     if family not in (families or DENOISER_CLASSES):
