@@ -383,7 +383,9 @@ def load_diffusion_model_file(path: str, dtype: torch.dtype = torch.float32, dev
     quiet_hub_libraries()
     source = config_source(path, family, config)
     denoiser = load_denoiser(sf, family, source, dtype, device)
-    return model_bundle(family, denoiser, source, path, _file_key([path], dtype, device, config))
+    # SDXL's time ids are in pixels: the VAE this model is configured with gives the factor
+    factor = 2 ** (len(source.config("vae")["block_out_channels"]) - 1) if source.has("vae") else 1
+    return model_bundle(family, denoiser, source, path, _file_key([path], dtype, device, config), factor)
 
 
 def load_vae_file(path: str, family: str, dtype: torch.dtype = torch.float32, device: str = "cpu",

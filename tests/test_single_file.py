@@ -146,6 +146,17 @@ def test_sd3_transformer_file_with_separate_encoders_renders_what_its_folder_ren
     assert torch.equal(from_files, from_folder)
 
 
+def test_sdxl_checkpoint_split_into_parts_renders_what_its_folder_renders(models, tmp_path):
+    """LoadDiffusionModel reads only a checkpoint's UNet, LoadVAE only its VAE; the CLIP-L and
+    CLIP-G files are the folder's own (transformers' layout)."""
+    folder, file = models["sdxl"]
+    files = {"transformer": file, "vae": file, "clip_l": os.path.join(folder, "text_encoder", "model.safetensors"),
+             "clip_g": os.path.join(folder, "text_encoder_2", "model.safetensors")}
+    from_folder = render(txt2img_graph(folder, prompt=PROMPT, steps=3, save=False), tmp_path, aligned_folder=folder)
+    from_files = render(parts_graph("sdxl", files, folder, cfg=4.0, scheduler="euler"), tmp_path)
+    assert torch.equal(from_files, from_folder)
+
+
 def test_a_text_encoder_file_loads_through_the_model_manager_once(flux_parts, tmp_path):
     _folder, files = flux_parts
     from app.engine.models import ModelManager
