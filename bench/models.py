@@ -6,7 +6,15 @@ pipeline on the same folder, seed and steps (latents asserted identical first; t
 repeats, medians and their ratio). Tiny models make the fixed costs around the denoiser loud, so
 the ratio is an upper bound on what the engine adds.
 
+Single files (`--load-repeats N`, 0 to skip): for each family, the time and peak RSS of loading
+its single file (our converter's original-layout file; FLUX as a transformer file, CLIP-L/T5
+files and an ae-layout VAE file) against loading its diffusers folder, each load in a fresh
+child process (so its peak RSS is its own: VmHWM, with the peak after imports beside it),
+the folder and file runs interleaved, medians. `--full sd1` adds a full-size SD 1.5 model of
+random fp16 weights loaded through the shipped config skeleton (no config folder).
+
 Usage: python bench/models.py [--steps N] [--repeats N] [--families sd1,sdxl,sd3,flux]
+                              [--load-repeats N] [--full sd1]
 """
 
 from __future__ import annotations
@@ -135,13 +143,169 @@ def bench_family(family: str, steps: int, repeats: int) -> dict:
             "target_ratio": 1.03, "steps": steps, "size": SIZE}
 
 
+# -- single files: load time and peak RSS, one child process per load ----------------------
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss would carry the
+    parent's peak into the child on Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_load(kind: str, path: str, config: str, dtype: str) -> dict:
+    """Run in a child: import everything, then load once; the time and the peak RSS."""
+    import torch
+
+    from kernels.models import load_model_folder, quiet_hub_libraries
+    from kernels.single_file import (
+        load_checkpoint_file,
+        load_diffusion_model_file,
+        load_text_encoder_files,
+        load_vae_file,
+    )
+
+    torch.set_num_threads(1)
+    quiet_hub_libraries()
+    import diffusers
+    import transformers
+    from diffusers.loaders import single_file_utils  # noqa: F401
+
+    for name in ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKL"):
+        getattr(diffusers, name)  # diffusers imports its model modules on first use: not a load's cost
+    for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "CLIPTokenizer"):
+        getattr(transformers, name)
+    before = peak_rss_mb()
+    t0 = time.perf_counter()
+    dt = getattr(torch, dtype)
+    if kind == "folder":
+        bundles = load_model_folder(path, dt)
+    elif kind == "file":
+        bundles = load_checkpoint_file(path, dt, config=config or None)
+    else:  # "parts": FLUX kept as files, `path` a JSON of them
+        files = json.loads(path)
+        bundles = (load_diffusion_model_file(files["transformer"], dt, config=config or None),
+                   load_text_encoder_files("flux", {"clip_l": files["clip_l"], "t5": files["t5"]}, dt,
+                                           config=config or None),
+                   load_vae_file(files["vae"], "flux", dt, config=config or None))
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    # A folder's weights are mapped from its files and read in at first use: touch one element
+    # per page of every weight, so both sides are compared with their weights resident.
+    modules = (bundles[0].unet, bundles[1].text_encoder, bundles[2].vae)
+    for module in modules:
+        for p in module.parameters():
+            p.detach().reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
+    return {"load_s": seconds, "peak_rss_mb": peak, "rss_after_imports_mb": before,
+            "peak_rss_after_use_mb": peak_rss_mb()}
+
+
+def _child_load(kind: str, path: str, config: str = "", dtype: str = "float32") -> dict:
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--measure-load", kind, path, config, dtype],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def single_file_cases(family: str, root: str) -> tuple[tuple, tuple]:
+    """((kind, path, config) for the folder, the same for its single file)."""
+    from safetensors.torch import save_file
+
+    from kernels import convert as layout
+    from kernels.convert_files import folder_to_single_file, read_component
+
+    folder, _how = build_family(family, os.path.join(root, family))
+    if family != "flux":
+        file = folder_to_single_file(folder, os.path.join(root, f"{family}.safetensors"))
+        return ("folder", folder, ""), ("file", file, folder)
+    vae, config = read_component(folder, "vae")
+    save_file(layout.vae_to_ldm(vae, config), os.path.join(root, "ae.safetensors"))
+    files = {"transformer": os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"),
+             "clip_l": os.path.join(folder, "text_encoder", "model.safetensors"),
+             "t5": os.path.join(folder, "text_encoder_2", "model.safetensors"),
+             "vae": os.path.join(root, "ae.safetensors")}
+    return ("folder", folder, ""), ("parts", json.dumps(files), folder)
+
+
+def build_full_sd1(root: str) -> tuple[tuple, tuple]:
+    """A full-size SD 1.5 diffusers folder of patterned fp16 weights (no random init: it is slow
+    and the values do not matter to a load) and its single file, loaded with the shipped
+    skeleton."""
+    import shutil
+
+    import diffusers
+    import torch
+    import transformers
+
+    from kernels.convert_files import folder_to_single_file
+    from kernels.model_configs import ConfigSource, load_tokenizer
+
+    source, folder = ConfigSource("sd1"), os.path.join(root, "sd15")
+    shutil.copytree(source.shipped, folder)
+    for name, spec in source.index().items():
+        if name.startswith("_") or name in ("tokenizer", "scheduler"):
+            continue
+        cls = getattr(diffusers if spec[0] == "diffusers" else transformers, spec[1])
+        with torch.device("meta"):
+            module = cls.from_config(source.config(name)) if spec[0] == "diffusers" else \
+                cls(cls.config_class.from_pretrained(source.shipped, subfolder=name))
+        module = module.to_empty(device="cpu").half()
+        with torch.no_grad():
+            for i, p in enumerate(module.parameters()):
+                p.copy_((torch.arange(p.numel()) % 251 + i).view(p.shape) / 256)
+        module.save_pretrained(os.path.join(folder, name), safe_serialization=True)
+        del module
+    shutil.rmtree(os.path.join(folder, "tokenizer"))
+    load_tokenizer(source, "tokenizer", folder).save_pretrained(os.path.join(folder, "tokenizer"))
+    file = folder_to_single_file(folder, os.path.join(root, "sd15.safetensors"))
+    return ("folder", folder, "", "float16"), ("file", file, "", "float16")
+
+
+def bench_single_files(families, repeats: int, full) -> dict:
+    root = tempfile.mkdtemp()
+    cases = {f: single_file_cases(f, root) for f in families}
+    if "sd1" in full:
+        cases["sd1_full_fp16"] = build_full_sd1(root)
+    report = {}
+    for name, (folder_case, file_case) in cases.items():
+        runs = {"folder": [], "file": []}
+        for _ in range(repeats):  # interleaved
+            runs["folder"].append(_child_load(*folder_case))
+            runs["file"].append(_child_load(*file_case))
+        med = {side: {key: round(statistics.median(r[key] for r in rs), 4) for key in rs[0]}
+               for side, rs in runs.items()}
+        report[name] = {"folder": med["folder"], "single_file": med["file"], "file_kind": file_case[0],
+                        "load_ratio": round(med["file"]["load_s"] / med["folder"]["load_s"], 3),
+                        "peak_rss_ratio": round(med["file"]["peak_rss_mb"] / med["folder"]["peak_rss_mb"], 3),
+                        "peak_rss_after_use_ratio": round(med["file"]["peak_rss_after_use_mb"]
+                                                          / med["folder"]["peak_rss_after_use_mb"], 3),
+                        "repeats": repeats}
+        print(name, report[name], file=sys.stderr, flush=True)
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--families", default="sd1,sdxl,sd3,flux")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--load-repeats", type=int, default=3, help="single-file load runs per side; 0 skips")
+    parser.add_argument("--full", default="", help="full-size models to add to the load measurement: sd1")
+    parser.add_argument("--measure-load", nargs=4, metavar=("KIND", "PATH", "CONFIG", "DTYPE"),
+                        help=argparse.SUPPRESS)  # the child process of a load measurement
     args = parser.parse_args(argv)
+    if args.measure_load:
+        print(json.dumps(measure_load(*args.measure_load)))
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
@@ -152,6 +316,10 @@ def main(argv=None) -> int:
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
         report["families"][family] = bench_family(family, args.steps, args.repeats)
         print(family, report["families"][family], file=sys.stderr, flush=True)
+    if args.load_repeats:
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        report["single_file_loads"] = bench_single_files(families, args.load_repeats,
+                                                         [f for f in args.full.split(",") if f])
     print(json.dumps(report, indent=2))
     return 0
 

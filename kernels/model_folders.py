@@ -203,6 +203,11 @@ def family_from_keys(keys: list[str], metadata: Optional[Mapping] = None) -> str
         return "sd3"
     if any(key.startswith("double_blocks.") for key in keys) or has("model.diffusion_model.double_blocks"):
         return "flux"
+    # transformer files in diffusers' own layout (many fine-tunes are published so)
+    if any(key.startswith("single_transformer_blocks.") for key in keys):
+        return "flux"
+    if "pos_embed.pos_embed" in keys and has(".attn.add_q_proj."):
+        return "sd3"
     if has("conditioner.embedders.1"):
         return "sdxl"
     if has("cond_stage_model.model"):

@@ -177,10 +177,7 @@ def _not_a_folder(path: str) -> str:
     if path.lower().endswith(PICKLE_SUFFIXES):
         return ("is a pickled checkpoint, which Loomwork never opens (unpickling can run code): "
                 "convert it to a diffusers folder or .safetensors with a tool you trust")
-    if path.lower().endswith(SAFETENSORS_SUFFIXES):
-        return ("is a single-file checkpoint; single files do not load yet: use the model's "
-                "diffusers folder")
-    return "is a file; LoadModel takes a diffusers model folder"
+    return "is a file; LoadModel takes a diffusers model folder or a .safetensors checkpoint"
 
 
 def read_model_index(path: str) -> dict:
@@ -262,7 +259,12 @@ def check_components(path: str, index: dict, supported: set, what: str) -> None:
 
 def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> tuple[ModelBundle, TextEncoderBundle, VaeBundle]:
-    """Load MODEL, CLIP and VAE from a diffusers folder. Nothing is fetched from a hub."""
+    """Load MODEL, CLIP and VAE from a diffusers folder, or from a `.safetensors` single-file
+    checkpoint (kernels.single_file). Nothing is fetched from a hub."""
+    if os.path.isfile(path) and path.lower().endswith(SAFETENSORS_SUFFIXES):
+        from kernels.single_file import load_checkpoint_file  # lazily: it builds on this module
+
+        return load_checkpoint_file(path, dtype, device)
     index = read_model_index(path)
     quiet_hub_libraries()
     pipeline = str(index.get("_class_name", ""))

@@ -35,29 +35,46 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @register
 class LoadModel(Node):
-    """Load a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1 dev/schnell, or a pixel-space
-    model such as the built-in ShapesT2I). `builtin:NAME` names a model shipped with Loomwork;
-    `ckpt:NAME` one found in the models folders (`loomwork models`); a relative path is taken
-    from the graph file's folder."""
+    """Load a model: a diffusers folder (SD 1.x/2.x, SDXL, SD3, FLUX.1 dev/schnell, or a
+    pixel-space model such as the built-in ShapesT2I) or a `.safetensors` single-file checkpoint
+    that holds its text encoders and VAE (SD 1.x/2.x, SDXL, SD3; the family is told from the
+    file). A transformer or UNet file without them loads with LoadDiffusionModel,
+    LoadTextEncoders and LoadVAE. `builtin:NAME` names a model shipped with Loomwork; `ckpt:NAME`
+    one found in the models folders (`loomwork models`); a relative path is taken from the
+    graph file's folder. Pickled checkpoints (.ckpt, .pt) are refused: convert them first."""
 
     category = "loaders"
     params = {
         "path": Path("builtin:shapes-t2i", mode="folder", models=CHECKPOINT_KINDS,
-                     help="a diffusers model folder (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
+                     help="a diffusers model folder or a .safetensors checkpoint (SD 1.x/2.x, SDXL, SD3, FLUX.1)"),
         "dtype": Choice(DTYPES, "float32", help="weights precision; float16 halves memory on GPUs"),
+        "config": Path("", mode="folder", help="single files only: a diffusers folder whose configs "
+                       "and tokenizers replace the shipped ones (e.g. one holding T5's tokenizer)"),
     }
     outputs = {"model": MODEL, "clip": CLIP, "vae": VAE}
 
     @classmethod
     def fingerprint(cls, params, ctx):
-        return path_fingerprint(ctx.resolve_path(params["path"]))
+        model = path_fingerprint(ctx.resolve_path(params["path"]))
+        config = params.get("config") or ""
+        return (*model, path_fingerprint(ctx.resolve_path(config))) if config else model
 
-    def run(self, ctx, path, dtype):
+    def run(self, ctx, path, dtype, config=""):
         from kernels.models import ModelLoadError, load_model_folder
 
         folder = ctx.resolve_path(path)
         try:
-            model, clip, vae = ctx.models.load(folder, dtype, load_model_folder)
+            if config:
+                import torch
+
+                from kernels.single_file import load_checkpoint_file
+
+                # The model manager keys a model by its one path, and a config folder changes
+                # what a file loads as: with one, it loads here (its bundles' keys name both).
+                model, clip, vae = load_checkpoint_file(folder, getattr(torch, dtype), ctx.device,
+                                                        config=ctx.resolve_path(config))
+            else:
+                model, clip, vae = ctx.models.load(folder, dtype, load_model_folder)
         except ModelLoadError as exc:
             raise NodeError(str(exc)) from None
         return {"model": model, "clip": clip, "vae": vae}

@@ -299,3 +299,24 @@ def test_component_folders_are_listed_and_found_in_their_kind(tmp_path):
     assert find_model("canny-sd15", root, kinds=("controlnet",)) == str(cn)
     with pytest.raises(ModelNotFound):
         find_model("canny-sd15", root)  # not a checkpoint
+
+
+@pytest.mark.parametrize("node, param, folder, kinds", [
+    ("LoadDiffusionModel", "path", "unet", ("diffusion_model", "checkpoint")),
+    ("LoadTextEncoders", "t5", "text_encoders", ("text_encoder",)),
+    ("LoadVAE", "path", "vae", ("vae",)),
+    ("LoadLoRA", "path", "loras", ("lora",)),
+])
+def test_each_loader_finds_ckpt_names_among_its_own_kinds(tmp_path, node, param, folder, kinds):
+    from app.engine import Executor
+    from nodes import registry
+
+    root = tmp_path / "ComfyUI"
+    write_safetensors(root / "models" / folder / "thing.safetensors", VAE_KEYS)
+    spec = registry.get(node)
+    assert tuple(spec.params[param].models) == kinds  # what the picker offers
+    executor = Executor(disk_cache=False, model_roots=[str(root)])
+    ctx = type("Ctx", (), {"resolve_path": lambda self, p, kinds=None: executor.resolve_path(p, kinds=kinds)})()
+    params = {name: p.default for name, p in spec.params.items()}
+    params[param] = "ckpt:thing.safetensors"
+    assert str(root / "models" / folder / "thing.safetensors") in str(spec.fingerprint(params, ctx))

@@ -1,4 +1,4 @@
-"""The headless runner: `loomwork run|validate|nodes|models|oracle`.
+"""The headless runner: `loomwork run|validate|nodes|models|convert|oracle`.
 
 Every user mistake (a bad file, an unknown node, a bad --set value, a missing model) is one
 clear message and a non-zero exit; tracebacks only with --debug.
@@ -226,6 +226,37 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
+CONVERT_TARGETS = ("single-file", "diffusers")
+
+
+def cmd_convert(args) -> int:
+    """A diffusers folder to an original-layout single file, or a single file to a folder."""
+    import torch
+
+    from kernels.convert import ConvertError
+    from kernels.convert_files import folder_to_single_file, single_file_to_folder
+    from kernels.models import ModelLoadError
+
+    src = os.path.expanduser(args.src)
+    out = os.path.expanduser(args.out)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        if args.to == "single-file":
+            if not os.path.isdir(src):
+                raise UsageError(f"{src}: --to single-file converts a diffusers model folder")
+            if not out.lower().endswith(".safetensors"):
+                raise UsageError(f"{out}: the single file should end in .safetensors")
+            written = folder_to_single_file(src, out, family=args.family, dtype=dtype)
+        else:
+            if not os.path.isfile(src):
+                raise UsageError(f"{src}: --to diffusers converts a .safetensors checkpoint file")
+            written = single_file_to_folder(src, out, config=args.config, dtype=dtype)
+    except (ModelLoadError, ConvertError) as exc:
+        raise UsageError(str(exc)) from None
+    print(written)
+    return EXIT_OK
+
+
 def cmd_oracle(args) -> int:
     try:
         from kernels.shapes.oracle import detect_in_files
@@ -241,7 +272,7 @@ MODELS_HELP = ("a model folder: a ComfyUI or A1111 install, its models folder, o
 
 
 # The verbs, for app.main to tell a command from a graph path (it must not start Qt for one).
-COMMANDS = ("run", "validate", "nodes", "models", "oracle")
+COMMANDS = ("run", "validate", "nodes", "models", "convert", "oracle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="a JSON list of {name, kind, path, family, note}")
     models.add_argument("--models", action="append", metavar="DIR", help=MODELS_HELP)
     models.set_defaults(func=cmd_models)
+    convert = sub.add_parser("convert", help="a diffusers folder to a single .safetensors file, or back")
+    convert.add_argument("src", help="a diffusers model folder, or a .safetensors checkpoint")
+    convert.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="what to write")
+    convert.add_argument("out", help="the .safetensors file (single-file) or the new folder (diffusers)")
+    convert.add_argument("--family", choices=("sd1", "sd2", "sdxl", "sd3"),
+                         help="single-file: the layout to write, when the folder does not say (SD 1 or 2)")
+    convert.add_argument("--config", metavar="DIR", help="diffusers: a folder whose configs and tokenizers "
+                         "replace the shipped ones (e.g. one holding T5's tokenizer)")
+    convert.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                         help="convert the weights (default: keep them)")
+    convert.set_defaults(func=cmd_convert)
     oracle = sub.add_parser("oracle", help="detect the objects in ShapesT2I images (JSON)")
     oracle.add_argument("images", nargs="+")
     oracle.set_defaults(func=cmd_oracle)
