@@ -45,6 +45,24 @@ DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE,
                                   ATTENTION_MAPS, UPSCALE_MODEL, IP_ADAPTER, CONTROL_NET)}
 
 
+# words a type name keeps whole (and how they are written) when it is split into words
+NAME_WORDS = {"LoRA": "LoRA", "VAE": "VAE", "IPAdapter": "IP-Adapter", "ControlNet": "ControlNet",
+              "Flux": "FLUX", "T2I": "T2I"}
+
+
+def humanized(type_name: str) -> str:
+    import re
+
+    parts = re.split("(" + "|".join(sorted(NAME_WORDS, key=len, reverse=True)) + ")", type_name)
+    words = []
+    for part in parts:
+        if part in NAME_WORDS:
+            words.append(NAME_WORDS[part])
+        elif part:
+            words.extend(re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", part).split())
+    return " ".join(words)
+
+
 @dataclass(frozen=True)
 class Input:
     type: DataType
@@ -266,6 +284,7 @@ class Node:
     always_run: ClassVar[bool] = False
     # version -> function(params) -> params of version + 1
     migrations: ClassVar[dict[int, Callable[[dict], dict]]] = {}
+    display_name: ClassVar[str] = ""  # when the type name in words reads badly (see label())
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -275,6 +294,12 @@ class Node:
     @classmethod
     def type_name(cls) -> str:
         return cls.__name__
+
+    @classmethod
+    def label(cls) -> str:
+        """The name people read (palette, search, a new node's title): `display_name`, else the
+        type name in words ("VAEDecode" -> "VAE Decode", "LoadLoRA" -> "Load LoRA")."""
+        return cls.display_name or humanized(cls.__name__)
 
     @classmethod
     def doc(cls) -> str:

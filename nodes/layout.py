@@ -171,6 +171,8 @@ class ZestGuide(Node):
     matches its box (BCE between max-normalised maps and masks, normalised gradient step).
     Works best after RegionAttention, as in its paper."""
 
+    display_name = "ZestGuide"
+
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT}
     params = dict(_GUIDE_PARAMS)
@@ -237,6 +239,8 @@ class AStar(Node):
     """A-STAR: keep the concepts of a multi-object prompt apart (attention segregation) and keep
     each one alive across steps (attention retention). Concepts are the layout's phrases, or the
     comma-separated `concepts` when no layout is wired; box positions are not used."""
+
+    display_name = "A-STAR"
 
     category = "layout"
     inputs = {"model": MODEL, "layout": LAYOUT.optional("phrases to keep apart (boxes unused)")}

@@ -264,7 +264,7 @@ def test_side_palette_lists_categories_and_adds(window):
     window.palette.filter.setText("vae")
     names = [tree.topLevelItem(i).child(j).text(0) for i in range(tree.topLevelItemCount())
              for j in range(tree.topLevelItem(i).childCount())]
-    assert set(names) >= {"VAEDecode", "VAEEncode"} and "Sampler" not in names
+    assert set(names) >= {"VAE Decode", "VAE Encode"} and "Sampler" not in names
     window.palette.add_requested.emit("VAEDecode")
     assert [n.type for n in window.doc.graph.nodes.values()] == ["VAEDecode"]
     # dragged onto the canvas: added where it was dropped
@@ -302,7 +302,7 @@ def test_rename_on_canvas_and_group_edits_are_undoable(window):
     assert doc.group(gid).rect == (x, y, w, h)
     window.act_undo.trigger()
     window.act_undo.trigger()
-    assert doc.graph.nodes[text].title == "" and window.canvas.item(text).view.name == "TextEncode"
+    assert doc.graph.nodes[text].title == "" and window.canvas.item(text).view.name == "Text Encode"
 
 def _viewer_drag(viewer, p1, p2, steps=5):
     """A real mouse drag on the canvas viewport (NodeGraphQt's own gesture code runs)."""

@@ -168,3 +168,18 @@ def test_qt_file_dialogs_have_light_icons_and_room_for_their_columns(window, tmp
     assert header.sectionResizeMode(0) == QtWidgets.QHeaderView.Stretch
     assert all(header.sectionResizeMode(c) == QtWidgets.QHeaderView.ResizeToContents for c in range(1, header.count()))
     dialog.close()
+
+
+def test_palette_and_new_nodes_read_display_names(window):
+    from nodes import registry
+    from nodes.base import humanized
+
+    assert humanized("VAEDecode") == "VAE Decode" and humanized("LoadLoRA") == "Load LoRA"
+    assert humanized("IPAdapterApply") == "IP-Adapter Apply" and registry.get("AStar").label() == "A-STAR"
+    window.search.popup(QtCore.QPoint(100, 100))
+    window.search.edit.setText("a-star")
+    assert window.search.list.item(0).text().startswith("A-STAR")
+    window.search.hide()
+    nid = window.add_node("LoadLoRA", QtCore.QPointF(0, 0))
+    assert window.doc.graph.nodes[nid].title == ""  # files keep the type; the canvas shows the label
+    assert window.canvas.item(nid).view.name == "Load LoRA"

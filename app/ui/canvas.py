@@ -216,7 +216,7 @@ class GraphCanvas(QtCore.QObject):
                     view = self._items[nid].view
                     if tuple(view.xy_pos) != tuple(node.pos):
                         view.xy_pos = [node.pos[0], node.pos[1]]
-                    if view.name != (node.title or node.type):
+                    if view.name != shown_name(node):
                         self._refresh_node(nid)
             want = {(e.src, e.src_port, e.dst, e.dst_port) for e in graph.edges}
             have = self.shown_edges()
@@ -251,7 +251,7 @@ class GraphCanvas(QtCore.QObject):
         item = ngqt.LoomNode()
         item.model.id = node.id
         item.view.id = node.id
-        item.NODE_NAME = item.model.name = item.view.name = node.title or node.type
+        item.NODE_NAME = item.model.name = item.view.name = shown_name(node)
         for name, type_name, _optional in shape[1]:
             color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
             item.add_input(name, color=color)
@@ -267,7 +267,7 @@ class GraphCanvas(QtCore.QObject):
         item.view.color = (*hex_to_rgb(tint), 255)
         item.view.border_color = (58, 63, 75, 255)
         item.view.text_color = (230, 233, 238, 255)
-        item.view.name = node.title or node.type
+        item.view.name = shown_name(node)
         item.view.draw_node()
         for name, type_name, optional in shape[1]:
             port = item.inputs()[name].view
@@ -301,7 +301,7 @@ class GraphCanvas(QtCore.QObject):
         node, item = self.doc.graph.nodes.get(nid), self._items.get(nid)
         if node is None or item is None:
             return
-        title = node.title or node.type
+        title = shown_name(node)
         if item.view.name != title:
             item.view.name = title
             item.view.draw_node()
@@ -509,3 +509,11 @@ class GraphCanvas(QtCore.QObject):
             rect = rect.united(self.node_rect(nid))
         rect = rect.adjusted(-24, -48, 24, 24)
         return self.doc.add_group(ids, (rect.x(), rect.y(), rect.width(), rect.height()), title)
+
+
+def shown_name(node) -> str:
+    """A node's title, or its type's display name (registry label) when it has none."""
+    if node.title:
+        return node.title
+    spec = registry.get(node.type)
+    return spec.label() if spec is not None else node.type

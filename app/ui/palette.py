@@ -15,7 +15,7 @@ TYPE_ROLE = QtCore.Qt.UserRole + 1
 
 
 def node_matches(name: str, spec, words: list[str]) -> bool:
-    hay = f"{name} {spec.category} {spec.doc()}".lower()
+    hay = f"{name} {spec.label()} {spec.category} {spec.doc()}".lower()
     return all(w in hay for w in words)
 
 
@@ -89,8 +89,8 @@ class NodePalette(QtWidgets.QWidget):
             font = top.font(0)
             font.setBold(True)
             top.setFont(0, font)
-            for name, spec in sorted(by_cat[cat]):
-                child = QtWidgets.QTreeWidgetItem([name])
+            for name, spec in sorted(by_cat[cat], key=lambda ns: ns[1].label().lower()):
+                child = QtWidgets.QTreeWidgetItem([spec.label()])
                 child.setFlags(QtCore.Qt.ItemIsEnabled | QtCore.Qt.ItemIsSelectable | QtCore.Qt.ItemIsDragEnabled)
                 child.setData(0, TYPE_ROLE, name)
                 child.setToolTip(0, spec.doc())
@@ -164,9 +164,9 @@ class NodeSearchPopup(QtWidgets.QFrame):
         words = text.lower().split()
         self.list.clear()
         found = [(name, spec) for name, spec in registry.all_types().items() if node_matches(name, spec, words)]
-        found.sort(key=lambda ns: rank(ns[0], text))
+        found.sort(key=lambda ns: min(rank(ns[0], text), rank(ns[1].label(), text)))
         for name, spec in found:
-            item = QtWidgets.QListWidgetItem(f"{name}    ·  {spec.category}")
+            item = QtWidgets.QListWidgetItem(f"{spec.label()}    ·  {spec.category}")
             item.setData(TYPE_ROLE, name)
             item.setToolTip(spec.doc())
             self.list.addItem(item)
