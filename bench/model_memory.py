@@ -114,6 +114,47 @@ def load_unet_through_manager(folder: str) -> dict:
             "dtype": str(unet.dtype), "checksum_finite": checksum == checksum}
 
 
+def write_single_file(folder: str) -> dict:
+    """The UNet as an original-layout (SGM) single file, `model.diffusion_model.*` keys, written
+    by our converter from the folder's weights (mapped, so nothing is copied twice)."""
+    from safetensors.torch import load_file, save_file
+
+    from kernels.convert import prefixed, unet_to_ldm
+
+    with open(os.path.join(folder, "unet", "config.json")) as f:
+        config = json.load(f)
+    state = load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    save_file(prefixed(unet_to_ldm(state, config), "model.diffusion_model."), os.path.join(folder, "sdxl-unet.safetensors"))
+    return {"tensors": len(state)}
+
+
+def load_single_file_through_manager(folder: str) -> dict:
+    """The same UNet loaded from the single file through LoadDiffusionModel's loader."""
+    import diffusers
+    import torch
+
+    from app.engine.models import ModelManager
+    from kernels.memory import module_bytes
+    from kernels.single_file import load_diffusion_model_file
+
+    diffusers.UNet2DConditionModel  # noqa: B018  (its module is imported on first access)
+    file = os.path.join(folder, "sdxl-unet.safetensors")
+    baseline = peak_rss()
+    started = time.perf_counter()
+    manager = ModelManager("cpu", ram_budget="16G")
+    unet = manager.load(file, "float16", load_diffusion_model_file).unet
+    loaded_s = time.perf_counter() - started
+    after_load = peak_rss()
+    checksum = 0.0
+    with torch.no_grad():
+        for p in unet.parameters():
+            checksum += float(p.sum(dtype=torch.float32))
+    return {"baseline_rss": baseline, "peak_rss_after_load": after_load,
+            "peak_rss_after_reading_all_weights": peak_rss(), "load_seconds": round(loaded_s, 2),
+            "weights_bytes": sum(module_bytes([unet]).values()), "dtype": str(unet.dtype),
+            "checksum_finite": checksum == checksum}
+
+
 def load_unet_by_copying(folder: str) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
@@ -147,7 +188,8 @@ def tiny_eviction(folder: str) -> dict:
 
 
 CASES = {"build": build_sdxl_unet, "sdxl-unet": load_unet_through_manager,
-         "sdxl-unet-copying": load_unet_by_copying, "tiny-eviction": tiny_eviction}
+         "sdxl-unet-copying": load_unet_by_copying, "tiny-eviction": tiny_eviction,
+         "write-single-file": write_single_file, "sdxl-unet-single-file": load_single_file_through_manager}
 
 
 def run_child(case: str, folder: str) -> dict:
@@ -170,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also the full-size SDXL UNet (about 6 GB RAM)")
     parser.add_argument("--contrast", action="store_true", help="with --full: also load it by copying")
+    parser.add_argument("--single-file", action="store_true",
+                        help="with --full: also write it as an original-layout single file and load that")
     parser.add_argument("--dir", help="where to write the models (default: a temporary folder)")
     parser.add_argument("--out", help="write the JSON here too")
     parser.add_argument("--child", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -194,6 +238,14 @@ def main() -> None:
                                    "through_model_manager": summarize_load(run_child("sdxl-unet", unet_folder), size)}
             if args.contrast:
                 report["sdxl_unet"]["by_copying"] = summarize_load(run_child("sdxl-unet-copying", unet_folder), size)
+            if args.single_file:
+                run_child("write-single-file", unet_folder)
+                single = os.path.join(unet_folder, "sdxl-unet.safetensors")
+                report["sdxl_unet"]["single_file"] = {
+                    "format": "original (SGM) layout, model.diffusion_model.* keys, written by kernels.convert",
+                    "file_gib": gib(os.path.getsize(single)),
+                    "through_model_manager": summarize_load(run_child("sdxl-unet-single-file", unet_folder),
+                                                            os.path.getsize(single))}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
