@@ -27,7 +27,7 @@ def test_run_shows_the_image_on_the_output_node(window, qtbot, tiny_pixel_model,
     window.runner.progress.connect(lambda nid, i, n: progress.append((i, n)))
     with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
         window.act_run.trigger()
-        assert window.runner.busy and not window.act_run.isEnabled()
+        assert window.runner.busy and window.act_run.isEnabled()  # a second Run queues
     report = blocker.args[0]
     assert not isinstance(report, str), report
     assert report.ok, report.as_json()
@@ -193,3 +193,48 @@ def test_the_right_column_keeps_its_width_on_the_first_run(window, qtbot, tiny_p
     qtbot.wait(50)
     assert window.images.zoom_label.text().endswith("%")
     assert window.image_dock.width() == before
+
+
+def test_run_during_a_run_queues_a_snapshot_and_the_queue_runs_in_order(window, qtbot, tiny_pixel_model):
+    from app.ui.run_queue import DONE, PENDING
+
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=6, size=16, seed=3)
+    window.doc.replace(graph, None)
+    finished = []
+    window.runner.finished.connect(finished.append)
+    window.act_run.trigger()
+    assert window.runner.busy
+    window.doc.set_param(ids["sampler"], "seed", 9)
+    window.act_run.trigger()  # queued, with seed 9, while the first run goes on
+    window.doc.set_param(ids["sampler"], "seed", 11)  # after queuing: not in the queued snapshot
+    queue = window.run_queue
+    assert [r.status for r in queue.items] == ["running", PENDING]
+    assert queue.items[1].graph.nodes[ids["sampler"]].params["seed"] == 9
+    qtbot.waitUntil(lambda: len(finished) == 2, timeout=180_000)
+    assert [r.status for r in queue.items] == [DONE, DONE] and all(r.ok for r in finished)
+    assert [r.text().split("  ")[1] for r in queue.items] == ["seed 3", "seed 9"]
+
+
+def test_batch_count_queues_runs_with_rising_seeds_and_waiting_runs_can_move_or_go(window, qtbot, tiny_pixel_model):
+    from app.ui.run_queue import PENDING, QueuedRun, batch_snapshots
+
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16, seed=5)
+    assert [g.nodes[ids["sampler"]].params["seed"] for g, _ in batch_snapshots(graph, 3)] == [5, 6, 7]
+    queue = window.run_queue
+    runs = [QueuedRun(g, None, None, None, label) for g, label in batch_snapshots(graph, 3)]
+    for run in runs:
+        queue.add(run)
+    queue.move(runs[2], -1)
+    assert [r.label for r in queue.items] == ["seed 5", "seed 7", "seed 6"]
+    assert queue.remove(runs[0]) and [r.label for r in queue.pending()] == ["seed 7", "seed 6"]
+    window.queue_panel.list.setCurrentRow(0)
+    assert window.queue_panel.remove.isEnabled()
+    queue.items.clear()
+    window.doc.replace(graph, None)
+    window.batch_count.setValue(2)
+    finished = []
+    window.runner.finished.connect(finished.append)
+    window.act_run.trigger()
+    qtbot.waitUntil(lambda: len(finished) == 2, timeout=120_000)
+    assert [r.label for r in queue.items] == ["seed 5", "seed 6"] and not queue.pending()
+    assert all(r.status != PENDING for r in queue.items)

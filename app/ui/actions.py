@@ -53,7 +53,8 @@ class WindowActions:
         self.act_select_all = self._action("Select &All", lambda: self.canvas.select(list(self.doc.graph.nodes)), K.SelectAll)
         self.act_add = self._action("Add &Node…", self.show_search, None, "search node types (Tab on the canvas)")
         self.act_frame = self._action("&Frame", self.canvas.frame, K("F"), "fit the selection or the whole graph (F)")
-        self.act_run = self._action("&Run", self.run_all, K("Ctrl+Return"), "run every output node (Ctrl+Enter)")
+        self.act_run = self._action("&Run", self.run_all, K("Ctrl+Return"),
+                                    "run every output node (Ctrl+Enter); while a run goes on, queue another")
         self.act_run_sel = self._action("Run to &Selected", self.run_selected, K("Ctrl+Shift+Return"),
                                         "run what the selected node needs, and it")
         self.act_cancel = self._action("&Cancel", self.cancel_run, K("Esc"), "stop the run (finished nodes stay cached)")
@@ -85,7 +86,7 @@ class WindowActions:
         m = mb.addMenu("&View")
         m.addAction(self.act_frame)
         m.addSeparator()
-        for dock in (self.palette_dock, self.inspector_dock, self.image_dock, self.layout_dock):
+        for dock in (self.palette_dock, self.inspector_dock, self.image_dock, self.layout_dock, self.queue_dock):
             m.addAction(dock.toggleViewAction())
         m = mb.addMenu("&Run")
         m.addActions([self.act_run, self.act_run_sel, self.act_cancel])
@@ -106,6 +107,13 @@ class WindowActions:
         run_button = tb.widgetForAction(self.act_run)
         if run_button is not None:
             run_button.setObjectName("RunButton")
+        self.batch_count = QtWidgets.QSpinBox()
+        self.batch_count.setRange(1, 999)
+        self.batch_count.setPrefix("× ")
+        self.batch_count.setToolTip("batch count: Run queues this many runs, each with the seeds one higher")
+        self.batch_count.setObjectName("BatchCount")
+        self.batch_count.setMaximumWidth(self.fontMetrics().horizontalAdvance("× 999") * 2)
+        tb.addWidget(self.batch_count)
         tb.addActions([self.act_run_sel, self.act_cancel])
 
 

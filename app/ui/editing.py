@@ -95,7 +95,6 @@ class EditCommands:
         menu.exec(global_pos)
         for act in (self.act_run_sel, self.act_copy, self.act_duplicate, self.act_group, self.act_delete):
             act.setEnabled(True)
-        self.act_run_sel.setEnabled(not self.runner.busy)
 
     def _on_activated(self, item_id: str) -> None:
         """Double click: a group asks for its title; a node shows its inspector."""

@@ -72,9 +72,10 @@ class NodePalette(QtWidgets.QWidget):
         self._rebuild()
         # wide enough for the longest node name (indent + margins + scroll bar)
         fm = QtGui.QFontMetrics(self.tree.font())
-        longest = max((fm.horizontalAdvance(n) for n in registry.all_types()), default=100)
+        longest = max((fm.horizontalAdvance(spec.label()) for spec in registry.all_types().values()), default=100)
         em = fm.horizontalAdvance("M")
-        self.setMinimumWidth(min(longest + self.tree.indentation() + em * 4, em * 24))
+        # (the theme's style sheet sets the font after this: a fifth more keeps the names whole)
+        self.setMinimumWidth(min(int(longest * 1.2) + self.tree.indentation() + em * 4, em * 26))
 
     def _rebuild(self) -> None:
         words = self.filter.text().lower().split()

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from PySide6 import QtGui
+from PySide6 import QtCore, QtGui
 
 from nodes import registry
 
 from . import session
+from .run_queue import CANCELLED, DONE, FAILED, RUNNING, QueuedRun, RunQueue, batch_snapshots
 
 STATE_LABELS = {"cached-memory": "cached", "cached-disk": "cached (disk)"}
 
@@ -73,6 +74,8 @@ class RunControl:
         self._ran_recipe: dict[str, str] = {}
         self._ran_badge: dict[str, tuple] = {}
         self._progress_first: dict[str, tuple] = {}  # node id -> (time, step) of its first report
+        self.run_queue = RunQueue(self)
+        self._current_run: Optional[QueuedRun] = None
 
     # -- node states and badges -----------------------------------------------------------
     def _mark_stale(self, ids: list[str]) -> None:
@@ -161,19 +164,33 @@ class RunControl:
         self._start_run(ids)
 
     def _start_run(self, targets: Optional[list[str]]) -> None:
-        if self.runner.busy:
-            self.show_message("A run is in progress; cancel it first")
-            return
+        """Queue the graph as it is now (`batch_count` copies, seeds raised by one each) and
+        start it at once unless a run is going on."""
         path = self.doc.path if self.doc.path and not self.doc.path.lower().endswith(".png") else None
         out_dir = str(Path(path).parent / "output") if path else str(session.default_output_dir())
+        for graph, label in batch_snapshots(self.doc.graph, self.batch_count.value()):
+            self.run_queue.add(QueuedRun(graph, targets, path, out_dir, label))
+        if self.runner.busy:
+            waiting = len(self.run_queue.pending())
+            self.show_message(f"Queued: {waiting} run{'s' if waiting != 1 else ''} waiting")
+        self._start_next()
+
+    def _start_next(self) -> None:
+        if self.runner.busy:
+            return
+        run = self.run_queue.next_pending()
+        if run is None:
+            return
         self.run_started = time.monotonic()
         self.edited_during_run = set()
-        self._run_recipes = recipe_keys(self.doc.graph, self.doc.graph.nodes)
-        if self.runner.start(self.doc.graph, targets, graph_path=path, output_dir=out_dir):
-            self.act_run.setEnabled(False)
-            self.act_run_sel.setEnabled(False)
-            self.act_cancel.setEnabled(True)
-            self.run_label.setText("Running…")
+        self._run_recipes = recipe_keys(run.graph, run.graph.nodes)
+        if not self.runner.start(run.graph, run.targets, graph_path=run.graph_path, output_dir=run.output_dir):
+            return
+        self._current_run = run
+        self.run_queue.mark(run, RUNNING)
+        self.act_cancel.setEnabled(True)
+        waiting = len(self.run_queue.pending())
+        self.run_label.setText("Running…" + (f" (+{waiting} queued)" if waiting else ""))
 
     def cancel_run(self) -> None:
         if self.runner.busy:
@@ -243,14 +260,16 @@ class RunControl:
             self.images.add_image(image, label, paths[k] if k < len(paths) else None)
 
     def _run_finished(self, report) -> None:
-        self.act_run.setEnabled(True)
-        self.act_run_sel.setEnabled(True)
         self.act_cancel.setEnabled(False)
         self.progress.setVisible(False)
+        QtCore.QTimer.singleShot(0, self._start_next)  # the queue goes on
         seconds = time.monotonic() - self.run_started
+        run, self._current_run = self._current_run, None
         if isinstance(report, str):
             self.run_label.setText("Run failed")
             self.show_message(f"Run failed: {report}", 15000)
+            if run is not None:
+                self.run_queue.mark(run, FAILED, report[:200])
             return
         counts: dict[str, int] = {}
         for rep in report.nodes.values():
@@ -271,5 +290,8 @@ class RunControl:
         self.run_label.setText(short)
         self.run_label.setToolTip(summary)
         self.show_message(summary, 15000)
+        if run is not None:
+            status = CANCELLED if report.cancelled else FAILED if failed else DONE
+            self.run_queue.mark(run, status, summary[:200])
         if self.inspector.node_id:
             self._show_node_status(self.inspector.node_id)

@@ -24,6 +24,7 @@ from .layout_canvas import LayoutPanel
 from .palette import NodePalette, NodeSearchPopup
 from .resources import APP_NAME, app_icon, default_graph, resources_dir
 from .run_control import RunControl
+from .run_queue import QueuePanel
 from .runner import Runner
 
 # default_graph, resources_dir and app_icon moved to resources.py; importers still find them here.
@@ -99,7 +100,11 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.inspector_dock = self._dock("Inspector", self.inspector, QtCore.Qt.RightDockWidgetArea, "InspectorDock")
         self.image_dock = self._dock("Image", self.images, QtCore.Qt.RightDockWidgetArea, "ImageDock")
         self.layout_dock = self._dock("Layout", self.layout_panel, QtCore.Qt.RightDockWidgetArea, "LayoutDock")
+        self.queue_panel = QueuePanel(self.run_queue)
+        self.queue_panel.cancel_requested.connect(self.cancel_run)
+        self.queue_dock = self._dock("Queue", self.queue_panel, QtCore.Qt.RightDockWidgetArea, "QueueDock")
         self.tabifyDockWidget(self.image_dock, self.layout_dock)
+        self.tabifyDockWidget(self.layout_dock, self.queue_dock)
         self.image_dock.raise_()
         em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
         self.resizeDocks([self.palette_dock], [self.palette.minimumWidth()], QtCore.Qt.Horizontal)
