@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import LAYOUT_PROMPT, TWO_BOX_LAYOUT, QuietContext
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from kernels.attention import AttentionController, LayoutCrossAttnProcessor, attention_probs
@@ -20,7 +21,6 @@ from kernels.text import Conditioning
 from nodes.base import NodeError
 from nodes.core import Sampler
 from nodes.t2i_zero import CrossTokenNMS, EmbeddingTweak
-from tests.conftest import LAYOUT_PROMPT, TWO_BOX_LAYOUT, QuietContext
 
 # -- Correction by Similarities on a hand-built embedding --------------------------------------
 F = torch.tensor([[1.0, 2.0], [2.0, -1.0], [3.0, 1.0], [0.0, 0.0]])
@@ -342,3 +342,44 @@ def test_sdxl_tweak_and_nms_run_and_keep_the_pooled_embedding(sdxl):
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert not torch.equal(out, base)
     assert torch.equal(sample(model, cond, steps=2), base)
+
+
+# -- through the engine --------------------------------------------------------------------------
+def t2i_zero_graph(model_path, corr_strength, nms_strength):
+    """txt2img with EmbeddingTweak after TextEncode and CrossTokenNMS before the Sampler."""
+    from conftest import txt2img_graph
+
+    from nodes.registry import add_node
+
+    g, ids = txt2img_graph(model_path, prompt=LAYOUT_PROMPT, steps=2, save=False)
+    tweak = add_node(g, "EmbeddingTweak", {"strength": corr_strength})
+    nms = add_node(g, "CrossTokenNMS", {"strength": nms_strength})
+    cap = add_node(g, "TestCaptureLatent", {})
+    g.connect(ids["text"], "conditioning", tweak.id, "conditioning")
+    g.connect(tweak.id, "conditioning", ids["sampler"], "positive")
+    g.connect(ids["load"], "model", nms.id, "model")
+    g.connect(tweak.id, "conditioning", nms.id, "positive")
+    g.connect(nms.id, "model", ids["sampler"], "model")
+    g.connect(ids["sampler"], "latent", cap.id, "latent")
+    return g, cap.id
+
+
+def test_graph_with_both_nodes_off_renders_the_plain_graph(tiny_pixel_model, tmp_path):
+    from conftest import CAPTURED, txt2img_graph
+
+    from app.engine import Executor
+
+    ex = Executor(device="cpu", disk_cache=False)
+    latents = []
+    for corr, nms in ((0.0, 0.0), (1.0, 1.0)):
+        g, cap = t2i_zero_graph(tiny_pixel_model, corr, nms)
+        assert ex.run(g, targets=[cap], output_dir=tmp_path).ok
+        latents.append(CAPTURED.pop("latent"))
+    from nodes.registry import add_node
+
+    g, ids = txt2img_graph(tiny_pixel_model, prompt=LAYOUT_PROMPT, steps=2, save=False)
+    cap = add_node(g, "TestCaptureLatent", {})
+    g.connect(ids["sampler"], "latent", cap.id, "latent")
+    assert ex.run(g, targets=[cap.id], output_dir=tmp_path).ok
+    assert torch.equal(latents[0], CAPTURED.pop("latent"))  # off: the plain graph's latent
+    assert not torch.equal(latents[0], latents[1])
