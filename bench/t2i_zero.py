@@ -102,7 +102,7 @@ def render(args, model, vae, cond, arm: str, seed: int):
     return (image.numpy() * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def summarise(rows: dict, seconds: dict) -> dict:
+def summarise(rows: dict, seconds: dict, changes: dict) -> dict:
     base = rows["baseline"]
     out = {}
     for arm, scores in rows.items():
@@ -113,6 +113,10 @@ def summarise(rows: dict, seconds: dict) -> dict:
                  "objects_present": round(sum(s["colour_shape"] for s in scores) / n, 4),
                  "sec_per_image_median": round(statistics.median(seconds[arm]), 3)}
         if arm != "baseline":
+            # does the arm change the image at all: mean |pixel - baseline's| in 0..255, and the
+            # share of renders that differ from the baseline's anywhere
+            entry.update(mean_abs_pixel_change=round(statistics.fmean(c for c, _ in changes[arm]), 3),
+                         renders_changed=round(sum(d for _, d in changes[arm]) / n, 4))
             wins = sum(s["all_right"] > b["all_right"] for s, b in zip(scores, base))
             losses = sum(s["all_right"] < b["all_right"] for s, b in zip(scores, base))
             entry.update(both_present_minus_baseline_points=round(
@@ -145,6 +149,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numpy as np
     import torch
 
     from kernels.models import load_model_folder
@@ -160,17 +165,22 @@ def main(argv=None) -> int:
         world_two_object(args.n, args.world_seed)
     rows = {a: [] for a in arms}
     seconds = {a: [] for a in arms}
+    changes = {a: [] for a in arms}
     k = 0
     for p in prompts:
         cond = encode_text(clip.tokenizer, clip.text_encoder, p["caption"])
         for r in range(args.seeds):
             order = arms[k % len(arms):] + arms[:k % len(arms)]  # interleaved, rotating
             k += 1
+            images = {}
             for arm in order:
                 t0 = time.perf_counter()
-                img = render(args, model, vae, cond, arm, p["seed"] + r)
+                images[arm] = render(args, model, vae, cond, arm, p["seed"] + r)
                 seconds[arm].append(time.perf_counter() - t0)
-                rows[arm].append(score_prompt(p["objects"], img))
+                rows[arm].append(score_prompt(p["objects"], images[arm]))
+            for arm, img in images.items():
+                diff = np.abs(img.astype(np.int16) - images["baseline"].astype(np.int16))
+                changes[arm].append((float(diff.mean()), bool(diff.any())))
         done = {a: sum(s["all_right"] for s in rows[a]) for a in arms}
         print(f"{len(rows['baseline']):4d} renders/arm  both present: {done}", file=sys.stderr,
               flush=True)
@@ -184,7 +194,7 @@ def main(argv=None) -> int:
                            "corr_strength": args.corr_strength, "nms_strength": args.nms_strength,
                            "nms_end": args.nms_end, "concepts": "default (noun after a/an)",
                            "threads": args.threads},
-              "arms": summarise(rows, seconds)}
+              "arms": summarise(rows, seconds, changes)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
