@@ -17,18 +17,18 @@ def brief(text: str, limit: int = 200) -> str:
     return f"{text[:limit]}… ({len(text):,} characters)"
 
 
-def brief_repr(value: object, limit: int = 200) -> str:
+def brief_repr(value: object, limit: int = 200, depth: int = 0) -> str:
     """repr(value) cut to `limit` characters; a huge integer by its digit count (its repr alone
     could take seconds, or be refused by Python's int-to-text limit)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1000:
         return f"an integer of about {int(value.bit_length() * 0.30103):,} digits"
     if isinstance(value, (list, tuple, dict)) and len(value) > 100:
         return f"a {type(value).__name__} of {len(value):,} items"
-    if isinstance(value, (list, tuple)) and len(value) <= 4:
-        return brief("[" + ", ".join(brief_repr(v, 60) for v in value) + "]", limit)
+    if isinstance(value, (list, tuple)) and len(value) <= 4 and depth < 3:
+        return brief("[" + ", ".join(brief_repr(v, 60, depth + 1) for v in value) + "]", limit)
     try:
         return brief(repr(value), limit)
-    except ValueError:  # an integer nested deep inside, past the int-to-text limit
+    except (ValueError, RecursionError):  # an integer past the int-to-text limit, or deep nesting
         return f"a {type(value).__name__} too large to show"
 
 
