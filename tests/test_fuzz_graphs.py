@@ -207,7 +207,6 @@ def check_file(path: Path) -> str:
             graph = load(path, registry.get)
         except GraphFileError:
             return "refused"
-        validate(graph, registry.get)
         for problem in validate(graph, registry.get):
             assert len(problem.message) < 2100
         text = dumps(graph, strict=False)

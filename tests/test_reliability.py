@@ -71,6 +71,13 @@ def test_save_image_refuses_a_folder_outside_the_output_folder(tmp_path, monkeyp
     assert _files_under(tmp_path) == before  # nothing written anywhere
 
 
+@pytest.mark.parametrize("folder", ["a\x00b", "x\udfffy"])
+def test_a_folder_no_system_can_name_is_a_node_error(tmp_path, folder):
+    g, save_id = _save_graph(_image_file(tmp_path), folder=folder)
+    report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path / "out")
+    assert report.status(save_id) == "failed" and report.nodes[save_id].traceback is None
+
+
 def test_save_image_writes_a_relative_folder_inside_the_output_folder(tmp_path):
     out = tmp_path / "out"
     g, save_id = _save_graph(_image_file(tmp_path), folder="renders/today")

@@ -133,12 +133,15 @@ class NodeContext:
         shared PNG is not trusted to name any other place): else a NodeError naming the node
         and the path."""
         base = Path(default_dir).expanduser() if default_dir else self._run.output_dir
-        target = base / Path(path).expanduser() if path else base
+        label = self._run.graph.nodes[self.node_id].label
+        try:
+            target = base / Path(path).expanduser() if path else base
+            resolved = target.resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a symlink loop, ...
+            raise NodeError(f"{label}: cannot write {brief(str(path), 200)!r}: {brief(str(exc), 200)}") from None
         roots = [self._run.output_dir, *self._run.write_dirs] + ([base] if default_dir else [])
-        resolved = target.resolve()
         if any(resolved.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
             return resolved
-        label = self._run.graph.nodes[self.node_id].label
         allowed = ", ".join(brief(str(r), 200) for r in roots)
         raise NodeError(f"{label}: refused to write {brief(str(path or target), 200)!r} ({brief(str(resolved), 200)}): "
                         f"a graph writes only inside {allowed}; choose a folder there, or allow this one "
