@@ -156,6 +156,9 @@ def model_folder_key(path: str, dtype, device: str) -> str:
 
 def _component_class(library: str, class_name: str, folder: str, name: str):
     # Only classes of the two libraries, looked up by name: a model folder is data, never code.
+    import diffusers
+    import transformers
+
     if library == "diffusers":
         import diffusers as lib
     elif library == "transformers":
@@ -167,7 +170,21 @@ def _component_class(library: str, class_name: str, folder: str, name: str):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ModelLoadError(f"{folder}: component {name!r} names class {class_name!r}, which "
                              f"{library} does not have")
+    # A model or a tokenizer only: a pipeline class could run a .py file from the folder.
+    if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel,
+                                                         transformers.PreTrainedTokenizerBase))):
+        raise ModelLoadError(f"{folder}: component {name!r} names {class_name!r}, which is not a "
+                             f"model or tokenizer class")
     return cls
+
+
+def refuse_pickled_weights(sub: str) -> None:
+    """A component folder whose weights are only pickles is refused before a library sees it."""
+    files = os.listdir(sub)
+    pickles = sorted(f for f in files if f.lower().endswith(PICKLE_SUFFIXES))
+    if pickles and not any(f.lower().endswith(SAFETENSORS_SUFFIXES) for f in files):
+        raise ModelLoadError(f"{sub}: its weights are pickles ({', '.join(pickles[:3])}), which Loomwork "
+                             f"never opens (unpickling can run code): convert them to .safetensors")
 
 
 def _not_a_folder(path: str) -> str:
@@ -218,10 +235,14 @@ def load_components(path: str, index: dict, names, dtype: torch.dtype, device: s
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):
             raise ModelLoadError(f"{path}: model_index.json lists {name!r} but the folder {sub!r} is missing")
-        is_tokenizer = name.startswith("tokenizer")
+        # By its class, not its slot's name: a model class in the tokenizer slot loads weights too.
+        import transformers
+
+        is_tokenizer = issubclass(cls, transformers.PreTrainedTokenizerBase)
         kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
         if not is_tokenizer:
             # safetensors only: pickled weights are never unpickled freely.
+            refuse_pickled_weights(sub)
             kwargs.update(use_safetensors=True, torch_dtype=dtype)
         try:
             module = cls.from_pretrained(path, **kwargs)

@@ -97,17 +97,29 @@ class Param:
         try:
             return json.loads(text)
         except json.JSONDecodeError:
-            raise ParamError(f"{text!r} is not valid JSON") from None
+            raise ParamError(f"{shown(text)} is not valid JSON") from None
 
     def describe(self) -> dict:
         return {"kind": self.kind, "default": self.default, "help": self.help}
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as a message shows it: cut to `limit` characters, a huge integer by its digit
+    count (printing one is slow, and Python refuses past 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # a huge integer nested in a container
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _range_problem(param, value) -> Optional[str]:
     if param.min is not None and value < param.min:
-        return f"{value} is below the minimum {param.min}"
+        return f"{shown(value)} is below the minimum {param.min}"
     if param.max is not None and value > param.max:
-        return f"{value} is above the maximum {param.max}"
+        return f"{shown(value)} is above the maximum {param.max}"
     return None
 
 
@@ -115,7 +127,7 @@ def _parse_number(kind, text: str, what: str):
     try:
         return kind(text.strip())
     except ValueError:
-        raise ParamError(f"{text!r} is not {what}") from None
+        raise ParamError(f"{shown(text)} is not {what}") from None
 
 
 def _describe_range(param, base: dict) -> dict:
@@ -133,7 +145,7 @@ class Int(Param):
 
     def check(self, value):
         if not isinstance(value, int) or isinstance(value, bool):
-            return f"expected a whole number, got {value!r}"
+            return f"expected a whole number, got {shown(value)}"
         return _range_problem(self, value)
 
     def parse(self, text):
@@ -163,9 +175,13 @@ class Float(Param):
 
     def check(self, value):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return f"expected a number, got {value!r}"
-        if not math.isfinite(value):
-            return f"expected a finite number, got {value!r}"
+            return f"expected a number, got {shown(value)}"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer past a float's range (over 308 digits)
+            return f"expected a number a float can hold, got {shown(value)}"
+        if not finite:
+            return f"expected a finite number, got {shown(value)}"
         return _range_problem(self, value)
 
     def parse(self, text):
@@ -182,7 +198,7 @@ class Bool(Param):
     kind: ClassVar[str] = "bool"
 
     def check(self, value):
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+        return None if isinstance(value, bool) else f"expected true or false, got {shown(value)}"
 
     def parse(self, text):
         t = text.strip().lower()
@@ -193,15 +209,38 @@ class Bool(Param):
         raise ParamError(f"{text!r} is not true or false")
 
 
+# Bytes a file name may take: most file systems hold 255; a counter or suffix may follow it.
+FILE_NAME_BYTES = 200
+
+
+def file_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be a file's name inside a folder (a path, `..`, too long), or None."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "holds a character no file name can (a lone surrogate)"
+    if size > FILE_NAME_BYTES:
+        return f"is {size} bytes long; a file name takes at most {FILE_NAME_BYTES}"
+    if "/" in name or "\\" in name or "\0" in name:
+        return f"{shown(name)} is a path; give a plain file name (no / or \\)"
+    if name.strip() in (".", ".."):
+        return f"{name!r} is not a file name"
+    return None
+
+
 @dataclass
 class String(Param):
     default: str = ""
     help: str = ""
     multiline: bool = False
+    # the text is a file name inside a folder (a prefix, an eraser's name): checked as one
+    file_name: bool = False
     kind: ClassVar[str] = "string"
 
     def check(self, value):
-        return None if isinstance(value, str) else f"expected text, got {value!r}"
+        if not isinstance(value, str):
+            return f"expected text, got {shown(value)}"
+        return file_name_problem(value) if self.file_name else None
 
     def parse(self, text):
         return text
@@ -237,8 +276,8 @@ class Choice(Param):
             self.default = self.options[0]
 
     def check(self, value):
-        if value not in self.options:
-            return f"{value!r} is not one of: {', '.join(self.options)}"
+        if not isinstance(value, str) or value not in self.options:
+            return f"{shown(value)} is not one of: {', '.join(self.options)}"
         return None
 
     def parse(self, text):
@@ -260,8 +299,8 @@ class Json(Param):
     def check(self, value):
         try:
             json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            return f"not storable as JSON: {exc}"
+        except (TypeError, ValueError, RecursionError) as exc:
+            return f"not storable as JSON: {shown(str(exc), 200)}"
         return self.validator(value) if self.validator else None
 
 

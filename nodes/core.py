@@ -383,6 +383,7 @@ class LoadImage(Node):
         file = ctx.resolve_path(path)
         if not path:
             raise NodeError("no image file chosen")
+        _need_regular_file(file)
         try:
             with Image.open(file) as im:
                 image, mask = from_pil(im)
@@ -391,6 +392,24 @@ class LoadImage(Node):
         except (UnidentifiedImageError, OSError) as exc:
             raise NodeError(f"cannot read image {file!r}: {exc}") from None
         return {"image": image, "mask": mask}
+
+
+def _need_regular_file(file: str) -> None:
+    """A NodeError unless `file` is a regular file: a folder says so, and a pipe or device is
+    refused before it is opened (reading a FIFO would wait forever)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError:
+        raise NodeError(f"image file {file!r} does not exist") from None
+    except OSError as exc:
+        raise NodeError(f"cannot read image {file!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise NodeError(f"{file!r} is a folder; choose an image file in it")
+    if not stat.S_ISREG(mode):
+        raise NodeError(f"{file!r} is not a regular file (a pipe, socket or device); choose an image file")
 
 
 @register
@@ -416,8 +435,9 @@ class SaveImage(Node):
 
     category = "image"
     inputs = {"image": IMAGE}
-    params = {"folder": Path("", mode="folder", help="where to save (empty: the run's output folder)"),
-              "prefix": String("loomwork", help="file name prefix; a counter follows it"),
+    params = {"folder": Path("", mode="folder", help="where to save: empty or a relative folder is in the run's "
+                             "output folder; another place only if allowed in the app"),
+              "prefix": String("loomwork", file_name=True, help="file name prefix; a counter follows it"),
               "embed_graph": Bool(True, help="write the graph into the PNG")}
     output_node = True
     always_run = True

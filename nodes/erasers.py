@@ -23,6 +23,7 @@ from .base import (
     Path,
     Seed,
     String,
+    file_name_problem,
 )
 from .registry import register
 
@@ -358,7 +359,7 @@ class RedTeamPrompt(Node):
         if report:
             summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
                        "attack_success_rate": result.success_rate, "seconds": result.seconds}
-            atomic_write(ctx.resolve_path(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
+            atomic_write(ctx.output_path(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
         return {"conditioning": erased.encode(result.prompt), "latent": result.images.float().cpu()}
 
 
@@ -370,8 +371,9 @@ class SaveEraser(Node):
     category = "erasers"
     inputs = {"model": MODEL.optional("a model with eraser patches"),
               "clip": CLIP.optional("a text encoder with eraser patches")}
-    params = {"name": String("eraser", help="file name (.safetensors is added)"),
-              "folder": Path("", mode="folder", help="where to save (empty: the user's erasers folder)")}
+    params = {"name": String("eraser", file_name=True, help="file name (.safetensors is added)"),
+              "folder": Path("", mode="folder", help="where to save: empty or a relative folder is in the "
+                             "user's erasers folder; another place only if allowed in the app")}
     output_node = True
     always_run = True
 
@@ -386,8 +388,12 @@ class SaveEraser(Node):
         name = (name or "eraser").strip()
         if not name.endswith(".safetensors"):
             name += ".safetensors"
-        where = ctx.resolve_path(folder) if folder else default_eraser_dir()
-        save_erasers(os.path.join(where, name), patches)
+        problem = file_name_problem(name)
+        if problem:
+            raise NodeError(f"the name {problem}")
+        # Only inside the erasers folder, the output folder or a folder the user allowed.
+        save_erasers(str(ctx.output_path(os.path.join(folder or "", name), default_dir=default_eraser_dir())),
+                     patches)
         return {}
 
 

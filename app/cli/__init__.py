@@ -133,7 +133,8 @@ def cmd_run(args) -> int:
     printer = ProgressPrinter(graph)
     events = EngineEvents(node_state=printer.node_state, progress=printer.progress)
     out = Path(args.out or ".")
-    executor = Executor(disk_cache=False if args.no_disk_cache else True, model_roots=model_roots(args))
+    executor = Executor(disk_cache=False if args.no_disk_cache else True, model_roots=model_roots(args),
+                        write_dirs=[os.path.expanduser(d) for d in (args.allow_write or [])])
     try:
         report = executor.run(graph, events=events, output_dir=out, graph_path=args.graph)
     except GraphError as exc:
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a param; NODE is an id or a unique title (repeatable)")
     run.add_argument("--out", metavar="DIR", help="where SaveImage nodes write (default: here)")
     run.add_argument("--report", metavar="FILE", help="write a JSON report of every node")
+    run.add_argument("--allow-write", action="append", metavar="DIR",
+                     help="a folder the graph may write in besides --out (repeatable)")
     run.add_argument("--no-disk-cache", action="store_true", help="do not read or write the disk cache")
     run.add_argument("--models", action="append", metavar="DIR", help=MODELS_HELP)
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from app.graph import CycleError, Graph, dumps, validate
+from app.graph.errors import MESSAGE_CHARS, brief
 from app.graph.png import png_bytes
 from kernels.files import atomic_write
 from nodes import registry
-from nodes.base import NodeError
+from nodes.base import NodeError, file_name_problem
 
 from .cache import DiskCache, MemoryCache
 from .hashing import Unhashable, content_hash, key_of, size_of
@@ -125,6 +126,27 @@ class NodeContext:
     def resolve_path(self, path: str, kinds: Optional[tuple] = None) -> str:
         return self._executor.resolve_path(path, self._run.graph_dir, kinds)
 
+    def output_path(self, path: Optional[str], default_dir: "str | Path | None" = None) -> Path:
+        """Where this node may write `path` (a file or folder): relative to `default_dir` (the
+        run's output folder unless given), `~` expanded, symlinks followed. A graph writes only
+        inside the output folder, `default_dir` and the folders the user allowed (a graph in a
+        shared PNG is not trusted to name any other place): else a NodeError naming the node
+        and the path."""
+        base = Path(default_dir).expanduser() if default_dir else self._run.output_dir
+        label = self._run.graph.nodes[self.node_id].label
+        try:
+            target = base / Path(path).expanduser() if path else base
+            resolved = target.resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a symlink loop, ...
+            raise NodeError(f"{label}: cannot write {brief(str(path), 200)!r}: {brief(str(exc), 200)}") from None
+        roots = [self._run.output_dir, *self._run.write_dirs] + ([base] if default_dir else [])
+        if any(resolved.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
+            return resolved
+        allowed = ", ".join(brief(str(r), 200) for r in roots)
+        raise NodeError(f"{label}: refused to write {brief(str(path or target), 200)!r} ({brief(str(resolved), 200)}): "
+                        f"a graph writes only inside {allowed}; choose a folder there, or allow this one "
+                        f"in the app")
+
     def check_cancel(self) -> None:
         if self._run.cancel.is_set():
             raise Cancelled()
@@ -155,10 +177,13 @@ class NodeContext:
     def save_images(self, images, folder: Optional[str], prefix: str, embed_graph: bool) -> list[str]:
         from kernels.images import to_pil
 
-        target = Path(self.resolve_path(folder)) if folder else self._run.output_dir
+        target = self.output_path(folder)  # a relative folder is inside the output folder
+        safe = "".join(c for c in prefix if c.isalnum() or c in "-_.").strip(".") or "loomwork"
+        problem = file_name_problem(safe)
+        if problem:
+            raise NodeError(f"the prefix {problem}")
         target.mkdir(parents=True, exist_ok=True)
         graph_text = self._run.graph_text if embed_graph else None
-        safe = "".join(c for c in prefix if c.isalnum() or c in "-_.") or "loomwork"
         paths = []
         counter = _next_counter(target, safe)
         for pil in to_pil(images):
@@ -187,6 +212,8 @@ class _Run:
     graph_dir: Optional[Path]
     graph_text: str
     report: RunReport
+    write_dirs: list = field(default_factory=list)  # folders beyond the output folder a node may write in
+    inputs: dict = field(default_factory=dict)  # node -> {port: edge}, read once per run
     keys: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -200,8 +227,11 @@ class Executor:
                  disk_cache: "DiskCache | str | Path | None | bool" = True,
                  disk_budget: int = 2 << 30, resources: Optional[Path] = None,
                  model_roots: Optional[Iterable[str]] = None,
-                 ram_budget: "int | str | None" = None, vram_budget: "int | str | None" = None):
+                 ram_budget: "int | str | None" = None, vram_budget: "int | str | None" = None,
+                 write_dirs: Iterable["str | Path"] = ()):
         self._device = device
+        # Folders the user picked (in the app) that graphs may write in, beside each run's output folder.
+        self.write_dirs = [Path(d) for d in write_dirs]
         # Models' budgets (bytes or "12G"); None: LOOMWORK_RAM_BUDGET / _VRAM_ or the machine's.
         self._model_budgets = (ram_budget, vram_budget)
         self._current: Optional[_Run] = None  # the run in progress: its values' models stay loaded
@@ -281,16 +311,20 @@ class Executor:
 
     def run(self, graph: Graph, targets: Optional[Iterable[str]] = None, *,
             events: Optional[EngineEvents] = None, cancel: Optional[threading.Event] = None,
-            output_dir: "str | Path | None" = None, graph_path: "str | Path | None" = None) -> RunReport:
+            output_dir: "str | Path | None" = None, graph_path: "str | Path | None" = None,
+            write_dirs: Iterable["str | Path"] = ()) -> RunReport:
         """Run `targets` (default: every output node) and what they need. Never raises for a
-        node's failure: the report says what happened to each node."""
+        node's failure: the report says what happened to each node. Nodes write only inside
+        `output_dir`, the executor's `write_dirs` and this run's `write_dirs` (say, the folders
+        the user picked for this graph)."""
         with self._lock:
             try:
-                return self._run_locked(graph, targets, events, cancel, output_dir, graph_path)
+                return self._run_locked(graph, targets, events, cancel, output_dir, graph_path,
+                                        [*self.write_dirs, *map(Path, write_dirs)])
             finally:
                 self._current = None
 
-    def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path) -> RunReport:
+    def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path, write_dirs) -> RunReport:
         started = time.perf_counter()
         targets = list(targets) if targets is not None else self.output_nodes(graph)
         for t in targets:
@@ -298,7 +332,8 @@ class Executor:
         graph_dir = Path(graph_path).resolve().parent if graph_path else None
         run = _Run(graph=graph, events=events or EngineEvents(), cancel=cancel or threading.Event(),
                    output_dir=Path(output_dir) if output_dir else Path.cwd(), graph_dir=graph_dir,
-                   graph_text=dumps(graph, strict=False), report=RunReport())
+                   graph_text=dumps(graph, strict=False), report=RunReport(), write_dirs=write_dirs,
+                   inputs=graph.inputs_by_node())
         self._current = run
         cone = graph.upstream(targets)
         on_cycle: set[str] = set()
@@ -310,7 +345,7 @@ class Executor:
             stuck = sorted(graph.downstream(exc.nodes) & cone, key=lambda n: graph.nodes[n].pos)
             order = graph.topological_order(cone - set(stuck))
             for nid in stuck:
-                run.blocked[nid] = (f"{graph.nodes[nid].label}: is on a cycle" if nid in exc.on_cycle
+                run.blocked[nid] = (f"{graph.nodes[nid].label}: is on a cycle" if nid in on_cycle
                                     else "not run: it is fed through a cycle")
         for nid in order + stuck:
             node = graph.nodes[nid]
@@ -323,7 +358,8 @@ class Executor:
         for nid in order:
             run.events.node_state(nid, QUEUED, {})
         for nid in order:
-            if run.cancel.is_set():
+            if run.cancel.is_set():  # cancelled before this node (or before the run began)
+                run.report.cancelled = True
                 self._finish(run, nid, SKIPPED, error="cancelled")
                 continue
             try:
@@ -337,6 +373,8 @@ class Executor:
     def _finish(self, run: _Run, nid: str, state: str, error: Optional[str] = None,
                 tb: Optional[str] = None, seconds: float = 0.0) -> None:
         rep = run.report.nodes[nid]
+        if error is not None and len(error) > MESSAGE_CHARS:  # a 50 MB name must not make a 50 MB report
+            error = brief(error, MESSAGE_CHARS)
         rep.status, rep.error, rep.traceback = state, error, tb
         rep.seconds += seconds
         info = {"error": error} if error else {}
@@ -351,7 +389,7 @@ class Executor:
         if nid in run.blocked:
             self._finish(run, nid, FAILED, error=run.blocked[nid])
             return
-        wired = graph.inputs_of(nid)
+        wired = run.inputs.get(nid, {})
         for port, edge in wired.items():
             if edge.src in run.blocked or run.report.nodes[edge.src].status in (FAILED, SKIPPED):
                 why = f"not run: its input {port!r} comes from {graph.nodes[edge.src].label}, which did not finish"
@@ -383,7 +421,7 @@ class Executor:
     def _inputs(self, run: _Run, nid: str) -> dict[str, Any]:
         spec = registry.get(run.graph.nodes[nid].type)
         values: dict[str, Any] = {name: None for name in spec.inputs}  # optional, unwired
-        for port, edge in run.graph.inputs_of(nid).items():
+        for port, edge in run.inputs.get(nid, {}).items():
             values[port] = self._materialize(run, edge.src)[edge.src_port]
         return values
 

@@ -7,9 +7,14 @@ through the methods here (the UI wraps them in undoable commands).
 from __future__ import annotations
 
 import copy
+import heapq
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
+
+# How much of a title a message shows, and how many nodes a cycle's message names.
+LABEL_CHARS = 60
+CYCLE_NAMES = 10
 
 
 def new_id() -> str:
@@ -30,6 +35,9 @@ class Node:
     # A node whose type this build does not know (or knows only in an older version): the
     # record as it was read, written back unchanged so nothing the user made is lost.
     raw: Optional[dict] = None
+    # Keys of the record this build does not know (a misspelt one, a newer build's field): kept
+    # and written back, so nothing in the file is lost.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_placeholder(self) -> bool:
@@ -38,7 +46,10 @@ class Node:
     @property
     def label(self) -> str:
         """How messages name this node: its title if it has one, else its type, plus a short id."""
-        return f"{self.title or self.type} [{self.id[:8]}]"
+        name = self.title or self.type
+        if len(name) > LABEL_CHARS:  # a huge title must not make every message huge
+            name = name[:LABEL_CHARS] + "…"
+        return f"{name} [{self.id[:8]}]"
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class Group:
     nodes: list[str] = field(default_factory=list)
     rect: tuple[float, float, float, float] = (0.0, 0.0, 200.0, 200.0)
     color: str = "#3a4150"
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this build does not know, kept
 
 
 class GraphError(ValueError):
@@ -82,6 +94,7 @@ class Graph:
     edges: list[Edge] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # top-level keys this build does not know, kept
 
     # -- nodes ------------------------------------------------------------------------------
     def add_node(self, type: str, params: Optional[dict] = None, *, title: str = "",
@@ -159,6 +172,14 @@ class Graph:
     def inputs_of(self, node_id: str) -> dict[str, Edge]:
         return {e.dst_port: e for e in self.edges if e.dst == node_id}
 
+    def inputs_by_node(self) -> dict[str, dict[str, Edge]]:
+        """Every node's wired inputs at once ({node: {port: edge}}), in one pass over the wires:
+        what a walk over all nodes reads instead of calling `inputs_of` per node (quadratic)."""
+        wired: dict[str, dict[str, Edge]] = {}
+        for e in self.edges:
+            wired.setdefault(e.dst, {})[e.dst_port] = e
+        return wired
+
     def outputs_of(self, node_id: str) -> list[Edge]:
         return [e for e in self.edges if e.src == node_id]
 
@@ -188,7 +209,9 @@ class Graph:
     def topological_order(self, subset: Optional[Iterable[str]] = None) -> list[str]:
         """Nodes of `subset` (default all) so that every node follows its inputs.
 
-        Raises GraphError naming the nodes on a cycle.
+        Ties are broken by position then id, so the order (and thus event order) is stable.
+        Linear in nodes and wires (a heap of the ready nodes). Raises CycleError naming the nodes
+        on a cycle.
         """
         members = set(self.nodes if subset is None else subset)
         indegree = {n: 0 for n in members}
@@ -197,47 +220,80 @@ class Graph:
             if e.src in members and e.dst in members:
                 indegree[e.dst] += 1
                 reads.setdefault(e.src, []).append(e.dst)
-        # Ties broken by position then id, so the order (and thus event order) is stable.
+
         def order_key(nid: str):
             n = self.nodes[nid]
             return (n.pos[0], n.pos[1], nid)
-        ready = sorted((n for n, d in indegree.items() if d == 0), key=order_key)
+
+        ready = [order_key(n) for n, d in indegree.items() if d == 0]
+        heapq.heapify(ready)
         out: list[str] = []
         while ready:
-            n = ready.pop(0)
+            n = heapq.heappop(ready)[2]
             out.append(n)
             for m in reads.get(n, ()):
                 indegree[m] -= 1
                 if indegree[m] == 0:
-                    ready.append(m)
-            ready.sort(key=order_key)
+                    heapq.heappush(ready, order_key(m))
         if len(out) != len(members):
             stuck = sorted(n for n, d in indegree.items() if d > 0)
             on_cycle = self._on_cycle(stuck)
-            names = ", ".join(self.nodes[n].label for n in on_cycle)
+            names = ", ".join(self.nodes[n].label for n in on_cycle[:CYCLE_NAMES])
+            more = len(on_cycle) - CYCLE_NAMES
+            if more > 0:
+                names += f" and {more} more"
             raise CycleError(f"the graph has a cycle through: {names}", stuck, on_cycle)
         return out
 
     def _on_cycle(self, candidates: list[str]) -> list[str]:
-        """Those of `candidates` that can reach themselves (not merely fed by a cycle)."""
+        """Those of `candidates` that can reach themselves (not merely fed by a cycle): the
+        members of strongly connected components with a cycle (Tarjan's, iterative: linear)."""
         among = set(candidates)
-        reads: dict[str, set[str]] = {}
+        reads: dict[str, list[str]] = {n: [] for n in candidates}
+        looped: set[str] = set()
         for e in self.edges:
             if e.src in among and e.dst in among:
-                reads.setdefault(e.src, set()).add(e.dst)
-        found = []
-        for start in candidates:
-            seen: set[str] = set()
-            stack = list(reads.get(start, ()))
-            while stack:
-                n = stack.pop()
-                if n == start:
-                    found.append(start)
-                    break
-                if n not in seen:
-                    seen.add(n)
-                    stack.extend(reads.get(n, ()))
-        return found
+                reads[e.src].append(e.dst)
+                if e.src == e.dst:
+                    looped.add(e.src)
+        index: dict[str, int] = {}
+        low: dict[str, int] = {}
+        stack: list[str] = []
+        on_stack: set[str] = set()
+        found: set[str] = set()
+        for root in candidates:
+            if root in index:
+                continue
+            work = [(root, 0)]
+            while work:
+                node, i = work.pop()
+                if i == 0:
+                    index[node] = low[node] = len(index)
+                    stack.append(node)
+                    on_stack.add(node)
+                succ = reads[node]
+                while i < len(succ) and succ[i] in index:
+                    if succ[i] in on_stack:
+                        low[node] = min(low[node], index[succ[i]])
+                    i += 1
+                if i < len(succ):
+                    work.append((node, i + 1))
+                    work.append((succ[i], 0))
+                    continue
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        m = stack.pop()
+                        on_stack.discard(m)
+                        component.append(m)
+                        if m == node:
+                            break
+                    if len(component) > 1 or node in looped:
+                        found.update(component)
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+        return [n for n in candidates if n in found]
 
     def copy(self) -> "Graph":
         return copy.deepcopy(self)

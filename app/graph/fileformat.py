@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -27,11 +28,20 @@ from typing import Any, Callable, Optional, Protocol
 from kernels.files import atomic_write
 
 from .document import Edge, Graph, Group, Node
-from .errors import GraphFileError
+from .errors import GraphFileError, brief, brief_repr
 from .png import PNG_SIGNATURE, read_graph_text
 
 FORMAT_NAME = "loomwork.graph"
 FORMAT_VERSION = 2
+
+# The keys a node record has; any other key (a misspelt "ti<le", a newer build's field) is kept
+# in Node.extra and written back, never dropped.
+NODE_KEYS = ("id", "type", "version", "title", "params", "pos", "meta")
+DOC_KEYS = ("format", "version", "nodes", "edges", "groups", "meta")
+GROUP_KEYS = ("id", "title", "nodes", "rect", "color")
+# No graph nests this deep; past it a file is refused, so nothing later (copies, saves, the
+# JSON check of a param) can hit Python's recursion limit.
+MAX_DEPTH = 100
 
 
 class NodeTypeInfo(Protocol):
@@ -74,13 +84,71 @@ def _list(doc: dict, key: str) -> list:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A number a float holds: not bool, NaN, inf, nor an integer too large for a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer of more than 308 digits
+        return False
 
 
 def _number_pair(value: Any, what: str) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_finite(v) for v in value):
-        raise GraphFileError(f"{what} should be two numbers [x, y], got {value!r}")
+        raise GraphFileError(f"{what} should be two numbers [x, y], got {brief_repr(value)}")
     return float(value[0]), float(value[1])
+
+
+class _HugeInteger:
+    """What the JSON reader makes of an integer past Python's int-from-text limit (4,300
+    digits), so the error can name the node and field holding it."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeInteger(len(text.lstrip("-")))
+
+
+def _check_values(doc: Any) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH or holding an integer past the int-from-
+    text limit, naming the node and field (iterative: the document may be deep)."""
+    stack: list[tuple[Any, int, str, list]] = [(doc, 0, "", [])]
+    while stack:
+        value, depth, record, fields = stack.pop()
+        if isinstance(value, _HugeInteger) or depth > MAX_DEPTH:
+            where = ": ".join(p for p in (record, ".".join(fields)) if p) or "the file"
+            problem = (f"an integer of {value.digits:,} digits is too large for any field"
+                       if isinstance(value, _HugeInteger) else
+                       f"nested more than {MAX_DEPTH} levels deep, deeper than any graph")
+            raise GraphFileError(f"{where}: {problem}")
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)
+        else:
+            continue
+        for key, item in items:
+            if depth == 1 and fields and fields[0] in ("nodes", "edges", "groups"):
+                stack.append((item, depth + 1, _record_name(fields[0], key, item), []))
+            else:
+                stack.append((item, depth + 1, record, fields + [brief(str(key), 60)]))
+
+
+def _record_name(section: str, i: int, rec: Any) -> str:
+    """How an error names the i-th record of a section: "node ID (Type)", "edge #3"."""
+    if section == "nodes" and isinstance(rec, dict) and isinstance(rec.get("id"), str):
+        return f"node {brief(rec['id'], 40)} ({brief(str(rec.get('type')), 60)})"
+    return f"{section[:-1]} #{i}"
+
+
+def _extra(rec: dict, known: tuple) -> dict:
+    """A record's keys this build does not know, kept to be written back."""
+    return {k: v for k, v in rec.items() if k not in known}
 
 
 def _read_node(i: int, rec: Any, catalog: Optional[Catalog]) -> Node:
@@ -94,7 +162,8 @@ def _read_node(i: int, rec: Any, catalog: Optional[Catalog]) -> Node:
         raise GraphFileError(f"{where} has no string 'type'")
     version = rec.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise GraphFileError(f"{where} ({node_type}): 'version' should be a positive integer, got {version!r}")
+        raise GraphFileError(f"{where} ({node_type}): 'version' should be a positive integer, "
+                             f"got {brief_repr(version)}")
     params = rec.get("params", {})
     if not isinstance(params, dict):
         raise GraphFileError(f"{where} ({node_type}): 'params' should be an object")
@@ -106,7 +175,7 @@ def _read_node(i: int, rec: Any, catalog: Optional[Catalog]) -> Node:
         raise GraphFileError(f"{where} ({node_type}): 'meta' should be an object")
     pos = _number_pair(rec.get("pos", [0, 0]), f"{where} ({node_type}): 'pos'")
     node = Node(id=node_id, type=node_type, version=version, title=title, params=dict(params),
-                pos=pos, meta=dict(meta))
+                pos=pos, meta=dict(meta), extra=_extra(rec, NODE_KEYS))
     info = catalog(node_type) if catalog else None
     if info is None or version > info.version:
         node.raw = json.loads(json.dumps(rec))  # a deep copy of exactly what was read
@@ -115,7 +184,7 @@ def _read_node(i: int, rec: Any, catalog: Optional[Catalog]) -> Node:
             node.params = info.migrate(dict(params), version)
         except Exception as exc:  # a migration that cannot make sense of old params
             raise GraphFileError(f"{where} ({node_type} v{version}): cannot migrate to "
-                                 f"v{info.version}: {exc}") from exc
+                                 f"v{info.version}: {brief(str(exc))}") from exc
         node.version = info.version
     return node
 
@@ -151,7 +220,7 @@ def _read_group(i: int, rec: Any, nodes: dict[str, Node]) -> Group:
     if not isinstance(gid, str) or not gid:
         raise GraphFileError(f"group #{i} has no string 'id'")
     return Group(id=gid, title=title, nodes=[m for m in members if m in nodes],
-                 rect=tuple(float(v) for v in rect), color=color)
+                 rect=tuple(float(v) for v in rect), color=color, extra=_extra(rec, GROUP_KEYS))
 
 
 def graph_from_dict(doc: Any, catalog: Optional[Catalog] = None) -> Graph:
@@ -159,11 +228,12 @@ def graph_from_dict(doc: Any, catalog: Optional[Catalog] = None) -> Graph:
     if not isinstance(doc, dict):
         raise GraphFileError(f"the top level should be a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
-        raise GraphFileError(f"not a Loomwork graph: 'format' is {doc.get('format')!r}, "
+        raise GraphFileError(f"not a Loomwork graph: 'format' is {brief_repr(doc.get('format'))}, "
                              f"expected {FORMAT_NAME!r}")
+    _check_values(doc)
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise GraphFileError(f"'version' should be a positive integer, got {version!r}")
+        raise GraphFileError(f"'version' should be a positive integer, got {brief_repr(version)}")
     if version > FORMAT_VERSION:
         raise GraphFileError(f"this graph was saved by a newer Loomwork (format version {version}; "
                              f"this build reads up to {FORMAT_VERSION}). Update Loomwork to open it.")
@@ -189,6 +259,7 @@ def graph_from_dict(doc: Any, catalog: Optional[Catalog] = None) -> Graph:
     if not isinstance(meta, dict):
         raise GraphFileError("'meta' should be an object")
     graph.meta = dict(meta)
+    graph.extra = _extra(doc, DOC_KEYS)
     return graph
 
 
@@ -203,15 +274,16 @@ def graph_to_dict(graph: Graph) -> dict:
                 rec["pos"] = [n.pos[0], n.pos[1]]
             nodes.append(rec)
             continue
-        nodes.append({"id": n.id, "type": n.type, "version": n.version, "title": n.title,
+        nodes.append({**n.extra, "id": n.id, "type": n.type, "version": n.version, "title": n.title,
                       "params": n.params, "pos": [n.pos[0], n.pos[1]], "meta": n.meta})
     return {
+        **graph.extra,
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "nodes": nodes,
         "edges": [{"from": {"node": e.src, "port": e.src_port}, "to": {"node": e.dst, "port": e.dst_port}}
                   for e in graph.edges],
-        "groups": [{"id": g.id, "title": g.title, "nodes": list(g.nodes), "rect": list(g.rect),
+        "groups": [{**g.extra, "id": g.id, "title": g.title, "nodes": list(g.nodes), "rect": list(g.rect),
                     "color": g.color} for g in graph.groups],
         "meta": graph.meta,
     }
@@ -224,8 +296,9 @@ def dumps(graph: Graph, *, strict: bool = True) -> str:
 
 
 def loads(text: str, catalog: Optional[Catalog] = None, *, path=None) -> Graph:
+    """A Graph from the file text. Every problem is a GraphFileError naming the node and field."""
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise GraphFileError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from None
     except RecursionError:  # json's decoder recurses per level of [ / {
@@ -242,15 +315,15 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
     """Open a `.loom` file, or a PNG that Loomwork saved (its graph is in a text chunk)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(path)
     except FileNotFoundError:
         raise GraphFileError("no such file", path) from None
     except IsADirectoryError:
         raise GraphFileError("is a folder, not a graph file", path) from None
     except OSError as exc:
-        raise GraphFileError(f"cannot read: {exc.strerror}", path) from None
+        raise GraphFileError(f"cannot read: {exc.strerror or exc}", path) from None
     if data.startswith(PNG_SIGNATURE):
-        text = read_graph_text(path)
+        text = read_graph_text(path, data)
     else:
         if not data.strip():
             raise GraphFileError("the file is empty", path)
@@ -259,6 +332,19 @@ def load(path: os.PathLike | str, catalog: Optional[Catalog] = None) -> Graph:
         except UnicodeDecodeError:
             raise GraphFileError("not a text file (not UTF-8); a .loom file is JSON", path) from None
     return loads(text, catalog, path=path)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file. A pipe or device is refused (reading one could wait
+    forever); opened without blocking so even the open of a FIFO returns."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise GraphFileError("not a regular file (a pipe, socket or device), so not a graph file", path)
+        return f.read()
 
 
 def save(graph: Graph, path: os.PathLike | str) -> None:

@@ -80,18 +80,22 @@ def _problem(exc: BaseException) -> str:
     return f"a damaged PNG, no Loomwork graph can be read from it: {exc}"
 
 
-def read_graph_text(path: os.PathLike | str) -> str:
-    """The graph JSON of a PNG Loomwork saved. Raises GraphFileError.
+def read_graph_text(path: os.PathLike | str, data: Optional[bytes] = None) -> str:
+    """The graph JSON of a PNG Loomwork saved (`data`: its bytes, if already read). Raises
+    GraphFileError, whatever the damage.
 
     The graph of a PNG whose image data is cut short is still recovered if its own chunk, which
     Loomwork writes before the image data, is whole.
     """
     from PIL import PngImagePlugin
 
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise GraphFileError(f"cannot read: {exc.strerror}", path) from None
+    if data is not None:
+        f = io.BytesIO(data)
+    else:
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise GraphFileError(f"cannot read: {exc.strerror}", path) from None
     try:
         with f, _graph_sized_text_limits(), PngImagePlugin.PngImageFile(f) as image:
             text = image.info.get(PNG_KEY)  # the text chunks before the image data
@@ -99,6 +103,9 @@ def read_graph_text(path: os.PathLike | str) -> str:
                 text = _text_after_image_data(image)
     except (SyntaxError, OSError, ValueError) as exc:  # how Pillow reports a broken or oversized PNG
         raise GraphFileError(_problem(exc), path) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure of Pillow on hostile bytes is damage too
+        raise GraphFileError(f"a damaged PNG, no Loomwork graph can be read from it: "
+                             f"{type(exc).__name__}: {exc}", path) from None
     if text is None:
         raise GraphFileError("this PNG has no Loomwork graph in it", path)
     return str(text)  # an iTXt chunk comes back as Pillow's str subclass

@@ -8,9 +8,10 @@ is anything with `inputs` ({name: Input(type, optional)}), `outputs` ({name: Dat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .document import CycleError, Graph
+from .errors import MESSAGE_CHARS, brief
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,12 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
     problems: list[Problem] = []
 
     def add(node, text):
-        problems.append(Problem(node.id, f"{node.label}: {text}"))
+        message = f"{node.label}: {text}"
+        if len(message) > MESSAGE_CHARS:  # a 50 MB value must not make a 50 MB message
+            message = message[:MESSAGE_CHARS] + "…"
+        problems.append(Problem(node.id, message))
+
+    inputs = graph.inputs_by_node()  # once: inputs_of per node is quadratic in a big graph
 
     for nid in sorted(members, key=lambda i: (graph.nodes[i].pos, i)):
         node = graph.nodes[nid]
@@ -46,7 +52,9 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
                 add(node, "kept unchanged as a placeholder, so it cannot run; reopen the file "
                           "with the node catalog to edit it")
             continue
-        wired = graph.inputs_of(nid)
+        for where, text in _unwritable_strings(node):
+            add(node, f"{where}: {text}")
+        wired = inputs.get(nid, {})
         for name, port in spec.inputs.items():
             edge = wired.get(name)
             if edge is None:
@@ -79,10 +87,41 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
         graph.topological_order(members)
     except CycleError as exc:
         loop = ", ".join(graph.nodes[n].label for n in exc.on_cycle)
+        loop = brief(loop, 400)
+        on_cycle = set(exc.on_cycle)
         for nid in exc.nodes:
-            if nid in exc.on_cycle:
+            if nid in on_cycle:
                 add(graph.nodes[nid], "is on a cycle: its inputs depend on its own output; "
                                       "remove one of the wires between " + loop)
             else:
                 add(graph.nodes[nid], f"cannot run: it is fed by a cycle (through {loop})")
     return problems
+
+
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON value (keys too), with where it is."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str):
+                yield f"{where} key", k
+            yield from _strings(v, f"{where}.{k}" if isinstance(k, str) and len(k) < 40 else where)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v, where)
+
+
+def _unwritable_strings(node) -> Iterator[tuple[str, str]]:
+    """Text of the node that no file can hold: a lone surrogate (JSON's "\\udfff") cannot be
+    encoded as UTF-8, so the graph could not be saved, nor embedded in the PNG a run saves.
+    Found here, before the run, rather than by SaveImage after the sampling."""
+    fields = [("title", node.title)] + [(f"param {k!r}", v) for k, v in node.params.items()] + [("meta", node.meta)]
+    for field, value in fields:
+        for where, text in _strings(value, field):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                yield where, (f"holds {text[exc.start]!r} at character {exc.start}, a lone surrogate that "
+                              f"no file can hold; retype the text")
+                break
