@@ -238,3 +238,22 @@ def test_batch_count_queues_runs_with_rising_seeds_and_waiting_runs_can_move_or_
     qtbot.waitUntil(lambda: len(finished) == 2, timeout=120_000)
     assert [r.label for r in queue.items] == ["seed 5", "seed 6"] and not queue.pending()
     assert all(r.status != PENDING for r in queue.items)
+
+
+def test_a_folder_the_user_picked_may_be_written_one_from_a_file_may_not(window, qtbot, tiny_pixel_model,
+                                                                         tmp_path, monkeypatch):
+    from app.ui import file_dialogs
+
+    picked, other = tmp_path / "picked", tmp_path / "elsewhere"
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16)
+    graph.nodes[ids["save"]].params["folder"] = str(other)  # as a shared file might say
+    window.doc.replace(graph, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000) as blocker:
+        window.act_run.trigger()
+    assert "refused to write" in blocker.args[0].nodes[ids["save"]].error and not other.exists()
+    window.canvas.select([ids["save"]])
+    monkeypatch.setattr(file_dialogs, "choose_folder", lambda *a, **k: str(picked))
+    window.inspector.fields["folder"].choose()  # the user picks a folder in the app
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000) as blocker:
+        window.act_run.trigger()
+    assert blocker.args[0].ok and list(picked.glob("*.png"))

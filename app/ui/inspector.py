@@ -248,6 +248,10 @@ class PathField(ParamField):
         parent = self.widget.window()
         if self.param.mode == "folder":
             path = file_dialogs.choose_folder(parent, "Choose a folder", start)
+            if path:  # the user chose it: graphs run here may write there
+                from . import session
+
+                session.allow_write_folder(path)
         elif self.param.mode == "save":
             path = file_dialogs.save_file(parent, "Save as", start, self.param.filters)
         else:

@@ -205,8 +205,10 @@ class Runner(QtCore.QObject):
                 progress=lambda nid, step, total: self.progress.emit(nid, step, total),
                 preview=on_preview, images=on_images)
             out = Path(output_dir) if output_dir else None
-            report = executor.run(graph, targets, events=events, cancel=cancel,
-                                  output_dir=out, graph_path=graph_path)
+            from . import session
+
+            report = executor.run(graph, targets, events=events, cancel=cancel, output_dir=out,
+                                  graph_path=graph_path, write_dirs=session.allowed_write_folders())
             self.finished.emit(report)
         except Exception as exc:  # a graph-level problem (a cycle, ...): report, never crash
             self.finished.emit(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))

@@ -83,6 +83,28 @@ def ui_scale() -> str:
     return str(settings().value(UI_SCALE_KEY, "") or "").strip()
 
 
+# -- folders a graph may write in ----------------------------------------------------------------
+WRITE_FOLDERS_KEY = "output/allowed_folders"
+
+
+def allowed_write_folders() -> list[str]:
+    """Folders the user picked with a folder picker (a Save Image folder, say): graphs run in the
+    app may write there as well as in the output folder. Kept in the app's settings, never in a
+    graph file, so a shared graph cannot grant itself a folder."""
+    value = settings().value(WRITE_FOLDERS_KEY, [])
+    if isinstance(value, str):
+        value = [value]
+    return [str(v) for v in (value or []) if str(v).strip()]
+
+
+def allow_write_folder(folder: str) -> None:
+    folders = allowed_write_folders()
+    if folder and folder not in folders:
+        s = settings()
+        s.setValue(WRITE_FOLDERS_KEY, folders + [folder])
+        s.sync()
+
+
 # -- models folders ---------------------------------------------------------------------------
 MODEL_FOLDERS_KEY = "models/folders"
 
