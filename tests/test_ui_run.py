@@ -257,3 +257,22 @@ def test_a_folder_the_user_picked_may_be_written_one_from_a_file_may_not(window,
     with qtbot.waitSignal(window.runner.finished, timeout=120_000) as blocker:
         window.act_run.trigger()
     assert blocker.args[0].ok and list(picked.glob("*.png"))
+
+
+def test_seed_control_increments_or_randomises_the_seed_after_a_run(window, qtbot, tiny_pixel_model):
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16, seed=4)
+    window.doc.replace(graph, None)
+    window.canvas.select([ids["sampler"]])
+    field = window.inspector.fields["seed"]
+    field.control.setCurrentText("increment")  # an undoable edit of the node's meta
+    assert window.doc.graph.nodes[ids["sampler"]].meta["seed_control:seed"] == "increment"
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    assert window.doc.graph.nodes[ids["sampler"]].params["seed"] == 5
+    window.act_undo.trigger()  # the new seed is an ordinary edit
+    assert window.doc.graph.nodes[ids["sampler"]].params["seed"] == 4
+    window.canvas.select([ids["sampler"]])
+    window.inspector.fields["seed"].control.setCurrentText("fixed")
+    with qtbot.waitSignal(window.runner.finished, timeout=120_000):
+        window.act_run.trigger()
+    assert window.doc.graph.nodes[ids["sampler"]].params["seed"] == 4

@@ -149,6 +149,12 @@ class Document(QtCore.QObject):
         if moves:
             self.undo.push(MoveNodesCmd(self, moves))
 
+    def set_meta(self, node_id: str, key: str, value: Any) -> None:
+        """A node's UI-only setting (kept in the file, not read by the engine), undoable."""
+        node = self.graph.nodes.get(node_id)
+        if node is not None and node.meta.get(key) != value:
+            self.undo.push(SetMetaCmd(self, node_id, key, value))
+
     def rename(self, node_id: str, title: str) -> None:
         node = self.graph.nodes.get(node_id)
         if node is not None and node.title != title:
@@ -411,6 +417,27 @@ class RenameCmd(QtGui.QUndoCommand):
 
     def redo(self):
         self._apply(self.title)
+
+    def undo(self):
+        self._apply(self.old)
+
+
+class SetMetaCmd(QtGui.QUndoCommand):
+    def __init__(self, doc: Document, node_id: str, key: str, value: Any):
+        super().__init__(f"set {key}")
+        self.doc, self.node_id, self.key, self.value = doc, node_id, key, value
+        self.old = doc.graph.nodes[node_id].meta.get(key, _ABSENT)
+
+    def _apply(self, value):
+        meta = self.doc.graph.nodes[self.node_id].meta
+        if value is _ABSENT:
+            meta.pop(self.key, None)
+        else:
+            meta[self.key] = value
+        self.doc._announce(nodes=[self.node_id])
+
+    def redo(self):
+        self._apply(self.value)
 
     def undo(self):
         self._apply(self.old)

@@ -20,6 +20,12 @@ from . import file_dialogs
 from .document import Document
 
 INT32 = 2**31 - 1
+SEED_CONTROLS = ("fixed", "increment", "random")
+
+
+def seed_control_key(param_name: str) -> str:
+    """The node-meta key of a seed param's after-run control."""
+    return f"seed_control:{param_name}"
 
 
 class ParamField(QtCore.QObject):
@@ -97,12 +103,24 @@ class SeedField(ParamField):
         self.dice.setToolTip("a new random seed")
         self.dice.setObjectName("RandomSeed")
         self.dice.clicked.connect(self.randomise)
+        # what happens to the seed after each run (kept in the node's meta: not part of the result)
+        self.control = QtWidgets.QComboBox()
+        self.control.addItems(list(SEED_CONTROLS))
+        self.control.setToolTip("after each run: keep the seed, add one, or pick a random one")
+        self.control.setObjectName("SeedControl")
         row = QtWidgets.QWidget()
         lay = QtWidgets.QHBoxLayout(row)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.edit, 1)
         lay.addWidget(self.dice)
+        lay.addWidget(self.control)
         self.widget = row
+
+    def bind_control(self, current: str, set_control) -> None:
+        self.control.blockSignals(True)
+        self.control.setCurrentText(current if current in SEED_CONTROLS else SEED_CONTROLS[0])
+        self.control.blockSignals(False)
+        self.control.currentTextChanged.connect(set_control)
 
     def _typed(self):
         text = self.edit.text().strip()
@@ -422,6 +440,10 @@ class Inspector(QtWidgets.QScrollArea):
             if isinstance(field, JsonField) and name == "boxes":
                 field.hint = " · draw them on the Layout panel"
             field.widget.setObjectName(f"param:{name}")
+            if isinstance(field, SeedField):
+                key = seed_control_key(name)
+                field.bind_control(node.meta.get(key, "fixed"),
+                                   lambda value, key=key: self.doc.set_meta(node.id, key, value))
             field.widget.setToolTip(param.help)
             field.load_checked(values[name])
             label = QtWidgets.QLabel(name.replace("_", " "))

@@ -192,6 +192,25 @@ class RunControl:
         waiting = len(self.run_queue.pending())
         self.run_label.setText("Running…" + (f" (+{waiting} queued)" if waiting else ""))
 
+    def _advance_seeds(self) -> None:
+        """Seeds set to "increment" or "random" change after a run (undoable, like any edit)."""
+        import random
+
+        from .inspector import SEED_CONTROLS, seed_control_key
+
+        for nid, node in list(self.doc.graph.nodes.items()):
+            spec = registry.get(node.type)
+            if spec is None:
+                continue
+            for name, param in spec.params.items():
+                control = node.meta.get(seed_control_key(name), SEED_CONTROLS[0])
+                if control == "fixed" or type(param).__name__ != "Seed":
+                    continue
+                seed = int(spec.resolved_params(node.params)[name])
+                hi = param.max if param.max is not None else 2**32 - 1
+                new = seed + 1 if control == "increment" else random.randint(param.min or 0, min(hi, 2**32 - 1))
+                self.doc.set_param(nid, name, min(new, hi))
+
     def cancel_run(self) -> None:
         if self.runner.busy:
             self.runner.cancel()
@@ -293,5 +312,7 @@ class RunControl:
         if run is not None:
             status = CANCELLED if report.cancelled else FAILED if failed else DONE
             self.run_queue.mark(run, status, summary[:200])
+        if not report.cancelled and not self.run_queue.pending():
+            self._advance_seeds()
         if self.inspector.node_id:
             self._show_node_status(self.inspector.node_id)
