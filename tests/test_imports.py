@@ -106,7 +106,8 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
 
 
 PAIRED = ["app.graph.fileformat", "app.graph.png", "nodes.registry", "nodes.base", "nodes.core",
-          "nodes.erasers", "nodes.layout", "nodes.adapters", "nodes.upscale", "nodes.ip_adapter"]
+          "nodes.erasers", "nodes.layout", "nodes.adapters", "nodes.upscale", "nodes.ip_adapter",
+          "nodes.resolution"]
 
 
 @pytest.mark.parametrize("first", PAIRED)
