@@ -109,9 +109,9 @@ def scaled_processors(unet, training_hw: tuple[int, int], size: SampleSize) -> d
     out = {}
     for name in names:
         proc = current[name]
-        if isinstance(proc, SelfAttnRecorder) and isinstance(proc.inner, PLAIN_PROCESSORS):
+        if isinstance(proc, SelfAttnRecorder) and type(proc.inner) in PLAIN_PROCESSORS:
             out[name] = SelfAttnRecorder(proc.name, proc.ctl, EntropyScaledSelfAttn(proc.inner, training_hw, size))
-        elif isinstance(proc, PLAIN_PROCESSORS):
+        elif type(proc) in PLAIN_PROCESSORS:  # a subclass may compute something else
             out[name] = EntropyScaledSelfAttn(proc, training_hw, size)
         elif isinstance(proc, EntropyScaledSelfAttn):
             raise EntropyScaleError("attention-entropy scaling is applied twice to this model: keep one "
