@@ -302,3 +302,35 @@ def test_sizes_the_model_cannot_take_are_node_errors(tiny_layout_model, tiny_lat
     latent_model, _c, latent_vae = load_model_folder(tiny_latent_model)
     with pytest.raises(NodeError, match="tile_width 9 is not a multiple of the VAE's scale factor"):
         _tiled(latent_model, latent_vae, cond, 8, tile_width=9)
+
+
+def test_the_resolution_nodes_run_in_a_graph(tiny_pixel_model, tmp_path):
+    """txt2img at 16, then DiffuseHighUpscale from the latent, and a TiledSampler at 32 behind
+    AttentionEntropyScale, through the executor."""
+    import conftest
+
+    from app.engine import Executor
+    from nodes.registry import add_node
+
+    g, ids = conftest.txt2img_graph(tiny_pixel_model, steps=2, save=False)
+    up = add_node(g, "DiffuseHighUpscale", {"steps": 4, "denoise": 0.5})
+    for src, sp, dp in ((ids["load"], "model", "model"), (ids["text"], "conditioning", "positive"),
+                        (ids["load"], "vae", "vae"), (ids["sampler"], "latent", "latent")):
+        g.connect(src, sp, up.id, dp)
+    entropy = add_node(g, "AttentionEntropyScale", {})
+    g.connect(ids["load"], "model", entropy.id, "model")
+    big = add_node(g, "EmptyLatent", {"width": 32, "height": 32})
+    g.connect(ids["load"], "vae", big.id, "vae")
+    tiled = add_node(g, "TiledSampler", {"steps": 2, "overlap": 8})
+    for src, sp, dp in ((entropy.id, "model", "model"), (ids["text"], "conditioning", "positive"),
+                        (ids["load"], "vae", "vae"), (big.id, "latent", "latent")):
+        g.connect(src, sp, tiled.id, dp)
+    ex = Executor(device="cpu", disk_cache=False)
+    shapes = {}
+    for node, port in ((up.id, "latent"), (tiled.id, "latent")):
+        cap = add_node(g, "TestCaptureLatent", {})
+        g.connect(node, port, cap.id, "latent")
+        report = ex.run(g, targets=[cap.id], output_dir=tmp_path)
+        assert report.ok, {r.title: r.error for r in report.nodes.values() if r.error}
+        shapes[node] = tuple(conftest.CAPTURED.pop("latent").shape)
+    assert shapes == {up.id: (1, 3, 32, 32), tiled.id: (1, 3, 32, 32)}

@@ -74,7 +74,7 @@ def haar_idwt(ll: torch.Tensor, lh: torch.Tensor, hl: torch.Tensor, hh: torch.Te
 def with_low_band(x: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
     """`x` with its Haar LL band replaced by `ll` (its three detail bands kept)."""
     _, lh, hl, hh = haar_dwt(x)
-    return haar_idwt(ll.to(x.dtype), lh, hl, hh)
+    return haar_idwt(ll.to(x.device, x.dtype), lh, hl, hh)
 
 
 def sharpen(x: torch.Tensor, amount: float = DEFAULT_SHARPNESS, sigma: float = DEFAULT_BLUR_SIGMA) -> torch.Tensor:
