@@ -16,7 +16,8 @@ Sections (`--sections`, comma-separated):
 
     python bench/resolution.py --n 20 --out bench/results/resolution.json
 
-One torch thread (the machine is shared); `--out` keeps the sections of an earlier file that
+`--suffix _g1 --guidance-end 1` adds a section per setting. One torch thread (the machine is
+shared); `--out` keeps the sections of an earlier file that
 this run leaves out.
 """
 
@@ -207,6 +208,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sharpness", type=float, default=1.0)
     ap.add_argument("--tiled-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--suffix", default="", help="appended to each section's key (a settings sweep)")
     ap.add_argument("--out", default="", help="write the JSON here, keeping sections this run leaves out")
     args = ap.parse_args(argv)
 
@@ -214,6 +216,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     chosen = [s for s in args.sections.split(",") if s]
+    keys = [s + args.suffix for s in chosen]
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -230,11 +233,11 @@ def main(argv=None) -> dict:
         else:
             result = tiled_section(args)
         result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-        report[section] = result
-        print(json.dumps({section: result}), file=sys.stderr, flush=True)
+        report[section + args.suffix] = result
+        print(json.dumps({section + args.suffix: result}), file=sys.stderr, flush=True)
     if args.out:  # re-read: a parallel run of other sections may have written meanwhile
         merged = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-        merged.update({k: v for k, v in report.items() if k in chosen or k not in merged})
+        merged.update({k: v for k, v in report.items() if k in keys or k not in merged})
         Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
