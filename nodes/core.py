@@ -238,7 +238,8 @@ class Sampler(Node):
                 k = stage_at(positive.stages, i, n)
                 return None if k is None else replace(stages[k], unet_kwargs={**patch_kwargs, **stages[k].unet_kwargs})
 
-            out = sample(model.unet if denoiser is None else denoiser, sched, base.positive, base.negative, noise.to(device, dtype),
+            unet = model.unet if denoiser is None else denoiser
+            out = sample(unet, sched, base.positive, base.negative, noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
                          unet_kwargs={**patch_kwargs, **base.unet_kwargs} or None,
                          before_step=before_step if steering else None, pooled=base.pooled,
