@@ -59,9 +59,12 @@ def encode(clip, text):
     return TextEncode().run(Ctx(), clip=clip, text=text)["conditioning"]
 
 
-def prompts(n: int, single: bool) -> list[dict]:
+def prompts(n: int, single: bool, multi: bool = False) -> list[dict]:
+    """The first n held-out prompts: one-object ones only (`single`), several-object ones only
+    (`multi`), or any."""
     items = json.loads(HELDOUT.read_text())["prompts"]
-    return [p for p in items if not single or len(p["objects"]) == 1][:n]
+    keep = [p for p in items if (not single or len(p["objects"]) == 1) and (not multi or len(p["objects"]) > 1)]
+    return keep[:n]
 
 
 def txt2img(model, cond, size: int, seed: int, steps: int, cfg: float, scheduler: str):
@@ -149,7 +152,7 @@ def entropy_section(args) -> dict:
     scaled = AttentionEntropyScale().run(Ctx(), model=model, vae=None, training_size=0)["model"]
     methods = {"without": model, "with": scaled}
     scores = {m: [] for m in methods}
-    items = prompts(args.n, single=False)
+    items = prompts(args.n, single=False, multi=args.multi)
     for k, p in enumerate(items):
         cond = encode(clip, p["caption"])
         for name in (list(methods) if k % 2 == 0 else list(methods)[::-1]):
@@ -160,7 +163,7 @@ def entropy_section(args) -> dict:
         return {key: round(statistics.mean(r[key] for r in rows), 4)
                 for key in ("colour", "colour_shape", "cell", "all_right")}
 
-    return {"size": 64, "native": 32, "n": len(items), "steps": args.steps, "cfg": args.cfg,
+    return {"size": 64, "native": 32, "n": len(items), "prompts": "several objects" if args.multi else "any", "steps": args.steps, "cfg": args.cfg,
             "scheduler": args.scheduler, "rates": "mean per prompt of bench/shapes.py's per-object rates",
             **{name: rates(rows) for name, rows in scores.items()}}
 
@@ -208,6 +211,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sharpness", type=float, default=1.0)
     ap.add_argument("--tiled-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--multi", action="store_true", help="entropy_2x: only prompts of several objects")
     ap.add_argument("--suffix", default="", help="appended to each section's key (a settings sweep)")
     ap.add_argument("--out", default="", help="write the JSON here, keeping sections this run leaves out")
     args = ap.parse_args(argv)
