@@ -219,7 +219,9 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
            progress: Optional[ProgressFn] = None, unet_kwargs: Optional[dict] = None,
            before_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
            pooled: Optional[tuple] = None, guidance: Optional[float] = None,
-           text_at: Optional[TextAt] = None) -> torch.Tensor:
+           text_at: Optional[TextAt] = None,
+           edit_prediction: Optional[Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+           ) -> torch.Tensor:
     """Denoise `noise` (or `init` noised by `denoise`) into a clean latent.
 
     unet: a UNet2DConditionModel-like callable `unet(x, t, encoder_hidden_states=...).sample`,
@@ -231,6 +233,8 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     with gradients enabled.
     guidance: FLUX dev's distilled guidance when it is set apart from cfg (kernels.flux.sample_flux).
     text_at(i, n): a prompt schedule's text for step i of n, or None for the base prompt.
+    edit_prediction(i, t, x_in, pred) -> pred: replaces the guided model output of step i (x_in:
+    the model's input, after `scale_model_input`) before the scheduler steps with it (DiffuseHigh).
     """
     from kernels.flux import is_flux_transformer, sample_flux  # here: kernels.flux builds on kernels.text
 
@@ -239,6 +243,8 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
     if pooled is not None:
         pooled = tuple(per_image(p, b) for p in pooled)
     if is_flux_transformer(unet):  # packed latents, position ids: its own loop
+        if edit_prediction is not None:
+            raise ValueError("editing the prediction is not supported for FLUX transformers")
         return sample_flux(unet, scheduler, positive, negative, noise, steps, cfg, generator, denoise,
                            init, progress, unet_kwargs, before_step, pooled, guidance, text_at)
     mmdit = takes_pooled_projections(unet)
@@ -263,6 +269,8 @@ def sample(unet, scheduler, positive: torch.Tensor, negative: Optional[torch.Ten
                                      text.pooled[1], cfg, text.unet_kwargs)
         else:
             pred = predict_noise_cfg(unet, x_in, t, text.positive, text.negative, cfg, text.unet_kwargs)
+        if edit_prediction is not None:
+            pred = edit_prediction(i, t, x_in, pred)
         kwargs = {"generator": generator} if with_generator else {}
         x = scheduler.step(pred, t, x, **kwargs).prev_sample
         if progress is not None:

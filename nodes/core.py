@@ -208,7 +208,10 @@ class Sampler(Node):
     outputs = {"latent": LATENT}
     migrations = {1: lambda p: _sampler_v1_to_v2(p)}
 
-    def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise):
+    def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise,
+            denoiser=None, edit_prediction=None):
+        """denoiser: called instead of model.unet (tiled diffusion); edit_prediction: see
+        kernels.sampling.sample (DiffuseHigh). Both for nodes built on this one."""
         from dataclasses import replace
 
         from kernels.models import latent_preview
@@ -252,11 +255,13 @@ class Sampler(Node):
                 k = stage_at(positive.stages, i, n)
                 return None if k is None else replace(stages[k], unet_kwargs={**patch_kwargs, **stages[k].unet_kwargs})
 
-            out = sample(model.unet, sched, base.positive, base.negative, noise.to(device, dtype),
+            unet = model.unet if denoiser is None else denoiser
+            out = sample(unet, sched, base.positive, base.negative, noise.to(device, dtype),
                          steps, cfg, generator, denoise=denoise, init=init, progress=progress,
                          unet_kwargs={**patch_kwargs, **base.unet_kwargs} or None,
                          before_step=before_step if steering else None, pooled=base.pooled,
-                         guidance=positive.guidance, text_at=text_at if stages else None)
+                         guidance=positive.guidance, text_at=text_at if stages else None,
+                         edit_prediction=edit_prediction)
         return {"latent": out.float().cpu()}
 
 
