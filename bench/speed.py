@@ -8,7 +8,8 @@ training data never uses), each rendered once from its own seed at the built-in 
 
 Arms: "baseline" (no patch); "cache_i<k>" FeatureCache every k steps, depth 1, uniform, k = 1..5;
 "cache_i3_nonuniform" and "cache_i3_depth2"; "prune_<p>" MagnitudePrune of the UNet and the text
-encoder at p% global sparsity (20, 40, 60) and "prune_unet_35" (the UNet alone). The arms of a
+encoder at p% global sparsity (20, 40, 60) and "prune_unet_35" (the UNet alone); "prune_70",
+"prune_80" and "prune_90" run only when named in --arms. The arms of a
 prompt run back to back in a rotating order (interleaved), so machine load falls on all alike.
 
 Scores: the oracle (kernels.shapes.oracle.score_prompt) judges each image; "accuracy" is the
@@ -41,6 +42,8 @@ CACHE_ARMS = {**{f"cache_i{k}": (k, 1, "uniform") for k in range(1, 6)},
 PRUNE_ARMS = {"prune_20": (0.2, "both"), "prune_40": (0.4, "both"), "prune_60": (0.6, "both"),
               "prune_unet_35": (0.35, "unet")}
 ARMS = ("baseline", *CACHE_ARMS, *PRUNE_ARMS)
+# where the curve breaks (not in the default run): --arms baseline,prune_70,prune_80,prune_90
+PRUNE_ARMS.update({f"prune_{p}": (p / 100, "both") for p in (70, 80, 90)})
 
 
 class _QuietContext:
