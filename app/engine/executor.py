@@ -219,6 +219,7 @@ class _Run:
     hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)  # node -> why it cannot run
+    refused: Optional[str] = None  # why the whole run is refused (its memory estimate)
 
 
 class Executor:
@@ -388,8 +389,9 @@ class Executor:
 
     def _check_memory(self, run: _Run, order: list[str]) -> None:
         """Refuse a run whose estimated peak exceeds the run budget, before any node runs: the
-        node where it peaks fails with the sizes, and what depends on it is skipped. A node's
-        estimate may also refuse its own params (a NodeError), before the run like validation."""
+        node where it peaks fails with the sizes and the budget, the others are skipped (their
+        work would only feed a run that cannot finish). A node's estimate may also refuse its
+        own params (a NodeError), before the run like validation."""
         from kernels.run_memory import plan_peak, refusal
 
         graph = run.graph
@@ -413,6 +415,7 @@ class Executor:
         message = peak and refusal(graph.nodes[peak.node_id].label, peak, self.run_budget)
         if message:
             run.blocked[peak.node_id] = message
+            run.refused = f"not run: the run is over its memory budget at {graph.nodes[peak.node_id].label}"
 
     def _finish(self, run: _Run, nid: str, state: str, error: Optional[str] = None,
                 tb: Optional[str] = None, seconds: float = 0.0) -> None:
@@ -432,6 +435,9 @@ class Executor:
         node = graph.nodes[nid]
         if nid in run.blocked:
             self._finish(run, nid, FAILED, error=run.blocked[nid])
+            return
+        if run.refused is not None:
+            self._finish(run, nid, SKIPPED, error=run.refused)
             return
         wired = run.inputs.get(nid, {})
         for port, edge in wired.items():
