@@ -6,6 +6,8 @@ the app builds its palette and inspector from it before torch is loaded.
 
 from __future__ import annotations
 
+import logging
+
 from kernels.files import path_fingerprint
 from kernels.model_folders import CHECKPOINT_KINDS  # standard library only
 from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free, unlike kernels.sampling
@@ -29,6 +31,8 @@ from .base import (
     String,
 )
 from .registry import register
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -106,6 +110,8 @@ class TextEncode(Node):
         _check_prompt_length(text)
         try:
             first, later = scheduled_texts(text)
+            for stage_text in [first] + [stage[0] for stage in later]:
+                _warn_dropped_tokens(clip.tokenizer, stage_text)
             with applied_patches(clip.patches, clip.text_encoder):
                 cond = encode_weighted(clip.tokenizer, clip.text_encoder, first)
                 for stage_text, start, end, in_steps in later:
@@ -122,6 +128,32 @@ def _check_prompt_length(text: str) -> None:
     if len(text) > MAX_PROMPT_CHARS:
         raise NodeError(f"the prompt has {len(text)} characters; at most {MAX_PROMPT_CHARS} are read "
                         f"(no encoder uses more tokens than that)")
+
+
+def t5_tokens_dropped(tokenizer, text: str) -> int:
+    """How many T5 tokens of `text` an SD3 or FLUX encoder drops past its sequence length (CLIP
+    families encode long prompts in chunks, kernels.prompt_weighting, and drop none)."""
+    from kernels.flux import FluxTokenizers
+    from kernels.prompt_weighting import parse_prompt
+    from kernels.text import SD3Tokenizers
+
+    if isinstance(tokenizer, SD3Tokenizers):
+        t5 = tokenizer.tokenizer_3
+    elif isinstance(tokenizer, FluxTokenizers):
+        t5 = tokenizer.tokenizer_2
+    else:
+        return 0
+    if t5 is None:
+        return 0
+    ids = t5(parse_prompt(text).plain, add_special_tokens=True, verbose=False)["input_ids"]
+    return max(0, len(ids) - tokenizer.max_sequence_length)
+
+
+def _warn_dropped_tokens(tokenizer, text: str) -> None:
+    dropped = t5_tokens_dropped(tokenizer, text)
+    if dropped:
+        log.warning("TextEncode: the prompt is %d T5 tokens longer than the encoder's %d; they are "
+                    "dropped", dropped, tokenizer.max_sequence_length)
 
 
 @register

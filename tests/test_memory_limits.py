@@ -263,3 +263,18 @@ def test_traces_keep_the_most_recent():
     traces.get("k2")
     traces["k5"] = {}
     assert "k2" in traces and "k3" not in traces
+
+
+def test_t5_tokens_past_the_sequence_length_are_counted_and_warned(tmp_path, caplog):
+    from kernels.models import load_model_folder
+    from kernels.tiny import build_tiny_sd3_model
+    from nodes.core import TextEncode, t5_tokens_dropped
+
+    _model, clip, _vae = load_model_folder(build_tiny_sd3_model(str(tmp_path / "sd3"), t5_max_length=16))
+    short, long = "a red circle", " ".join(["a red circle on the left"] * 6)  # 36 words
+    assert t5_tokens_dropped(clip.tokenizer, short) == 0
+    dropped = t5_tokens_dropped(clip.tokenizer, long)
+    assert dropped == 36 + 1 - clip.tokenizer.max_sequence_length  # words and the end token
+    with caplog.at_level("WARNING", logger="nodes.core"):
+        TextEncode().run(_Context(1 << 30), clip=clip, text=long)
+    assert f"the prompt is {dropped} T5 tokens longer than the encoder's" in caplog.text
