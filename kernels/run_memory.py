@@ -16,6 +16,7 @@ wrongly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -208,3 +209,22 @@ def load_image_estimate(width: int, height: int, mode: str) -> Estimate:
 def max_image_pixels(budget: int) -> int:
     """The most pixels an image file may decode to within `budget` (Pillow's MAX_IMAGE_PIXELS)."""
     return max(1, budget // (4 * 2 + LOAD_IMAGE_BYTES_PER_PIXEL + 16))
+
+
+@contextmanager
+def pillow_pixel_limit(max_pixels: int):
+    """Pillow's MAX_IMAGE_PIXELS at `max_pixels`, and its decompression-bomb warning an error, for
+    one load: Pillow only warns past the limit and refuses past twice it, so a file that decodes
+    to more than the budget allows would otherwise be loaded. Both are module-wide settings, put
+    back after."""
+    import warnings
+
+    from PIL import Image
+
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved

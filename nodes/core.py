@@ -467,12 +467,10 @@ class LoadImage(Node):
         return None if header is None else load_image_estimate(*header)
 
     def run(self, ctx, path):
-        import warnings
-
         from PIL import Image, UnidentifiedImageError
 
         from kernels.images import from_pil
-        from kernels.run_memory import max_image_pixels
+        from kernels.run_memory import max_image_pixels, pillow_pixel_limit
 
         file = ctx.resolve_path(path)
         if not path:
@@ -480,12 +478,8 @@ class LoadImage(Node):
         _need_regular_file(file)
         limit = max_image_pixels(ctx.run_budget)
         try:
-            with warnings.catch_warnings():
-                # Pillow warns past MAX_IMAGE_PIXELS and refuses only past twice that: past the
-                # run budget a file that decodes to more than it is refused, not loaded.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with _pillow_pixel_limit(limit), Image.open(file) as im:
-                    image, mask = from_pil(im)
+            with pillow_pixel_limit(limit), Image.open(file) as im:
+                image, mask = from_pil(im)
         except FileNotFoundError:
             raise NodeError(f"image file {file!r} does not exist") from None
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -496,22 +490,6 @@ class LoadImage(Node):
             raise NodeError(f"cannot read image {file!r}: {exc}") from None
         return {"image": image, "mask": mask}
 
-
-class _pillow_pixel_limit:
-    """Pillow's MAX_IMAGE_PIXELS set for one load (a module-wide setting) and restored after."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def __enter__(self):
-        from PIL import Image
-
-        self.saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, self.limit
-
-    def __exit__(self, *exc):
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = self.saved
 
 
 def _need_regular_file(file: str) -> None:
