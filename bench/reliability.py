@@ -11,8 +11,9 @@
 
 - rss: one process runs a small txt2img graph of the shipped ShapesT2I (--rss-size pixels,
   2 steps) --rss-runs times, a new seed each run (so every run adds results to the memory
-  cache), in a child process; the RSS after --rss-warmup runs and at the end, the growth in
-  percent, and whether the memory cache's accounted bytes equal the sizes of what it holds.
+  cache, whose budget --rss-memory-budget sets), in a child process; the RSS after
+  --rss-warmup runs and at the end, the growth in percent, and whether the memory cache's
+  accounted bytes equal the sizes of what it holds. Each size and budget is its own entry.
 - run_memory: the Sampler's working memory per pixel that kernels.run_memory's floor is taken
   from: the peak RSS of a one-step guided ShapesT2I run at each --act-sizes side over a 16x16
   run, in a child process per size.
@@ -86,7 +87,8 @@ from app.engine import Executor
 from app.engine.hashing import size_of
 from nodes.registry import add_node
 runs, warmup, size = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-ex, proc = Executor(device="cpu", disk_cache=False), psutil.Process()
+budget = {"memory_budget": int(sys.argv[5])} if sys.argv[5] != "default" else {}
+ex, proc = Executor(device="cpu", disk_cache=False, **budget), psutil.Process()
 def rss():
     gc.collect()
     return proc.memory_info().rss
@@ -124,10 +126,11 @@ print(json.dumps({"bytes_per_pixel": (peak() - base) / (size * size)}))
 """
 
 
-def rss_growth(tree: Path, runs: int, warmup: int, size: int) -> dict:
-    r = _child(RSS_CHILD, [str(tree), str(runs), str(warmup), str(size)], timeout=4 * 3600)
+def rss_growth(tree: Path, runs: int, warmup: int, size: int, memory_budget: str) -> dict:
+    r = _child(RSS_CHILD, [str(tree), str(runs), str(warmup), str(size), memory_budget], timeout=4 * 3600)
     growth = 100 * (r["rss_end_mb"] - r["rss_after_warmup_mb"]) / r["rss_after_warmup_mb"]
     return {"runs": runs, "warmup_runs": warmup, "size": size, "steps": 2, "new_seed_each_run": True,
+            "memory_cache_budget": memory_budget,
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
             "rss_growth_percent_after_warmup": round(growth, 2)}
 
@@ -203,9 +206,12 @@ def main() -> None:
     parser.add_argument("--rss-runs", type=int, default=200, help="runs in one process (rss)")
     parser.add_argument("--rss-warmup", type=int, default=20, help="runs before the first RSS reading")
     parser.add_argument("--rss-size", type=int, default=32, help="image side of the rss graph")
+    parser.add_argument("--rss-memory-budget", help="the memory cache's budget in the rss runs (e.g. 64M)")
     parser.add_argument("--act-sizes", type=int, nargs="+", default=[128, 256], help="image sides (run_memory)")
     parser.add_argument("--out", help="write the JSON here too (merged with the sections there)")
     args = parser.parse_args()
+
+    from kernels.memory import parse_bytes
 
     trees = {"after": ROOT}
     before = worktree_at(args.before) if args.before else None
@@ -223,8 +229,11 @@ def main() -> None:
         if "fuzz" in args.sections or "validation" in args.sections:
             result["before_ref"], result["command"] = args.before, command
         if "rss" in args.sections:
-            result["rss"] = {**{side: rss_growth(tree, args.rss_runs, args.rss_warmup, args.rss_size)
-                                for side, tree in trees.items()}, "before_ref": args.before, "command": command}
+            budget = "default" if args.rss_memory_budget is None else str(parse_bytes(args.rss_memory_budget))
+            label = f"{args.rss_size}px, memory cache budget {args.rss_memory_budget or 'default (4 GiB)'}"
+            result.setdefault("rss", {})[label] = {
+                **{side: rss_growth(tree, args.rss_runs, args.rss_warmup, args.rss_size, budget)
+                   for side, tree in trees.items()}, "before_ref": args.before, "command": command}
         if "run_memory" in args.sections:
             result["run_memory"] = {**sampler_working_memory(args.act_sizes), "command": command}
     except Exception:
