@@ -32,7 +32,7 @@ DEFAULT_DISK_RESULT_LIMIT = 256 << 20  # a bigger result costs more to write and
 FLOAT_BYTES = 4
 # Sampler: bytes of UNet activations per image pixel and per batch item, counting classifier-
 # free guidance's doubled batch. Measured on ShapesT2I (a pixel-space UNet): the peak RSS of a
-# one-step guided run at 128x128 and 256x256 over a 16x16 run is 6.4 and 5.0 KB a pixel,
+# one-step guided run at 128x128 and 256x256 over a 16x16 run is 6.4-7.9 and 5.0 KB a pixel,
 # rounded down so that the estimate stays a floor; a latent model's 8x smaller latent has about
 # as many bytes of activations per image pixel in its wider UNet.
 SAMPLER_BYTES_PER_PIXEL = 4096
