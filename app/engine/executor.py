@@ -408,6 +408,9 @@ class Executor:
             except NodeError as exc:
                 run.blocked[nid] = f"{node.label}: {exc}"
                 return None
+            except Exception:  # an estimate's own bug must not fail the run: unknown, as if none
+                log.exception("memory estimate of %s failed", node.label)
+                return None
 
         wires = {nid: {port: (e.src, e.src_port) for port, e in ports.items()}
                  for nid, ports in run.inputs.items()}
