@@ -228,3 +228,21 @@ def pillow_pixel_limit(max_pixels: int):
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS after a run (glibc's malloc_trim; elsewhere nothing).
+    A run frees large activations around the small results the memory cache keeps; without
+    this the heap around those results stays resident, and RSS grows run after run."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl has no malloc_trim)
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -339,6 +339,9 @@ class Executor:
                                         [*self.write_dirs, *map(Path, write_dirs)])
             finally:
                 self._current = None
+                from kernels.run_memory import release_free_memory
+
+                release_free_memory()
 
     def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path, write_dirs) -> RunReport:
         started = time.perf_counter()
