@@ -9,7 +9,18 @@
   repeats in child processes; with --before, the code at REF once per size, stopped at
   --before-timeout seconds (reported as a lower bound).
 
-Usage: python bench/reliability.py [--cases 10000] [--before main] [--out bench/results/reliability.json]
+- rss: one process runs a small txt2img graph of the shipped ShapesT2I (--rss-size pixels,
+  2 steps) --rss-runs times, a new seed each run (so every run adds results to the memory
+  cache, whose budget --rss-memory-budget sets), in a child process; the RSS after
+  --rss-warmup runs and at the end, the growth in percent, and whether the memory cache's
+  accounted bytes equal the sizes of what it holds. Each size and budget is its own entry.
+- run_memory: the Sampler's working memory per pixel that kernels.run_memory's floor is taken
+  from: the peak RSS of a one-step guided ShapesT2I run at each --act-sizes side over a 16x16
+  run, in a child process per size.
+
+--sections picks sections; with --out, the sections not run keep their numbers in the file.
+
+Usage: python bench/reliability.py [--cases 10000] [--before main] [--sections rss] [--out bench/results/reliability.json]
 """
 
 from __future__ import annotations
@@ -65,6 +76,72 @@ t = time.perf_counter()
 problems = validate(g, registry.get)
 print(json.dumps({"seconds": time.perf_counter() - t, "problems": len(problems)}))
 """
+
+
+RSS_CHILD = r"""
+import gc, json, sys, torch, psutil
+sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/tests")
+torch.set_num_threads(1)
+from conftest import txt2img_graph
+from app.engine import Executor
+from app.engine.hashing import size_of
+from nodes.registry import add_node
+runs, warmup, size = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+budget = {"memory_budget": int(sys.argv[5])} if sys.argv[5] != "default" else {}
+ex, proc = Executor(device="cpu", disk_cache=False, **budget), psutil.Process()
+def rss():
+    gc.collect()
+    return proc.memory_info().rss
+start = None
+for i in range(runs):
+    g, ids = txt2img_graph("builtin:shapes-t2i", seed=i, save=False, size=size, steps=2)
+    pv = add_node(g, "PreviewImage", {}, pos=(900, 0)).id
+    g.connect(ids["decode"], "image", pv, "image")
+    assert ex.run(g).ok
+    if i + 1 == warmup:
+        start, cache_start = rss(), ex.memory.used
+end = rss()
+held = sum(size_of(e.values) for e in ex.memory._entries.values())
+print(json.dumps({"rss_after_warmup_mb": start / 2**20, "rss_end_mb": end / 2**20,
+                  "cache_after_warmup_mb": cache_start / 2**20, "cache_end_mb": ex.memory.used / 2**20,
+                  "cache_entries": len(ex.memory._entries), "accounted_equals_held": held == ex.memory.used}))
+"""
+
+ACT_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/tests")
+torch.set_num_threads(1)
+from conftest import txt2img_graph
+from app.engine import Executor
+size = int(sys.argv[2])
+ex = Executor(device="cpu", disk_cache=False, run_budget="1T")
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+g, ids = txt2img_graph("builtin:shapes-t2i", seed=0, save=False, size=16, steps=1)
+assert ex.run(g, [ids["sampler"]]).ok
+base = peak()
+g, ids = txt2img_graph("builtin:shapes-t2i", seed=0, save=False, size=size, steps=1)
+assert ex.run(g, [ids["sampler"]]).ok
+print(json.dumps({"bytes_per_pixel": (peak() - base) / (size * size)}))
+"""
+
+
+def rss_growth(tree: Path, runs: int, warmup: int, size: int, memory_budget: str) -> dict:
+    r = _child(RSS_CHILD, [str(tree), str(runs), str(warmup), str(size), memory_budget], timeout=4 * 3600)
+    growth = 100 * (r["rss_end_mb"] - r["rss_after_warmup_mb"]) / r["rss_after_warmup_mb"]
+    return {"runs": runs, "warmup_runs": warmup, "size": size, "steps": 2, "new_seed_each_run": True,
+            "memory_cache_budget": memory_budget,
+            **{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
+            "rss_growth_percent_after_warmup": round(growth, 2)}
+
+
+def sampler_working_memory(sizes: list[int]) -> dict:
+    from kernels.run_memory import SAMPLER_BYTES_PER_PIXEL
+
+    measured = {str(n): round(_child(ACT_CHILD, [str(ROOT), str(n)], timeout=3600)["bytes_per_pixel"])
+                for n in sizes}
+    return {"model": "builtin:shapes-t2i", "steps": 1, "cfg": "guided (batch of 2)",
+            "measured_bytes_per_pixel": measured, "floor_used": SAMPLER_BYTES_PER_PIXEL}
 
 
 def _child(code: str, args: list[str], timeout: float) -> dict | None:
@@ -124,18 +201,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="validation repeats (after; before runs once)")
     parser.add_argument("--before", metavar="REF", help="also measure the code at this git ref")
     parser.add_argument("--before-timeout", type=float, default=300.0, help="seconds before a 'before' run is stopped")
-    parser.add_argument("--out", help="write the JSON here too")
+    parser.add_argument("--sections", nargs="+", default=["fuzz", "validation", "rss", "run_memory"],
+                        choices=["fuzz", "validation", "rss", "run_memory"], help="what to measure")
+    parser.add_argument("--rss-runs", type=int, default=200, help="runs in one process (rss)")
+    parser.add_argument("--rss-warmup", type=int, default=20, help="runs before the first RSS reading")
+    parser.add_argument("--rss-size", type=int, default=32, help="image side of the rss graph")
+    parser.add_argument("--rss-memory-budget", help="the memory cache's budget in the rss runs (e.g. 64M)")
+    parser.add_argument("--act-sizes", type=int, nargs="+", default=[128, 256], help="image sides (run_memory)")
+    parser.add_argument("--out", help="write the JSON here too (merged with the sections there)")
     args = parser.parse_args()
+
+    from kernels.memory import parse_bytes
 
     trees = {"after": ROOT}
     before = worktree_at(args.before) if args.before else None
     if before is not None:
         trees = {"before": before, "after": ROOT}
+    result: dict = {}
+    if args.out and Path(args.out).exists():
+        result = json.loads(Path(args.out).read_text())
+    command = " ".join(["python", "bench/reliability.py", *sys.argv[1:]])
     try:
-        result = {"fuzz": {side: fuzz(tree, args.cases) for side, tree in trees.items()},
-                  "validation": validation(trees, args.sizes, args.repeats, args.before_timeout),
-                  "before_ref": args.before,
-                  "command": " ".join(["python", "bench/reliability.py", *sys.argv[1:]])}
+        if "fuzz" in args.sections:
+            result["fuzz"] = {side: fuzz(tree, args.cases) for side, tree in trees.items()}
+        if "validation" in args.sections:
+            result["validation"] = validation(trees, args.sizes, args.repeats, args.before_timeout)
+        if "fuzz" in args.sections or "validation" in args.sections:
+            result["before_ref"], result["command"] = args.before, command
+        if "rss" in args.sections:
+            budget = "default" if args.rss_memory_budget is None else str(parse_bytes(args.rss_memory_budget))
+            label = f"{args.rss_size}px, memory cache budget {args.rss_memory_budget or 'default (4 GiB)'}"
+            result.setdefault("rss", {})[label] = {
+                **{side: rss_growth(tree, args.rss_runs, args.rss_warmup, args.rss_size, budget)
+                   for side, tree in trees.items()}, "before_ref": args.before, "command": command}
+        if "run_memory" in args.sections:
+            result["run_memory"] = {**sampler_working_memory(args.act_sizes), "command": command}
     except Exception:
         traceback.print_exc()
         raise

@@ -367,6 +367,13 @@ class Node:
         return None
 
     @classmethod
+    def memory_estimate(cls, params: dict, input_sizes: dict, ctx) -> Any:
+        """A kernels.run_memory.Estimate of this node's outputs and working memory, from its
+        params and its inputs' declared sizes (a port's Size, or None when unknown), before the
+        run; `ctx` offers `resolve_path`. None: nothing declared (counted as 0)."""
+        return None
+
+    @classmethod
     def describe(cls) -> dict:
         return {
             "type": cls.type_name(), "category": cls.category, "version": cls.version,

@@ -6,6 +6,8 @@ the app builds its palette and inspector from it before torch is loaded.
 
 from __future__ import annotations
 
+import logging
+
 from kernels.files import path_fingerprint
 from kernels.model_folders import CHECKPOINT_KINDS  # standard library only
 from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free, unlike kernels.sampling
@@ -29,6 +31,8 @@ from .base import (
     String,
 )
 from .registry import register
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -93,13 +97,21 @@ class TextEncode(Node):
     params = {"text": String("", multiline=True, help="the prompt; (words:1.3) weighs words")}
     outputs = {"conditioning": CONDITIONING}
 
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        _check_prompt_length(params["text"])  # before the run: parsing a huge prompt is what is costly
+        return None
+
     def run(self, ctx, clip, text):
         from kernels.patching import applied_patches
         from kernels.prompt_schedule import PromptEditError, scheduled_texts, with_stage
         from kernels.prompt_weighting import PromptSyntaxError, encode_weighted
 
+        _check_prompt_length(text)
         try:
             first, later = scheduled_texts(text)
+            for stage_text in [first] + [stage[0] for stage in later]:
+                _warn_dropped_tokens(clip.tokenizer, stage_text)
             with applied_patches(clip.patches, clip.text_encoder):
                 cond = encode_weighted(clip.tokenizer, clip.text_encoder, first)
                 for stage_text, start, end, in_steps in later:
@@ -108,6 +120,40 @@ class TextEncode(Node):
         except (PromptSyntaxError, PromptEditError) as exc:
             raise NodeError(f"the prompt: {exc}") from None
         return {"conditioning": cond}
+
+
+def _check_prompt_length(text: str) -> None:
+    from kernels.prompt_weighting import MAX_PROMPT_CHARS
+
+    if len(text) > MAX_PROMPT_CHARS:
+        raise NodeError(f"the prompt has {len(text)} characters; at most {MAX_PROMPT_CHARS} are read "
+                        f"(no encoder uses more tokens than that)")
+
+
+def t5_tokens_dropped(tokenizer, text: str) -> int:
+    """How many T5 tokens of `text` an SD3 or FLUX encoder drops past its sequence length (CLIP
+    families encode long prompts in chunks, kernels.prompt_weighting, and drop none)."""
+    from kernels.flux import FluxTokenizers
+    from kernels.prompt_weighting import parse_prompt
+    from kernels.text import SD3Tokenizers
+
+    if isinstance(tokenizer, SD3Tokenizers):
+        t5 = tokenizer.tokenizer_3
+    elif isinstance(tokenizer, FluxTokenizers):
+        t5 = tokenizer.tokenizer_2
+    else:
+        return 0
+    if t5 is None:
+        return 0
+    ids = t5(parse_prompt(text).plain, add_special_tokens=True, verbose=False)["input_ids"]
+    return max(0, len(ids) - tokenizer.max_sequence_length)
+
+
+def _warn_dropped_tokens(tokenizer, text: str) -> None:
+    dropped = t5_tokens_dropped(tokenizer, text)
+    if dropped:
+        log.warning("TextEncode: the prompt is %d T5 tokens longer than the encoder's %d; they are "
+                    "dropped", dropped, tokenizer.max_sequence_length)
 
 
 @register
@@ -160,6 +206,12 @@ class EmptyLatent(Node):
     }
     outputs = {"latent": LATENT}
 
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import Estimate, latent_size
+
+        return Estimate({"latent": latent_size(params["width"], params["height"], params["batch"])})
+
     def run(self, ctx, vae, width, height, batch):
         import torch
 
@@ -207,6 +259,13 @@ class Sampler(Node):
     }
     outputs = {"latent": LATENT}
     migrations = {1: lambda p: _sampler_v1_to_v2(p)}
+
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import Estimate, sampler_working
+
+        latent = input_sizes.get("latent")
+        return None if latent is None else Estimate({"latent": latent}, sampler_working(latent))
 
     def run(self, ctx, model, positive, negative, latent, scheduler, steps, cfg, seed, denoise,
             denoiser=None, edit_prediction=None):
@@ -335,6 +394,17 @@ class VAEDecode(Node):
     params = dict(VAE_TILE_PARAMS)
     outputs = {"image": IMAGE}
 
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import Estimate, decoded_size, vae_working
+
+        latent = input_sizes.get("latent")
+        if latent is None:
+            return None
+        image = decoded_size(latent)
+        tile = params.get("tile_size") if params.get("tiled") else None
+        return Estimate({"image": image}, vae_working(image.image_pixels, latent.scale, tile))
+
     def run(self, ctx, vae, latent, tiled=False, tile_size=512):
         import torch
 
@@ -353,6 +423,13 @@ class VAEEncode(Node):
     inputs = {"vae": VAE, "image": IMAGE}
     params = dict(VAE_TILE_PARAMS)
     outputs = {"latent": LATENT}
+
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import Estimate, Size
+
+        image = input_sizes.get("image")  # the VAE is not known yet: a pixel-space latent, the largest
+        return None if image is None else Estimate({"latent": Size(image.batch, 3, image.height, image.width)})
 
     def run(self, ctx, vae, image, tiled=False, tile_size=512):
         import torch
@@ -380,23 +457,44 @@ class LoadImage(Node):
     def fingerprint(cls, params, ctx):
         return path_fingerprint(ctx.resolve_path(params["path"]))
 
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import image_header, load_image_estimate
+
+        if not params["path"]:
+            return None
+        file = ctx.resolve_path(params["path"])
+        try:
+            _need_regular_file(file)  # never open a pipe, even for its header
+        except NodeError:
+            return None  # the node says why when it runs
+        header = image_header(file)
+        return None if header is None else load_image_estimate(*header)
+
     def run(self, ctx, path):
         from PIL import Image, UnidentifiedImageError
 
         from kernels.images import from_pil
+        from kernels.run_memory import max_image_pixels, pillow_pixel_limit
 
         file = ctx.resolve_path(path)
         if not path:
             raise NodeError("no image file chosen")
         _need_regular_file(file)
+        limit = max_image_pixels(ctx.run_budget)
         try:
-            with Image.open(file) as im:
+            with pillow_pixel_limit(limit), Image.open(file) as im:
                 image, mask = from_pil(im)
         except FileNotFoundError:
             raise NodeError(f"image file {file!r} does not exist") from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise NodeError(f"image file {file!r} declares more pixels than the run budget allows "
+                            f"(at most {limit} pixels); a file this size is refused as a "
+                            f"decompression bomb") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise NodeError(f"cannot read image {file!r}: {exc}") from None
         return {"image": image, "mask": mask}
+
 
 
 def _need_regular_file(file: str) -> None:
@@ -426,6 +524,17 @@ class ImageScale(Node):
     params = {"factor": Float(2.0, 0.05, 16.0, step=0.25, help="size multiplier"),
               "method": Choice(("nearest", "bilinear", "bicubic", "lanczos"), "lanczos")}
     outputs = {"image": IMAGE}
+
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import Estimate
+
+        image = input_sizes.get("image")
+        if image is None:
+            return None
+        out = image.scaled(params["factor"])
+        # kernels.images.resize: float copies of the input on the way to Pillow, and the stack
+        return Estimate({"image": out}, 3 * image.nbytes + out.nbytes)
 
     def run(self, ctx, image, factor, method):
         from kernels.images import resize

@@ -113,6 +113,15 @@ class UpscaleWithModel(Node):
     }
     outputs = {"image": IMAGE}
 
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import ASSUMED_UPSCALE, Estimate
+
+        image = input_sizes.get("image")  # the model's scale is not known before it loads
+        if image is None:
+            return None
+        return Estimate({"image": image.scaled(ASSUMED_UPSCALE)}, params["memory_budget_mb"] << 20)
+
     def run(self, ctx, upscale_model, image, tile, overlap, memory_budget_mb):
         return {"image": upscale_with_model(ctx, upscale_model, image, tile, overlap, memory_budget_mb)}
 
@@ -126,6 +135,13 @@ class LatentUpscale(Node):
     params = {"factor": Float(2.0, 0.25, 8.0, step=0.25, help="size multiplier"),
               "method": Choice(LATENT_METHODS, "bilinear")}
     outputs = {"latent": LATENT}
+
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import Estimate
+
+        latent = input_sizes.get("latent")
+        return None if latent is None else Estimate({"latent": latent.scaled(params["factor"])})
 
     def run(self, ctx, latent, factor, method):
         from kernels.upscale.latent import resize_latent
@@ -162,6 +178,23 @@ class HiresFix(Node):
         "vae_tile_size": VAE_TILE_PARAMS["tile_size"],
     }
     outputs = {"latent": LATENT}
+
+    @classmethod
+    def memory_estimate(cls, params, input_sizes, ctx):
+        from kernels.run_memory import ASSUMED_UPSCALE, Estimate, decoded_size, sampler_working, vae_working
+
+        latent = input_sizes.get("latent")
+        if latent is None:
+            return None
+        big = latent.scaled(params["factor"])
+        working = sampler_working(big)
+        if params["upscale"] != "latent":  # decoded, upscaled in pixels and encoded again
+            image = decoded_size(big)
+            tile = params["vae_tile_size"] if params["vae_tiled"] else None
+            working += 2 * image.nbytes + vae_working(image.image_pixels, latent.scale, tile)
+            if params["upscale"] == "model":
+                working += decoded_size(latent).scaled(ASSUMED_UPSCALE).nbytes + (DEFAULT_MEMORY_BUDGET_MB << 20)
+        return Estimate({"latent": big}, working)
 
     def run(self, ctx, model, positive, negative, vae, latent, upscale_model, upscale, factor,
             method, scheduler, steps, cfg, seed, denoise, vae_tiled, vae_tile_size):

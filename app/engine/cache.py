@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -89,6 +90,47 @@ class MemoryCache:
             self.used = 0
 
 
+class Traces:
+    """Cache key -> output content hashes, the most recent `limit` of them. Unbounded, a session
+    of many runs would keep every key it ever made; a forgotten trace only means a node runs
+    again (or its trace is read back from the disk cache)."""
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self._items: "OrderedDict[str, dict[str, str]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Optional[dict[str, str]]:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def __setitem__(self, key: str, hashes: dict[str, str]) -> None:
+        with self._lock:
+            self._items[key] = hashes
+            self._items.move_to_end(key)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def __getitem__(self, key: str) -> dict[str, str]:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 # -- disk ----------------------------------------------------------------------------------
 class NotStorable(TypeError):
     pass
@@ -134,11 +176,15 @@ def _decode(obj: Any, tensors: dict) -> Any:
 
 
 class DiskCache:
-    """Storable results and all traces under a folder, bounded in bytes (oldest use goes first)."""
+    """Storable results and all traces under a folder, bounded in bytes (oldest use goes first).
+    A result whose tensors exceed `max_entry_bytes` keeps only its trace: writing and reading it
+    back would cost more than making it again, and it would push out many small results."""
 
-    def __init__(self, root: os.PathLike | str, budget_bytes: int = 2 << 30):
+    def __init__(self, root: os.PathLike | str, budget_bytes: int = 2 << 30,
+                 max_entry_bytes: int = 256 << 20):
         self.root = Path(root)
         self.budget = budget_bytes
+        self.max_entry_bytes = max_entry_bytes
         self._used: Optional[int] = None
         self._lock = threading.Lock()
 
@@ -196,6 +242,12 @@ class DiskCache:
             try:
                 meta["values"] = _encode(values, tensors)
             except NotStorable:
+                tensors = {}
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            if size > min(self.max_entry_bytes, self.budget):
+                log.info("disk cache: %s is %d bytes, over the %d-byte limit; keeping its trace only",
+                         key, size, self.max_entry_bytes)
+                meta.pop("values", None)
                 tensors = {}
         meta_path, data_path = self._paths(key)
         try:

@@ -29,7 +29,7 @@ from kernels.files import atomic_write
 from nodes import registry
 from nodes.base import NodeError, file_name_problem
 
-from .cache import DiskCache, MemoryCache
+from .cache import DiskCache, MemoryCache, Traces
 from .hashing import Unhashable, content_hash, key_of, size_of
 from .models import ModelManager
 
@@ -121,6 +121,7 @@ class NodeContext:
         self._executor, self._run, self.node_id = executor, run, node_id
         self.device = executor.device
         self.models = executor.models
+        self.run_budget = executor.run_budget  # bytes a run may take (kernels.run_memory)
         self._last_preview = 0.0
 
     def resolve_path(self, path: str, kinds: Optional[tuple] = None) -> str:
@@ -218,6 +219,7 @@ class _Run:
     hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)  # node -> why it cannot run
+    refused: Optional[str] = None  # why the whole run is refused (its memory estimate)
 
 
 class Executor:
@@ -228,7 +230,8 @@ class Executor:
                  disk_budget: int = 2 << 30, resources: Optional[Path] = None,
                  model_roots: Optional[Iterable[str]] = None,
                  ram_budget: "int | str | None" = None, vram_budget: "int | str | None" = None,
-                 write_dirs: Iterable["str | Path"] = ()):
+                 write_dirs: Iterable["str | Path"] = (), run_budget: "int | str | None" = None,
+                 disk_result_limit: "int | str | None" = None):
         self._device = device
         # Folders the user picked (in the app) that graphs may write in, beside each run's output folder.
         self.write_dirs = [Path(d) for d in write_dirs]
@@ -238,12 +241,17 @@ class Executor:
         # None: LOOMWORK_MODELS, read when a `ckpt:` path is resolved.
         self.model_roots = None if model_roots is None else list(model_roots)
         self.memory = MemoryCache(memory_budget)
+        # A run's estimated peak (kernels.run_memory); None: LOOMWORK_RUN_BUDGET or a share of RAM.
+        self._run_budget_setting = run_budget
+        self._run_budget: Optional[int] = None
         if disk_cache is True:
             disk_cache = default_cache_dir()
         if isinstance(disk_cache, (str, Path)):
-            disk_cache = DiskCache(disk_cache, disk_budget)
+            from kernels.run_memory import disk_result_limit as result_limit
+
+            disk_cache = DiskCache(disk_cache, disk_budget, max_entry_bytes=result_limit(disk_result_limit))
         self.disk: Optional[DiskCache] = disk_cache or None
-        self.traces: dict[str, dict[str, str]] = {}  # key -> output content hashes
+        self.traces = Traces()  # key -> output content hashes, the most recent ones
         self._models: Optional[ModelManager] = None
         self.resources = resources or resources_dir()
         self._lock = threading.Lock()  # one run at a time
@@ -256,6 +264,14 @@ class Executor:
 
             self._device = "cuda" if torch.cuda.is_available() else "cpu"
         return self._device
+
+    @property
+    def run_budget(self) -> int:
+        if self._run_budget is None:
+            from kernels.run_memory import run_budget
+
+            self._run_budget = run_budget(self._run_budget_setting, self.device)
+        return self._run_budget
 
     @property
     def models(self) -> ModelManager:
@@ -323,6 +339,9 @@ class Executor:
                                         [*self.write_dirs, *map(Path, write_dirs)])
             finally:
                 self._current = None
+                from kernels.run_memory import release_free_memory
+
+                release_free_memory()
 
     def _run_locked(self, graph, targets, events, cancel, output_dir, graph_path, write_dirs) -> RunReport:
         started = time.perf_counter()
@@ -353,6 +372,7 @@ class Executor:
         for problem in validate(graph, registry.get, set(targets)):
             if problem.node_id in run.report.nodes:
                 run.blocked.setdefault(problem.node_id, problem.message)
+        self._check_memory(run, order)
         for nid in stuck:
             self._finish(run, nid, FAILED if nid in on_cycle else SKIPPED, error=run.blocked[nid])
         for nid in order:
@@ -369,6 +389,39 @@ class Executor:
                 self._finish(run, nid, SKIPPED, error="cancelled")
         run.report.seconds = time.perf_counter() - started
         return run.report
+
+    def _check_memory(self, run: _Run, order: list[str]) -> None:
+        """Refuse a run whose estimated peak exceeds the run budget, before any node runs: the
+        node where it peaks fails with the sizes and the budget, the others are skipped (their
+        work would only feed a run that cannot finish). A node's estimate may also refuse its
+        own params (a NodeError), before the run like validation."""
+        from kernels.run_memory import plan_peak, refusal
+
+        graph = run.graph
+
+        def estimate(nid: str, sizes: dict):
+            if nid in run.blocked:
+                return None
+            node = graph.nodes[nid]
+            spec = registry.get(node.type)
+            if spec is None:
+                return None
+            try:
+                return spec.memory_estimate(spec.resolved_params(node.params), sizes, NodeContext(self, run, nid))
+            except NodeError as exc:
+                run.blocked[nid] = f"{node.label}: {exc}"
+                return None
+            except Exception:  # an estimate's own bug must not fail the run: unknown, as if none
+                log.exception("memory estimate of %s failed", node.label)
+                return None
+
+        wires = {nid: {port: (e.src, e.src_port) for port, e in ports.items()}
+                 for nid, ports in run.inputs.items()}
+        peak = plan_peak(order, wires, estimate)
+        message = peak and refusal(graph.nodes[peak.node_id].label, peak, self.run_budget)
+        if message:
+            run.blocked[peak.node_id] = message
+            run.refused = f"not run: the run is over its memory budget at {graph.nodes[peak.node_id].label}"
 
     def _finish(self, run: _Run, nid: str, state: str, error: Optional[str] = None,
                 tb: Optional[str] = None, seconds: float = 0.0) -> None:
@@ -388,6 +441,9 @@ class Executor:
         node = graph.nodes[nid]
         if nid in run.blocked:
             self._finish(run, nid, FAILED, error=run.blocked[nid])
+            return
+        if run.refused is not None:
+            self._finish(run, nid, SKIPPED, error=run.refused)
             return
         wired = run.inputs.get(nid, {})
         for port, edge in wired.items():
