@@ -266,8 +266,9 @@ class EraseFinetune(Node):
     Without preserve prompts both are destructive on the built-in ShapesT2I model: ESD on the
     shape "circle" (300 steps, 24 prompts x 8 seeds, bench/erasers.py) left circles at 0.90 (from
     0.98) and took every colour to 0.00-0.04; All-but-One erased it but took every other colour
-    and shape to 0.00-0.08. Holding the other prompts (preserve) kept All-but-One on "red" and
-    "red circle" (others >= 0.90 of their baseline) but not ESD on "circle"."""
+    and shape to 0.00-0.08. Holding the other prompts (preserve; there they were also the scored
+    ones) kept All-but-One on "red" and "red circle" (others >= 0.90 of their baseline) but not
+    on "circle" (purple 0.79), nor ESD on "circle" (colours 0.00-0.88)."""
 
     category = "erasers"
     inputs = {"model": MODEL, "clip": CLIP}
