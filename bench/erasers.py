@@ -293,11 +293,13 @@ def node_defaults_eraser(bench: Bench, name: str, target: str, anchor: str, args
         params["lam"] = args.cf_lam
     if args.cf_preserve_weight is not None:
         params["preserve_weight"] = args.cf_preserve_weight
+    if args.cf_auto_preserve is not None:
+        params["auto_preserve"] = args.cf_auto_preserve
     out = ClosedFormErase().run(None, bench.model, bench.clip, **params)
     patch = (out["model"].patches or out["clip"].patches)[-1]
     info = {"anchor": anchor, "templates": len(params["templates"].splitlines()), "lam": params["lam"],
-            "preserve_weight": params["preserve_weight"], "preserved": patch.meta["preserved"],
-            "settings": "node defaults"}
+            "preserve_weight": params["preserve_weight"], "auto_preserve": params["auto_preserve"],
+            "preserved": patch.meta["preserved"], "settings": "node defaults"}
     return out["model"], out["clip"], info
 
 
@@ -460,6 +462,8 @@ def parse_args(argv=None):
     ap.add_argument("--cf-lam", type=float, default=None, help="@defaults erasers: override the node's lam")
     ap.add_argument("--cf-preserve-weight", type=float, default=None,
                     help="@defaults erasers: override the node's preserve weight")
+    ap.add_argument("--cf-auto-preserve", choices=("vocabulary", "off"), default=None,
+                    help="@defaults erasers: override the node's automatic preserve set")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
