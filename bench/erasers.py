@@ -165,12 +165,15 @@ HELDOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def heldout_eval_prompts(per_pair: int = 1) -> list[tuple[str, str, str]]:
     """(colour, shape, caption) of the first `per_pair` one-object held-out captions of each
-    colour-shape pair: always with a position phrase, so never a tuning or preserve prompt."""
+    colour-shape pair: always with a position phrase, so never a tuning or preserve prompt, and
+    none that the bench-tuned edits' world templates fill in."""
     with open(HELDOUT, encoding="utf-8") as f:
         items = json.load(f)["prompts"]
+    concepts = [*COLOURS, *SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
+    trained = {t.replace("{}", k) for k in concepts for t in world_templates(k)}  # the tuned edits' prompts
     out, count = [], {}
     for item in items:
-        if len(item["objects"]) != 1:
+        if len(item["objects"]) != 1 or item["caption"] in trained:
             continue
         key = (item["objects"][0]["colour"], item["objects"][0]["shape"])
         if count.get(key, 0) < per_pair:
