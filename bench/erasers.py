@@ -15,7 +15,7 @@ Goal: target rate <= 10% while every other concept keeps >= 90% of its baseline 
 reported over the concepts the model draws at least half the time, and with the anchor's own
 baseline rate: an anchor the model cannot draw cannot replace the target).
 
-  python bench/erasers.py --model resources/models/shapes-t2i --n 8
+  python bench/erasers.py --model resources/models/shapes-t2i --n 2 --eval-n 2
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers quickfix,uce --targets circle   # smoke
   python bench/erasers.py --model /tmp/tiny --n 1 --erasers prune --targets circle --attack-steps 0
 
@@ -46,7 +46,7 @@ from kernels.shapes.judge import concept_judge, detected_pairs, named_concept, s
 
 COLOURS = list(world.COLOURS)
 SHAPES = list(world.SHAPES)
-ERASERS = ("quickfix", "uce", "prune", "membrane", "esd", "all_but_one", "safe_guidance")
+ERASERS = ("quickfix@defaults", "uce@defaults", "quickfix", "uce", "prune", "membrane", "esd", "all_but_one", "safe_guidance")
 # Default anchors (closed-form edits and All-but-One's alternative): a concrete concept of the
 # same kind, so the erased concept's prompts draw something definite instead of noise.
 # Fallback anchors (closed-form edits and All-but-One's alternative) when there is no baseline to
@@ -82,9 +82,15 @@ class Bench:
         self.model, self.clip, self.vae = load_model_folder(args.model)
         self.base = Generator(self.model, self.clip)
         self.detector_name, self.detect = "kernels.shapes.oracle", detect_pairs
+        # tuning set: the grid "a <colour> <shape>" with the tuning seeds (what preserve sets and
+        # the bench's tuned settings may use); evaluation set: held-out captions with their own
+        # seeds, never in any preserve set (see heldout_eval_prompts)
         self.seeds = list(range(args.seed, args.seed + args.n))
         self.prompts = [(c, s, prompt_for(c, s)) for c in COLOURS for s in SHAPES]
+        self.eval_seeds = list(range(args.eval_seed, args.eval_seed + args.eval_n))
+        self.eval_prompts = heldout_eval_prompts(args.eval_per_pair)
         self.base_dets: "dict | None" = None  # the unerased model's detections, once measured
+        self.base_eval_dets: "dict | None" = None
 
     def images(self, gen, prompt: str, seeds=None) -> np.ndarray:
         x = gen.sample(gen.encode(prompt), seeds=seeds or self.seeds, steps=self.args.steps, cfg=self.args.cfg)
@@ -95,25 +101,26 @@ class Bench:
     def judge(self, concept: str):
         return concept_judge(concept, decode=self.vae.decode)
 
-    def detections(self, gen) -> dict:
-        """prompt -> per image list of (colour, shape)."""
+    def detections(self, gen, held_out: bool = False) -> dict:
+        """prompt -> per image list of (colour, shape), on the tuning set or the held-out one."""
         from kernels.erasers import MembranePatch
 
+        prompts, seeds = (self.eval_prompts, self.eval_seeds) if held_out else (self.prompts, self.seeds)
         if any(isinstance(p, MembranePatch) for p in gen.model.patches):  # strength follows the prompt
-            return {p: [self.detect(a) for a in self.images(gen, p)] for _, _, p in self.prompts}
-        return self.batched_detections(gen)
+            return {p: [self.detect(a) for a in self.images(gen, p, seeds)] for _, _, p in prompts}
+        return self.batched_detections(gen, prompts, seeds)
 
     @torch.no_grad()
-    def batched_detections(self, gen, rows: int = 48) -> dict:
+    def batched_detections(self, gen, prompts, seeds, rows: int = 48) -> dict:
         """All prompts x seeds in batches of `rows` (same noise per seed as one prompt at a time)."""
         from kernels.erasers import model_scheduler
         from kernels.patching import SamplingRun, applied_patches
         from kernels.sampling import sample, seed_noise
 
-        jobs = [(p, s) for _, _, p in self.prompts for s in self.seeds]
-        conds = {p: gen.encode(p) for _, _, p in self.prompts}
+        jobs = [(p, s) for _, _, p in prompts for s in seeds]
+        conds = {p: gen.encode(p) for _, _, p in prompts}
         unet = gen.model.unet
-        out: dict = {p: [] for _, _, p in self.prompts}
+        out: dict = {p: [] for _, _, p in prompts}
         for i in range(0, len(jobs), rows):
             chunk = jobs[i:i + rows]
             noise = seed_noise(unet, [s for _, s in chunk])
@@ -128,8 +135,9 @@ class Bench:
                 out[p].append(self.detect(a))
         return out
 
-    def rates(self, dets: dict, target: str) -> dict:
+    def rates(self, dets: dict, target: str, prompts=None) -> dict:
         """Rate of each concept (the target, other shapes/colours, the pair's halves)."""
+        prompts = self.prompts if prompts is None else prompts
         concepts = [target] + [c for c in COLOURS + SHAPES if c != target]
         tc, ts = named_concept(target)
         if tc and ts:  # a pair: its colour on other shapes, its shape in other colours
@@ -138,7 +146,7 @@ class Bench:
         for concept in concepts:
             cs, ss = named_concept(concept)
             hits = total = 0
-            for colour, shape, prompt in self.prompts:
+            for colour, shape, prompt in prompts:
                 if not names(colour, shape, concept):
                     continue
                 if concept != target and names(colour, shape, target):
@@ -149,6 +157,29 @@ class Bench:
             if total:
                 out[concept] = hits / total
         return out
+
+
+HELDOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources", "shapes",
+                       "heldout_prompts.json")
+
+
+def heldout_eval_prompts(per_pair: int = 1) -> list[tuple[str, str, str]]:
+    """(colour, shape, caption) of the first `per_pair` one-object held-out captions of each
+    colour-shape pair: always with a position phrase, so never a tuning or preserve prompt, and
+    none that the bench-tuned edits' world templates fill in."""
+    with open(HELDOUT, encoding="utf-8") as f:
+        items = json.load(f)["prompts"]
+    concepts = [*COLOURS, *SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
+    trained = {t.replace("{}", k) for k in concepts for t in world_templates(k)}  # the tuned edits' prompts
+    out, count = [], {}
+    for item in items:
+        if len(item["objects"]) != 1 or item["caption"] in trained:
+            continue
+        key = (item["objects"][0]["colour"], item["objects"][0]["shape"])
+        if count.get(key, 0) < per_pair:
+            count[key] = count.get(key, 0) + 1
+            out.append((*key, item["caption"]))
+    return out
 
 
 def world_templates(target: str) -> list[str]:
@@ -208,9 +239,11 @@ def build_eraser(bench: Bench, name: str, target: str, args):
     model, clip = bench.model, bench.clip
     tok, te = clip.tokenizer, clip.text_encoder
     anchor = args.anchor or default_anchor(target, bench.base_dets, bench.prompts)
+    if name.endswith("@defaults"):
+        return node_defaults_eraser(bench, name, target, anchor, args)
     temps = world_templates(target)
     keep = [p for c, s, p in bench.prompts if not names(c, s, target)]
-    info = {"anchor": anchor, "templates": len(temps), "preserved": len(keep)}
+    info = {"anchor": anchor, "templates": len(temps), "preserved": len(keep), "settings": "bench-tuned"}
     emb = lambda ps: encode_embeds(tok, te, ps)  # noqa: E731
     sched = model_scheduler(model)
     if name == "quickfix":
@@ -249,6 +282,28 @@ def build_eraser(bench: Bench, name: str, target: str, args):
         info.update(anchor=None, scale=args.guidance)
         return model.with_patch(SafeGuidancePatch(emb([target]), args.guidance, 0.0)), clip, info
     raise ValueError(f"unknown eraser {name!r}")
+
+
+def node_defaults_eraser(bench: Bench, name: str, target: str, anchor: str, args):
+    """ClosedFormErase exactly as a new node runs it with only concept and anchor filled in
+    (`--cf-lam` / `--cf-preserve-weight` override its defaults, for choosing them)."""
+    from nodes.erasers import ClosedFormErase
+
+    params = {n: p.default for n, p in ClosedFormErase.params.items()}
+    params.update(concept=target, anchor=anchor,
+                  target="text_encoder" if name.startswith("quickfix") else "cross_attention")
+    if args.cf_lam is not None:
+        params["lam"] = args.cf_lam
+    if args.cf_preserve_weight is not None:
+        params["preserve_weight"] = args.cf_preserve_weight
+    if args.cf_auto_preserve is not None:
+        params["auto_preserve"] = args.cf_auto_preserve
+    out = ClosedFormErase().run(None, bench.model, bench.clip, **params)
+    patch = (out["model"].patches or out["clip"].patches)[-1]
+    info = {"anchor": anchor, "templates": len(params["templates"].splitlines()), "lam": params["lam"],
+            "preserve_weight": params["preserve_weight"], "auto_preserve": params["auto_preserve"],
+            "preserved": patch.meta["preserved"], "settings": "node defaults"}
+    return out["model"], out["clip"], info
 
 
 SHAPES_TEMPLATES = "{}\na red {}\na blue {}\na green {}\na yellow {}\na purple {}\nan orange {}"
@@ -403,6 +458,15 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "resources", "models",
                                                    "shapes-t2i"))
     ap.add_argument("--n", type=int, default=8, help="images per prompt (24 prompts)")
+    ap.add_argument("--eval-n", type=int, default=2, help="seeds per held-out evaluation prompt")
+    ap.add_argument("--eval-per-pair", type=int, default=1,
+                    help="held-out one-object captions per colour-shape pair (24 pairs)")
+    ap.add_argument("--eval-seed", type=int, default=1000, help="first seed of the held-out evaluation")
+    ap.add_argument("--cf-lam", type=float, default=None, help="@defaults erasers: override the node's lam")
+    ap.add_argument("--cf-preserve-weight", type=float, default=None,
+                    help="@defaults erasers: override the node's preserve weight")
+    ap.add_argument("--cf-auto-preserve", choices=("vocabulary", "off"), default=None,
+                    help="@defaults erasers: override the node's automatic preserve set")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -442,31 +506,40 @@ def attack(bench: Bench, gen, target: str, args) -> dict:
             "seconds": round(res.seconds, 2)}
 
 
-def eraser_row(bench: Bench, name: str, target: str, before: dict, args) -> dict:
-    """Build one eraser for one target and measure it: the table's row."""
+def _compare(before: dict, after: dict, target: str) -> dict:
+    """Target and other-concept rates before/after, their ratios and the goal."""
+    others = {c: {"before": round(before[c], 4), "after": round(after.get(c, 0.0), 4)}
+              for c in before if c != target}
+    ratios = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] > 0]
+    row = {"target_before": round(before[target], 4), "target_after": round(after.get(target, 0.0), 4),
+           "others": others, "min_other_ratio": round(min(ratios), 4) if ratios else None,
+           "mean_other_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
+    # nothing to erase when the model never drew the target: that is no success
+    row["meets_goal"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and ratios
+                             and min(ratios) >= 0.90)
+    # the same over the concepts the model draws at least half the time (rarer ones are noise)
+    steady = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] >= 0.5]
+    row["min_other_ratio_drawn"] = round(min(steady), 4) if steady else None
+    row["meets_goal_drawn"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and steady
+                                   and min(steady) >= 0.90)
+    return row
+
+
+def eraser_row(bench: Bench, name: str, target: str, before: dict, args, before_eval: "dict | None" = None) -> dict:
+    """Build one eraser for one target and measure it: the table's row. The top-level rates are
+    the held-out evaluation's (the figure that counts); "tuning" has the same on the tuning set."""
     from kernels.erasers import Generator
 
     t = time.perf_counter()
     model, clip, info = build_eraser(bench, name, target, args)
     seconds = time.perf_counter() - t
     gen = Generator(model, clip)
-    after = bench.rates(bench.detections(gen), target)
-    others = {c: {"before": round(before[c], 4), "after": round(after.get(c, 0.0), 4)}
-              for c in before if c != target}
-    ratios = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] > 0]
+    tuning = _compare(before, bench.rates(bench.detections(gen), target), target)
+    if before_eval is None:
+        before_eval = bench.rates(bench.base_eval_dets, target, bench.eval_prompts)
+    after_eval = bench.rates(bench.detections(gen, held_out=True), target, bench.eval_prompts)
     row = {"eraser": name, "target": target, "seconds": round(seconds, 2), **info,
-           "target_before": round(before[target], 4), "target_after": round(after[target], 4),
-           "others": others, "min_other_ratio": round(min(ratios), 4) if ratios else None,
-           "mean_other_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
-    # nothing to erase when the model never drew the target: that is no success
-    row["meets_goal"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and ratios
-                             and min(ratios) >= 0.90)
-    # the same over the concepts the model draws at least half the time (rarer ones are noise
-    # at small N); and whether the anchor is something the model can draw at all
-    steady = [after.get(c, 0.0) / before[c] for c in before if c != target and before[c] >= 0.5]
-    row["min_other_ratio_drawn"] = round(min(steady), 4) if steady else None
-    row["meets_goal_drawn"] = bool(row["target_before"] > 0.10 and row["target_after"] <= 0.10 and steady
-                                   and min(steady) >= 0.90)
+           **_compare(before_eval, after_eval, target), "tuning": tuning}
     if info.get("anchor"):
         row["anchor_rate_before"] = round(bench.rates(bench.base_dets, info["anchor"]).get(info["anchor"], 0.0), 4)
     if args.attack_steps > 0:
@@ -483,7 +556,15 @@ def summary(bench: Bench, args, targets, results, base_seconds: float, started: 
             b = min(rows, key=lambda r: (not r["meets_goal"], r["target_after"] - 0.5 * (r["min_other_ratio"] or 0)))
             best[target] = b["eraser"]
     return {"bench": "erasers", "model": os.path.abspath(args.model), "oracle": bench.detector_name,
-            "n_per_prompt": args.n, "prompts": len(bench.prompts), "steps": args.steps, "cfg": args.cfg,
+            "n_per_prompt": args.n, "prompts": len(bench.prompts),
+            "evaluation": {"prompts": len(bench.eval_prompts), "seeds_per_prompt": args.eval_n,
+                           "first_seed": args.eval_seed, "source": "resources/shapes/heldout_prompts.json "
+                           "(one-object captions, each with a position phrase)"},
+            "tuning": {"prompts": len(bench.prompts), "seeds_per_prompt": args.n, "first_seed": args.seed,
+                       "source": "the grid 'a <colour> <shape>' (no position): preserve sets and bench-tuned "
+                       "settings may use it"},
+            "figures": "top-level rates are the held-out evaluation's; each row's 'tuning' the tuning set's",
+            "steps": args.steps, "cfg": args.cfg,
             "train_steps": args.train_steps, "hold_kept": args.hold_kept, "prune_fraction": args.prune_fraction,
             "attack_steps": args.attack_steps, "attack_ban": args.attack_ban,
             "baseline_seconds": round(base_seconds, 2), "results": results, "best_per_target": best,
@@ -507,18 +588,21 @@ def main(argv=None) -> int:
     bench = Bench(args)
     t = time.perf_counter()
     base_dets = bench.base_dets = bench.detections(bench.base)
+    bench.base_eval_dets = bench.detections(bench.base, held_out=True)
     base_seconds = time.perf_counter() - t
     targets = [x.strip() for x in args.targets.split(",") if x.strip()]
     erasers = [x.strip() for x in args.erasers.split(",") if x.strip()]
     results = []
     for target in targets:
         before = bench.rates(base_dets, target)
+        before_eval = bench.rates(bench.base_eval_dets, target, bench.eval_prompts)
         for name in erasers:
-            row = eraser_row(bench, name, target, before, args)
+            row = eraser_row(bench, name, target, before, args, before_eval)
             results.append(row)
             print(f"[{time.perf_counter() - started:7.1f}s] {name:14s} {target:11s} target "
                   f"{row['target_before']:.2f}->{row['target_after']:.2f} others min ratio "
-                  f"{row['min_other_ratio']} asr {row.get('attack', {}).get('success_rate')}", file=sys.stderr)
+                  f"{row['min_other_ratio']} (tuning set: {row['tuning']['target_after']:.2f}, "
+                  f"{row['tuning']['min_other_ratio']}) asr {row.get('attack', {}).get('success_rate')}", file=sys.stderr)
     out = summary(bench, args, targets, results, base_seconds, started)
     print_table(results)
     text = json.dumps(out, indent=2)

@@ -8,6 +8,8 @@ output, and both are applied in order. The math lives in kernels/erasers/; every
 
 from __future__ import annotations
 
+import logging
+
 from kernels.files import path_fingerprint
 
 from .base import (
@@ -26,6 +28,8 @@ from .base import (
     file_name_problem,
 )
 from .registry import register
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = "{}\nA photo of {}\nAn image of {}\nA picture of {}"
 
@@ -50,15 +54,36 @@ def _strength():
     return Float(1.0, -2.0, 4.0, step=0.1, help="how much of the eraser to apply; 0 = none (bit-identical)")
 
 
+# UCE's own lam and an even preserve weight; with the automatic preserve set they keep every other
+# concept of the built-in model on the bench's held-out captions (bench/results/erasers.json).
+CLOSED_FORM_LAM = 0.5
+CLOSED_FORM_PRESERVE_WEIGHT = 1.0
+
+
+def _closed_form_v1_to_v2(params: dict) -> dict:
+    """Version 1 had no automatic preserve set, a fixed preserve weight of 1 and lam 0.01: a
+    file saved then keeps exactly what it did."""
+    return {"lam": 0.01, **params, "auto_preserve": "off", "preserve_weight": 1.0}
+
+
 @register
 class ClosedFormErase(Node):
     """Erase a concept in seconds with a closed-form weight edit: the concept's keys are mapped to
     the anchor's, everything orthogonal to them is left exactly as it was. "text_encoder" edits
     the first self-attention output projection of each CLIP text encoder (Diff-QuickFix; T5 is
     left as it is); "cross_attention" edits the layers the text embeddings enter (UCE/TIME): a
-    UNet's cross-attention key/value projections, SD3's and FLUX's context embedder."""
+    UNet's cross-attention key/value projections, SD3's and FLUX's context embedder.
+    By default the edit also holds a preserve set drawn from the model's vocabulary (the built-in
+    ShapesT2I world: every other colour and shape; other models: resources/erasers/
+    common_concepts.txt), minus prompts naming the concept; without one a small lam takes
+    related concepts down too. The node logs how many prompts it preserved and the first few.
+    Held out on the built-in model (bench/erasers.py, 24 captions x 2 seeds), these defaults keep
+    every other concept (>= 0.90 of baseline) and erase "red" (both targets) and "circle" with
+    text_encoder (1.00 -> 0.00), but UCE leaves "circle" at 0.83 and neither erases the pair
+    "red circle" (1.00): the preserved halves ("a blue circle", "a red square") hold its keys."""
 
     category = "erasers"
+    version = 2
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to erase, e.g. circle"),
@@ -67,32 +92,49 @@ class ClosedFormErase(Node):
                          help="which weights to edit"),
         "templates": String(DEFAULT_TEMPLATES, multiline=True,
                             help="prompts the concept appears in, one per line, {} = the concept"),
-        "preserve": String("", multiline=True, help="prompts whose outputs must not change, one per line"),
+        "auto_preserve": Choice(("vocabulary", "off"), "vocabulary",
+                                help="vocabulary: also keep the model's other concepts (ShapesT2I: its "
+                                     "colours and shapes; others: the shipped common-concepts list)"),
+        "preserve": String("", multiline=True,
+                           help="more prompts whose outputs must not change, one per line"),
         "positions": Choice(("last", "to_end"), "to_end",
                             help="cross-attention: edit the concept's last token only, or it and every later token"),
-        "lam": Float(0.01, 0.0, 100.0, step=0.01, help="regularisation towards the old weights"),
+        "lam": Float(CLOSED_FORM_LAM, 0.0, 100.0, step=0.01, help="regularisation towards the old weights"),
+        "preserve_weight": Float(CLOSED_FORM_PRESERVE_WEIGHT, 0.0, 100.0, step=0.1,
+                                 help="weight of the preserved prompts against the erased ones"),
         "strength": _strength(),
     }
     outputs = {"model": MODEL, "clip": CLIP}
+    migrations = {1: _closed_form_v1_to_v2}
 
-    def run(self, ctx, model, clip, concept, anchor, target, templates, preserve, positions, lam, strength):
-        from kernels.erasers import WeightDeltaPatch, quickfix_edit, uce_edit
+    def run(self, ctx, model, clip, concept, anchor, target, templates, auto_preserve, preserve, positions, lam,
+            preserve_weight, strength):
+        from kernels.erasers import WeightDeltaPatch, default_preserve, quickfix_edit, uce_edit
         from kernels.patching import applied_patches
 
         concept = _need(concept)
         temps, keep = _templates(templates), _lines(preserve)
-        meta = {"method": "closed-form", "concept": concept, "anchor": anchor, "lam": lam}
+        if auto_preserve == "vocabulary":
+            try:
+                keep = default_preserve(clip.tokenizer, concept, anchor, extra=keep)
+            except ValueError as exc:
+                raise NodeError(f"ClosedFormErase: {exc}") from None
+        log.info("ClosedFormErase %r -> %r: preserving %d prompts (%s%s)", concept, anchor, len(keep),
+                 ", ".join(keep[:6]), ", ..." if len(keep) > 6 else "")
+        meta = {"method": "closed-form", "concept": concept, "anchor": anchor, "lam": lam,
+                "preserve_weight": preserve_weight, "preserved": len(keep)}
         out_model, out_clip = model, clip
         with applied_patches(clip.patches, clip.text_encoder):
             if target in ("cross_attention", "both"):
                 with applied_patches(model.patches, model.unet):
                     deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, concept, anchor,
-                                      templates=temps, preserve=keep, lam=lam, positions=positions)
+                                      templates=temps, preserve=keep, lam=lam, positions=positions,
+                                      preserve_scale=preserve_weight)
                 out_model = model.with_patch(WeightDeltaPatch("unet", deltas, strength,
                                                               {**meta, "edit": "uce", "positions": positions}))
             if target in ("text_encoder", "both"):
                 deltas = quickfix_edit(clip.tokenizer, clip.text_encoder, concept, anchor,
-                                       templates=temps, preserve=keep, lam=lam)
+                                       templates=temps, preserve=keep, lam=lam, preserve_scale=preserve_weight)
                 out_clip = clip.with_patch(WeightDeltaPatch("text_encoder", deltas, strength,
                                                             {**meta, "edit": "quickfix"}))
         return {"model": out_model, "clip": out_clip}
@@ -224,7 +266,13 @@ class ConceptMembrane(Node):
 class EraseFinetune(Node):
     """Erase a concept by fine-tuning a LoRA for a few minutes. "esd": the concept's prediction is
     pushed along the negative guidance direction. "all_but_one": it is pulled towards a chosen
-    alternative concept instead, while the unconditional prediction is held where it was."""
+    alternative concept instead, while the unconditional prediction is held where it was.
+    Without preserve prompts both are destructive on the built-in ShapesT2I model: ESD on the
+    shape "circle" (300 steps, 24 prompts x 8 seeds, bench/erasers.py) left circles at 0.90 (from
+    0.98) and took every colour to 0.00-0.04; All-but-One erased it but took every other colour
+    and shape to 0.00-0.08. Holding the other prompts (preserve; there they were also the scored
+    ones) kept All-but-One on "red" and "red circle" (others >= 0.90 of their baseline) but not
+    on "circle" (purple 0.79), nor ESD on "circle" (colours 0.00-0.88)."""
 
     category = "erasers"
     inputs = {"model": MODEL, "clip": CLIP}

@@ -19,9 +19,11 @@ def test_bench_smoke_run_writes_the_table_fields(tiny_pixel_model, tmp_path, cap
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["prompts"] == 24 and len(data["results"]) == 3
+    assert data["evaluation"]["prompts"] == 24 and data["tuning"]["prompts"] == 24
     assert data["results"][2]["eraser"] == "prune" and data["results"][2]["pruned"] > 0
     row = data["results"][0]
-    for key in ("target_before", "target_after", "others", "min_other_ratio", "seconds", "attack", "meets_goal"):
+    for key in ("target_before", "target_after", "others", "min_other_ratio", "seconds", "attack", "meets_goal",
+                "tuning"):
         assert key in row
     assert set(row["others"]) >= {"red", "circle", "blue", "square"}  # a pair keeps both halves elsewhere
     assert "tgt after" in capsys.readouterr().err  # the table
@@ -38,3 +40,18 @@ def test_bench_judges_with_the_oracle():
         obj = scene.objects[0]
         hits += found == [(obj.colour, obj.shape)]
     assert hits >= 38
+
+
+def test_evaluation_prompts_are_held_out_from_tuning_and_preserve_sets(tiny_bundle):
+    from kernels.erasers import default_preserve
+
+    evaluation = bench.heldout_eval_prompts(1)
+    assert len(evaluation) == 24 and len({(c, s) for c, s, _ in evaluation}) == 24
+    captions = {p for _, _, p in evaluation}
+    tuning = {p for _, _, p in [(c, s, bench.prompt_for(c, s)) for c in bench.COLOURS for s in bench.SHAPES]}
+    assert not captions & tuning
+    tok = tiny_bundle[1].tokenizer
+    for target in ("red", "circle", "red circle"):
+        assert not captions & set(default_preserve(tok, target, bench.default_anchor(target)))
+        templates = {t.replace("{}", target) for t in bench.world_templates(target)}
+        assert not captions & templates

@@ -12,6 +12,7 @@ each with its paper and the sources it was checked against:
 - guidance: safe guidance, negative guidance at inference (a baseline);
 - red_team: Prompting4Debugging, prompts that bring an erased concept back;
 - generator: a MODEL + CLIP pair that samples with its patches (red team, benches);
+- preserve: the default preserve prompts, from the model's vocabulary;
 - files: saving and loading erasers.
 """
 
@@ -53,6 +54,7 @@ from .patches import (
                           lora_targets,
                           text_encoder_out_proj,
 )
+from .preserve import common_concepts, default_preserve, is_shapes_world, world_prompts
 from .pruning import (
                           concept_neuron_scores,
                           ffn_activations,
@@ -73,5 +75,5 @@ __all__ = [
     "transport_strength", "encode_embeds", "predict_noise", "LAYER_SCOPES", "EraserPatch", "LoraPatch",
     "WeightDeltaPatch", "cross_attention_kv", "lora_delta", "lora_targets", "text_encoder_out_proj",
     "concept_neuron_scores", "ffn_activations", "ffn_output_layers", "neuron_scores", "probe_timesteps",
-    "prune_concept_neurons", "pruned_count", "RedTeamResult", "TokenVocabulary", "red_team_prompt",
+    "prune_concept_neurons", "pruned_count", "common_concepts", "default_preserve", "is_shapes_world", "world_prompts", "RedTeamResult", "TokenVocabulary", "red_team_prompt",
 ]

@@ -1,0 +1,111 @@
+"""ClosedFormErase's defaults: the automatic preserve set, its weight and lam, and old files."""
+
+import json
+
+import torch
+from conftest import eraser_graph, run_captured
+
+from kernels.erasers import common_concepts, default_preserve, is_shapes_world, quickfix_edit, uce_edit, world_prompts
+from kernels.text import words_of
+from nodes.erasers import ClosedFormErase
+
+
+def test_world_preserve_set_leaves_out_only_prompts_naming_the_concept(tiny_bundle):
+    tok = tiny_bundle[1].tokenizer
+    assert is_shapes_world(tok)
+    red = default_preserve(tok, "red", "blue")
+    assert red and not any("red" in words_of(p) for p in red)
+    assert {"a blue circle", "a green star", "circle", "yellow"} <= set(red)  # anchor and others stay
+    pair = default_preserve(tok, "red circle", "red triangle")
+    assert "a red circle" not in pair and {"a red square", "a blue circle", "red", "circle"} <= set(pair)
+    assert len(pair) == len(world_prompts()) - 1
+    assert default_preserve(tok, "red", extra=["a red thing on grass"])[-1] == "a red thing on grass"
+
+
+def test_common_concepts_for_other_models(tmp_path):
+    class BigVocab:  # a real model's tokenizer: tens of thousands of tokens
+        def get_vocab(self):
+            return {f"tok{i}": i for i in range(50000)}
+
+    assert not is_shapes_world(BigVocab())
+    keep = default_preserve(BigVocab(), "cat")
+    assert "a dog" in keep and "a cat" not in keep and "a black cat" not in keep
+    assert len(keep) == len(common_concepts()) - 2
+    lst = tmp_path / "c.txt"
+    lst.write_text("# comment\na fox\n\n a hen \n", encoding="utf-8")
+    assert common_concepts(lst) == ["a fox", "a hen"]
+
+
+def _node(model, clip, **params):
+    full = {n: p.default for n, p in ClosedFormErase.params.items()}
+    full.update(params)
+    return ClosedFormErase().run(None, model, clip, **full)
+
+
+def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_bundle):
+    model, clip = tiny_bundle
+    tok, te = clip.tokenizer, clip.text_encoder
+    temps = ClosedFormErase.params["templates"].default.splitlines()
+    keep = default_preserve(tok, "red", "blue")
+    out = _node(model, clip, concept="red", anchor="blue", target="both")
+    ref_uce = uce_edit(model.unet, tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5,
+                       positions="to_end", preserve_scale=1.0)
+    ref_qf = quickfix_edit(tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5)
+    got_uce, got_qf = out["model"].patches[-1].deltas, out["clip"].patches[-1].deltas
+    assert got_uce.keys() == ref_uce.keys() and all(torch.equal(got_uce[k], ref_uce[k]) for k in ref_uce)
+    assert got_qf.keys() == ref_qf.keys() and all(torch.equal(got_qf[k], ref_qf[k]) for k in ref_qf)
+    assert out["model"].patches[-1].meta["preserved"] == len(keep)
+    # auto_preserve off with v1's lam is the edit version 1 made
+    old = _node(model, clip, concept="red", anchor="blue", target="cross_attention", auto_preserve="off", lam=0.01)
+    ref_old = uce_edit(model.unet, tok, te, "red", "blue", templates=temps, lam=0.01, positions="to_end")
+    assert all(torch.equal(old["model"].patches[-1].deltas[k], ref_old[k]) for k in ref_old)
+    # the preserve weight changes the edit
+    heavy = _node(model, clip, concept="red", anchor="blue", target="cross_attention", preserve_weight=10.0)
+    assert any(not torch.equal(heavy["model"].patches[-1].deltas[k], got_uce[k]) for k in got_uce)
+
+
+def test_version_1_files_keep_their_behaviour():
+    assert ClosedFormErase.version == 2
+    migrated = ClosedFormErase.migrate({"concept": "red", "anchor": "blue"}, 1)
+    assert migrated == {"concept": "red", "anchor": "blue", "lam": 0.01, "auto_preserve": "off",
+                        "preserve_weight": 1.0}
+    assert ClosedFormErase.migrate({"concept": "red", "lam": 0.3}, 1)["lam"] == 0.3
+
+
+def test_a_saved_version_1_graph_loads_with_the_old_defaults(tiny_pixel_model, tmp_path):
+    from app.graph.fileformat import load, save
+    from nodes import registry
+
+    g, ids = eraser_graph(tiny_pixel_model, ("ClosedFormErase", {"concept": "circle", "anchor": "square"}))
+    path = tmp_path / "old.loom"
+    save(g, path)
+    data = json.loads(path.read_text())
+    for node in data["nodes"]:
+        if node["type"] == "ClosedFormErase":
+            node["version"] = 1
+    path.write_text(json.dumps(data))
+    old = load(path, registry.get)
+    params = old.nodes[ids["erasers"][0]].params
+    assert params["lam"] == 0.01 and params["auto_preserve"] == "off"
+    # strength 0 with the new defaults is still bit-identical to no eraser
+    plain, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path)
+    zero, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("ClosedFormErase", {
+        "concept": "circle", "anchor": "square", "target": "both", "strength": 0.0})), tmp_path)
+    assert torch.equal(plain, zero)
+
+
+def test_example_erase_graphs_are_current_and_valid():
+    from pathlib import Path
+
+    from app.graph.fileformat import load
+    from app.graph.validate import validate
+    from nodes import registry
+
+    files = sorted((Path(__file__).resolve().parents[1] / "resources" / "graphs").glob("erase-*.loom"))
+    assert len(files) == 4
+    for path in files:
+        g = load(path, registry.get)
+        assert validate(g, registry.get) == [], path.name
+        for node in g.nodes.values():
+            if node.type == "ClosedFormErase":
+                assert node.version == ClosedFormErase.version, path.name  # rewritten by bench/erasers.py --graphs
