@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 
 def _umask() -> int:
@@ -78,3 +78,17 @@ def path_fingerprint(path: str) -> Any:
             st = os.stat(p)
             entries.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
     return (path, sorted(entries))
+
+
+def special_file_reason(path: Union[os.PathLike, str]) -> Optional[str]:
+    """Why `path` must not be opened, or None: a pipe, socket or device (opening a FIFO waits
+    forever for a writer). Missing paths, files and folders are the readers' business."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "is not a regular file (a pipe, socket or device): it is never opened"

@@ -489,3 +489,38 @@ def test_misspelt_and_unknown_keys_round_trip(tmp_path):
     assert again["nodes"][0]["ti<le"] == "My sampler" and again["future"] == {"a": 1}
     assert again["groups"][0]["colour"] == "#fff"
     assert load(path, registry.get).nodes["n1"].extra == {"ti<le": "My sampler"}
+
+
+@pytest.mark.parametrize("node_type, param", [("LoadLoRA", "path"), ("LoadUpscaleModel", "path"),
+                                              ("LoadEraser", "path"), ("LoadVAE", "path"),
+                                              ("LoadControlNet", "path"), ("LoadModel", "path")])
+def test_no_loader_opens_a_pipe(tmp_path, tiny_pixel_model, node_type, param):
+    """A FIFO as any path param fails its node at once (opening one waits for a writer forever)."""
+    import os
+    import threading
+
+    from app.engine import Executor
+    from app.graph import Graph
+    from nodes.registry import add_node
+
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    from nodes.registry import get
+
+    g = Graph()
+    node = add_node(g, node_type, {param: str(fifo)})
+    if set(get(node_type).inputs) & {"model", "clip"}:  # wired to a tiny model, so only the path is wrong
+        load = add_node(g, "LoadModel", {"path": tiny_pixel_model})
+        for port in set(get(node_type).inputs) & {"model", "clip"}:
+            g.connect(load.id, port, node.id, port)
+    result = {}
+
+    def run():
+        result["report"] = Executor(device="cpu", disk_cache=False).run(g, targets=[node.id], output_dir=tmp_path)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the node opened the pipe"
+    error = result["report"].nodes[node.id].error
+    assert "pipe, socket or device" in error and "weights.safetensors" in error

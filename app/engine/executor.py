@@ -455,6 +455,9 @@ class Executor:
         spec = registry.get(node.type)
         params = spec.resolved_params(node.params)
         ctx = NodeContext(self, run, nid)
+        special = _special_path_param(spec, params, ctx)
+        if special:
+            return self._fail(run, nid, NodeError(special))
         try:
             fingerprint = spec.fingerprint(params, ctx)
         except Exception as exc:
@@ -556,3 +559,23 @@ class _UpstreamFailed(Exception):
     def __init__(self, node_id: str):
         super().__init__(node_id)
         self.node_id = node_id
+
+
+def _special_path_param(spec, params: dict, ctx) -> Optional[str]:
+    """A message if a path param names a pipe, socket or device: every loader would hang or
+    misread on it, so no node gets to open one (checked here once, not in each loader)."""
+    from kernels.files import special_file_reason
+    from nodes.base import Path as PathParam
+
+    for name, param in spec.params.items():
+        value = params.get(name)
+        if not isinstance(param, PathParam) or not isinstance(value, str) or not value:
+            continue
+        try:
+            resolved = ctx.resolve_path(value, kinds=tuple(param.models) or None)
+        except Exception:  # noqa: BLE001 (an unresolvable name is the node's own error to give)
+            continue
+        reason = special_file_reason(resolved)
+        if reason:
+            return f"{name}: {resolved!r} {reason}"
+    return None
