@@ -6,8 +6,6 @@ applied only while a Sampler (MODEL) or TextEncode (CLIP) runs. The work is in k
 
 from __future__ import annotations
 
-from kernels.files import path_fingerprint
-
 from .base import CLIP, MODEL, Float, Node, NodeError, Path
 from .registry import register
 
@@ -35,25 +33,15 @@ class LoadLoRA(Node):
     outputs = {"model": MODEL, "clip": CLIP}
 
     @classmethod
-    def _resolve(cls, path: str, ctx) -> str:
-        try:
-            return ctx.resolve_path(path, kinds=LORA_KINDS)
-        except NodeError as exc:
-            raise NodeError(f"LoadLoRA: {exc}") from None
-
-    @classmethod
     def fingerprint(cls, params, ctx):
-        try:
-            return path_fingerprint(cls._resolve(params["path"], ctx))
-        except NodeError:
-            return ("missing", params["path"])
+        return cls.model_path_fingerprint(ctx, params["path"], LORA_KINDS)
 
     def run(self, ctx, model, clip, path, strength_model, strength_clip):
         from kernels.adapters import LoraFileError, lora_patches
 
         if not path:
             raise NodeError("LoadLoRA: no LoRA file chosen")
-        file = self._resolve(path, ctx)
+        file = self.resolve_model_path(ctx, path, LORA_KINDS)
         try:
             model_patch, clip_patch = lora_patches(file, model.unet, clip.text_encoder, strength_model,
                                                    strength_clip)

@@ -335,6 +335,26 @@ class Node:
         return cls.__name__
 
     @classmethod
+    def resolve_model_path(cls, ctx, path: str, kinds) -> str:
+        """`ctx.resolve_path` for a path that may name a model of `kinds` (`ckpt:NAME`); a name
+        the models folders do not hold is this node's error."""
+        try:
+            return ctx.resolve_path(path, kinds=kinds)
+        except NodeError as exc:
+            raise NodeError(f"{cls.type_name()}: {exc}") from None
+
+    @classmethod
+    def model_path_fingerprint(cls, ctx, path: str, kinds):
+        """The resolved file's fingerprint, or a marker when it cannot be found (running the node
+        then says why)."""
+        from kernels.files import path_fingerprint
+
+        try:
+            return path_fingerprint(cls.resolve_model_path(ctx, path, kinds))
+        except NodeError:
+            return ("missing", path)
+
+    @classmethod
     def label(cls) -> str:
         """The name people read (palette, search, a new node's title): `display_name`, else the
         type name in words ("VAEDecode" -> "VAE Decode", "LoadLoRA" -> "Load LoRA")."""

@@ -8,8 +8,6 @@ only while a Sampler runs. The work is in kernels/adapters/controlnet.py and pre
 
 from __future__ import annotations
 
-from kernels.files import path_fingerprint
-
 from .base import CONTROL_NET, IMAGE, LAYOUT, MODEL, Bool, Choice, Float, Int, Node, NodeError, Path
 from .registry import register
 
@@ -33,18 +31,8 @@ class LoadControlNet(Node):
     outputs = {"control_net": CONTROL_NET}
 
     @classmethod
-    def _resolve(cls, path: str, ctx) -> str:
-        try:
-            return ctx.resolve_path(path, kinds=CONTROLNET_KINDS)
-        except NodeError as exc:
-            raise NodeError(f"LoadControlNet: {exc}") from None
-
-    @classmethod
     def fingerprint(cls, params, ctx):
-        try:
-            return path_fingerprint(cls._resolve(params["path"], ctx))
-        except NodeError:
-            return ("missing", params["path"])
+        return cls.model_path_fingerprint(ctx, params["path"], CONTROLNET_KINDS)
 
     def run(self, ctx, path, dtype):
         from kernels.adapters.controlnet import ControlNetError, load_control_net
@@ -52,7 +40,7 @@ class LoadControlNet(Node):
 
         if not path:
             raise NodeError("LoadControlNet: no ControlNet file chosen")
-        file = self._resolve(path, ctx)
+        file = self.resolve_model_path(ctx, path, CONTROLNET_KINDS)
         try:
             return {"control_net": ctx.models.load(file, dtype, load_control_net)}
         except (ControlNetError, ModelLoadError) as exc:

@@ -7,8 +7,6 @@ IPAdapterApply nodes for several image prompts at once.
 
 from __future__ import annotations
 
-from kernels.files import path_fingerprint
-
 from .base import IMAGE, IP_ADAPTER, MASK, MODEL, Choice, Float, Node, NodeError, Path
 from .core import DTYPES
 from .registry import register
@@ -34,21 +32,9 @@ class LoadIPAdapter(Node):
     outputs = {"ip_adapter": IP_ADAPTER}
 
     @classmethod
-    def _resolve(cls, path: str, ctx, kinds) -> str:
-        try:
-            return ctx.resolve_path(path, kinds=kinds)
-        except NodeError as exc:
-            raise NodeError(f"LoadIPAdapter: {exc}") from None
-
-    @classmethod
     def fingerprint(cls, params, ctx):
-        out = []
-        for name, kinds in (("path", IP_ADAPTER_KINDS), ("image_encoder", IMAGE_ENCODER_KINDS)):
-            try:
-                out.append(path_fingerprint(cls._resolve(params[name], ctx, kinds)))
-            except NodeError:
-                out.append(("missing", params[name]))
-        return tuple(out)
+        return (cls.model_path_fingerprint(ctx, params["path"], IP_ADAPTER_KINDS),
+                cls.model_path_fingerprint(ctx, params["image_encoder"], IMAGE_ENCODER_KINDS))
 
     def run(self, ctx, path, image_encoder, dtype):
         from kernels.adapters.ip_adapter import IPAdapterError, ip_adapter, load_image_encoder, load_ip_adapter_file
@@ -56,11 +42,11 @@ class LoadIPAdapter(Node):
 
         if not path:
             raise NodeError("LoadIPAdapter: no IP-Adapter file chosen")
-        file = self._resolve(path, ctx, IP_ADAPTER_KINDS)
+        file = self.resolve_model_path(ctx, path, IP_ADAPTER_KINDS)
         if not image_encoder:
             raise NodeError(f"LoadIPAdapter: the IP-Adapter file {file!r} needs its image encoder: set "
                             f"image_encoder to the CLIP vision model folder it was trained with")
-        encoder_path = self._resolve(image_encoder, ctx, IMAGE_ENCODER_KINDS)
+        encoder_path = self.resolve_model_path(ctx, image_encoder, IMAGE_ENCODER_KINDS)
         try:
             weights = ctx.models.load(file, dtype, load_ip_adapter_file)
             encoder = ctx.models.load(encoder_path, dtype, load_image_encoder)
