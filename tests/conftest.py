@@ -38,6 +38,26 @@ def tiny_flow_model(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-flow"), flow=True)
 
 
+def copy_with_scheduler(src, dst, **changes) -> str:
+    """A copy of model folder `src` at `dst` with `changes` in its scheduler config."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config_path = dst / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def sd_model(tiny_latent_model, tmp_path_factory):
+    """The tiny latent model with `steps_offset` 1, as SD checkpoints ship it: the SD pipelines
+    rewrite any other value to 1 when they are built, which would compare two schedules."""
+    return copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd", steps_offset=1)
+
+
 def txt2img_graph(model_path, *, prompt="a red circle on the left", steps=4, size=16, seed=1,
                   scheduler="euler", cfg=4.0, save=True, batch=1):
     """The standard text-to-image chain as a document; returns (graph, ids by role)."""

@@ -76,18 +76,6 @@ def build_tiny_controlnet(path, model_folder, *, seed=0, single_file=False, scal
 
 # -- models ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sd_model(tiny_latent_model, tmp_path_factory):
-    """The tiny latent model with `steps_offset` 1, as the SD pipelines rewrite it."""
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    shutil.copytree(tiny_latent_model, path)
-    config_path = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["steps_offset"] = 1
-    config_path.write_text(json.dumps(config))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def cns(sd_model, tmp_path_factory):
     """Two ControlNets for the tiny SD model (folders), the first also as a single file."""
     folder = tmp_path_factory.mktemp("controlnets")

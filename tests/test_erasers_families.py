@@ -3,8 +3,6 @@ node runs, changes the sample when on and is bit-identical to no eraser at stren
 denoiser call (kernels.denoiser) is what each diffusers pipeline feeds its denoiser and gives
 its first-step prediction; UCE's edit of an MM-DiT's context_embedder is the closed form."""
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -84,17 +82,6 @@ def first_call(module, call):
     finally:
         hook.remove()
     return seen[0]
-
-
-@pytest.fixture(scope="module")
-def sd_model(tiny_latent_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    shutil.copytree(tiny_latent_model, path)
-    config_path = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["steps_offset"] = 1  # as SD1.x ships it (the pipeline would rewrite it)
-    config_path.write_text(json.dumps(config))
-    return str(path)
 
 
 def _texts(clip):

@@ -3,7 +3,6 @@ tiny CLIPVisionModelWithProjection and IP-Adapter files the tests write in the s
 (image_proj.*, ip_adapter.N.to_k_ip.weight), checked against StableDiffusionPipeline with
 diffusers' own load_ip_adapter / set_ip_adapter_scale / ip_adapter_masks."""
 
-import json
 import shutil
 
 import pytest
@@ -48,18 +47,6 @@ class PathContext(QuietContext):
 
 
 # -- files ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sd_model(tiny_latent_model, tmp_path_factory):
-    """The tiny latent model with `steps_offset` 1, as the SD pipeline rewrites it."""
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    shutil.copytree(tiny_latent_model, path)
-    config_path = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["steps_offset"] = 1
-    config_path.write_text(json.dumps(config))
-    return str(path)
-
-
 def plain_weights(unet, *, seed, width=None, image_dim=16):
     g = torch.Generator().manual_seed(seed)
     width = width or unet.config.cross_attention_dim

@@ -75,18 +75,6 @@ def write_file(path, tensors, metadata=None):
 
 # -- models ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sd_model(tiny_latent_model, tmp_path_factory):
-    """The tiny latent model with `steps_offset` 1, as the SD pipeline rewrites it."""
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    shutil.copytree(tiny_latent_model, path)
-    config_path = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config["steps_offset"] = 1
-    config_path.write_text(json.dumps(config))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def sd_loras(sd_model, tmp_path_factory):
     """The same ΔW for the UNet and the text encoder (alpha 2, rank 4) as a PEFT and a kohya file,
     and a second, different LoRA (kohya)."""

@@ -1,12 +1,9 @@
 """The UNet (SD1.x/2.x) text-to-image path against diffusers' StableDiffusionPipeline on the same
 tiny random model, seed and scheduler: the graph's latents must equal the pipeline's."""
 
-import json
-import shutil
-
 import pytest
 import torch
-from conftest import CAPTURED, txt2img_graph
+from conftest import CAPTURED, copy_with_scheduler, txt2img_graph
 
 from app.engine import Executor
 from nodes.registry import add_node
@@ -14,27 +11,10 @@ from nodes.registry import add_node
 PROMPT = "a red circle on the left"
 
 
-def _copy_with_scheduler(src, dst, **changes) -> str:
-    shutil.copytree(src, dst)
-    config_path = dst / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(changes)
-    config_path.write_text(json.dumps(config))
-    return str(dst)
-
-
-@pytest.fixture(scope="module")
-def sd_model(tiny_latent_model, tmp_path_factory):
-    """The tiny latent model (v-prediction, as SD2's 768 models) with `steps_offset` 1, as SD
-    checkpoints ship it: the pipeline rewrites any other value to 1 when it is built, which
-    would compare two schedules."""
-    return _copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd", steps_offset=1)
-
-
 @pytest.fixture(scope="module")
 def sd_epsilon_model(tiny_latent_model, tmp_path_factory):
-    """The same with epsilon prediction, as SD1.x and SD2-base."""
-    return _copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd-eps",
+    """conftest's sd_model (v-prediction, as SD2's 768 models) with epsilon prediction, as SD1.x and SD2-base."""
+    return copy_with_scheduler(tiny_latent_model, tmp_path_factory.mktemp("models") / "tiny-sd-eps",
                                 steps_offset=1, prediction_type="epsilon")
 
 
