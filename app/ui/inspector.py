@@ -23,6 +23,12 @@ INT32 = 2**31 - 1
 SEED_CONTROLS = ("fixed", "increment", "random")
 
 
+def random_seed(param: Seed) -> int:
+    """A random seed within the param's range (at most 2**32 - 1, what every generator takes)."""
+    hi = param.max if param.max is not None else 2**32 - 1
+    return random.randint(param.min or 0, min(hi, 2**32 - 1))
+
+
 def seed_control_key(param_name: str) -> str:
     """The node-meta key of a seed param's after-run control."""
     return f"seed_control:{param_name}"
@@ -128,8 +134,7 @@ class SeedField(ParamField):
             self.commit(int(text))
 
     def randomise(self):
-        hi = self.param.max if self.param.max is not None else 2**32 - 1
-        self.commit(random.randint(self.param.min or 0, min(hi, 2**32 - 1)))
+        self.commit(random_seed(self.param))
 
     def load(self, value):
         self.edit.setText(str(value))

@@ -194,9 +194,9 @@ class RunControl:
 
     def _advance_seeds(self) -> None:
         """Seeds set to "increment" or "random" change after a run (undoable, like any edit)."""
-        import random
+        from nodes.base import Seed
 
-        from .inspector import SEED_CONTROLS, seed_control_key
+        from .inspector import SEED_CONTROLS, random_seed, seed_control_key
 
         for nid, node in list(self.doc.graph.nodes.items()):
             spec = registry.get(node.type)
@@ -204,11 +204,11 @@ class RunControl:
                 continue
             for name, param in spec.params.items():
                 control = node.meta.get(seed_control_key(name), SEED_CONTROLS[0])
-                if control == "fixed" or type(param).__name__ != "Seed":
+                if control == "fixed" or not isinstance(param, Seed):
                     continue
                 seed = int(spec.resolved_params(node.params)[name])
                 hi = param.max if param.max is not None else 2**32 - 1
-                new = seed + 1 if control == "increment" else random.randint(param.min or 0, min(hi, 2**32 - 1))
+                new = seed + 1 if control == "increment" else random_seed(param)
                 self.doc.set_param(nid, name, min(new, hi))
 
     def cancel_run(self) -> None:
