@@ -197,6 +197,10 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     run = TrainingRun(workdir, unet, text_encoder, tokenizer, scheduler, ema_unet, ema_te, params, opt)
+    if args.resume:
+        # Committed unfinished runs record their step: continuing from it keeps the warm-up,
+        # curriculum and decay where they were instead of starting them over.
+        run.step = resumed_step(Path(args.resume))
     state_path = workdir / "state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
@@ -206,6 +210,14 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
         run.step, run.trained_seconds, run.best = state["step"], state["trained_seconds"], state["best"]
         emit({"event": "resumed", "step": run.step})
     return run
+
+
+def resumed_step(model_dir: Path) -> int:
+    """The step a committed run's `training_state.json` records (0 for shipped weights)."""
+    try:
+        return int(json.loads((model_dir / "training_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 class SpikeGuard:
