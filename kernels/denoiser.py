@@ -201,24 +201,9 @@ class Denoiser:
         return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).expand(pooled.shape[0], -1)}
 
     def _predict_flux(self, x: torch.Tensor, t, text: DenoiserText) -> torch.Tensor:
-        # diffusers' own packing helpers, as kernels.flux.sample_flux uses them
-        from diffusers import FluxPipeline
+        from kernels.flux import flux_forward
 
-        b, c, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ValueError(f"FLUX packs the latent in 2x2 patches: its size ({h}x{w}) must be even")
-        dtype, device = text.embeds.dtype, x.device
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
-        txt_ids = torch.zeros(text.embeds.shape[1], 3).to(device=device, dtype=dtype)
-        guidance = None
-        if self.module.config.guidance_embeds:
-            guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(b)
-        t = torch.as_tensor(t, device=device).expand(b).to(x.dtype) / 1000
-        pred = self.module(hidden_states=FluxPipeline._pack_latents(x, b, c, h, w), timestep=t,
-                           guidance=guidance, pooled_projections=text.pooled,
-                           encoder_hidden_states=text.embeds, txt_ids=txt_ids, img_ids=img_ids,
-                           return_dict=False)[0]
-        return FluxPipeline._unpack_latents(pred, h, w, 1)
+        return flux_forward(self.module, x, t, text.embeds, text.pooled, self.guidance)
 
     def guided(self, x: torch.Tensor, t, cond: TextLike, uncond: TextLike, cfg: float) -> torch.Tensor:
         """What a sampler at guidance `cfg` predicts: CFG over one [uncond, cond] batch, as the

@@ -5,8 +5,9 @@ and T5 (whose sequence is the text the transformer attends to): FluxTextEncoders
 FluxTokenizers. The VAE is an ordinary VaeBundle: its encode/decode already apply the
 `shift_factor` FLUX's VAE config carries.
 
-Graph latents stay (B, 16, H/8, W/8) like every other model's; only `sample_flux` packs them
-into 2x2 patches (FLUX's image tokens) and unpacks the result, with diffusers' own helpers.
+Graph latents stay (B, 16, H/8, W/8) like every other model's; only `flux_forward`, the one
+transformer call, packs them into 2x2 patches (FLUX's image tokens) and unpacks its prediction,
+with diffusers' own helpers.
 FLUX dev/schnell have no negative prompt: "dev" takes the guidance scale as an input of the
 transformer (the Sampler's cfg), "schnell" takes none; neither runs a second, unconditional
 batch.
@@ -148,8 +149,6 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
     while the distilled guidance is `guidance` (FluxPipeline's default 3.5 when None).
     `text_at(i, n)`: a prompt schedule's kernels.sampling.StepText for step i, or None.
     Returns the (B, C, H, W) latent."""
-    from diffusers import FluxPipeline
-
     from kernels.sampling import noised_start
 
     if pooled is None or pooled[0] is None:
@@ -161,41 +160,59 @@ def sample_flux(transformer, scheduler, positive: torch.Tensor, negative: Option
                          "negative prompt with this model's own text encoders")
     if guidance is None:
         guidance = DEFAULT_DEV_GUIDANCE if negative is not None else cfg
-    b, c, h, w = noise.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"FLUX packs the latent in 2x2 patches: its size ({h}x{w}) must be even; "
-                         f"make the image size a multiple of 2x the VAE's factor")
-    pack = lambda x: FluxPipeline._pack_latents(x, b, c, h, w)  # noqa: E731
-    unpack = lambda x: FluxPipeline._unpack_latents(x, h, w, 1)  # noqa: E731 (sizes in latent units)
-    dtype, device = positive.dtype, noise.device
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
-    guidance_embed = None
-    if transformer.config.guidance_embeds:
-        guidance_embed = torch.full([1], guidance, device=device, dtype=torch.float32).expand(b)
-
-    def predict(x, t, text, text_pooled, kwargs):
-        txt_ids = torch.zeros(text.shape[1], 3).to(device=device, dtype=dtype)
-        return transformer(hidden_states=x, timestep=t.expand(b).to(x.dtype) / 1000, guidance=guidance_embed,
-                           pooled_projections=text_pooled, encoder_hidden_states=text, txt_ids=txt_ids,
-                           img_ids=img_ids, return_dict=False, **(kwargs or {}))[0]
-
-    timesteps = flux_timesteps(scheduler, steps, (h // 2) * (w // 2), denoise, device=device)
-    x = pack(noised_start(scheduler, noise, timesteps, init))
+    b = noise.shape[0]
+    timesteps = flux_timesteps(scheduler, steps, image_tokens(noise), denoise, device=noise.device)
+    # The loop runs on unpacked latents: the flow-match step is elementwise, so stepping them is
+    # bit-identical to the pipeline's stepping of the packed tokens.
+    x = noised_start(scheduler, noise, timesteps, init)
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         if before_step is not None:
             with torch.enable_grad():
-                x = pack(before_step(i, t, unpack(x)).detach())
+                x = before_step(i, t, x).detach()
         pos, neg, pooled_i, kwargs = positive, negative, pooled, unet_kwargs
         scheduled = text_at(i, n) if text_at is not None else None
         if scheduled is not None:
             text = scheduled.per_image(b)
             pos, neg, pooled_i, kwargs = text.positive, text.negative, text.pooled, text.unet_kwargs
-        pred = predict(x, t, pos, pooled_i[0], kwargs)
+        pred = flux_forward(transformer, x, t, pos, pooled_i[0], guidance, kwargs)
         if true_cfg:  # two calls, not one batch of two, as the pipeline makes them
-            uncond = predict(x, t, neg.expand(b, -1, -1), pooled_i[1].expand(b, -1), kwargs)
+            uncond = flux_forward(transformer, x, t, neg.expand(b, -1, -1), pooled_i[1].expand(b, -1),
+                                  guidance, kwargs)
             pred = uncond + cfg * (pred - uncond)
         x = scheduler.step(pred, t, x, return_dict=False)[0]
         if progress is not None:
-            progress(i + 1, n, unpack(x))
-    return unpack(x)
+            progress(i + 1, n, x)
+    return x
+
+
+def image_tokens(latent: torch.Tensor) -> int:
+    """How many 2x2-patch image tokens a (B, C, H, W) latent packs into."""
+    h, w = latent.shape[-2:]
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs the latent in 2x2 patches: its size ({h}x{w}) must be even; "
+                         f"make the image size a multiple of 2x the VAE's factor")
+    return (h // 2) * (w // 2)
+
+
+def flux_forward(transformer, x: torch.Tensor, t, embeds: torch.Tensor, pooled: torch.Tensor,
+                 guidance: Optional[float], kwargs: Optional[dict] = None) -> torch.Tensor:
+    """One transformer call on an unpacked (B, C, H, W) latent, as FluxPipeline makes it: the
+    latent packed into 2x2 patches with diffusers' helpers, its position ids, the timestep over
+    1000, the distilled `guidance` (ignored by transformers without a guidance embedding);
+    returns the unpacked prediction."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = x.shape
+    image_tokens(x)
+    dtype, device = embeds.dtype, x.device
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+    txt_ids = torch.zeros(embeds.shape[1], 3).to(device=device, dtype=dtype)
+    guidance_embed = None
+    if transformer.config.guidance_embeds:
+        guidance_embed = torch.full([1], guidance, device=device, dtype=torch.float32).expand(b)
+    t = torch.as_tensor(t, device=device).expand(b).to(x.dtype) / 1000
+    pred = transformer(hidden_states=FluxPipeline._pack_latents(x, b, c, h, w), timestep=t,
+                       guidance=guidance_embed, pooled_projections=pooled, encoder_hidden_states=embeds,
+                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False, **(kwargs or {}))[0]
+    return FluxPipeline._unpack_latents(pred, h, w, 1)
