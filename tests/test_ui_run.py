@@ -276,3 +276,28 @@ def test_seed_control_increments_or_randomises_the_seed_after_a_run(window, qtbo
     with qtbot.waitSignal(window.runner.finished, timeout=120_000):
         window.act_run.trigger()
     assert window.doc.graph.nodes[ids["sampler"]].params["seed"] == 4
+
+
+def test_recipe_keys_walk_a_long_chain_and_follow_their_inputs():
+    """The stale badges' keys: a 5,000-node chain neither recurses too deep nor re-scans every
+    wire per node; an upstream edit changes every key below it and nothing above."""
+    import time
+
+    from app.graph.document import Graph
+    from app.ui.run_control import recipe_keys
+
+    g = Graph()
+    ids = [g.add_node("LoadImage", {"file": "a.png"}, id="n0").id]
+    for i in range(1, 5000):
+        ids.append(g.add_node("ImageScale", {"factor": 1.0}, id=f"n{i}").id)
+        g.connect(ids[-2], "image", ids[-1], "image")
+    started = time.monotonic()
+    before = recipe_keys(g, ids)
+    assert time.monotonic() - started < 20  # seconds: quadratic took minutes
+    assert len(set(before.values())) == len(ids)
+    g.nodes["n2500"].params["factor"] = 2.0
+    after = recipe_keys(g, ids)
+    changed = [nid for nid in ids if before[nid] != after[nid]]
+    assert changed == ids[2500:]
+    g.connect("n4999", "image", "n0", "image")  # a cycle has a key that matches nothing
+    assert recipe_keys(g, ["n10"])["n10"] != after["n10"]

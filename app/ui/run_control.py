@@ -40,22 +40,32 @@ def recipe_keys(graph, ids) -> dict[str, str]:
     no run, which is what the badges want after an edit or an undo."""
     from kernels.hashing import content_hash
 
+    wired = graph.inputs_by_node()  # once: inputs_of per node is quadratic in a big graph
     keys: dict[str, str] = {}
-
-    def key(nid: str, visiting: frozenset) -> str:
-        if nid in keys:
-            return keys[nid]
-        node = graph.nodes[nid]
-        if nid in visiting:  # a cycle cannot run; give it a key that matches nothing
-            return f"cycle:{nid}"
-        inputs = {port: (key(e.src, visiting | {nid}), e.src_port) for port, e in graph.inputs_of(nid).items()
-                  if e.src in graph.nodes}
-        keys[nid] = content_hash(node.type, node.params, inputs)
-        return keys[nid]
-
-    for nid in ids:
-        if nid in graph.nodes:
-            key(nid, frozenset())
+    on_path: set[str] = set()
+    for root in ids:
+        if root not in graph.nodes or root in keys:
+            continue
+        # An explicit stack, not recursion: a long chain of nodes must not hit Python's limit.
+        stack = [(root, False)]
+        while stack:
+            nid, inputs_done = stack.pop()
+            if nid in keys:
+                continue
+            sources = [e.src for e in wired.get(nid, {}).values() if e.src in graph.nodes]
+            if not inputs_done:
+                on_path.add(nid)
+                stack.append((nid, True))
+                for src in sources:
+                    if src in on_path:  # a cycle cannot run; give it a key that matches nothing
+                        keys.setdefault(src, f"cycle:{src}")
+                    elif src not in keys:
+                        stack.append((src, False))
+                continue
+            on_path.discard(nid)
+            inputs = {port: (keys[e.src], e.src_port) for port, e in wired.get(nid, {}).items()
+                      if e.src in graph.nodes}
+            keys[nid] = content_hash(graph.nodes[nid].type, graph.nodes[nid].params, inputs)
     return {nid: keys[nid] for nid in ids if nid in keys}
 
 

@@ -38,7 +38,7 @@ PROBE_SIZE = 64  # input pixels per side of the tile the activation probe runs o
 MIN_TILE = 64  # smaller tiles spend more on their overlaps than on the image
 # Share of the room beside the result that tiles plan to use: the allocator's slack (freed tile
 # buffers of other sizes not yet reused) is the rest; bench/upscale.py measures the real peak.
-TILE_HEADROOM = 0.8
+TILE_HEADROOM = 0.5
 
 
 class UpscaleModelError(ValueError):
@@ -275,6 +275,12 @@ def plan_upscale(model: UpscaleModel, height: int, width: int, *, batch: int = 1
                 f"({_mb(per_pixel * MIN_TILE * MIN_TILE)}): raise the budget")
         asked = (side, side)
     grid = plan_tiles(height, width, asked, overlap, model.multiple_of)
+    step = max(8, model.multiple_of)
+    while tile <= 0 and not grid.single and per_pixel * _largest_tile(grid) > room \
+            and asked[0] - step >= min(MIN_TILE, height, width):
+        # plan_tiles evens the tiles out over the image, which can make them larger than asked
+        asked = (asked[0] - step, asked[1] - step)
+        grid = plan_tiles(height, width, asked, overlap, model.multiple_of)
     if grid.single:  # the output is copied into the result as it is, never weighted
         per_pixel = activations
     tile_bytes = per_pixel * _largest_tile(grid)

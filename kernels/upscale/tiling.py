@@ -156,10 +156,14 @@ def tiled_apply(fn: TileFn, x: torch.Tensor, *, scale: float, tile: int | tuple[
             done += 1
             if progress:
                 progress(done, grid.count)
-    norm = (_weight_sum(grid.rows, wy, out_h, scale)[:, None]
-            * _weight_sum(grid.cols, wx, out_w, scale)[None, :]).to(out.device)
+    # The weight sum is separable: divide by its row and column factors in place, never making
+    # the (out_h, out_w) product (64 MB at 4096x4096).
+    rows = _weight_sum(grid.rows, wy, out_h, scale).to(out.device)
+    cols = _weight_sum(grid.cols, wx, out_w, scale).to(out.device)
     if channels_last:
-        out /= norm[None, :, :, None]
+        out /= rows[None, :, None, None]
+        out /= cols[None, None, :, None]
     else:
-        out /= norm
+        out /= rows[None, None, :, None]
+        out /= cols[None, None, None, :]
     return out
