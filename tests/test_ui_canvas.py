@@ -206,3 +206,15 @@ def test_minimap_shows_the_view_and_pans_on_click(window):
     assert abs(center.x() - target.x()) < 2 and abs(center.y() - target.y()) < 2
     window.act_minimap.trigger()
     assert not mm.isVisible()
+
+
+def test_signal_emits_do_not_wear_out_true(window):
+    """PySide6 6.12 on Python 3.11 gives back True from a connected signal's emit() without a
+    reference; the canvas emits one per pan step, which aborted the interpreter ("bool_dealloc")
+    after a few thousand. ngqt_compat.keep_none_alive guards True and False as it does None."""
+    import sys
+
+    viewer = window.canvas.viewer
+    for _ in range(20000):
+        viewer.view_changed.emit()
+    assert sys.getrefcount(True) > 10000 and sys.getrefcount(False) > 10000

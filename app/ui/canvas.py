@@ -19,7 +19,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from app.graph import Edge, Node
 from app.graph.arrange import tidy
-from app.graph.passthrough import REROUTE
+from app.graph.passthrough import REROUTE, wire_type
 from nodes import registry
 
 from . import ngqt_compat as ngqt
@@ -238,9 +238,29 @@ class GraphCanvas(QtCore.QObject):
                 except KeyError:  # a wire to a port the node does not have (a stale file)
                     continue
                 a.connect_to(b)
+            self._color_reroute_wires()
             self._sync_groups()
         finally:
             self._syncing = False
+
+    def _color_reroute_wires(self) -> None:
+        """A wire out of a reroute has the colour of the type the reroute carries."""
+        from nodes.base import DATA_TYPES
+
+        graph = self.doc.graph
+        for nid, node in graph.nodes.items():
+            if node.type != REROUTE or nid not in self._items:
+                continue
+            kind = wire_type(graph, registry.get, nid, "out")
+            rgb = hex_to_rgb(DATA_TYPES[kind].color) if kind in DATA_TYPES else REROUTE_COLOR[:3]
+            color = (*rgb, 255)
+            if self.viewer.wire_colors.get((nid, "out")) != color:
+                self.viewer.wire_colors[(nid, "out")] = color
+            for pipe in self.port_view(nid, "out", True).connected_pipes:
+                if tuple(pipe.color) != color:
+                    pipe.color = color
+                    if not pipe.highlighted():
+                        pipe.reset()
 
     def _ports_of(self, node: Node) -> tuple:
         """(inputs, outputs) the node item needs: from the declaration, or for a placeholder

@@ -1,8 +1,7 @@
 """The minimap: the whole graph in a corner of the canvas, with the part in view outlined.
 
-Click or drag on it to pan there. It draws the node items' rectangles in their colours (no text),
-so it costs a few hundred rectangle fills per repaint, and it repaints only when the view or the
-graph changes.
+Click or drag on it to pan there. The nodes' rectangles (in their colours, no text) are drawn
+into a pixmap when the graph changes; a pan repaints only that pixmap and the view's outline.
 """
 
 from __future__ import annotations
@@ -24,10 +23,13 @@ class Minimap(QtWidgets.QWidget):
         self.setCursor(QtCore.Qt.PointingHandCursor)
         self.setToolTip("the whole graph: click or drag to go there")
         self._fit = QtGui.QTransform()
+        self._picture: QtGui.QPixmap | None = None
+        self.setAttribute(QtCore.Qt.WA_OpaquePaintEvent)  # nothing under it to blend: cheap repaints
         viewer = canvas.viewer
         viewer.view_changed.connect(self.update)
         viewer.installEventFilter(self)
-        canvas.doc.structure_changed.connect(self.update)
+        canvas.doc.structure_changed.connect(self.invalidate)
+        canvas.doc.node_changed.connect(self.invalidate)
         self._place()
 
     def eventFilter(self, obj, event):
@@ -58,25 +60,38 @@ class Minimap(QtWidgets.QWidget):
         dy = inner.top() + (inner.height() - extent.height() * s) / 2 - extent.top() * s
         return QtGui.QTransform(s, 0, 0, s, dx, dy)
 
-    def paintEvent(self, event):
-        p = QtGui.QPainter(self)
-        p.setRenderHint(QtGui.QPainter.Antialiasing)
+    def invalidate(self, *_args) -> None:
+        self._picture = None
+        self.update()
+
+    def _draw_graph(self) -> QtGui.QPixmap:
+        """The background and the nodes, drawn once per change of the graph (not per pan)."""
+        ratio = self.devicePixelRatioF()
+        pix = QtGui.QPixmap(self.size() * ratio)
+        pix.setDevicePixelRatio(ratio)
+        pix.fill(QtGui.QColor(14, 16, 20))
+        p = QtGui.QPainter(pix)
         p.setPen(QtGui.QPen(QtGui.QColor(70, 76, 90), 1))
-        p.setBrush(QtGui.QColor(14, 16, 20, 215))
-        p.drawRoundedRect(QtCore.QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5), 6, 6)
-        extent = self.scene_extent()
-        view = self.visible_rect()
-        self._fit = self._transform(extent.united(view))
+        p.drawRect(QtCore.QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5))
+        self._fit = self._transform(self.scene_extent())
         p.setPen(QtCore.Qt.NoPen)
         for nid in self.canvas.doc.graph.nodes:
             item = self.canvas.item(nid)
-            if item is None:
-                continue
-            p.setBrush(QtGui.QColor(*item.view.color[:3]).lighter(130))
-            p.drawRect(self._fit.mapRect(self.canvas.node_rect(nid)))
+            if item is not None:
+                p.setBrush(QtGui.QColor(*item.view.color[:3]).lighter(130))
+                p.drawRect(self._fit.mapRect(self.canvas.node_rect(nid)))
+        p.end()
+        return pix
+
+    def paintEvent(self, event):
+        if self._picture is None or self._picture.size() != self.size() * self.devicePixelRatioF():
+            self._picture = self._draw_graph()
+        p = QtGui.QPainter(self)
+        p.drawPixmap(0, 0, self._picture)
+        p.setClipRect(self.rect().adjusted(1, 1, -1, -1))
         p.setBrush(QtGui.QColor(106, 167, 232, 40))
         p.setPen(QtGui.QPen(QtGui.QColor("#6aa7e8"), 1.2))
-        p.drawRect(self._fit.mapRect(view))
+        p.drawRect(self._fit.mapRect(self.visible_rect()))
         p.end()
 
     def scene_point(self, pos: QtCore.QPointF) -> QtCore.QPointF:

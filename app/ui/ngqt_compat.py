@@ -30,7 +30,7 @@ to NodeGraphQt's model. What this module changes, and why:
 7. `LoomViewer.view_changed` is emitted whenever the visible range changes (pan, zoom, frame),
    for the minimap; `center_on` pans to a scene point the way NodeViewer pans.
 8. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
-   wears None's reference count down until the interpreter aborts).
+   wears None's and True's reference counts down until the interpreter aborts).
 
 Tests: tests/test_ui.py (test_nodegraphqt_is_only_a_view, test_mouse_gestures_on_the_canvas,
 test_many_qt_calls_do_not_wear_out_none and the canvas tests around them).
@@ -249,15 +249,16 @@ _none_guarded = False
 
 
 def keep_none_alive() -> bool:
-    """Stop PySide6 from wearing None's reference count down to zero (a fatal abort).
+    """Stop PySide6 from wearing None's (and True's) reference count down to zero (a fatal abort).
 
     PySide6 6.12 on Python 3.11: every call of a C++ method that returns void (setToolTip,
     update, setPen, drawRect, signal.emit, ...) gives back None without taking a reference, as
     if None were immortal (it is from Python 3.12, PEP 683; not in 3.11). Each such call costs
     None one reference; None starts with ~5000, so an app that paints and updates aborts with
     "Fatal Python error: none_dealloc" after a few thousand calls (300 nodes on the canvas were
-    enough). We detect the leak with a probe, and if it is there give None a reference count it
-    can never spend (2**56, as good as 3.12's immortality). Returns True if the guard was set.
+    enough). A connected signal's emit() likewise gives back True without a reference. We detect
+    the leaks with probes, and if they are there give None, True and False a reference count
+    they can never spend (2**56, as good as 3.12's immortality). Returns True if the guard was set.
     """
     global _none_guarded
     import ctypes
@@ -269,9 +270,19 @@ def keep_none_alive() -> bool:
     before = sys.getrefcount(None)
     for _ in range(64):
         probe.setObjectName("probe")  # a void C++ method
-    if before - sys.getrefcount(None) < 32:
+    leaks = before - sys.getrefcount(None) >= 32
+    # The same binding gives back True from a connected signal's emit() without a reference
+    # (the canvas emits one per pan step; the app aborted with "bool_dealloc" after a while).
+    timer = QtCore.QTimer()
+    probe.objectNameChanged.connect(timer.stop)
+    before = sys.getrefcount(True)
+    for _ in range(64):
+        probe.objectNameChanged.emit("probe")
+    leaks = leaks or before - sys.getrefcount(True) >= 32
+    if not leaks:
         return False  # a binding that counts correctly: nothing to do
-    ctypes.c_ssize_t.from_address(id(None)).value += 1 << 56  # ob_refcnt is PyObject's first field
+    for singleton in (None, True, False):  # ob_refcnt is PyObject's first field
+        ctypes.c_ssize_t.from_address(id(singleton)).value += 1 << 56
     _none_guarded = True
     return True
 
