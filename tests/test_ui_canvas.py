@@ -91,9 +91,10 @@ def test_canvas_edits_make_the_inspectors_undo_steps(window, qtbot):
     assert doc.graph.nodes[b].params == inspector_params
     assert window.inspector.fields["steps"].widget.value() == 22  # the inspector follows
     # a drag is one merged step, like typing in the spin box
-    before = doc.undo.count()
+    before, where = doc.undo.count(), doc.graph.nodes[b].pos
     _drag(window.canvas, b, "cfg", 60)
     assert doc.undo.count() == before + 1 and doc.graph.nodes[b].params["cfg"] > 7.0
+    assert doc.graph.nodes[b].pos == where  # the drag changed the value, not the node's place
     assert doc.undo.text(doc.undo.count() - 1) == "set Sampler.cfg"
     window.act_undo.trigger()
     assert "cfg" not in doc.graph.nodes[b].params

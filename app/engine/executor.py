@@ -384,6 +384,8 @@ class Executor:
             run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)
             if nid in resolved.failed:
                 self._finish(run, nid, FAILED, error=resolved.failed[nid])
+            elif resolved.passed[nid] == passthrough.REROUTED:
+                run.report.nodes[nid].status = passthrough.REROUTED  # a dot on a wire: no badge
             else:
                 self._finish(run, nid, resolved.passed[nid])
         for problem in validate(graph, registry.get, set(targets)):
