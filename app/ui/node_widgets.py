@@ -95,6 +95,7 @@ class ParamPanel(QtWidgets.QGraphicsObject):
         self.font.setPointSizeF(9.0)
         self.bold = QtGui.QFont(self.font)
         self.bold.setBold(True)
+        self._metrics, self._bold_metrics = QtGui.QFontMetricsF(self.font), QtGui.QFontMetricsF(self.bold)
         self._hover: Optional[str] = None
         self._press: Optional[tuple[Row, QtCore.QPointF, Any]] = None
         self._dragged = False
@@ -102,6 +103,7 @@ class ParamPanel(QtWidgets.QGraphicsObject):
         self.setAcceptHoverEvents(True)
         self.setAcceptedMouseButtons(QtCore.Qt.LeftButton)
         self.setCacheMode(QtWidgets.QGraphicsItem.DeviceCoordinateCache)
+        self.setFlag(QtWidgets.QGraphicsItem.ItemUsesExtendedStyleOption)  # gives paint exposedRect
         self.setZValue(2)
 
     # -- geometry --------------------------------------------------------------------------
@@ -138,9 +140,12 @@ class ParamPanel(QtWidgets.QGraphicsObject):
     # -- painting --------------------------------------------------------------------------
     def paint(self, painter, option, widget=None):
         lod = option.levelOfDetailFromTransform(painter.worldTransform())
+        exposed = option.exposedRect  # the device cache asks for strips as a panel scrolls in
         painter.setRenderHint(QtGui.QPainter.Antialiasing)
         for row in self.rows:
             rect = self.row_rect(row)
+            if not rect.intersects(exposed):
+                continue
             painter.setPen(QtCore.Qt.NoPen)
             painter.setBrush(FIELD_HOVER if row.name == self._hover else FIELD)
             painter.drawRoundedRect(rect, 4, 4)
@@ -153,7 +158,7 @@ class ParamPanel(QtWidgets.QGraphicsObject):
         bad = self.problem(row.name)
         label = row.name.replace("_", " ")
         painter.setFont(self.font)
-        fm = QtGui.QFontMetricsF(self.font)
+        fm = self._metrics
         inner = rect.adjusted(7, 0, -7, 0)
         if row.multiline:
             head = QtCore.QRectF(inner.left(), rect.top() + 1, inner.width(), ROW_H * 0.8)
@@ -196,7 +201,7 @@ class ParamPanel(QtWidgets.QGraphicsObject):
         painter.setFont(self.bold if not bad else self.font)
         painter.drawText(QtCore.QRectF(inner.left() + label_w, rect.top(), space, rect.height()),
                          QtCore.Qt.AlignVCenter | QtCore.Qt.AlignRight,
-                         QtGui.QFontMetricsF(self.bold).elidedText(text, QtCore.Qt.ElideMiddle, space))
+                         self._bold_metrics.elidedText(text, QtCore.Qt.ElideMiddle, space))
 
     # -- mouse -----------------------------------------------------------------------------
     def hoverMoveEvent(self, event):
