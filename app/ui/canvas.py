@@ -7,8 +7,8 @@ Two directions, never mixed:
   backdrop) arrive as viewer signals and become Document edits (undoable commands). A refused
   edit (an incompatible wire) just re-syncs, which puts the canvas back as the document says.
 
-Node run states (stale, queued, running, cached, done, failed) and result thumbnails are drawn
-here as child items of the node items.
+Node run states (stale, queued, running, cached, done, failed), result thumbnails and the
+settings panels (node_widgets.py) are child items of the node items.
 """
 
 from __future__ import annotations
@@ -24,69 +24,12 @@ from nodes import registry
 
 from . import ngqt_compat as ngqt
 from .document import Document
-from .node_widgets import PANEL_W, ParamPanel
+from .node_widgets import PANEL_W, BadgeItem, ParamPanel, ThumbItem
 from .theme import CATEGORY_TINTS, STATE_COLORS, hex_to_rgb
 
 REROUTE_COLOR = (154, 160, 166, 255)
 
 THUMB_WIDTH = 160  # scene units; small results are scaled up to this
-
-
-class BadgeItem(QtWidgets.QGraphicsItem):
-    """A small coloured pill above a node: its run state ("running 4/20", "failed", ...)."""
-
-    def __init__(self, parent):
-        super().__init__(parent)
-        self.text, self.color = "", QtGui.QColor("#666")
-        self.font = QtGui.QFont()
-        self.font.setPointSizeF(7.5)
-        self.font.setBold(True)
-        self.setZValue(5)
-        self.setAcceptHoverEvents(True)
-
-    def set(self, text: str, color: str, tooltip: str = "") -> None:
-        self.prepareGeometryChange()
-        self.text, self.color = text, QtGui.QColor(color)
-        self.setToolTip(tooltip)
-        self.setVisible(bool(text))
-        self.update()
-
-    def _size(self) -> QtCore.QSizeF:
-        m = QtGui.QFontMetricsF(self.font)
-        return QtCore.QSizeF(m.horizontalAdvance(self.text) + 12, m.height() + 4)
-
-    def boundingRect(self):
-        s = self._size()
-        return QtCore.QRectF(0, 0, s.width(), s.height())
-
-    def paint(self, painter, option, widget=None):
-        r = self.boundingRect()
-        painter.setRenderHint(QtGui.QPainter.Antialiasing)
-        painter.setPen(QtCore.Qt.NoPen)
-        painter.setBrush(self.color)
-        painter.drawRoundedRect(r, r.height() / 2, r.height() / 2)
-        painter.setFont(self.font)
-        painter.setPen(QtGui.QColor("#101216") if self.color.lightness() > 110 else QtGui.QColor("#f0f2f5"))
-        painter.drawText(r, QtCore.Qt.AlignCenter, self.text)
-
-
-class ThumbItem(QtWidgets.QGraphicsPixmapItem):
-    """A node's latest image (a preview while sampling, the result after), below the node."""
-
-    def __init__(self, parent):
-        super().__init__(parent)
-        self.setZValue(-1)
-        self.setVisible(False)
-
-    def show_image(self, image: QtGui.QImage, width: float) -> None:
-        pix = QtGui.QPixmap.fromImage(image)
-        self.setPixmap(pix)
-        scale = width / max(1, pix.width())
-        self.setScale(scale)
-        # Hard pixels for small images (the built-in model makes 32x32): blurring them up lies.
-        small = pix.width() * 2 <= width
-        self.setTransformationMode(QtCore.Qt.FastTransformation if small else QtCore.Qt.SmoothTransformation)
-        self.setVisible(True)
 
 
 class GraphCanvas(QtCore.QObject):

@@ -1,4 +1,5 @@
-"""A node's settings drawn on the canvas: one painted panel per node, below its ports.
+"""What the canvas draws on a node besides NodeGraphQt's own: its settings (one painted panel
+below its ports), its run-state badge and its latest image.
 
 Rows by param kind: numbers (drag left/right to change, click an arrow to step, double-click to
 type), choices (click for the list), toggles (click), text (a box; multi-line prompts show a
@@ -384,3 +385,61 @@ class ParamPanel(QtWidgets.QGraphicsObject):
             if proxy.scene() is not None:
                 proxy.scene().removeItem(proxy)
             proxy.deleteLater()
+
+
+# -- a node's run state and latest image --------------------------------------------------------
+class BadgeItem(QtWidgets.QGraphicsItem):
+    """A small coloured pill above a node: its run state ("running 4/20", "failed", ...)."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.text, self.color = "", QtGui.QColor("#666")
+        self.font = QtGui.QFont()
+        self.font.setPointSizeF(7.5)
+        self.font.setBold(True)
+        self.setZValue(5)
+        self.setAcceptHoverEvents(True)
+
+    def set(self, text: str, color: str, tooltip: str = "") -> None:
+        self.prepareGeometryChange()
+        self.text, self.color = text, QtGui.QColor(color)
+        self.setToolTip(tooltip)
+        self.setVisible(bool(text))
+        self.update()
+
+    def _size(self) -> QtCore.QSizeF:
+        m = QtGui.QFontMetricsF(self.font)
+        return QtCore.QSizeF(m.horizontalAdvance(self.text) + 12, m.height() + 4)
+
+    def boundingRect(self):
+        s = self._size()
+        return QtCore.QRectF(0, 0, s.width(), s.height())
+
+    def paint(self, painter, option, widget=None):
+        r = self.boundingRect()
+        painter.setRenderHint(QtGui.QPainter.Antialiasing)
+        painter.setPen(QtCore.Qt.NoPen)
+        painter.setBrush(self.color)
+        painter.drawRoundedRect(r, r.height() / 2, r.height() / 2)
+        painter.setFont(self.font)
+        painter.setPen(QtGui.QColor("#101216") if self.color.lightness() > 110 else QtGui.QColor("#f0f2f5"))
+        painter.drawText(r, QtCore.Qt.AlignCenter, self.text)
+
+
+class ThumbItem(QtWidgets.QGraphicsPixmapItem):
+    """A node's latest image (a preview while sampling, the result after), below the node."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.setZValue(-1)
+        self.setVisible(False)
+
+    def show_image(self, image: QtGui.QImage, width: float) -> None:
+        pix = QtGui.QPixmap.fromImage(image)
+        self.setPixmap(pix)
+        scale = width / max(1, pix.width())
+        self.setScale(scale)
+        # Hard pixels for small images (the built-in model makes 32x32): blurring them up lies.
+        small = pix.width() * 2 <= width
+        self.setTransformationMode(QtCore.Qt.FastTransformation if small else QtCore.Qt.SmoothTransformation)
+        self.setVisible(True)
