@@ -8,6 +8,8 @@ Rules (each pinned by a test):
   outputs leaves its downstream keys unchanged: early cutoff.
 - A node whose key has a trace (memory or disk) is not run; its values are loaded only if a node
   that must run needs them.
+- Bypassed, muted and reroute nodes never run: their readers are rewired to the real sources
+  first (`app.graph.passthrough`), so a bypass is the graph with the node removed.
 - Failure is local: a failing node fails itself, its downstream cone is skipped, and
   independent branches finish. Cancel is cooperative; finished nodes stay cached.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from app.graph import CycleError, Graph, dumps, validate
+from app.graph import CycleError, Graph, dumps, passthrough, validate
 from app.graph.errors import MESSAGE_CHARS, brief
 from app.graph.png import png_bytes
 from kernels.files import atomic_write
@@ -219,6 +221,7 @@ class _Run:
     hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)  # node -> why it cannot run
+    skips: dict[str, str] = field(default_factory=dict)  # node -> why it is skipped (reads a muted node)
     refused: Optional[str] = None  # why the whole run is refused (its memory estimate)
 
 
@@ -321,7 +324,8 @@ class Executor:
         out = []
         for nid, node in graph.nodes.items():
             spec = registry.get(node.type)
-            if spec is not None and spec.output_node and not node.is_placeholder:
+            if spec is not None and spec.output_node and not node.is_placeholder \
+                    and not passthrough.is_passthrough(node):
                 out.append(nid)
         return out
 
@@ -349,11 +353,17 @@ class Executor:
         for t in targets:
             graph.node(t)
         graph_dir = Path(graph_path).resolve().parent if graph_path else None
+        # Bypassed, muted and reroute nodes are taken out and their readers rewired (the file
+        # the run embeds is the graph as drawn).
+        shown, resolved = graph, passthrough.resolve(graph, registry.get)
+        graph = resolved.graph
         run = _Run(graph=graph, events=events or EngineEvents(), cancel=cancel or threading.Event(),
                    output_dir=Path(output_dir) if output_dir else Path.cwd(), graph_dir=graph_dir,
-                   graph_text=dumps(graph, strict=False), report=RunReport(), write_dirs=write_dirs,
-                   inputs=graph.inputs_by_node())
+                   graph_text=dumps(shown, strict=False), report=RunReport(), write_dirs=write_dirs,
+                   inputs=graph.inputs_by_node(), skips=dict(resolved.skipped))
         self._current = run
+        passed = sorted(shown.upstream(targets) & set(resolved.passed), key=lambda n: shown.nodes[n].pos)
+        targets = [t for t in targets if t in graph.nodes]
         cone = graph.upstream(targets)
         on_cycle: set[str] = set()
         try:
@@ -369,6 +379,15 @@ class Executor:
         for nid in order + stuck:
             node = graph.nodes[nid]
             run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)
+        for nid in passed:  # reported, never run
+            node = shown.nodes[nid]
+            run.report.nodes[nid] = NodeReport(nid, node.title or node.type, node.type)
+            if nid in resolved.failed:
+                self._finish(run, nid, FAILED, error=resolved.failed[nid])
+            elif resolved.passed[nid] == passthrough.REROUTED:
+                run.report.nodes[nid].status = passthrough.REROUTED  # a dot on a wire: no badge
+            else:
+                self._finish(run, nid, resolved.passed[nid])
         for problem in validate(graph, registry.get, set(targets)):
             if problem.node_id in run.report.nodes:
                 run.blocked.setdefault(problem.node_id, problem.message)
@@ -439,6 +458,9 @@ class Executor:
     def _visit(self, run: _Run, nid: str, targets: list[str]) -> None:
         graph = run.graph
         node = graph.nodes[nid]
+        if nid in run.skips:
+            self._finish(run, nid, SKIPPED, error=run.skips[nid])
+            return
         if nid in run.blocked:
             self._finish(run, nid, FAILED, error=run.blocked[nid])
             return

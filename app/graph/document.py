@@ -32,6 +32,9 @@ class Node:
     params: dict[str, Any] = field(default_factory=dict)
     pos: tuple[float, float] = (0.0, 0.0)
     meta: dict[str, Any] = field(default_factory=dict)
+    # How the engine treats the node: "" runs it, "bypass" passes its inputs through to outputs
+    # of the same type, "mute" runs nothing and gives nothing (see app/graph/passthrough.py).
+    mode: str = ""
     # A node whose type this build does not know (or knows only in an older version): the
     # record as it was read, written back unchanged so nothing the user made is lost.
     raw: Optional[dict] = None

@@ -1,7 +1,7 @@
 """The `.loom` file format: JSON, versioned, migrated on load, saved atomically.
 
     {"format": "loomwork.graph", "version": 2,
-     "nodes": [{"id", "type", "version", "title", "params", "pos", "meta"}],
+     "nodes": [{"id", "type", "version", "title", "params", "pos", "meta", "mode"?}],
      "edges": [{"from": {"node", "port"}, "to": {"node", "port"}}],
      "groups": [{"id", "title", "nodes", "rect", "color"}], "meta": {}}
 
@@ -36,7 +36,10 @@ FORMAT_VERSION = 2
 
 # The keys a node record has; any other key (a misspelt "ti<le", a newer build's field) is kept
 # in Node.extra and written back, never dropped.
-NODE_KEYS = ("id", "type", "version", "title", "params", "pos", "meta")
+NODE_KEYS = ("id", "type", "version", "title", "params", "pos", "meta", "mode")
+# A node's "mode" (written only when it is not "", so a file without bypassed or muted nodes
+# reads the same in builds that know no modes). An older build keeps the key as an unknown one.
+NODE_MODES = ("", "bypass", "mute")
 DOC_KEYS = ("format", "version", "nodes", "edges", "groups", "meta")
 GROUP_KEYS = ("id", "title", "nodes", "rect", "color")
 # No graph nests this deep; past it a file is refused, so nothing later (copies, saves, the
@@ -174,8 +177,12 @@ def _read_node(i: int, rec: Any, catalog: Optional[Catalog]) -> Node:
     if not isinstance(meta, dict):
         raise GraphFileError(f"{where} ({node_type}): 'meta' should be an object")
     pos = _number_pair(rec.get("pos", [0, 0]), f"{where} ({node_type}): 'pos'")
+    mode = rec.get("mode", "")
+    if mode not in NODE_MODES:
+        raise GraphFileError(f"{where} ({node_type}): 'mode' should be one of "
+                             f"{', '.join(repr(m) for m in NODE_MODES)}, got {brief_repr(mode)}")
     node = Node(id=node_id, type=node_type, version=version, title=title, params=dict(params),
-                pos=pos, meta=dict(meta), extra=_extra(rec, NODE_KEYS))
+                pos=pos, meta=dict(meta), mode=mode, extra=_extra(rec, NODE_KEYS))
     info = catalog(node_type) if catalog else None
     if info is None or version > info.version:
         node.raw = json.loads(json.dumps(rec))  # a deep copy of exactly what was read
@@ -274,8 +281,11 @@ def graph_to_dict(graph: Graph) -> dict:
                 rec["pos"] = [n.pos[0], n.pos[1]]
             nodes.append(rec)
             continue
-        nodes.append({**n.extra, "id": n.id, "type": n.type, "version": n.version, "title": n.title,
-                      "params": n.params, "pos": [n.pos[0], n.pos[1]], "meta": n.meta})
+        rec = {**n.extra, "id": n.id, "type": n.type, "version": n.version, "title": n.title,
+               "params": n.params, "pos": [n.pos[0], n.pos[1]], "meta": n.meta}
+        if n.mode:
+            rec["mode"] = n.mode
+        nodes.append(rec)
     return {
         **graph.extra,
         "format": FORMAT_NAME,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .document import CycleError, Graph
 from .errors import MESSAGE_CHARS, brief
+from .passthrough import type_accepts, wire_type
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,13 @@ def validate(graph: Graph, catalog: Callable[[str], Any],
             src_spec = catalog(src.type)
             if src_spec is None or src.is_placeholder:
                 continue  # reported on the source node itself
-            out_type = src_spec.outputs.get(edge.src_port)
+            out_type = wire_type(graph, catalog, edge.src, edge.src_port, inputs)
             if out_type is None:
                 add(node, f"input {name!r} is wired to {src.label}.{edge.src_port}, "
                           f"which has no such output")
-            elif not port.type.accepts(out_type):
+            elif not type_accepts(port.type.name, out_type):
                 add(node, f"input {name!r} takes {port.type.name} but is wired to "
-                          f"{src.label}.{edge.src_port}, which gives {out_type.name}")
+                          f"{src.label}.{edge.src_port}, which gives {out_type}")
         for name in wired:
             if name not in spec.inputs:
                 add(node, f"a wire goes into {name!r}, which is not an input of {node.type}")

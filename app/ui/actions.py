@@ -60,6 +60,7 @@ class WindowActions:
         self.act_cancel = self._action("&Cancel", self.cancel_run, K("Esc"), "stop the run (finished nodes stay cached)")
         self.act_cancel.setEnabled(False)
         self.act_run.setObjectName("RunAction")
+        self._graph_edit_actions()
 
     def _menus_and_toolbar(self) -> None:
         mb = self.menuBar()
@@ -82,9 +83,11 @@ class WindowActions:
         m.addSeparator()
         m.addActions([self.act_add, self.act_group, self.act_select_all])
         m.addSeparator()
+        m.addActions([self.act_bypass, self.act_mute, self.act_collapse, self.act_tidy])
+        m.addSeparator()
         m.addAction(self.act_preferences)
         m = mb.addMenu("&View")
-        m.addAction(self.act_frame)
+        m.addActions([self.act_frame, self.act_minimap])
         m.addSeparator()
         for dock in (self.palette_dock, self.inspector_dock, self.image_dock, self.layout_dock, self.queue_dock):
             m.addAction(dock.toggleViewAction())
@@ -128,6 +131,9 @@ class WindowActions:
         ("Ctrl+Enter", "run all outputs"), ("Ctrl+Shift+Enter", "run to the selected node"), ("Esc", "cancel the run"),
         ("Ctrl+S / Ctrl+Shift+S / Ctrl+O", "save / save as / open"),
         ("Double-click a title", "rename the node (or a group)"),
+        ("Ctrl+B / Ctrl+M", "bypass / mute the selection"), ("Alt+C", "collapse or expand the selection"),
+        ("Ctrl+Shift+L", "tidy up the selection (or all)"), ("Right-click a wire", "add a reroute dot"),
+        ("Drag a number on a node", "change it; double-click to type"),
     ]
 
     def edit_model_folders(self) -> None:

@@ -7,8 +7,8 @@ Two directions, never mixed:
   backdrop) arrive as viewer signals and become Document edits (undoable commands). A refused
   edit (an incompatible wire) just re-syncs, which puts the canvas back as the document says.
 
-Node run states (stale, queued, running, cached, done, failed) and result thumbnails are drawn
-here as child items of the node items.
+Node run states (stale, queued, running, cached, done, failed), result thumbnails and the
+settings panels (node_widgets.py) are child items of the node items.
 """
 
 from __future__ import annotations
@@ -17,71 +17,19 @@ from typing import Optional
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from app.graph import Node
+from app.graph import Edge, Node
+from app.graph.arrange import tidy
+from app.graph.passthrough import REROUTE, wire_type
 from nodes import registry
 
 from . import ngqt_compat as ngqt
 from .document import Document
+from .node_widgets import PANEL_W, BadgeItem, ParamPanel, ThumbItem
 from .theme import CATEGORY_TINTS, STATE_COLORS, hex_to_rgb
 
+REROUTE_COLOR = (154, 160, 166, 255)
+
 THUMB_WIDTH = 160  # scene units; small results are scaled up to this
-
-
-class BadgeItem(QtWidgets.QGraphicsItem):
-    """A small coloured pill above a node: its run state ("running 4/20", "failed", ...)."""
-
-    def __init__(self, parent):
-        super().__init__(parent)
-        self.text, self.color = "", QtGui.QColor("#666")
-        self.font = QtGui.QFont()
-        self.font.setPointSizeF(7.5)
-        self.font.setBold(True)
-        self.setZValue(5)
-        self.setAcceptHoverEvents(True)
-
-    def set(self, text: str, color: str, tooltip: str = "") -> None:
-        self.prepareGeometryChange()
-        self.text, self.color = text, QtGui.QColor(color)
-        self.setToolTip(tooltip)
-        self.setVisible(bool(text))
-        self.update()
-
-    def _size(self) -> QtCore.QSizeF:
-        m = QtGui.QFontMetricsF(self.font)
-        return QtCore.QSizeF(m.horizontalAdvance(self.text) + 12, m.height() + 4)
-
-    def boundingRect(self):
-        s = self._size()
-        return QtCore.QRectF(0, 0, s.width(), s.height())
-
-    def paint(self, painter, option, widget=None):
-        r = self.boundingRect()
-        painter.setRenderHint(QtGui.QPainter.Antialiasing)
-        painter.setPen(QtCore.Qt.NoPen)
-        painter.setBrush(self.color)
-        painter.drawRoundedRect(r, r.height() / 2, r.height() / 2)
-        painter.setFont(self.font)
-        painter.setPen(QtGui.QColor("#101216") if self.color.lightness() > 110 else QtGui.QColor("#f0f2f5"))
-        painter.drawText(r, QtCore.Qt.AlignCenter, self.text)
-
-
-class ThumbItem(QtWidgets.QGraphicsPixmapItem):
-    """A node's latest image (a preview while sampling, the result after), below the node."""
-
-    def __init__(self, parent):
-        super().__init__(parent)
-        self.setZValue(-1)
-        self.setVisible(False)
-
-    def show_image(self, image: QtGui.QImage, width: float) -> None:
-        pix = QtGui.QPixmap.fromImage(image)
-        self.setPixmap(pix)
-        scale = width / max(1, pix.width())
-        self.setScale(scale)
-        # Hard pixels for small images (the built-in model makes 32x32): blurring them up lies.
-        small = pix.width() * 2 <= width
-        self.setTransformationMode(QtCore.Qt.FastTransformation if small else QtCore.Qt.SmoothTransformation)
-        self.setVisible(True)
 
 
 class GraphCanvas(QtCore.QObject):
@@ -107,6 +55,7 @@ class GraphCanvas(QtCore.QObject):
         self._shape: dict[str, tuple] = {}               # node id -> (type, ports) it was built with
         self._badges: dict[str, BadgeItem] = {}
         self._thumbs: dict[str, ThumbItem] = {}
+        self._panels: dict[str, ParamPanel] = {}          # node id -> its settings on the canvas
         self._images: dict[str, QtGui.QImage] = {}       # last image per node, kept across undo
         self._syncing = False
         self.ng.set_background_color(24, 26, 31)
@@ -131,6 +80,9 @@ class GraphCanvas(QtCore.QObject):
         doc.node_changed.connect(self._refresh_node)
         doc.replaced.connect(self._on_replaced)
         self.sync()
+        from .minimap import Minimap
+
+        self.minimap = Minimap(self, self.viewer)
 
     # -- widget -------------------------------------------------------------------------
     @property
@@ -229,9 +181,29 @@ class GraphCanvas(QtCore.QObject):
                 except KeyError:  # a wire to a port the node does not have (a stale file)
                     continue
                 a.connect_to(b)
+            self._color_reroute_wires()
             self._sync_groups()
         finally:
             self._syncing = False
+
+    def _color_reroute_wires(self) -> None:
+        """A wire out of a reroute has the colour of the type the reroute carries."""
+        from nodes.base import DATA_TYPES
+
+        graph = self.doc.graph
+        for nid, node in graph.nodes.items():
+            if node.type != REROUTE or nid not in self._items:
+                continue
+            kind = wire_type(graph, registry.get, nid, "out")
+            rgb = hex_to_rgb(DATA_TYPES[kind].color) if kind in DATA_TYPES else REROUTE_COLOR[:3]
+            color = (*rgb, 255)
+            if self.viewer.wire_colors.get((nid, "out")) != color:
+                self.viewer.wire_colors[(nid, "out")] = color
+            for pipe in self.port_view(nid, "out", True).connected_pipes:
+                if tuple(pipe.color) != color:
+                    pipe.color = color
+                    if not pipe.highlighted():
+                        pipe.reset()
 
     def _ports_of(self, node: Node) -> tuple:
         """(inputs, outputs) the node item needs: from the declaration, or for a placeholder
@@ -251,6 +223,14 @@ class GraphCanvas(QtCore.QObject):
         item = ngqt.LoomNode()
         item.model.id = node.id
         item.view.id = node.id
+        spec = registry.get(node.type)
+        known = spec is not None and not node.is_placeholder
+        item.view.compact = known and node.type == REROUTE
+        if known and spec.params and not item.view.compact:
+            panel = ParamPanel(item.view, spec.params,
+                               lambda name, value, merge, nid=node.id: self.commit_param(nid, name, value, merge))
+            item.view.panel_size = (PANEL_W, panel.height())
+            self._panels[node.id] = panel
         item.NODE_NAME = item.model.name = item.view.name = shown_name(node)
         for name, type_name, _optional in shape[1]:
             color = hex_to_rgb(DATA_TYPES[type_name].color) if type_name in DATA_TYPES else (120, 120, 120)
@@ -262,9 +242,7 @@ class GraphCanvas(QtCore.QObject):
         self.ng.add_node(item, pos=[node.pos[0], node.pos[1]], selected=False, push_undo=False)
         # Looks are set on the view after adding: NodeGraphQt copies its model onto the view when
         # a node is added (and makes names unique, "Sampler 1"; we show the document's title).
-        spec = registry.get(node.type)
-        tint = CATEGORY_TINTS.get(spec.category if spec else "", CATEGORY_TINTS["misc"])
-        item.view.color = (*hex_to_rgb(tint), 255)
+        item.view.color = self._node_color(node)
         item.view.border_color = (58, 63, 75, 255)
         item.view.text_color = (230, 233, 238, 255)
         item.view.name = shown_name(node)
@@ -293,6 +271,7 @@ class GraphCanvas(QtCore.QObject):
         self.ng.remove_node(item, push_undo=False)
         self._shape.pop(nid, None)
         self._badges.pop(nid, None)
+        self._panels.pop(nid, None)
         self._thumbs.pop(nid, None)
         for key in [k for k in self.viewer.wire_colors if k[0] == nid]:
             del self.viewer.wire_colors[key]
@@ -307,14 +286,65 @@ class GraphCanvas(QtCore.QObject):
             item.view.draw_node()
         spec = registry.get(node.type)
         tip = f"{node.type}" + (f"\n{spec.doc()}" if spec else "\n(unknown type: kept as a placeholder)")
-        item.view.setToolTip(getattr(item.view, "_state_tip", "") or tip)
+        mode = {"bypass": "\n(bypassed: passes its inputs on)", "mute": "\n(muted: runs nothing)"}.get(node.mode, "")
+        item.view.setToolTip(getattr(item.view, "_state_tip", "") or tip + mode)
+        panel = self._panels.get(nid)
+        if panel is not None and spec is not None:
+            panel.set_values(spec.resolved_params(node.params))
+        self._apply_looks(node, item.view)
         self._place_decorations(nid)
+
+    def _node_color(self, node: Node) -> tuple:
+        if node.type == REROUTE:
+            return REROUTE_COLOR
+        color = node.meta.get("color")
+        if isinstance(color, str) and QtGui.QColor.isValidColorName(color):
+            c = QtGui.QColor(color)
+            return (c.red(), c.green(), c.blue(), 255)
+        spec = registry.get(node.type)
+        tint = CATEGORY_TINTS.get(spec.category if spec else "", CATEGORY_TINTS["misc"])
+        return (*hex_to_rgb(tint), 255)
+
+    def _apply_looks(self, node: Node, view) -> None:
+        """Colour, collapsed and mode from the document onto the node item."""
+        collapsed = bool(node.meta.get("collapsed")) and not view.compact
+        color = self._node_color(node)
+        if tuple(view.color) != color:
+            view.color = color
+        view.loom_mode = node.mode
+        view.setOpacity(0.55 if node.mode == "mute" else 1.0)
+        if view.collapsed != collapsed:
+            view.collapsed = collapsed
+            view.draw_node()
+            for port in view.inputs + view.outputs:
+                port.redraw_connected_pipes()
+        panel = self._panels.get(node.id)
+        if panel is not None:
+            panel.setVisible(not collapsed)
+        thumb = self._thumbs.get(node.id)
+        if thumb is not None:
+            thumb.setVisible(not collapsed and node.id in self._images)
+        view.update()
 
     def _place_decorations(self, nid: str) -> None:
         view = self._items[nid].view
         badge = self._badges[nid]
         badge.setPos(view.width - badge.boundingRect().width() - 4, -badge.boundingRect().height() - 3)
+        panel = self._panels.get(nid)
+        if panel is not None:
+            panel.setPos(0, view.panel_top)
+            panel.set_width(view.width)
         self._thumbs[nid].setPos(0, view.height + 6)
+
+    def panel(self, node_id: str) -> Optional[ParamPanel]:
+        return self._panels.get(node_id)
+
+    def commit_param(self, node_id: str, name: str, value, merge: bool = False) -> Optional[str]:
+        """An edit on the canvas: the inspector's call (Document.set_param), so the same undo step."""
+        problem = self.doc.set_param(node_id, name, value, merge=merge)
+        if problem:
+            self.message.emit(f"{name}: {problem}")
+        return problem
 
     def _sync_groups(self) -> None:
         groups = {g.id: g for g in self.doc.graph.groups}
@@ -367,7 +397,14 @@ class GraphCanvas(QtCore.QObject):
         thumb = self._thumbs.get(nid)
         if thumb is not None:
             thumb.show_image(image, max(THUMB_WIDTH, self._items[nid].view.width))
+            thumb.setVisible(not self._items[nid].view.collapsed)
             self._place_decorations(nid)
+
+    def thumbnail_height(self, nid: str) -> float:
+        thumb = self._thumbs.get(nid)
+        if thumb is None or not thumb.isVisible():
+            return 0.0
+        return thumb.pixmap().height() * thumb.scale() + 6
 
     def thumbnail(self, nid: str) -> Optional[QtGui.QPixmap]:
         thumb = self._thumbs.get(nid)
@@ -499,6 +536,32 @@ class GraphCanvas(QtCore.QObject):
             self.selection_changed.emit(self.selected_ids())
 
     # -- edits on the selection ---------------------------------------------------------
+    def tidy_selection(self) -> None:
+        """Lay the selected nodes (or all) out in columns by depth, in one undo step."""
+        ids = self.selected_ids() or list(self.doc.graph.nodes)
+        sizes = {}
+        for nid in ids:
+            if nid in self._items:
+                r = self.node_rect(nid)
+                sizes[nid] = (max(r.width(), THUMB_WIDTH if self.thumbnail_height(nid) else 0),
+                              r.height() + self.thumbnail_height(nid))
+        self.doc.move_nodes(tidy(self.doc.graph, [i for i in ids if i in sizes], sizes))
+
+    def wire_at(self, scene_pos: QtCore.QPointF) -> Optional[Edge]:
+        """The wire under a scene point, as the document's Edge."""
+        ports = ngqt.pipe_at(self.viewer, scene_pos)
+        if ports is None:
+            return None
+        out, inp = ports
+        edge = Edge(out.node.id, out.name, inp.node.id, inp.name)
+        return edge if edge in self.doc.graph.edges else None
+
+    def node_at(self, scene_pos: QtCore.QPointF) -> Optional[str]:
+        for nid in self._items:
+            if self.node_rect(nid).contains(scene_pos):
+                return nid
+        return None
+
     def group_selection(self, title: str = "Group") -> Optional[str]:
         ids = self.selected_ids()
         if not ids:

@@ -16,6 +16,7 @@ from PySide6 import QtCore, QtGui
 
 from app.graph import Edge, Graph, GraphError, Group, Node, new_id
 from app.graph.fileformat import dumps
+from app.graph.passthrough import REROUTE, type_accepts, wire_type
 from nodes import registry
 
 _ABSENT = object()  # a param that was not stored (so its default applied)
@@ -72,18 +73,37 @@ class Document(QtCore.QObject):
         sa, sb = registry.get(a.type), registry.get(b.type)
         if sa is None or sb is None or a.is_placeholder or b.is_placeholder:
             return "cannot wire a placeholder node (its type is unknown to this build)"
-        out_type = sa.outputs.get(src_port)
+        out_type = wire_type(g, registry.get, src, src_port)  # a reroute: the type it carries
         port = sb.inputs.get(dst_port)
         if out_type is None:
             return f"{a.label} has no output {src_port!r}"
         if port is None:
             return f"{b.label} has no input {dst_port!r}"
-        if not port.type.accepts(out_type):
-            return (f"{b.title or b.type}.{dst_port} takes {port.type.name}, but "
-                    f"{a.title or a.type}.{src_port} gives {out_type.name}")
         if src in g.downstream([dst]):
             return f"that wire would make a loop through {b.title or b.type}"
+        takers = [(b, dst_port, port.type.name)] if b.type != REROUTE else self._reroute_takers(dst)
+        for taker, name, want in takers:
+            if not type_accepts(want, out_type):
+                return (f"{taker.title or taker.type}.{name} takes {want}, but "
+                        f"{a.title or a.type}.{src_port} gives {out_type}")
         return None
+
+    def _reroute_takers(self, reroute: str) -> list:
+        """(node, input, type) of every input a reroute (and reroutes after it) feeds."""
+        g, out, stack, seen = self.graph, [], [reroute], set()
+        while stack:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            for e in g.outputs_of(nid):
+                node = g.nodes[e.dst]
+                spec = registry.get(node.type)
+                if node.type == REROUTE:
+                    stack.append(e.dst)
+                elif spec is not None and e.dst_port in spec.inputs:
+                    out.append((node, e.dst_port, spec.inputs[e.dst_port].type.name))
+        return out
 
     # -- edits (each pushes one undoable command) ------------------------------------------
     def add_node(self, type_name: str, pos=(0.0, 0.0), params: Optional[dict] = None,
@@ -154,6 +174,35 @@ class Document(QtCore.QObject):
         node = self.graph.nodes.get(node_id)
         if node is not None and node.meta.get(key) != value:
             self.undo.push(SetMetaCmd(self, node_id, key, value))
+
+    def set_mode(self, ids: Iterable[str], mode: str) -> None:
+        """Bypass ("bypass"), mute ("mute") or restore ("") nodes, in one undo step."""
+        changes = {i: mode for i in ids if i in self.graph.nodes and self.graph.nodes[i].mode != mode
+                   and not self.graph.nodes[i].is_placeholder}
+        if changes:
+            self.undo.push(SetModeCmd(self, changes, mode))
+
+    def set_meta_many(self, ids: Iterable[str], key: str, value: Any) -> None:
+        """One UI setting (a colour, collapsed) on several nodes, in one undo step; None removes it."""
+        ids = [i for i in ids if i in self.graph.nodes and self.graph.nodes[i].meta.get(key) != value]
+        if not ids:
+            return
+        self.undo.beginMacro(f"set {key} of {len(ids)} node(s)")
+        for i in ids:
+            self.undo.push(SetMetaCmd(self, i, key, _ABSENT if value is None else value))
+        self.undo.endMacro()
+
+    def insert_reroute(self, edge: Edge, pos) -> Optional[str]:
+        """A reroute dot on a wire (one undo step); returns its id."""
+        if edge not in self.graph.edges:
+            return None
+        node = Node(id=new_id(), type=REROUTE, version=registry.get(REROUTE).version,
+                    pos=(float(pos[0]), float(pos[1])))
+        self.undo.beginMacro("add reroute")
+        self.undo.push(AddNodesCmd(self, [node], [Edge(edge.src, edge.src_port, node.id, "in")], "add reroute"))
+        self.undo.push(ConnectCmd(self, Edge(node.id, "out", edge.dst, edge.dst_port)))
+        self.undo.endMacro()
+        return node.id
 
     def rename(self, node_id: str, title: str) -> None:
         node = self.graph.nodes.get(node_id)
@@ -438,6 +487,26 @@ class SetMetaCmd(QtGui.QUndoCommand):
 
     def redo(self):
         self._apply(self.value)
+
+    def undo(self):
+        self._apply(self.old)
+
+
+class SetModeCmd(QtGui.QUndoCommand):
+    def __init__(self, doc: Document, changes: dict[str, str], mode: str):
+        super().__init__({"bypass": "bypass", "mute": "mute"}.get(mode, "un-bypass") + f" {len(changes)} node(s)")
+        self.doc, self.new = doc, dict(changes)
+        self.old = {i: doc.graph.nodes[i].mode for i in changes}
+
+    def _apply(self, modes):
+        for i, m in modes.items():
+            self.doc.graph.nodes[i].mode = m
+        # what reads a bypassed node changes, so its readers' inputs change
+        readers = {e.dst for e in self.doc.graph.edges if e.src in modes} | set(modes)
+        self.doc._announce(nodes=list(modes), inputs=self.doc.graph.downstream(readers))
+
+    def redo(self):
+        self._apply(self.new)
 
     def undo(self):
         self._apply(self.old)

@@ -22,11 +22,19 @@ to NodeGraphQt's model. What this module changes, and why:
 5. Qt6 removed QWheelEvent.delta(); NodeViewer.wheelEvent falls back to angleDelta by catching
    AttributeError, which works, but the zoom position comes from `event.pos()`, gone from
    QWheelEvent in Qt6: LoomViewer.wheelEvent passes `position()` instead.
-6. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
-   wears None's reference count down until the interpreter aborts).
+6. `LoomNodeItem` (the node's QGraphicsItem) makes room below the ports for the on-node
+   settings panel (`panel_size`), folds a node to its title row (`collapsed`: ports stacked
+   on the title, port names hidden, also after NodeGraphQt's zoom-dependent "proxy mode"
+   shows them again), draws a reroute as a small dot (`compact`), and tints bypassed and
+   muted nodes (`loom_mode`). NodeItem has none of these; its minimum size would undo them.
+7. `LoomViewer.view_changed` is emitted whenever the visible range changes (pan, zoom, frame),
+   for the minimap; `center_on` pans to a scene point the way NodeViewer pans.
+8. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
+   wears None's and True's reference counts down until the interpreter aborts).
 
 Tests: tests/test_ui.py (test_nodegraphqt_is_only_a_view, test_mouse_gestures_on_the_canvas,
-test_many_qt_calls_do_not_wear_out_none and the canvas tests around them).
+test_many_qt_calls_do_not_wear_out_none and the canvas tests around them); tests/test_ui_canvas.py
+(collapse, reroute dots, wires under the cursor, the minimap's panning, emits that wore out True).
 """
 
 from __future__ import annotations
@@ -38,15 +46,94 @@ os.environ.setdefault("QT_PREFERRED_BINDING_JSON", "")
 
 import NodeGraphQt  # noqa: E402
 from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
+from NodeGraphQt.constants import NodeEnum  # noqa: E402
+from NodeGraphQt.qgraphics.node_base import NodeItem  # noqa: E402
 from NodeGraphQt.qgraphics.port import PortItem  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
-from PySide6 import QtCore  # noqa: E402
+from PySide6 import QtCore, QtGui  # noqa: E402
 
-__all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode",
-           "make_node_graph", "detach_controller", "pipe_between", "show_scene_rect", "keep_none_alive"]
+__all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode", "LoomNodeItem",
+           "make_node_graph", "detach_controller", "pipe_between", "pipe_at", "center_on", "show_scene_rect",
+           "keep_none_alive"]
 
 
 NODE_TYPE_MIME = "application/x-loomwork-node-type"  # a palette entry being dragged
+
+
+COMPACT_SIZE = (26.0, 18.0)  # a reroute dot
+MODE_TINTS = {"bypass": (150, 90, 200, 110), "mute": (20, 22, 26, 150)}
+
+
+class LoomNodeItem(NodeItem):
+    """NodeItem with room for our settings panel, a collapsed form, a dot form and mode tints."""
+
+    def __init__(self, name="node", parent=None):
+        super().__init__(name, parent)
+        self.panel_size = (0.0, 0.0)  # (width, height) the settings panel needs below the ports
+        self.panel_top = 0.0          # where it goes (set when the node is laid out)
+        self.collapsed = False
+        self.compact = False
+        self.loom_mode = ""
+
+    def calc_size(self, add_w=0.0, add_h=0.0):
+        w, h = super().calc_size(add_w, add_h)
+        if self.collapsed:
+            return w, self._text_item.boundingRect().height() + 4.0
+        self.panel_top = h
+        return max(w, self.panel_size[0]), h + self.panel_size[1]
+
+    def _set_base_size(self, add_w=0.0, add_h=0.0):
+        if self.compact:
+            self._width, self._height = COMPACT_SIZE
+            return
+        w, h = self.calc_size(add_w, add_h)
+        self._width = max(w, NodeEnum.WIDTH.value)
+        self._height = h if self.collapsed or self.panel_size[1] else max(h, NodeEnum.HEIGHT.value)
+
+    def draw_node(self):
+        super().draw_node()
+        if self.collapsed or self.compact:
+            self._fold_ports()
+
+    def _fold_ports(self):
+        """Every port on one row (the title's, or the dot's middle); names hidden."""
+        for text in list(self._input_items.values()) + list(self._output_items.values()):
+            text.setVisible(False)
+        if self.compact:
+            self._text_item.setVisible(False)
+            self._icon_item.setVisible(False)
+        for port in self.inputs + self.outputs:
+            r = port.boundingRect()
+            x = -r.width() / 2 if port in self.inputs else self._width - r.width() / 2
+            port.setPos(x, (self._height - r.height()) / 2)
+            port.redraw_connected_pipes()
+        self.update()
+
+    def set_proxy_mode(self, mode):
+        super().set_proxy_mode(mode)
+        if self.collapsed or self.compact:
+            self._fold_ports()
+
+    def paint(self, painter, option, widget):
+        if self.compact:
+            self.auto_switch_mode()
+            painter.save()
+            painter.setRenderHint(QtGui.QPainter.Antialiasing)
+            border = QtGui.QColor(*(NodeEnum.SELECTED_BORDER_COLOR.value if self.selected else self.border_color))
+            painter.setPen(QtGui.QPen(border, 1.2))
+            painter.setBrush(QtGui.QColor(*self.color))
+            r = self.boundingRect().adjusted(3, 1, -3, -1)
+            painter.drawRoundedRect(r, r.height() / 2, r.height() / 2)
+            painter.restore()
+            return
+        super().paint(painter, option, widget)
+        tint = MODE_TINTS.get(self.loom_mode)
+        if tint:
+            painter.save()
+            painter.setPen(QtCore.Qt.NoPen)
+            painter.setBrush(QtGui.QColor(*tint))
+            painter.drawRoundedRect(self.boundingRect().adjusted(1, 1, -1, -1), 4.0, 4.0)
+            painter.restore()
 
 
 class LoomNode(BaseNode):
@@ -54,6 +141,9 @@ class LoomNode(BaseNode):
 
     __identifier__ = "loomwork"
     NODE_NAME = "node"
+
+    def __init__(self):
+        super().__init__(qgraphics_item=LoomNodeItem)
 
 
 class LoomViewer(NodeViewer):
@@ -63,9 +153,19 @@ class LoomViewer(NodeViewer):
     connection_refused = QtCore.Signal(str)
     context_requested = QtCore.Signal(QtCore.QPoint, QtCore.QPointF)
 
+    view_changed = QtCore.Signal()
+
     def __init__(self, parent=None):
         super().__init__(parent, undo_stack=None)
         self.wire_colors: dict[tuple[str, str], tuple] = {}  # (node id, out port) -> rgba
+
+    def _update_scene(self):
+        super()._update_scene()
+        self.view_changed.emit()
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self.view_changed.emit()
 
     # Tab is a focus-change key for QWidget.event(); take it first.
     def event(self, event):
@@ -150,15 +250,16 @@ _none_guarded = False
 
 
 def keep_none_alive() -> bool:
-    """Stop PySide6 from wearing None's reference count down to zero (a fatal abort).
+    """Stop PySide6 from wearing None's (and True's) reference count down to zero (a fatal abort).
 
     PySide6 6.12 on Python 3.11: every call of a C++ method that returns void (setToolTip,
     update, setPen, drawRect, signal.emit, ...) gives back None without taking a reference, as
     if None were immortal (it is from Python 3.12, PEP 683; not in 3.11). Each such call costs
     None one reference; None starts with ~5000, so an app that paints and updates aborts with
     "Fatal Python error: none_dealloc" after a few thousand calls (300 nodes on the canvas were
-    enough). We detect the leak with a probe, and if it is there give None a reference count it
-    can never spend (2**56, as good as 3.12's immortality). Returns True if the guard was set.
+    enough). A connected signal's emit() likewise gives back True without a reference. We detect
+    the leaks with probes, and if they are there give None, True and False a reference count
+    they can never spend (2**56, as good as 3.12's immortality). Returns True if the guard was set.
     """
     global _none_guarded
     import ctypes
@@ -170,9 +271,19 @@ def keep_none_alive() -> bool:
     before = sys.getrefcount(None)
     for _ in range(64):
         probe.setObjectName("probe")  # a void C++ method
-    if before - sys.getrefcount(None) < 32:
+    leaks = before - sys.getrefcount(None) >= 32
+    # The same binding gives back True from a connected signal's emit() without a reference
+    # (the canvas emits one per pan step; the app aborted with "bool_dealloc" after a while).
+    timer = QtCore.QTimer()
+    probe.objectNameChanged.connect(timer.stop)
+    before = sys.getrefcount(True)
+    for _ in range(64):
+        probe.objectNameChanged.emit("probe")
+    leaks = leaks or before - sys.getrefcount(True) >= 32
+    if not leaks:
         return False  # a binding that counts correctly: nothing to do
-    ctypes.c_ssize_t.from_address(id(None)).value += 1 << 56  # ob_refcnt is PyObject's first field
+    for singleton in (None, True, False):  # ob_refcnt is PyObject's first field
+        ctypes.c_ssize_t.from_address(id(singleton)).value += 1 << 56
     _none_guarded = True
     return True
 
@@ -207,6 +318,27 @@ def show_scene_rect(viewer: NodeViewer, rect: QtCore.QRectF, max_zoom: float = 0
             visible.moveTop(rect.top())
         viewer._scene_range = visible
         viewer._update_scene()
+
+
+def center_on(viewer: NodeViewer, point: QtCore.QPointF) -> None:
+    """Pan so `point` is in the middle of the view, at the same zoom."""
+    viewer._scene_range.moveCenter(point)
+    viewer._update_scene()
+
+
+def pipe_at(viewer: NodeViewer, scene_pos: QtCore.QPointF, reach: float = 6.0):
+    """The (output port, input port) of the wire under a scene point, or None."""
+    from NodeGraphQt.qgraphics.pipe import PipeItem
+
+    area = QtCore.QRectF(scene_pos.x() - reach, scene_pos.y() - reach, 2 * reach, 2 * reach)
+    stroker = QtGui.QPainterPathStroker()
+    stroker.setWidth(2 * reach)
+    for item in viewer.scene().items(area):
+        if isinstance(item, PipeItem) and item.input_port is not None and item.output_port is not None \
+                and item.isVisible() and stroker.createStroke(item.path()).contains(item.mapFromScene(scene_pos)):
+            out, inp = item.output_port, item.input_port
+            return (out, inp) if out.port_type == "out" else (inp, out)
+    return None
 
 
 def pipe_between(port_a, port_b):
