@@ -285,6 +285,20 @@ def test_mask_shape_keeps_the_image_aspect():
     assert mask_shape(8, 8192) == (64, 1)
 
 
+def test_layout_node_accepts_text_rows_and_hands_the_kernels_numbers():
+    from nodes.layout import Layout, check_boxes
+
+    box = {"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 1.0, "phrase": "a red circle", "mask": ["10", "10"]}
+    assert check_boxes([box]) is None
+    assert "only 0 and 1" in check_boxes([{**box, "mask": ["12", "10"]}])
+    assert "same" in check_boxes([{**box, "mask": ["10", "1"]}])
+    assert "rows" in check_boxes([{**box, "mask": ["10", [1, 0]]}])
+    assert "larger" in check_boxes([{**box, "mask": ["1" * 257]}])
+    out = Layout().run(None, 16, 16, [box])["layout"]
+    assert out["boxes"][0]["mask"] == [[1, 0], [1, 0]]
+    assert box["mask"] == ["10", "10"]  # the param itself is not changed
+
+
 # -- snap and align ---------------------------------------------------------------------------
 def test_snap_and_align_math_is_exact():
     from app.ui.layout_align import align, distribute, snap, snap_moved

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from PySide6 import QtCore, QtWidgets
 
 from . import layout_align as align
+from . import theme
 from .file_dialogs import open_file
 
 MASK_SIDE = 64            # cells on the long side: plenty for ShapesT2I's 32², fine for SD's 64²
@@ -222,6 +223,10 @@ class PaintBar(QtWidgets.QWidget):
         lay = QtWidgets.QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(4)
+        # which tool is on must show (the theme gives tool buttons no checked look)
+        self.setStyleSheet(f"QToolButton {{ padding: 0.3em 0.5em; }} "
+                           f"QToolButton:checked {{ background: {theme.ACCENT_DIM}; "
+                           f"border: 1px solid {theme.ACCENT}; }}")
         self.group = QtWidgets.QButtonGroup(self)
         self.buttons: dict[str, QtWidgets.QToolButton] = {}
         tips = {"box": "draw, move and resize boxes (B)",
@@ -235,24 +240,28 @@ class PaintBar(QtWidgets.QWidget):
             self.group.addButton(b)
             self.buttons[name] = b
             lay.addWidget(b)
+            b.setObjectName(f"LayoutTool_{name}")
             b.toggled.connect(lambda on, n=name: on and self.tool_changed.emit(n))
         self.buttons["box"].setChecked(True)
         self.size = QtWidgets.QSpinBox()
         self.size.setRange(1, MASK_SIDE // 2)
         self.size.setValue(6)
-        self.size.setPrefix("size ")
-        self.size.setToolTip(f"brush diameter in mask cells ({MASK_SIDE} cells on the image's long side)")
+        self.size.setToolTip(f"brush size: its diameter in mask cells ({MASK_SIDE} cells on the image's long side)")
         lay.addWidget(self.size)
-        self.clear_btn = QtWidgets.QToolButton()
-        self.clear_btn.setText("Clear mask")
-        self.clear_btn.setToolTip("drop the selected region's painting: it becomes the plain box "
-                                  "of its extent")
-        lay.addWidget(self.clear_btn)
-        self.import_btn = QtWidgets.QToolButton()
-        self.import_btn.setText("Import mask…")
-        self.import_btn.setToolTip("a PNG mask (white or opaque = inside) as the selected "
-                                   "region's mask, or as a new region")
-        lay.addWidget(self.import_btn)
+        # clear and import sit in one menu so the row fits the narrow right column
+        self.mask_btn = QtWidgets.QToolButton()
+        self.mask_btn.setText("Mask")
+        self.mask_btn.setToolTip("clear the selected region's mask, or import a mask image")
+        self.mask_btn.setPopupMode(QtWidgets.QToolButton.InstantPopup)
+        menu = QtWidgets.QMenu(self.mask_btn)
+        self.clear_action = menu.addAction("Clear mask (back to a plain box)")
+        self.clear_action.setToolTip("drop the selected region's painting: it becomes the plain "
+                                     "box of its extent")
+        self.import_action = menu.addAction("Import mask image…")
+        self.import_action.setToolTip("a PNG mask (white or opaque = inside) as the selected "
+                                      "region's mask, or as a new region")
+        self.mask_btn.setMenu(menu)
+        lay.addWidget(self.mask_btn)
         lay.addStretch(1)
 
     def tool(self) -> str:
@@ -267,10 +276,10 @@ class PaintActions:
     tools, hint, node_id and message). Each finished action is one commit of the boxes."""
 
     HINTS = {
-        "box": "Drag on empty canvas to draw a box · drag a box to move · corners resize · "
-               "shift-click selects several (Align) · Delete removes",
-        "brush": "Paint the selected region (a box becomes a region) or, with nothing selected, "
-                 "a new one · its box is the painting's extent · one stroke, one undo",
+        "box": "Drag to draw a box · drag to move · corners resize · shift-click selects "
+               "several (Align) · Delete removes",
+        "brush": "Paint the selected region (a box becomes one) or, with none selected, a new "
+                 "one · one stroke, one undo",
         "eraser": "Erase from the selected region; erasing all of it removes the region",
     }
 
