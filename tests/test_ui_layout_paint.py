@@ -138,6 +138,10 @@ def test_brush_stroke_sets_exactly_the_cells_under_it_and_the_box_follows(painti
     assert {k: boxes[0][k] for k in ("x0", "y0", "x1", "y1")} == \
         {"x0": 8 / 64, "y0": 18 / 64, "x1": 33 / 64, "y1": 23 / 64}
     assert all(isinstance(r, str) and len(r) == 64 for r in boxes[0]["mask"])  # compact rows
+    # drawn: the region's cells are tinted at their place (cell (20, 20) is 10 px a side)
+    shot = canvas.grab().toImage()
+    inside, outside = shot.pixelColor(10 + 205, 10 + 205), shot.pixelColor(10 + 205, 10 + 405)
+    assert inside != outside
     # a phrase per region, as boxes have
     panel.phrase.setText("a red circle")
     panel.phrase.editingFinished.emit()
