@@ -47,7 +47,7 @@ class BoxCanvas(QtWidgets.QWidget):
         super().__init__(parent)
         self.setMouseTracking(True)
         self.setFocusPolicy(QtCore.Qt.StrongFocus)
-        self.setMinimumSize(160, 160)
+        self.setMinimumSize(160, 120)  # the panel's minimum stays what the window's dock split expects
         self.boxes: list[dict] = []
         self.size_px = (512, 512)
         self.background: Optional[QtGui.QImage] = None
@@ -346,17 +346,6 @@ class BoxCanvas(QtWidgets.QWidget):
         else:
             self.setCursor(QtCore.Qt.CrossCursor)
 
-    @staticmethod
-    def _mask_image(grid: paint.Grid, color: QtGui.QColor, alpha: int = 110) -> QtGui.QImage:
-        """The grid as a tinted image, one pixel a cell (drawn scaled over the image rect)."""
-        h, w = len(grid), len(grid[0]) if grid else 0
-        if not w:
-            return QtGui.QImage()
-        on = bytes((color.blue(), color.green(), color.red(), alpha))  # ARGB32 is BGRA in memory
-        off = bytes(4)
-        data = b"".join(on if v else off for row in grid for v in row)
-        return QtGui.QImage(data, w, h, 4 * w, QtGui.QImage.Format_ARGB32).copy()
-
     def _region_image(self, mask: list, color: QtGui.QColor, alpha: int,
                       size: QtCore.QSize) -> QtGui.QPixmap:
         """A stored region's image at the drawn size, kept while the mask and the size are
@@ -367,7 +356,7 @@ class BoxCanvas(QtWidgets.QWidget):
         if pixmap is None:
             if len(self._images) > 64:
                 self._images.clear()
-            image = self._mask_image(paint.decode(mask), color, alpha)
+            image = paint.grid_image(paint.decode(mask), color, alpha)
             pixmap = self._images[key] = QtGui.QPixmap.fromImage(
                 image.scaled(size, QtCore.Qt.IgnoreAspectRatio, QtCore.Qt.FastTransformation))
         return pixmap
@@ -395,7 +384,7 @@ class BoxCanvas(QtWidgets.QWidget):
         if self._stroke is not None:  # the stroke in progress, over everything
             color = QtGui.QColor("#f0f2f5" if self._stroke["value"] else "#e5606a")
             p.setRenderHint(QtGui.QPainter.SmoothPixmapTransform, False)
-            p.drawImage(r, self._mask_image(self._stroke["grid"], color, 120))
+            p.drawImage(r, paint.grid_image(self._stroke["grid"], color, 120))
         if self.tool != "box" and self._hover is not None and r.contains(self._hover):
             rows, cols = self.mask_shape()
             radius = self.brush_size / 2 * r.width() / cols

@@ -4,8 +4,8 @@ A painted region is a layout box with a "mask": a grid over the whole image (MAS
 the image's long side, so a region costs a few KB in the file), written as one "0"/"1" string
 per row. The box's x0..y1 is always the mask's extent, so techniques that read rectangles still
 see where the region is. A grid here is a list of lists of 0/1 ints, [row][column].
-The functions are pure (no Qt); at the end, `PaintBar` (the tool buttons) and `PaintActions`
-(the layout panel's tool actions, a mixin).
+The functions are pure (no Qt); at the end, `grid_image` (a grid as a tinted image),
+`PaintBar` (the tool buttons) and `PaintActions` (the layout panel's tool actions, a mixin).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import warnings
 from typing import Optional, Sequence
 
-from PySide6 import QtCore, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 
 from . import layout_align as align
 from . import theme
@@ -211,6 +211,17 @@ def mask_from_image(path: str, rows: int, cols: int) -> Grid:
         raise MaskImportError(f"mask image {name} has no white (or opaque) pixels: nothing to "
                               "use as a region")
     return grid
+
+
+def grid_image(grid: Grid, color: QtGui.QColor, alpha: int = 110) -> QtGui.QImage:
+    """The grid as a tinted image, one pixel a cell (drawn scaled over the image rect)."""
+    h, w = len(grid), len(grid[0]) if grid else 0
+    if not w:
+        return QtGui.QImage()
+    on = bytes((color.blue(), color.green(), color.red(), alpha))  # ARGB32 is BGRA in memory
+    off = bytes(4)
+    data = b"".join(on if v else off for row in grid for v in row)
+    return QtGui.QImage(data, w, h, 4 * w, QtGui.QImage.Format_ARGB32).copy()
 
 
 class PaintBar(QtWidgets.QWidget):
