@@ -36,22 +36,39 @@ MAX_MASK_SIDE = 256
 
 
 def _check_mask(mask) -> "str | None":
-    if not isinstance(mask, list) or not mask or not all(isinstance(r, list) and r for r in mask):
+    if not isinstance(mask, list) or not mask:
         return "mask should be a non-empty list of rows of 0/1 values"
+    if all(isinstance(r, str) for r in mask):  # the compact form: one string of "0"/"1" a row
+        rows = mask
+    elif all(isinstance(r, list) and r for r in mask):
+        rows = None
+    else:
+        return "mask should be a non-empty list of rows of 0/1 values (or of \"0\"/\"1\" strings)"
     width = len(mask[0])
     if len(mask) > MAX_MASK_SIDE or width > MAX_MASK_SIDE:
         return f"mask is larger than {MAX_MASK_SIDE}x{MAX_MASK_SIDE}"
     for row in mask:
-        if len(row) != width:
-            return "mask rows should all have the same length"
-        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1 for v in row):
+        if len(row) != width or not row:
+            return "mask rows should all have the same, non-zero length"
+        if rows is not None:
+            if row.strip("01"):
+                return "mask rows written as text should hold only 0 and 1"
+        elif any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1 for v in row):
             return "mask values should be numbers in 0..1"
     return None
 
 
+def mask_rows(mask) -> list:
+    """A valid mask as rows of numbers (text rows such as "0110" become [0, 1, 1, 0])."""
+    return [[int(c) for c in r] if isinstance(r, str) else list(r) for r in mask]
+
+
 def check_boxes(value) -> "str | None":
     """A list of {"x0","y0","x1","y1" in 0..1 with x0 < x1 and y0 < y1, "phrase": text,
-    optionally "mask": rows of 0/1 (any size) that replaces the rectangle inside the image}."""
+    optionally "mask": rows of 0/1 (any size) that replaces the rectangle inside the image}.
+
+    A mask's rows are lists of numbers in 0..1, or (the compact form the layout canvas writes,
+    one line a row in the file) strings of "0" and "1"."""
     if not isinstance(value, list):
         return f"boxes should be a list, got {type(value).__name__}"
     for i, box in enumerate(value):
@@ -93,7 +110,15 @@ class Layout(Node):
 
     def run(self, ctx, width, height, boxes):
         return {"layout": {"width": width, "height": height,
-                           "boxes": [dict(b) for b in boxes]}}
+                           "boxes": [_expanded(b) for b in boxes]}}
+
+
+def _expanded(box: dict) -> dict:
+    """The box as the layout kernels read it: a mask always as rows of numbers."""
+    out = dict(box)
+    if out.get("mask") is not None:
+        out["mask"] = mask_rows(out["mask"])
+    return out
 
 
 def _range_params(start=0.0, end=1.0, what="acts"):

@@ -6,6 +6,8 @@ Map of the package (each module's docstring says more):
   ngqt_compat.py    everything we change about NodeGraphQt, in one place
   inspector.py      param forms generated from node declarations
   layout_canvas.py  drawing Layout boxes (edits the node's `boxes` param through the stack)
+  layout_paint.py     painting a region's mask (brush, eraser, clear, import a mask image)
+  layout_align.py     snap and align math for boxes (pure functions)
   image_viewer.py   results and live previews, zoom, save
   runner.py         the engine in a worker thread, events as Qt signals; torch warm-up
   palette.py        side list of node types and the Tab search popup

@@ -1,9 +1,13 @@
-"""The layout canvas: draw, move, resize and delete boxes, each with a phrase, for a Layout node.
+"""The layout canvas: draw, move, resize and delete boxes, or paint regions, each with a phrase,
+for a Layout node.
 
 Boxes are kept in 0..1 image coordinates ({"x0","y0","x1","y1","phrase"}), drawn over the current
-image or a blank canvas of the node's width x height. Every finished gesture (a drawn box, a
-move, a resize, a delete, a phrase) is one Document.set_param of the node's `boxes`, so it is
-undoable with everything else; the canvas re-reads the param whenever the document changes.
+image or a blank canvas of the node's width x height. A painted region is a box with a "mask"
+(layout_paint: brush, eraser, clear, a mask image imported), its rectangle the mask's extent.
+Boxes snap to a grid and align (layout_align). Every finished gesture (a drawn box, a stroke, a
+move, a resize, an alignment, a delete, a phrase) is one Document.set_param of the node's
+`boxes`, so it is undoable with everything else; the canvas re-reads the param whenever the
+document changes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from nodes import registry
 
+from . import layout_align as align
+from . import layout_paint as paint
 from .document import Document
 
 HANDLE = 7          # px: corner handle size
@@ -27,22 +33,34 @@ def clamp01(v: float) -> float:
 
 
 class BoxCanvas(QtWidgets.QWidget):
-    """The drawing surface. `boxes` are edited locally during a drag and committed on release."""
+    """The drawing surface. `boxes` are edited locally during a drag and committed on release.
+
+    `tool` is "box" (draw, move, resize; shift-click adds to the selection) or "brush" /
+    "eraser" (paint the selected region's mask; the brush with nothing selected starts a region).
+    """
 
     committed = QtCore.Signal(list)       # the new boxes list after a gesture
     selection_changed = QtCore.Signal(int)
+    message = QtCore.Signal(str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.setMouseTracking(True)
         self.setFocusPolicy(QtCore.Qt.StrongFocus)
-        self.setMinimumSize(160, 160)
+        self.setMinimumSize(160, 120)  # the panel's minimum stays what the window's dock split expects
         self.boxes: list[dict] = []
         self.size_px = (512, 512)
         self.background: Optional[QtGui.QImage] = None
         self.selected = -1
+        self.extra: set[int] = set()         # further selected boxes (for align), shift-click
         self._drag: Optional[tuple] = None   # (mode, index, start point 0..1, box at start)
+        self._stroke: Optional[dict] = None  # a brush stroke: index, grid, last cell point, value
+        self._hover: Optional[QtCore.QPointF] = None
         self.enabled_for_node = False
+        self.tool = "box"
+        self.brush_size = 6                  # diameter in mask cells
+        self.snap = False
+        self._images: dict = {}              # region images by (mask rows, colour, alpha)
 
     # -- geometry -------------------------------------------------------------------------
     def image_rect(self) -> QtCore.QRectF:
@@ -63,6 +81,16 @@ class BoxCanvas(QtWidgets.QWidget):
         return QtCore.QRectF(r.x() + box["x0"] * r.width(), r.y() + box["y0"] * r.height(),
                              (box["x1"] - box["x0"]) * r.width(), (box["y1"] - box["y0"]) * r.height())
 
+    def mask_shape(self) -> tuple[int, int]:
+        """(rows, columns) of a new region's mask for the node's image size."""
+        return paint.mask_shape(*self.size_px)
+
+    def _snapped(self, u: tuple[float, float]) -> tuple[float, float]:
+        if not self.snap:
+            return u
+        step = 1.0 / align.GRID
+        return align.snap(u[0], step), align.snap(u[1], step)
+
     def _corner_at(self, pos: QtCore.QPointF, index: int) -> Optional[str]:
         r = self.box_rect(self.boxes[index])
         corners = {"tl": r.topLeft(), "tr": r.topRight(), "bl": r.bottomLeft(), "br": r.bottomRight()}
@@ -79,22 +107,48 @@ class BoxCanvas(QtWidgets.QWidget):
 
     # -- state ---------------------------------------------------------------------------
     def set_boxes(self, boxes: list[dict]) -> None:
-        if self._drag is not None:
+        if self._drag is not None or self._stroke is not None:
             return  # the document echoes our own commit; the drag's local state is newer
         self.boxes = copy.deepcopy(boxes or [])
+        self.extra = {i for i in self.extra if i < len(self.boxes)}
         if self.selected >= len(self.boxes):
             self.select(len(self.boxes) - 1)
         self.update()
 
-    def select(self, index: int) -> None:
-        self.selected = index
-        self.selection_changed.emit(index)
+    def select(self, index: int, add: bool = False) -> None:
+        """Select box `index` (-1: none); `add` keeps the selection and adds or drops it."""
+        if add and index >= 0 and self.selected >= 0:
+            if index == self.selected:
+                self.selected = min(self.extra) if self.extra else -1
+                self.extra.discard(self.selected)
+            elif index in self.extra:
+                self.extra.discard(index)
+            else:
+                self.extra.add(self.selected)
+                self.selected = index
+        else:
+            self.selected = index
+            self.extra = set()
+        self.selection_changed.emit(self.selected)
         self.update()
+
+    def selection(self) -> list[int]:
+        """Every selected box's index, in order."""
+        picked = set(self.extra) | ({self.selected} if self.selected >= 0 else set())
+        return sorted(i for i in picked if 0 <= i < len(self.boxes))
 
     def delete_selected(self) -> None:
         if 0 <= self.selected < len(self.boxes):
             del self.boxes[self.selected]
+            self.extra = set()
             self.select(min(self.selected, len(self.boxes) - 1))
+            self.committed.emit(copy.deepcopy(self.boxes))
+
+    def replace_boxes(self, boxes: list[dict]) -> None:
+        """Commit a whole new list (an alignment, a cleared mask, an imported one)."""
+        if boxes != self.boxes:
+            self.boxes = copy.deepcopy(boxes)
+            self.update()
             self.committed.emit(copy.deepcopy(self.boxes))
 
     # -- mouse ---------------------------------------------------------------------------
@@ -103,6 +157,9 @@ class BoxCanvas(QtWidgets.QWidget):
             return
         self.setFocus()
         pos = event.position()
+        if self.tool != "box":
+            self._stroke_press(pos)
+            return
         u = self.to_unit(pos)
         if 0 <= self.selected < len(self.boxes):
             corner = self._corner_at(pos, self.selected)
@@ -111,45 +168,70 @@ class BoxCanvas(QtWidgets.QWidget):
                 return
         hit = self._box_at(pos)
         if hit >= 0:
-            self.select(hit)
+            if event.modifiers() & QtCore.Qt.ShiftModifier:
+                self.select(hit, add=True)
+                return
+            if hit not in self.selection():
+                self.select(hit)
+            else:  # a click inside the selection keeps it, with `hit` as the one being edited
+                self.extra = set(self.selection()) - {hit}
+                self.selected = hit
+                self.selection_changed.emit(hit)
             self._drag = ("move", hit, u, dict(self.boxes[hit]))
             return
         if not self.image_rect().contains(pos):
             self.select(-1)
             return
+        u = self._snapped(u)
         self.boxes.append({"x0": u[0], "y0": u[1], "x1": u[0], "y1": u[1], "phrase": ""})
         self.select(len(self.boxes) - 1)
         self._drag = ("draw", self.selected, u, dict(self.boxes[-1]))
 
     def mouseMoveEvent(self, event):
         pos = event.position()
+        self._hover = pos
+        if self._stroke is not None:
+            self._stroke_to(pos)
+            return
         if self._drag is None:
             self._update_cursor(pos)
+            if self.tool != "box":
+                self.update()  # the brush outline follows the mouse
             return
         mode, i, start, box0 = self._drag
         u = self.to_unit(pos)
         dx, dy = u[0] - start[0], u[1] - start[1]
         box = dict(box0)
         if mode == "draw":
+            u = self._snapped(u)
             box.update(x0=min(start[0], u[0]), x1=max(start[0], u[0]),
                        y0=min(start[1], u[1]), y1=max(start[1], u[1]))
         elif mode == "move":
             w, h = box0["x1"] - box0["x0"], box0["y1"] - box0["y0"]
             x0 = max(0.0, min(1.0 - w, box0["x0"] + dx))
             y0 = max(0.0, min(1.0 - h, box0["y0"] + dy))
-            box.update(x0=x0, y0=y0, x1=x0 + w, y1=y0 + h)
+            if self.snap:
+                x0, y0 = align.snap_moved({**box0, "x0": x0, "y0": y0, "x1": x0 + w, "y1": y0 + h},
+                                          1.0 / align.GRID)
+            box = paint.moved_box(box0, x0, y0) if box0.get("mask") is not None else \
+                {**box0, "x0": x0, "y0": y0, "x1": x0 + w, "y1": y0 + h}
         else:
             corner = mode.split(":")[1]
             xk = "x0" if corner[1] == "l" else "x1"
             yk = "y0" if corner[0] == "t" else "y1"
-            box[xk], box[yk] = clamp01(box0[xk] + dx), clamp01(box0[yk] + dy)
+            box[xk], box[yk] = self._snapped((clamp01(box0[xk] + dx), clamp01(box0[yk] + dy)))
             box["x0"], box["x1"] = sorted((box["x0"], box["x1"]))
             box["y0"], box["y1"] = sorted((box["y0"], box["y1"]))
         self.boxes[i] = box
         self.update()
 
     def mouseReleaseEvent(self, event):
-        if self._drag is None or event.button() != QtCore.Qt.LeftButton:
+        if event.button() != QtCore.Qt.LeftButton:
+            return
+        if self._stroke is not None:
+            self._stroke_release()
+            return
+        if self._drag is None:
             return
         mode, i, _start, box0 = self._drag
         self._drag = None
@@ -163,11 +245,72 @@ class BoxCanvas(QtWidgets.QWidget):
             self.update()
             if mode == "draw":
                 return
-        if i < len(self.boxes):  # 4 decimals: a tenth of a pixel at 8K; other keys (a mask) kept
+        if i < len(self.boxes) and mode.startswith("resize") and box0.get("mask") is not None:
+            # a painted region stretches its shape into the new rectangle
+            grid = paint.refit(paint.decode(box0["mask"]), self.boxes[i])
+            self.boxes[i] = paint.with_grid(box0, grid) or box0
+        elif i < len(self.boxes) and self.boxes[i].get("mask") is None:
+            # 4 decimals: a tenth of a pixel at 8K (a region's rectangle is its mask's extent)
             self.boxes[i] = {k: (round(v, 4) if k in ("x0", "y0", "x1", "y1") else v)
                              for k, v in self.boxes[i].items()}
         if mode != "draw" and i < len(self.boxes) and self.boxes[i] == box0:
             return  # a click that selected a box
+        self.committed.emit(copy.deepcopy(self.boxes))
+
+    # -- brush and eraser -------------------------------------------------------------------
+    def _cell(self, pos: QtCore.QPointF, grid: paint.Grid) -> tuple[float, float]:
+        r = self.image_rect()
+        return ((pos.x() - r.x()) / r.width() * len(grid[0]),
+                (pos.y() - r.y()) / r.height() * len(grid))
+
+    def _stroke_press(self, pos: QtCore.QPointF) -> None:
+        i = self.selected if 0 <= self.selected < len(self.boxes) else -1
+        if i < 0 and self.tool == "eraser":
+            self.message.emit("layout: select a painted region to erase from")
+            return
+        if i < 0 and not self.image_rect().contains(pos):
+            return
+        if i >= 0 and self.boxes[i].get("mask") is not None:
+            grid = paint.decode(self.boxes[i]["mask"])
+        elif i >= 0:  # painting on a plain box makes it a region, starting from its rectangle
+            grid = paint.rect_grid(self.boxes[i], *self.mask_shape())
+        else:
+            grid = paint.empty_grid(*self.mask_shape())
+        if i >= 0:
+            self.extra = set()
+        self._stroke = {"index": i, "grid": grid, "at": None,
+                        "value": 0 if self.tool == "eraser" else 1}
+        self._stroke_to(pos)
+
+    def _stroke_to(self, pos: QtCore.QPointF) -> None:
+        s = self._stroke
+        p = self._cell(pos, s["grid"])
+        paint.paint_segment(s["grid"], s["at"] or p, p, self.brush_size / 2, s["value"])
+        s["at"] = p
+        self.update()
+
+    def _stroke_release(self) -> None:
+        s, self._stroke = self._stroke, None
+        i = s["index"]
+        if i < 0:
+            new = paint.region(s["grid"])
+            if new is None:
+                self.update()
+                return
+            self.boxes.append(new)
+            self.select(len(self.boxes) - 1)
+        else:
+            new = paint.with_grid(self.boxes[i], s["grid"])
+            if new is None:  # everything erased: the region goes (undo brings it back)
+                del self.boxes[i]
+                self.select(min(i, len(self.boxes) - 1))
+                self.message.emit("layout: the region was erased completely and is removed")
+            elif new == self.boxes[i]:
+                self.update()
+                return
+            else:
+                self.boxes[i] = new
+        self.update()
         self.committed.emit(copy.deepcopy(self.boxes))
 
     def event(self, event):
@@ -184,7 +327,15 @@ class BoxCanvas(QtWidgets.QWidget):
             return
         super().keyPressEvent(event)
 
+    def leaveEvent(self, event):
+        self._hover = None
+        self.update()
+        super().leaveEvent(event)
+
     def _update_cursor(self, pos) -> None:
+        if self.tool != "box":
+            self.setCursor(QtCore.Qt.BlankCursor if self.image_rect().contains(pos) else QtCore.Qt.ArrowCursor)
+            return
         if 0 <= self.selected < len(self.boxes):
             corner = self._corner_at(pos, self.selected)
             if corner:
@@ -195,18 +346,20 @@ class BoxCanvas(QtWidgets.QWidget):
         else:
             self.setCursor(QtCore.Qt.CrossCursor)
 
-    @staticmethod
-    def _mask_image(mask: list, color: QtGui.QColor) -> QtGui.QImage:
-        h, w = len(mask), len(mask[0]) if mask and isinstance(mask[0], list) else 0
-        image = QtGui.QImage(max(1, w), max(1, h), QtGui.QImage.Format_ARGB32)
-        image.fill(QtCore.Qt.transparent)
-        tint = QtGui.QColor(color)
-        for y, row in enumerate(mask):
-            for x, v in enumerate(row[:w]):
-                if isinstance(v, (int, float)) and v > 0:
-                    tint.setAlpha(int(110 * min(1.0, float(v))))
-                    image.setPixelColor(x, y, tint)
-        return image
+    def _region_image(self, mask: list, color: QtGui.QColor, alpha: int,
+                      size: QtCore.QSize) -> QtGui.QPixmap:
+        """A stored region's image at the drawn size, kept while the mask and the size are
+        unchanged: repaints follow the mouse, and scaling a mask on every one costs ~7 ms."""
+        rows = tuple(mask) if isinstance(mask[0], str) else tuple(paint.encode(paint.decode(mask)))
+        key = (rows, color.name(), alpha, size.width(), size.height())
+        pixmap = self._images.get(key)
+        if pixmap is None:
+            if len(self._images) > 64:
+                self._images.clear()
+            image = paint.grid_image(paint.decode(mask), color, alpha)
+            pixmap = self._images[key] = QtGui.QPixmap.fromImage(
+                image.scaled(size, QtCore.Qt.IgnoreAspectRatio, QtCore.Qt.FastTransformation))
+        return pixmap
 
     # -- paint ---------------------------------------------------------------------------
     def paintEvent(self, event):
@@ -221,51 +374,79 @@ class BoxCanvas(QtWidgets.QWidget):
             p.fillRect(r, QtGui.QColor(0, 0, 0, 70))  # so boxes stay readable over any image
         else:
             p.fillRect(r, QtGui.QColor("#23262d"))
-            p.setPen(QtGui.QPen(QtGui.QColor("#2e323a"), 1))
-            for k in range(1, 8):  # eighths guide
-                x = r.x() + r.width() * k / 8
-                y = r.y() + r.height() * k / 8
-                p.drawLine(QtCore.QPointF(x, r.top()), QtCore.QPointF(x, r.bottom()))
-                p.drawLine(QtCore.QPointF(r.left(), y), QtCore.QPointF(r.right(), y))
+        self._paint_grid(p, r)
         p.setPen(QtGui.QPen(QtGui.QColor("#3a3f4b"), 1))
         p.setBrush(QtCore.Qt.NoBrush)
         p.drawRect(r)
-        font = p.font()
+        picked = set(self.selection())
         for i, box in enumerate(self.boxes):
-            color = QtGui.QColor(BOX_COLORS[i % len(BOX_COLORS)])
-            br = self.box_rect(box)
-            fill = QtGui.QColor(color)
-            fill.setAlpha(60 if i == self.selected else 35)
-            mask = box.get("mask")
-            if mask:  # a painted region (over the whole image) that stands in for the rectangle
-                p.drawImage(r, self._mask_image(mask, color))
-            p.setBrush(fill)
-            p.setPen(QtGui.QPen(color, 2.2 if i == self.selected else 1.4))
-            p.drawRect(br)
-            label = box.get("phrase") or f"box {i + 1}"
-            font.setBold(i == self.selected)
-            p.setFont(font)
-            fm = QtGui.QFontMetricsF(font)
-            tag = QtCore.QRectF(br.x(), br.y() - fm.height() - 2, fm.horizontalAdvance(label) + 8, fm.height() + 2)
-            if tag.top() < r.top():
-                tag.moveTop(br.y() + 1)
-            p.fillRect(tag, color)
-            p.setPen(QtGui.QColor("#101216"))
-            p.drawText(tag, QtCore.Qt.AlignCenter, label)
-            if i == self.selected:
-                p.setBrush(QtGui.QColor("#f0f2f5"))
-                p.setPen(QtGui.QPen(color, 1))
-                for c in (br.topLeft(), br.topRight(), br.bottomLeft(), br.bottomRight()):
-                    p.drawRect(QtCore.QRectF(c.x() - HANDLE / 2, c.y() - HANDLE / 2, HANDLE, HANDLE))
+            self._paint_box(p, r, i, box, i in picked)
+        if self._stroke is not None:  # the stroke in progress, over everything
+            color = QtGui.QColor("#f0f2f5" if self._stroke["value"] else "#e5606a")
+            p.setRenderHint(QtGui.QPainter.SmoothPixmapTransform, False)
+            p.drawImage(r, paint.grid_image(self._stroke["grid"], color, 120))
+        if self.tool != "box" and self._hover is not None and r.contains(self._hover):
+            rows, cols = self.mask_shape()
+            radius = self.brush_size / 2 * r.width() / cols
+            p.setBrush(QtCore.Qt.NoBrush)
+            p.setPen(QtGui.QPen(QtGui.QColor("#f0f2f5"), 1.2))
+            p.drawEllipse(self._hover, radius, radius)
         if not self.enabled_for_node:
             p.setPen(QtGui.QColor("#8c93a1"))
             p.drawText(self.rect(), QtCore.Qt.AlignCenter | QtCore.Qt.TextWordWrap,
                        "Select a Layout node to draw its boxes")
         p.end()
 
+    def _paint_grid(self, p: QtGui.QPainter, r: QtCore.QRectF) -> None:
+        """Eighths guides on a blank canvas; the snap grid whenever snapping is on."""
+        lines = align.GRID if self.snap else (8 if self.background is None else 0)
+        if not lines:
+            return
+        p.setPen(QtGui.QPen(QtGui.QColor("#3a4050" if self.snap else "#2e323a"), 1))
+        for k in range(1, lines):
+            x = r.x() + r.width() * k / lines
+            y = r.y() + r.height() * k / lines
+            p.drawLine(QtCore.QPointF(x, r.top()), QtCore.QPointF(x, r.bottom()))
+            p.drawLine(QtCore.QPointF(r.left(), y), QtCore.QPointF(r.right(), y))
 
-class LayoutPanel(QtWidgets.QWidget):
-    """The canvas plus a phrase field for the selected box, bound to one Layout node."""
+    def _paint_box(self, p: QtGui.QPainter, r: QtCore.QRectF, i: int, box: dict, picked: bool) -> None:
+        color = QtGui.QColor(BOX_COLORS[i % len(BOX_COLORS)])
+        current = i == self.selected
+        br = self.box_rect(box)
+        fill = QtGui.QColor(color)
+        mask = box.get("mask")
+        if mask:  # a painted region (over the whole image) that stands in for the rectangle
+            p.setRenderHint(QtGui.QPainter.SmoothPixmapTransform, False)
+            size = QtCore.QSize(max(1, round(r.width())), max(1, round(r.height())))
+            p.drawPixmap(r.topLeft(), self._region_image(mask, color, 150 if current else 110, size))
+            fill.setAlpha(0)
+            pen = QtGui.QPen(color, 2.0 if current else 1.0, QtCore.Qt.DashLine)
+        else:
+            fill.setAlpha(60 if current else 35)
+            pen = QtGui.QPen(color, 2.2 if current else (1.8 if picked else 1.4))
+        p.setBrush(fill)
+        p.setPen(pen)
+        p.drawRect(br)
+        label = box.get("phrase") or (f"region {i + 1}" if mask else f"box {i + 1}")
+        font = p.font()
+        font.setBold(picked)
+        p.setFont(font)
+        fm = QtGui.QFontMetricsF(font)
+        tag = QtCore.QRectF(br.x(), br.y() - fm.height() - 2, fm.horizontalAdvance(label) + 8, fm.height() + 2)
+        if tag.top() < r.top():  # no room above: under the box, else just inside its top
+            tag.moveTop(br.bottom() + 1 if br.bottom() + tag.height() + 1 <= r.bottom() else br.y() + 1)
+        p.fillRect(tag, color)
+        p.setPen(QtGui.QColor("#101216"))
+        p.drawText(tag, QtCore.Qt.AlignCenter, label)
+        if current and self.tool == "box":
+            p.setBrush(QtGui.QColor("#f0f2f5"))
+            p.setPen(QtGui.QPen(color, 1))
+            for c in (br.topLeft(), br.topRight(), br.bottomLeft(), br.bottomRight()):
+                p.drawRect(QtCore.QRectF(c.x() - HANDLE / 2, c.y() - HANDLE / 2, HANDLE, HANDLE))
+
+
+class LayoutPanel(paint.PaintActions, QtWidgets.QWidget):
+    """The canvas, its tools and a phrase field for the selected box, bound to one Layout node."""
 
     message = QtCore.Signal(str)
 
@@ -276,39 +457,67 @@ class LayoutPanel(QtWidgets.QWidget):
         self.canvas = BoxCanvas()
         self.title = QtWidgets.QLabel("")
         self.title.setObjectName("Hint")
+        # the title may be cut rather than widen the right column (its tooltip has it whole)
+        self.title.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
         self.phrase = QtWidgets.QLineEdit()
-        self.phrase.setPlaceholderText("phrase for the selected box, e.g. “a red circle”")
+        self.phrase.setPlaceholderText("phrase for the selected box or region, e.g. “a red circle”")
         self.phrase.setEnabled(False)
         self.delete_btn = QtWidgets.QToolButton()
-        self.delete_btn.setText("Delete box")
+        self.delete_btn.setText("Delete")
+        self.delete_btn.setToolTip("delete the selected box or region (Delete)")
         self.delete_btn.clicked.connect(self.canvas.delete_selected)
         self.image_box = QtWidgets.QCheckBox("Over image")
         self.image_box.setToolTip("draw over the latest image (off: a blank canvas of the node's size)")
         self.image_box.setChecked(True)
         self.image_box.toggled.connect(self._refresh_background)
+        self.tools = paint.PaintBar()
+        self.tools.tool_changed.connect(self.set_tool)
+        self.tools.size.valueChanged.connect(self._brush_size)
+        self.tools.clear_action.triggered.connect(self.clear_mask)
+        self.tools.import_action.triggered.connect(lambda: self.import_mask())
+        self.snap_box = QtWidgets.QCheckBox("Snap")
+        self.snap_box.setToolTip(f"snap boxes to a grid of 1/{align.GRID} of the image")
+        self.snap_box.toggled.connect(self._snap_toggled)
+        self.align_btn = QtWidgets.QToolButton()
+        self.align_btn.setText("Align")
+        self.align_btn.setToolTip("line up the selected boxes (shift-click to select several)")
+        self.align_btn.setPopupMode(QtWidgets.QToolButton.InstantPopup)
+        menu = QtWidgets.QMenu(self.align_btn)
+        for how, text in (("left", "Left edges"), ("right", "Right edges"), ("top", "Top edges"),
+                          ("bottom", "Bottom edges"), ("hcenter", "Centres, horizontally"),
+                          ("vcenter", "Centres, vertically")):
+            menu.addAction(text, lambda h=how: self.align_selected(h))
+        menu.addSeparator()
+        menu.addAction("Distribute horizontally", lambda: self.distribute_selected("x"))
+        menu.addAction("Distribute vertically", lambda: self.distribute_selected("y"))
+        self.align_btn.setMenu(menu)
         row = QtWidgets.QHBoxLayout()
         row.addWidget(self.phrase, 1)
         row.addWidget(self.delete_btn)
         top = QtWidgets.QHBoxLayout()
         top.addWidget(self.title, 1)
+        top.addWidget(self.snap_box)
+        top.addWidget(self.align_btn)
         top.addWidget(self.image_box)
         lay = QtWidgets.QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
         lay.addLayout(top)
+        lay.addWidget(self.tools)
         lay.addWidget(self.canvas, 1)
         lay.addLayout(row)
-        hint = QtWidgets.QLabel("Drag on empty canvas to draw a box · drag a box to move · "
-                                "corners resize · Delete removes")
-        hint.setObjectName("Hint")
-        hint.setWordWrap(True)
-        lay.addWidget(hint)
+        self.hint = QtWidgets.QLabel()
+        self.hint.setObjectName("Hint")
+        self.hint.setWordWrap(True)
+        lay.addWidget(self.hint)
         self.latest_image: Optional[QtGui.QImage] = None
         self.canvas.committed.connect(self._commit)
         self.canvas.selection_changed.connect(self._on_box_selected)
+        self.canvas.message.connect(self.message)
         self.phrase.editingFinished.connect(self._phrase_edited)
         doc.node_changed.connect(self._on_node_changed)
         doc.structure_changed.connect(self._on_structure)
         doc.replaced.connect(lambda: self.set_node(None))
+        self.set_tool("box")
         self.set_node(None)
 
     def set_node(self, node_id: Optional[str]) -> None:
@@ -348,6 +557,7 @@ class LayoutPanel(QtWidgets.QWidget):
             w, h = int(params.get("width", 512)), int(params.get("height", 512))
             self.canvas.size_px = (w, h)
             self.title.setText(f"{node.title or node.type}: {w}×{h}, {len(params['boxes'] or [])} box(es)")
+            self.title.setToolTip(self.title.text())
             self.canvas.set_boxes(params["boxes"] or [])
         self._on_box_selected(self.canvas.selected)
         self.canvas.update()
