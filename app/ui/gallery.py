@@ -1,0 +1,484 @@
+"""The gallery: the images of the output folder and of the run history as labelled thumbnails.
+
+Thumbnails load lazily and off the UI thread: the view asks the model only for the rows it
+shows, a miss queues the file with `ThumbnailLoader`, whose worker threads decode and shrink it
+(QImageReader) and hand back a small QImage; the newest request is served first, so what is on
+screen comes before what was scrolled past. The UI thread only paints.
+
+Labels come from the history (graph, node, seed) when a run made the file, else from its name.
+Double-click opens the large viewer; Compare takes two; Open Folder shows the file in the file
+manager; dragging a thumbnail drags the file out (a file URL, as file managers and other apps
+take it).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from .image_viewer import ImageWindow, drag_files, open_folder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SOURCES = ("History and output folder", "History", "Output folder")
+
+
+class ThumbnailLoader(QtCore.QObject):
+    """Small QImages of image files, made in worker threads; `ready(path, image)` on the UI
+    thread. Keeps the last `keep` thumbnails."""
+
+    ready = QtCore.Signal(str, QtGui.QImage)
+
+    def __init__(self, side: int = 128, threads: int = 2, keep: int = 1500, parent=None):
+        super().__init__(parent)
+        self.side, self.keep = side, keep
+        self._cache: OrderedDict[str, QtGui.QImage] = OrderedDict()
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._max_threads = max(1, threads)
+        self._stopped = False
+        self.ready.connect(self._store)
+        self.failed: set[str] = set()
+
+    def get(self, path: str) -> Optional[QtGui.QImage]:
+        image = self._cache.get(path)
+        if image is not None:
+            self._cache.move_to_end(path)
+        return image
+
+    def request(self, path: str) -> None:
+        """Queue `path` (again: to the front) unless it is loaded, failed or being loaded."""
+        if path in self._cache or path in self.failed:
+            return
+        with self._cond:
+            if path in self._queued:
+                try:
+                    self._queue.remove(path)
+                except ValueError:  # a worker has it already
+                    return
+            self._queued.add(path)
+            self._queue.append(path)
+            alive = [t for t in self._threads if t.is_alive()]
+            self._threads = alive
+            if len(alive) < self._max_threads:
+                t = threading.Thread(target=self._work, name="loomwork-thumbnails", daemon=True)
+                self._threads.append(t)
+                t.start()
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queued)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._queue.clear()
+            self._queued.clear()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._stopped:
+                    self._cond.wait(5.0)  # idle threads end; request() starts new ones
+                if self._stopped or not self._queue:
+                    return
+                path = self._queue.pop()  # the newest request: most likely on screen
+            image = self.load(path, self.side)
+            with self._cond:
+                self._queued.discard(path)
+            if image is None:
+                self.failed.add(path)
+            else:
+                self.ready.emit(path, image)
+
+    @staticmethod
+    def load(path: str, side: int) -> Optional[QtGui.QImage]:
+        """`path` shrunk to fit side×side, or None if it cannot be read. Safe in any thread."""
+        reader = QtGui.QImageReader(path)
+        reader.setAutoTransform(True)
+        size = reader.size()
+        if size.isValid() and (size.width() > side or size.height() > side):
+            reader.setScaledSize(size.scaled(side, side, QtCore.Qt.KeepAspectRatio))
+        image = reader.read()
+        if image.isNull():
+            return None
+        if image.width() > side or image.height() > side:  # a reader that ignored the size
+            image = image.scaled(side, side, QtCore.Qt.KeepAspectRatio, QtCore.Qt.SmoothTransformation)
+        return image.convertToFormat(QtGui.QImage.Format_RGB32)
+
+    def _store(self, path: str, image: QtGui.QImage) -> None:
+        self._cache[path] = image
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+
+
+@dataclass
+class GalleryEntry:
+    path: str
+    graph: str = ""
+    node: str = ""
+    seed: Optional[int] = None
+    when: float = 0.0
+    record_id: Optional[str] = None
+
+    def label(self) -> str:
+        if self.record_id is None:
+            return Path(self.path).name
+        top = f"{self.graph} · {self.node}" if self.node else self.graph
+        return top + (f"\nseed {self.seed}" if self.seed is not None else "")
+
+
+def entries_from_history(records) -> list[GalleryEntry]:
+    out = []
+    for r in records:
+        seeds = r.seeds()
+        graph = None
+        for o in r.outputs:
+            if not o.get("path"):
+                continue
+            seed = _seed_for(r, o.get("node"), seeds, graph)
+            out.append(GalleryEntry(o["path"], r.graph_name, o.get("title") or "", seed, r.ended_at, r.id))
+    return out
+
+
+def _seed_for(record, nid, seeds: dict, graph) -> Optional[int]:
+    """The seed the output node `nid` was made with: the one seeded node it reads from, else the
+    run's only seed."""
+    if not seeds:
+        return None
+    if len(set(seeds.values())) == 1:
+        return next(iter(seeds.values()))
+    try:
+        g = record.graph()
+        up = g.upstream([nid]) if nid in g.nodes else set()
+    except Exception:  # a damaged record: no seed rather than no gallery
+        return None
+    found = [seeds[n] for n in sorted(up) if n in seeds]
+    return found[0] if found else None
+
+
+def entries_from_folder(folder: Path, limit: int = 5000) -> list[GalleryEntry]:
+    """Image files directly in `folder`, newest first (os.scandir: a stat per file, no decode)."""
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES):
+                    out.append(GalleryEntry(e.path, when=e.stat().st_mtime))
+    except OSError:
+        return []
+    out.sort(key=lambda e: e.when, reverse=True)
+    return out[:limit]
+
+
+class GalleryModel(QtCore.QAbstractListModel):
+    def __init__(self, loader: ThumbnailLoader, parent=None):
+        super().__init__(parent)
+        self.loader = loader
+        self.entries: list[GalleryEntry] = []
+        self._rows: dict[str, list[int]] = {}
+        side = loader.side
+        self._placeholder = QtGui.QImage(side, side, QtGui.QImage.Format_RGB32)
+        self._placeholder.fill(QtGui.QColor("#2b2f37"))
+        loader.ready.connect(self._on_ready)
+
+    def set_entries(self, entries: list[GalleryEntry]) -> None:
+        self.beginResetModel()
+        self.entries = list(entries)
+        self._rows = {}
+        for i, e in enumerate(self.entries):
+            self._rows.setdefault(e.path, []).append(i)
+        self.endResetModel()
+
+    def rowCount(self, parent=None):
+        return 0 if parent is not None and parent.isValid() else len(self.entries)
+
+    def data(self, index, role=QtCore.Qt.DisplayRole):
+        if not index.isValid() or index.row() >= len(self.entries):
+            return None
+        e = self.entries[index.row()]
+        if role == QtCore.Qt.DisplayRole:
+            return e.label()
+        if role == QtCore.Qt.DecorationRole:
+            image = self.loader.get(e.path)
+            if image is None:
+                self.loader.request(e.path)  # asked for: the row is on screen
+                return self._placeholder
+            return image
+        if role == QtCore.Qt.ToolTipRole:
+            return f"{e.label()}\n{e.path}"
+        if role == QtCore.Qt.UserRole:
+            return e.path
+        return None
+
+    def flags(self, index):
+        return super().flags(index) | QtCore.Qt.ItemIsDragEnabled
+
+    def _on_ready(self, path: str, _image) -> None:
+        for row in self._rows.get(path, ()):
+            i = self.index(row)
+            self.dataChanged.emit(i, i, [QtCore.Qt.DecorationRole])
+
+
+class GalleryView(QtWidgets.QListView):
+    """Icon grid; a drag takes the selected files out as file URLs."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setViewMode(QtWidgets.QListView.IconMode)
+        self.setResizeMode(QtWidgets.QListView.Adjust)
+        self.setMovement(QtWidgets.QListView.Static)
+        self.setUniformItemSizes(True)  # no size query per row: 500 rows lay out at once
+        self.setLayoutMode(QtWidgets.QListView.Batched)
+        self.setBatchSize(200)
+        self.setSelectionMode(QtWidgets.QAbstractItemView.ExtendedSelection)
+        self.setDragEnabled(True)
+        self.setDragDropMode(QtWidgets.QAbstractItemView.DragOnly)
+        self.setWordWrap(True)
+        self.setTextElideMode(QtCore.Qt.ElideMiddle)
+        self.setSpacing(4)
+
+    def set_thumb_side(self, side: int) -> None:
+        fm = self.fontMetrics()
+        self.setIconSize(QtCore.QSize(side, side))
+        self.setGridSize(QtCore.QSize(side + fm.height(), side + int(fm.height() * 3.2)))
+
+    def selected_paths(self) -> list[str]:
+        rows = sorted(i.row() for i in self.selectionModel().selectedIndexes())
+        return [self.model().index(r).data(QtCore.Qt.UserRole) for r in rows]
+
+    def startDrag(self, _actions):
+        paths = self.selected_paths()
+        image = self.model().loader.get(paths[0]) if paths else None
+        drag_files(self, paths, QtGui.QPixmap.fromImage(image) if image is not None else None)
+
+
+class GalleryPanel(QtWidgets.QWidget):
+    """The gallery: a source (history, output folder or both), a filter, and the grid."""
+
+    reopen_requested = QtCore.Signal(str)  # a PNG whose graph to open
+
+    def __init__(self, history=None, loader: Optional[ThumbnailLoader] = None, output_dir=None, parent=None):
+        super().__init__(parent)
+        self.history = history
+        self.loader = loader or ThumbnailLoader(parent=self)
+        self._output_dir = output_dir  # a callable giving the output folder, or None
+        self.model = GalleryModel(self.loader, self)
+        self.view = GalleryView()
+        self.view.setModel(self.model)
+        self.view.set_thumb_side(self.loader.side)
+        self.view.doubleClicked.connect(lambda i: self.open_large(i.row()))
+        self.view.selectionModel().selectionChanged.connect(lambda *_: self._update_buttons())
+        self.view.setContextMenuPolicy(QtCore.Qt.CustomContextMenu)
+        self.view.customContextMenuRequested.connect(self._context_menu)
+        self.source = QtWidgets.QComboBox()
+        self.source.addItems(list(SOURCES))
+        self.source.setToolTip("which images to show")
+        self.source.currentIndexChanged.connect(lambda _i: self.refresh())
+        self.filter = QtWidgets.QLineEdit()
+        self.filter.setPlaceholderText("Filter: graph, node, seed or file name")
+        self.filter.setClearButtonEnabled(True)
+        self.filter.textChanged.connect(lambda _t: self._apply_filter())
+        style = self.style()
+        self.refresh_btn = self._button("", "read the folder and history again", self.refresh,
+                                        style.standardIcon(QtWidgets.QStyle.SP_BrowserReload))
+        self.view_btn = self._button("View", "open in the large viewer (double-click)", lambda: self.open_large())
+        self.compare_btn = self._button("Compare", "compare two selected images", self.compare)
+        self.folder_btn = self._button("Open folder", "show the file in its folder", self.open_folder,
+                                       style.standardIcon(QtWidgets.QStyle.SP_DirOpenIcon))
+        self.graph_btn = self._button("Reopen graph", "open the graph inside this PNG as an untitled copy",
+                                      self._reopen)
+        self.count = QtWidgets.QLabel("")
+        self.count.setObjectName("Hint")
+        top = QtWidgets.QHBoxLayout()
+        top.addWidget(self.source)
+        top.addWidget(self.filter, 1)
+        top.addWidget(self.refresh_btn)
+        bottom = QtWidgets.QHBoxLayout()
+        for b in (self.view_btn, self.compare_btn, self.folder_btn, self.graph_btn):
+            bottom.addWidget(b)
+        bottom.addStretch(1)
+        bottom.addWidget(self.count)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.addLayout(top)
+        lay.addWidget(self.view, 1)
+        lay.addLayout(bottom)
+        self.all_entries: list[GalleryEntry] = []
+        self._loaded = False
+        self._dirty = False
+        self.windows: list[QtWidgets.QWidget] = []  # viewers opened from here (kept for tests)
+        if history is not None:
+            history.added.connect(self._on_history_added)
+        self._update_buttons()
+
+    def _button(self, text, tip, slot, icon=None):
+        b = QtWidgets.QToolButton()
+        b.setText(text)
+        b.setToolTip(tip)
+        if icon is not None:
+            b.setIcon(icon)
+            b.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon if text else QtCore.Qt.ToolButtonIconOnly)
+        b.clicked.connect(slot)
+        return b
+
+    # -- what is shown --------------------------------------------------------------------
+    def showEvent(self, event):
+        super().showEvent(event)
+        if not self._loaded or self._dirty:
+            self.refresh()
+
+    def output_dir(self) -> Optional[Path]:
+        if self._output_dir is not None:
+            return Path(self._output_dir())
+        from . import session
+
+        return session.default_output_dir()
+
+    def refresh(self) -> None:
+        """Read the history and the output folder again (cheap: no image is decoded here)."""
+        self._loaded, self._dirty = True, False
+        which = self.source.currentText()
+        entries: list[GalleryEntry] = []
+        if self.history is not None and which != SOURCES[2]:
+            entries = entries_from_history(self.history.records())
+        if which != SOURCES[1]:
+            known = {e.path for e in entries}
+            folders = [self.output_dir()] if self.output_dir() is not None else []
+            for folder in folders:
+                entries += [e for e in entries_from_folder(folder) if e.path not in known]
+            entries.sort(key=lambda e: e.when, reverse=True)
+        entries = [e for e in entries if os.path.isfile(e.path)]
+        self.set_entries(entries)
+
+    def set_entries(self, entries: list[GalleryEntry]) -> None:
+        self.all_entries = list(entries)
+        self._apply_filter()
+
+    def show_paths(self, paths: list[str]) -> None:
+        """Just these files (a run's outputs, from History), labelled from the history."""
+        known = {e.path: e for e in entries_from_history(self.history.records())} if self.history else {}
+        self._loaded = True
+        self.set_entries([known.get(p, GalleryEntry(p)) for p in paths if os.path.isfile(p)])
+
+    def _apply_filter(self) -> None:
+        words = self.filter.text().lower().split()
+        shown = [e for e in self.all_entries
+                 if all(w in (e.label() + " " + Path(e.path).name).lower() for w in words)]
+        self.model.set_entries(shown)
+        n = len(shown)
+        self.count.setText(f"{n} image{'s' if n != 1 else ''}")
+        self._update_buttons()
+
+    def _on_history_added(self, _record) -> None:
+        if self.isVisible():
+            self.refresh()
+        else:
+            self._dirty = True
+
+    # -- acting on the selection ----------------------------------------------------------
+    def _update_buttons(self) -> None:
+        paths = self.view.selected_paths()
+        self.view_btn.setEnabled(bool(paths))
+        self.folder_btn.setEnabled(bool(paths))
+        self.compare_btn.setEnabled(len(paths) == 2)
+        self.graph_btn.setEnabled(len(paths) == 1 and paths[0].lower().endswith(".png"))
+
+    def select_rows(self, rows: list[int]) -> None:
+        sel = self.view.selectionModel()
+        sel.clearSelection()
+        for r in rows:
+            sel.select(self.model.index(r), QtCore.QItemSelectionModel.Select)
+        self._update_buttons()
+
+    def open_large(self, row: Optional[int] = None) -> Optional[ImageWindow]:
+        if row is None:
+            rows = sorted(i.row() for i in self.view.selectionModel().selectedIndexes())
+            if not rows:
+                return None
+            row = rows[0]
+        items = [(e.path, e.label().replace("\n", " · "), e.path) for e in self.model.entries]
+        window = ImageWindow(items, row, self.window())
+        window.show()
+        self.windows.append(window)
+        return window
+
+    def compare(self):
+        rows = sorted(i.row() for i in self.view.selectionModel().selectedIndexes())
+        if len(rows) != 2:
+            return None
+        a, b = (self.model.entries[r] for r in rows)
+        window = compare_files(a.path, b.path, (a.label().replace("\n", " · "), b.label().replace("\n", " · ")),
+                               self.window())
+        self.windows.append(window)
+        return window
+
+    def open_folder(self) -> Optional[QtCore.QUrl]:
+        paths = self.view.selected_paths()
+        return open_folder(paths[0]) if paths else None
+
+    def _reopen(self) -> None:
+        paths = self.view.selected_paths()
+        if len(paths) == 1:
+            self.reopen_requested.emit(paths[0])
+
+    def _context_menu(self, pos) -> None:
+        if not self.view.indexAt(pos).isValid():
+            return
+        menu = QtWidgets.QMenu(self)
+        for b in (self.view_btn, self.compare_btn, self.folder_btn, self.graph_btn):
+            act = menu.addAction(b.text(), b.click)
+            act.setEnabled(b.isEnabled())
+        menu.exec(self.view.viewport().mapToGlobal(pos))
+
+
+def compare_files(a: str, b: str, labels=None, parent=None):
+    from .compare import CompareWindow
+
+    window = CompareWindow(a, b, labels or (Path(a).name, Path(b).name), parent)
+    window.show()
+    return window
+
+
+def install(window) -> None:
+    """Give the main window its History and Gallery docks (tabbed below the canvas, hidden until
+    asked for) and record every run that ends. Called once from MainWindow.__init__."""
+    from .history import HistoryPanel, HistoryStore, reopen_record
+
+    window.history = HistoryStore(parent=window)
+    window.thumbnails = ThumbnailLoader(parent=window)
+    window.history_panel = HistoryPanel(window.history, window.thumbnails)
+    window.gallery = GalleryPanel(window.history, window.thumbnails)
+    window.run_queue.finished.connect(window.history.record_run)
+
+    window.runner.images.connect(lambda nid, images, paths: window.run_queue.add_output(nid, list(paths), len(images)))
+    window.history_panel.reopen_requested.connect(lambda r: reopen_record(window, r))
+    window.history_panel.outputs_requested.connect(lambda paths: (window.gallery_dock.show(),
+                                                                  window.gallery_dock.raise_(),
+                                                                  window.gallery.show_paths(paths)))
+    window.history_panel.compare_requested.connect(lambda a, b: compare_files(a, b, None, window))
+    window.gallery.reopen_requested.connect(window.open_path)
+    area = QtCore.Qt.BottomDockWidgetArea
+    window.gallery_dock = window._dock("Gallery", window.gallery, area, "GalleryDock")
+    window.history_dock = window._dock("History", window.history_panel, area, "HistoryDock")
+    window.gallery_dock.hide()
+    window.history_dock.hide()
+    # tabbed together once both are open (two hidden tabbed docks leave their tab bar painted)
+    for dock, other in ((window.gallery_dock, window.history_dock), (window.history_dock, window.gallery_dock)):
+        dock.visibilityChanged.connect(lambda shown, d=dock, o=other: _tab_together(window, d, o, shown))
+
+
+def _tab_together(window, dock, other, shown: bool) -> None:
+    if shown and other.isVisible() and not other.isFloating() and not dock.isFloating() \
+            and other not in window.tabifiedDockWidgets(dock):
+        window.tabifyDockWidget(other, dock)
+        dock.raise_()
