@@ -21,9 +21,9 @@ def _run(qtbot, window):
 def test_a_run_is_recorded_on_disk_and_reopens_exactly_as_an_untitled_copy(window, qtbot, tiny_pixel_model, tmp_path):
     pytest.importorskip("torch")
     from app.graph import dumps
+    from app.ui import session
     from app.ui.history import HistoryStore
     from app.ui.run_queue import NAME_PATTERN_KEY
-    from app.ui import session
 
     graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16, seed=5)
     window.doc.replace(graph, None)

@@ -1,8 +1,9 @@
 """The gallery: the images of the output folder and of the run history as labelled thumbnails.
 
-Thumbnails load lazily and off the UI thread: the view asks the model only for the rows it
-shows, a miss queues the file with `ThumbnailLoader`, whose worker threads decode and shrink it
-(QImageReader) and hand back a small QImage; the newest request is served first, so what is on
+Thumbnails load lazily and off the UI thread: after a scroll or resize the view asks for the rows
+it shows (and half a screen ahead), a miss queues the file with `ThumbnailLoader`, whose worker
+threads decode and shrink it
+(Pillow) and hand back a small QImage; the newest request is served first, so what is on
 screen comes before what was scrolled past. The UI thread only paints.
 
 Labels come from the history (graph, node, seed) when a run made the file, else from its name.
@@ -29,10 +30,16 @@ SOURCES = ("History and output folder", "History", "Output folder")
 
 
 class ThumbnailLoader(QtCore.QObject):
-    """Small QImages of image files, made in worker threads; `ready(path, image)` on the UI
-    thread. Keeps the last `keep` thumbnails."""
+    """Small QImages of image files, made in worker threads; the functions given to `on_ready`
+    get (path, image) on the UI thread. Keeps the last `keep` thumbnails.
 
-    ready = QtCore.Signal(str, QtGui.QImage)
+    Results wait in a queue that a UI-thread timer drains every DRAIN_MS while work is out:
+    one wake-up for many thumbnails, so the UI thread takes Python's lock from the workers less
+    often, and no signal is emitted per thumbnail (PySide6 6.12 on Python 3.11 leaks a reference
+    to True on every Signal.emit; enough of them abort the app)."""
+
+    DRAIN_MS = 30
+
 
     def __init__(self, side: int = 128, threads: int = 2, keep: int = 1500, parent=None):
         super().__init__(parent)
@@ -44,8 +51,15 @@ class ThumbnailLoader(QtCore.QObject):
         self._threads: list[threading.Thread] = []
         self._max_threads = max(1, threads)
         self._stopped = False
-        self.ready.connect(self._store)
+        self._done: deque[tuple[str, QtGui.QImage]] = deque()
+        self._listeners: list = []
+        self._timer = QtCore.QTimer(self, interval=self.DRAIN_MS)
+        self._timer.timeout.connect(self._drain)
         self.failed: set[str] = set()
+
+    def on_ready(self, fn) -> None:
+        """Call fn(path, image) on the UI thread for each thumbnail made from now on."""
+        self._listeners.append(fn)
 
     def get(self, path: str) -> Optional[QtGui.QImage]:
         image = self._cache.get(path)
@@ -72,6 +86,8 @@ class ThumbnailLoader(QtCore.QObject):
                 self._threads.append(t)
                 t.start()
             self._cond.notify()
+        if not self._timer.isActive():
+            self._timer.start()
 
     def pending(self) -> int:
         with self._cond:
@@ -93,32 +109,48 @@ class ThumbnailLoader(QtCore.QObject):
                     return
                 path = self._queue.pop()  # the newest request: most likely on screen
             image = self.load(path, self.side)
-            with self._cond:
+            with self._cond:  # the result is queued before the path stops counting as pending
+                if image is None:
+                    self.failed.add(path)
+                else:
+                    self._done.append((path, image))
                 self._queued.discard(path)
-            if image is None:
-                self.failed.add(path)
-            else:
-                self.ready.emit(path, image)
 
     @staticmethod
     def load(path: str, side: int) -> Optional[QtGui.QImage]:
-        """`path` shrunk to fit side×side, or None if it cannot be read. Safe in any thread."""
-        reader = QtGui.QImageReader(path)
-        reader.setAutoTransform(True)
-        size = reader.size()
-        if size.isValid() and (size.width() > side or size.height() > side):
-            reader.setScaledSize(size.scaled(side, side, QtCore.Qt.KeepAspectRatio))
-        image = reader.read()
-        if image.isNull():
-            return None
-        if image.width() > side or image.height() > side:  # a reader that ignored the size
-            image = image.scaled(side, side, QtCore.Qt.KeepAspectRatio, QtCore.Qt.SmoothTransformation)
-        return image.convertToFormat(QtGui.QImage.Format_RGB32)
+        """`path` shrunk to fit side×side, or None if it cannot be read. Safe in any thread.
 
-    def _store(self, path: str, image: QtGui.QImage) -> None:
-        self._cache[path] = image
+        Pillow decodes and shrinks with Python's lock released, so the UI thread keeps running
+        while the workers work (QImageReader.read holds it for the whole decode). Pillow's
+        decompression-bomb limit stays on: a huge file fails rather than eating the memory."""
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (side, side))  # JPEG: decode at a fraction of the size
+                im = ImageOps.exif_transpose(im)
+                im.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+                rgb = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            return None
+        data = rgb.tobytes()
+        image = QtGui.QImage(data, rgb.width, rgb.height, 3 * rgb.width, QtGui.QImage.Format_RGB888)
+        return image.convertToFormat(QtGui.QImage.Format_RGB32)  # a copy: owns its pixels
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._done:
+                    break
+                path, image = self._done.popleft()
+            self._cache[path] = image
+            for fn in self._listeners:
+                fn(path, image)
         while len(self._cache) > self.keep:
             self._cache.popitem(last=False)
+        with self._cond:
+            if not self._queued and not self._done:
+                self._timer.stop()
 
 
 @dataclass
@@ -180,53 +212,53 @@ def entries_from_folder(folder: Path, limit: int = 5000) -> list[GalleryEntry]:
     return out[:limit]
 
 
-class GalleryModel(QtCore.QAbstractListModel):
+class GalleryModel(QtGui.QStandardItemModel):
+    """The shown entries as Qt items: the view paints them without calling into Python (each
+    call from Qt into Python waits for Python's lock, which the thumbnail workers share).
+    Which rows to load is the view's call (GalleryView.visible_rows)."""
+
     def __init__(self, loader: ThumbnailLoader, parent=None):
         super().__init__(parent)
         self.loader = loader
         self.entries: list[GalleryEntry] = []
-        self._rows: dict[str, list[int]] = {}
+        self._items: dict[str, list[QtGui.QStandardItem]] = {}
         side = loader.side
-        self._placeholder = QtGui.QImage(side, side, QtGui.QImage.Format_RGB32)
-        self._placeholder.fill(QtGui.QColor("#2b2f37"))
-        loader.ready.connect(self._on_ready)
+        placeholder = QtGui.QPixmap(side, side)
+        placeholder.fill(QtGui.QColor("#2b2f37"))
+        self._placeholder = QtGui.QIcon(placeholder)
+        loader.on_ready(self._on_ready)
 
     def set_entries(self, entries: list[GalleryEntry]) -> None:
-        self.beginResetModel()
         self.entries = list(entries)
-        self._rows = {}
-        for i, e in enumerate(self.entries):
-            self._rows.setdefault(e.path, []).append(i)
-        self.endResetModel()
-
-    def rowCount(self, parent=None):
-        return 0 if parent is not None and parent.isValid() else len(self.entries)
-
-    def data(self, index, role=QtCore.Qt.DisplayRole):
-        if not index.isValid() or index.row() >= len(self.entries):
-            return None
-        e = self.entries[index.row()]
-        if role == QtCore.Qt.DisplayRole:
-            return e.label()
-        if role == QtCore.Qt.DecorationRole:
+        self._items = {}
+        self.clear()
+        root = self.invisibleRootItem()
+        items = []
+        for e in self.entries:
+            item = QtGui.QStandardItem(e.label())
+            item.setEditable(False)
+            item.setDragEnabled(True)
+            item.setToolTip(f"{e.label()}\n{e.path}")
+            item.setData(e.path, QtCore.Qt.UserRole)
             image = self.loader.get(e.path)
-            if image is None:
-                self.loader.request(e.path)  # asked for: the row is on screen
-                return self._placeholder
-            return image
-        if role == QtCore.Qt.ToolTipRole:
-            return f"{e.label()}\n{e.path}"
-        if role == QtCore.Qt.UserRole:
-            return e.path
-        return None
+            item.setIcon(QtGui.QIcon(QtGui.QPixmap.fromImage(image)) if image is not None else self._placeholder)
+            self._items.setdefault(e.path, []).append(item)
+            items.append(item)
+        if items:
+            root.appendRows(items)
 
-    def flags(self, index):
-        return super().flags(index) | QtCore.Qt.ItemIsDragEnabled
+    def request_rows(self, rows) -> None:
+        """Queue the thumbnails of `rows` (last first: the loader serves the newest first)."""
+        for r in reversed(list(rows)):
+            if 0 <= r < len(self.entries):
+                self.loader.request(self.entries[r].path)
 
-    def _on_ready(self, path: str, _image) -> None:
-        for row in self._rows.get(path, ()):
-            i = self.index(row)
-            self.dataChanged.emit(i, i, [QtCore.Qt.DecorationRole])
+    def _on_ready(self, path: str, image) -> None:
+        items = self._items.get(path)
+        if items:
+            icon = QtGui.QIcon(QtGui.QPixmap.fromImage(image))
+            for item in items:
+                item.setIcon(icon)
 
 
 class GalleryView(QtWidgets.QListView):
@@ -246,6 +278,46 @@ class GalleryView(QtWidgets.QListView):
         self.setWordWrap(True)
         self.setTextElideMode(QtCore.Qt.ElideMiddle)
         self.setSpacing(4)
+        # what is on screen is asked for a moment after a scroll or resize settles
+        self._visible_timer = QtCore.QTimer(self, singleShot=True, interval=30)
+        self._visible_timer.timeout.connect(self.request_visible)
+        self.verticalScrollBar().valueChanged.connect(lambda _v: self._visible_timer.start())
+
+    def setModel(self, model):
+        super().setModel(model)
+        model.modelReset.connect(self._visible_timer.start)
+        model.rowsInserted.connect(lambda *_: self._visible_timer.start())
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self._visible_timer.start()
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        self._visible_timer.start()
+
+    def visible_rows(self, ahead: float = 0.5) -> list[int]:
+        """Rows on screen, and those within `ahead` of a screen below (read ahead of a scroll)."""
+        grid = self.gridSize()
+        if not grid.isValid() or self.model() is None or not self.model().rowCount():
+            return []
+        port = self.viewport().rect()
+        rows = set()
+        bottom = int(port.bottom() + port.height() * ahead)
+        for y in range(port.top() + grid.height() // 2 - grid.height(), bottom + grid.height(), grid.height()):
+            for x in range(port.left() + grid.width() // 2, port.right(), grid.width()):
+                i = self.indexAt(QtCore.QPoint(x, max(port.top(), min(y, port.bottom()))) if y <= port.bottom()
+                                 else QtCore.QPoint(x, port.bottom()))
+                if i.isValid():
+                    rows.add(i.row())
+        if rows and bottom > port.bottom():  # below the screen: the rows that follow, by count
+            per_screen = max(rows) - min(rows) + 1
+            rows |= set(range(max(rows) + 1, min(self.model().rowCount(), max(rows) + 1 + int(per_screen * ahead))))
+        return sorted(rows)
+
+    def request_visible(self) -> None:
+        if self.isVisible() and self.model() is not None:
+            self.model().request_rows(self.visible_rows())
 
     def set_thumb_side(self, side: int) -> None:
         fm = self.fontMetrics()
@@ -254,7 +326,7 @@ class GalleryView(QtWidgets.QListView):
 
     def selected_paths(self) -> list[str]:
         rows = sorted(i.row() for i in self.selectionModel().selectedIndexes())
-        return [self.model().index(r).data(QtCore.Qt.UserRole) for r in rows]
+        return [self.model().entries[r].path for r in rows]
 
     def startDrag(self, _actions):
         paths = self.selected_paths()
@@ -397,7 +469,7 @@ class GalleryPanel(QtWidgets.QWidget):
         sel = self.view.selectionModel()
         sel.clearSelection()
         for r in rows:
-            sel.select(self.model.index(r), QtCore.QItemSelectionModel.Select)
+            sel.select(self.model.index(r, 0), QtCore.QItemSelectionModel.Select)
         self._update_buttons()
 
     def open_large(self, row: Optional[int] = None) -> Optional[ImageWindow]:

@@ -229,7 +229,7 @@ class HistoryPanel(QtWidgets.QWidget):
         lay.addLayout(buttons)
         store.added.connect(self._on_added)
         if thumbnails is not None:
-            thumbnails.ready.connect(self._on_thumbnail)
+            thumbnails.on_ready(self._on_thumbnail)
         self._update_buttons()
 
     def _button(self, text, tip, slot):
