@@ -41,7 +41,7 @@ class ThumbnailLoader(QtCore.QObject):
     DRAIN_MS = 30
 
 
-    def __init__(self, side: int = 128, threads: int = 2, keep: int = 1500, parent=None):
+    def __init__(self, side: int = 128, threads: int = 1, keep: int = 1500, parent=None):
         super().__init__(parent)
         self.side, self.keep = side, keep
         self._cache: OrderedDict[str, QtGui.QImage] = OrderedDict()
@@ -100,7 +100,20 @@ class ThumbnailLoader(QtCore.QObject):
             self._queued.clear()
             self._cond.notify_all()
 
+    @staticmethod
+    def _lower_priority() -> None:
+        """Thumbnails are background work: on a busy machine the UI thread goes first (Linux
+        schedules threads on their own; raising a thread's niceness needs no rights)."""
+        if not hasattr(os, "setpriority"):
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+        except OSError:
+            pass
+
     def _work(self) -> None:
+        self._lower_priority()
         while True:
             with self._cond:
                 if not self._queue and not self._stopped:
@@ -164,7 +177,7 @@ class GalleryEntry:
 
     def label(self) -> str:
         if self.record_id is None:
-            return Path(self.path).name
+            return os.path.basename(self.path)
         top = f"{self.graph} · {self.node}" if self.node else self.graph
         return top + (f"\nseed {self.seed}" if self.seed is not None else "")
 
@@ -228,24 +241,37 @@ class GalleryModel(QtGui.QStandardItemModel):
         self._placeholder = QtGui.QIcon(placeholder)
         loader.on_ready(self._on_ready)
 
+    CHUNK = 150  # rows added per turn of the event loop: a long list never stalls the UI
+
     def set_entries(self, entries: list[GalleryEntry]) -> None:
+        """Show `entries`: the first CHUNK rows at once, the rest a chunk per event-loop turn."""
         self.entries = list(entries)
         self._items = {}
+        self._generation = getattr(self, "_generation", 0) + 1
         self.clear()
-        root = self.invisibleRootItem()
+        self._append(0, self._generation)
+
+    def complete(self) -> bool:
+        return self.rowCount() == len(self.entries)
+
+    def _append(self, start: int, generation: int) -> None:
+        if generation != self._generation:
+            return  # replaced meanwhile
+        flags = QtCore.Qt.ItemIsEnabled | QtCore.Qt.ItemIsSelectable | QtCore.Qt.ItemIsDragEnabled
         items = []
-        for e in self.entries:
-            item = QtGui.QStandardItem(e.label())
-            item.setEditable(False)
-            item.setDragEnabled(True)
-            item.setToolTip(f"{e.label()}\n{e.path}")
-            item.setData(e.path, QtCore.Qt.UserRole)
+        for e in self.entries[start:start + self.CHUNK]:
+            label = e.label()
+            item = QtGui.QStandardItem(label)
+            item.setFlags(flags)
+            item.setToolTip(f"{label}\n{e.path}")
             image = self.loader.get(e.path)
             item.setIcon(QtGui.QIcon(QtGui.QPixmap.fromImage(image)) if image is not None else self._placeholder)
             self._items.setdefault(e.path, []).append(item)
             items.append(item)
         if items:
-            root.appendRows(items)
+            self.invisibleRootItem().appendRows(items)
+        if start + self.CHUNK < len(self.entries):
+            QtCore.QTimer.singleShot(0, self, lambda: self._append(start + self.CHUNK, generation))
 
     def request_rows(self, rows) -> None:
         """Queue the thumbnails of `rows` (last first: the loader serves the newest first)."""
@@ -426,10 +452,12 @@ class GalleryPanel(QtWidgets.QWidget):
         if which != SOURCES[1]:
             known = {e.path for e in entries}
             folders = [self.output_dir()] if self.output_dir() is not None else []
+            entries = [e for e in entries if os.path.isfile(e.path)]  # history may name deleted files
             for folder in folders:
                 entries += [e for e in entries_from_folder(folder) if e.path not in known]
             entries.sort(key=lambda e: e.when, reverse=True)
-        entries = [e for e in entries if os.path.isfile(e.path)]
+        else:
+            entries = [e for e in entries if os.path.isfile(e.path)]
         self.set_entries(entries)
 
     def set_entries(self, entries: list[GalleryEntry]) -> None:
