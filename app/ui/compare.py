@@ -83,8 +83,8 @@ class SliderCompare(QtWidgets.QWidget):
         r = self.fontMetrics().height()
         p.setBrush(QtGui.QColor("#ffffff"))
         p.drawEllipse(QtCore.QPointF(x, self.height() / 2), r * 0.45, r * 0.45)
-        self._tag(p, self.labels[0], QtCore.Qt.AlignLeft)
-        self._tag(p, self.labels[1], QtCore.Qt.AlignRight)
+        self._tag(p, f"A · {self.labels[0]}", QtCore.Qt.AlignLeft)
+        self._tag(p, f"B · {self.labels[1]}", QtCore.Qt.AlignRight)
 
     def _tag(self, p: QtGui.QPainter, text: str, side) -> None:
         fm = self.fontMetrics()
@@ -178,7 +178,7 @@ class SideBySide(QtWidgets.QSplitter):
 
     def set_images(self, a: QtGui.QImage, b: QtGui.QImage, labels=("A", "B")) -> None:
         for view, image, caption, label in zip(self.views, (a, b), self.captions, labels):
-            caption.setText(label)
+            caption.setText(f"{'A' if image is a else 'B'} · {label}")
             view.fitted = True
             # B is shown at A's size so the two line up pixel for pixel
             if image is b and not a.isNull() and not b.isNull() and b.size() != a.size():

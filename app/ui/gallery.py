@@ -386,13 +386,15 @@ class GalleryPanel(QtWidgets.QWidget):
         self.filter.setPlaceholderText("Filter: graph, node, seed or file name")
         self.filter.setClearButtonEnabled(True)
         self.filter.textChanged.connect(lambda _t: self._apply_filter())
+        from . import theme
+
         style = self.style()
         self.refresh_btn = self._button("", "read the folder and history again", self.refresh,
                                         style.standardIcon(QtWidgets.QStyle.SP_BrowserReload))
         self.view_btn = self._button("View", "open in the large viewer (double-click)", lambda: self.open_large())
         self.compare_btn = self._button("Compare", "compare two selected images", self.compare)
         self.folder_btn = self._button("Open folder", "show the file in its folder", self.open_folder,
-                                       style.standardIcon(QtWidgets.QStyle.SP_DirOpenIcon))
+                                       theme.icon("open"))
         self.graph_btn = self._button("Reopen graph", "open the graph inside this PNG as an untitled copy",
                                       self._reopen)
         self.count = QtWidgets.QLabel("")
@@ -578,6 +580,9 @@ def install(window) -> None:
 
 
 def _tab_together(window, dock, other, shown: bool) -> None:
+    if shown and not dock.isFloating() and dock.height() < window.height() * 0.3:
+        # a gallery a row high shows nothing: give it a good share of the window's height
+        window.resizeDocks([dock], [int(window.height() * 0.4)], QtCore.Qt.Vertical)
     if shown and other.isVisible() and not other.isFloating() and not dock.isFloating() \
             and other not in window.tabifiedDockWidgets(dock):
         window.tabifyDockWidget(other, dock)

@@ -106,13 +106,16 @@ def record_of(run: QueuedRun) -> RunRecord:
     source = run.source if run.source is not None else run.graph
     names = {nid: run.graph.nodes[nid].params.get("prefix") for nid in run.graph.nodes
              if nid in source.nodes and run.graph.nodes[nid].params.get("prefix") != source.nodes[nid].params.get("prefix")}
-    return RunRecord(id=f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(run.queued_at))}-{uuid.uuid4().hex[:8]}",
+    ended = run.ended_at or time.time()
+    # ids sort as the runs ended (the store lists newest first by name)
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(ended))}-{int(ended * 1000) % 1000:03d}"
+    return RunRecord(id=f"{stamp}-{uuid.uuid4().hex[:8]}",
                      graph_text=dumps(source, strict=False), status=run.status, label=run.label,
                      summary=run.summary, graph_path=run.graph_path, output_dir=run.output_dir,
                      targets=list(run.targets) if run.targets else None,
                      overrides={"seeds": seeds_of(source), "file_names": names},
                      outputs=[{"node": n, "title": t, "path": p} for n, t, p in run.outputs],
-                     queued_at=run.queued_at, started_at=run.started_at, ended_at=run.ended_at or time.time())
+                     queued_at=run.queued_at, started_at=run.started_at, ended_at=ended)
 
 
 class HistoryStore(QtCore.QObject):

@@ -119,18 +119,19 @@ class ImageWindow(QtWidgets.QDialog):
         self.zoom_label.setObjectName("Hint")
         self.view.zoom_changed.connect(lambda z: self.zoom_label.setText(f"{z * 100:.0f}%"))
         bar = QtWidgets.QHBoxLayout()
-        style = self.style()
-        self.prev_btn = self._button("", "previous image (Left)", lambda: self.step(-1), style.standardIcon(QtWidgets.QStyle.SP_ArrowLeft))
-        self.next_btn = self._button("", "next image (Right)", lambda: self.step(1), style.standardIcon(QtWidgets.QStyle.SP_ArrowRight))
+        from . import theme
+
+        self.prev_btn = self._button("", "previous image (Left)", lambda: self.step(-1), theme.icon("previous"))
+        self.next_btn = self._button("", "next image (Right)", lambda: self.step(1), theme.icon("next"))
         fit = self._button("Fit", "fit the image to the window (F)", self.view.fit)
         one = self._button("1:1", "actual pixels (1)", lambda: self.view.set_zoom(1.0))
         smooth = QtWidgets.QCheckBox("Smooth")
         smooth.setToolTip("smooth filtering when zoomed (off: hard pixels)")
         smooth.toggled.connect(self._set_smooth)
         self.folder_btn = self._button("Open folder", "show the file in its folder", self.open_folder,
-                                       style.standardIcon(QtWidgets.QStyle.SP_DirOpenIcon))
+                                       theme.icon("open"))
         self.drag_btn = self._button("Drag out", "drag this image (as a file) into another app",
-                                     None, style.standardIcon(QtWidgets.QStyle.SP_FileIcon))
+                                     None, theme.icon("new"))
         self.drag_btn.pressed.connect(self._drag)
         for w in (self.prev_btn, self.next_btn, fit, one, smooth):
             bar.addWidget(w)

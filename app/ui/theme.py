@@ -222,7 +222,7 @@ def apply(app: QtWidgets.QApplication, name: str = None) -> None:
 
 # -- icons ------------------------------------------------------------------------------------
 ICON_NAMES = ("new", "open", "save", "undo", "redo", "add", "frame", "run", "run-selected", "cancel",
-              "gallery", "history", "compare", "preferences")
+              "gallery", "history", "compare", "preferences", "previous", "next")
 
 
 def _glyph(p: QtGui.QPainter, name: str, s: float) -> None:
@@ -298,6 +298,9 @@ def _glyph(p: QtGui.QPainter, name: str, s: float) -> None:
             p.setBrush(p.pen().color())
             p.drawEllipse(P(knob * u, y * u), 1.8 * u, 1.8 * u)
             p.restore()
+    elif name in ("previous", "next"):
+        x0, x1 = (10.5, 5.5) if name == "previous" else (5.5, 10.5)
+        p.drawPolyline([P(x0 * u, 3 * u), P(x1 * u, 8 * u), P(x0 * u, 13 * u)])
     else:
         raise KeyError(f"no icon named {name!r}")
 

@@ -216,5 +216,6 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         if self.autosave is not None:
             self.autosave.timer.stop()
             self.autosave.discard()
+        self.thumbnails.stop()
         self._save_layout()
         event.accept()
