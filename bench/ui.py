@@ -8,7 +8,8 @@
   re-runs it after a param edit. A gap is time the UI could not repaint or take input.
 
   Then (4) a queue of 5 runs (batch count 5), (5) panning a 200-node graph with the middle
-  mouse button (a drag step every 16 ms for 4 s, each step painted), (6) the gallery loading
+  mouse button (a drag step every 16 ms for 4 s, each step painted), framed as it opens and at
+  1:1 where every title and port is drawn, (6) the gallery loading
   500 thumbnails of 512x512 PNGs (shown, then scrolled through to the end).
 
 Targets: window <= 2 s; no gap > 100 ms. The default graph's `builtin:shapes-t2i` model is used
@@ -97,6 +98,7 @@ def event_loop_gaps(tmp: Path) -> dict:
     app = create_app()
     w = MainWindow(autosave=False)
     w._closing_ok = True
+    w.resize(1600, 1000)  # the size a desktop gives it (the offscreen screen is smaller)
     w.show()
     meter = GapMeter()
     # (1) torch and the kernels load in a background thread while the window stays live
@@ -148,8 +150,10 @@ def event_loop_gaps(tmp: Path) -> dict:
     result["queue_of_5_runs"] = queue_of_runs(app, w, meter, 5)
     runs = ("first_run", "rerun_after_edit", "long_run_200_steps", "queue_of_5_runs")
     result["pan_200_nodes"] = pan_big_graph(app, w, meter, 200)
+    result["pan_200_nodes_1to1"] = pan_big_graph(app, w, meter, 200, actual_size=True)
     result["gallery_500_thumbnails"] = gallery_thumbnails(app, w, meter, tmp / "gallery", 500)
-    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", *runs, "pan_200_nodes", "gallery_500_thumbnails")]
+    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", *runs, "pan_200_nodes", "pan_200_nodes_1to1",
+                                                "gallery_500_thumbnails")]
     result["max_gap_during_runs_ms"] = max(result[k]["max_gap_ms"] for k in runs)
     result["max_gap_overall_ms"] = max(gaps)
     return result
@@ -207,12 +211,20 @@ def big_graph(n: int):
     return g
 
 
-def pan_big_graph(app, w, meter, n: int, seconds: float = 4.0) -> dict:
+def pan_big_graph(app, w, meter, n: int, seconds: float = 4.0, actual_size: bool = False) -> dict:
+    """Pan as opened (the whole graph framed), or at 1:1 (`actual_size`: every title and port
+    drawn in full, the costlier case)."""
     from PySide6 import QtCore, QtGui
 
-    w.doc.replace(big_graph(n), None)
+    if len(w.doc.graph.nodes) != n:
+        w.doc.replace(big_graph(n), None)
     wait_for(app, lambda: False, 1.0)  # let the canvas build and settle
     viewer = w.canvas.widget
+    if actual_size:
+        viewer.reset_zoom(viewer.scene().itemsBoundingRect().center())
+    else:
+        w.canvas.frame()
+    wait_for(app, lambda: False, 0.5)
     port = viewer.viewport()
     centre = QtCore.QPointF(port.width() / 2, port.height() / 2)
 
@@ -237,7 +249,8 @@ def pan_big_graph(app, w, meter, n: int, seconds: float = 4.0) -> dict:
             time.sleep(0.001)
     send(QtCore.QEvent.MouseButtonRelease, pos, QtCore.Qt.NoButton)
     stats = meter.stop()
-    stats.update(nodes=len(w.doc.graph.nodes), drag_steps=steps, steps_per_s=round(steps / seconds, 1))
+    stats.update(nodes=len(w.doc.graph.nodes), zoom="1:1" if actual_size else "framed",
+                 drag_steps=steps, steps_per_s=round(steps / seconds, 1))
     return stats
 
 
@@ -269,8 +282,11 @@ def gallery_thumbnails(app, w, meter, folder: Path, n: int) -> dict:
     while bar.value() < bar.maximum() and time.perf_counter() - t0 < 120:  # a user scrolling down
         bar.setValue(bar.value() + bar.pageStep() // 2)
         wait_for(app, lambda: False, 0.05)
-    wait_for(app, lambda: all(loader.get(e.path) is not None for e in gallery.model.entries[-5:]), 60)
+    wait_for(app, lambda: loader.pending() == 0 and all(loader.get(e.path) is not None
+                                                        for e in gallery.model.entries[-5:]), 60)
+    wait_for(app, lambda: False, 0.1)  # the last batch drained
     stats = meter.stop()
+    # loaded: the thumbnails made; rows scrolled past faster than they loaded are not asked for
     stats.update(images=shown, loaded=len(loader._cache), first_screen_s=round(first_screen_s, 3),
                  seconds=round(time.perf_counter() - t0, 3))
     return stats
@@ -340,7 +356,7 @@ def _run(args, label: str) -> int:
         out["machine"] = {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
         out["targets"] = {"launch_to_window_s": 2.0, "max_gap_ms": 100.0}
         measured = ("first_run", "rerun_after_edit", "long_run_200_steps", "queue_of_5_runs", "pan_200_nodes",
-                    "gallery_500_thumbnails")
+                    "pan_200_nodes_1to1", "gallery_500_thumbnails")
         out["over_target"] = [k for k in measured if out[k]["max_gap_ms"] > 100.0]
         out["meets_targets"] = bool(out["launch_to_window_s"] <= 2.0 and not out["over_target"])
     text = json.dumps(out, indent=2)
