@@ -316,6 +316,7 @@ class GalleryView(QtWidgets.QListView):
 
     def resizeEvent(self, event):
         super().resizeEvent(event)
+        self._fit_side()
         self._visible_timer.start()
 
     def showEvent(self, event):
@@ -346,9 +347,18 @@ class GalleryView(QtWidgets.QListView):
             self.model().request_rows(self.visible_rows())
 
     def set_thumb_side(self, side: int) -> None:
+        """The largest thumbnails shown (smaller when the panel is too low for a whole row)."""
+        self._max_side = side
+        self._fit_side()
+
+    def _fit_side(self) -> None:
         fm = self.fontMetrics()
-        self.setIconSize(QtCore.QSize(side, side))
-        self.setGridSize(QtCore.QSize(side + fm.height(), side + int(fm.height() * 3.2)))
+        text = int(fm.height() * 3.2)  # two label lines and the gaps
+        room = self.viewport().height() - text - 2 * self.spacing()
+        side = max(48, min(getattr(self, "_max_side", 128), room))
+        if self.iconSize().width() != side:
+            self.setIconSize(QtCore.QSize(side, side))
+            self.setGridSize(QtCore.QSize(side + fm.height(), side + text))
 
     def selected_paths(self) -> list[str]:
         rows = sorted(i.row() for i in self.selectionModel().selectedIndexes())
