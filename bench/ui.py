@@ -7,10 +7,15 @@
   while the app (1) warms torch up in the background, (2) runs the default graph cold, (3)
   re-runs it after a param edit. A gap is time the UI could not repaint or take input.
 
+  Then (4) a queue of 5 runs (batch count 5), (5) panning a 200-node graph with the middle
+  mouse button (a drag step every 16 ms for 4 s, each step painted), framed as it opens and at
+  1:1 where every title and port is drawn, (6) the gallery loading
+  500 thumbnails of 512x512 PNGs (shown, then scrolled through to the end).
+
 Targets: window <= 2 s; no gap > 100 ms. The default graph's `builtin:shapes-t2i` model is used
 when it is shipped; otherwise a tiny random model stands in (the JSON says which).
 
-    python bench/ui.py [--launches 3]
+    python bench/ui.py [--launches 3] [--out bench/results/ui.json]
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def event_loop_gaps(tmp: Path) -> dict:
     app = create_app()
     w = MainWindow(autosave=False)
     w._closing_ok = True
+    w.resize(1600, 1000)  # the size a desktop gives it (the offscreen screen is smaller)
     w.show()
     meter = GapMeter()
     # (1) torch and the kernels load in a background thread while the window stays live
@@ -140,11 +146,150 @@ def event_loop_gaps(tmp: Path) -> dict:
     # (4) a longer sampling run (live previews, progress on every step) for a steadier sample
     w.doc.set_param(sampler, "steps", 200)
     run_once("long_run_200_steps")
-    runs = ("first_run", "rerun_after_edit", "long_run_200_steps")
-    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", *runs)]
+    w.doc.set_param(sampler, "steps", 20)
+    result["queue_of_5_runs"] = queue_of_runs(app, w, meter, 5)
+    runs = ("first_run", "rerun_after_edit", "long_run_200_steps", "queue_of_5_runs")
+    result["pan_200_nodes"] = pan_big_graph(app, w, meter, 200)
+    result["pan_200_nodes_1to1"] = pan_big_graph(app, w, meter, 200, actual_size=True)
+    result["gallery_500_thumbnails"] = gallery_thumbnails(app, w, meter, tmp / "gallery", 500)
+    gaps = [result[k]["max_gap_ms"] for k in ("warm_up", *runs, "pan_200_nodes", "pan_200_nodes_1to1",
+                                                "gallery_500_thumbnails")]
     result["max_gap_during_runs_ms"] = max(result[k]["max_gap_ms"] for k in runs)
     result["max_gap_overall_ms"] = max(gaps)
     return result
+
+
+def queue_of_runs(app, w, meter, n: int) -> dict:
+    """Batch count n: Run queues n snapshots, seeds one higher each; the queue runs them in turn."""
+    from app.ui.run_queue import ENDED
+
+    w.run_queue.clear_finished()
+    w.batch_count.setValue(n)
+    meter.start()
+    t0 = time.perf_counter()
+    w.run_all()
+    ok = wait_for(app, lambda: len(w.run_queue.items) == n and all(r.status in ENDED for r in w.run_queue.items)
+                  and not w.runner.busy, 1200)
+    stats = meter.stop()
+    w.batch_count.setValue(1)
+    stats["runs"] = n
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["ok"] = bool(ok and all(r.status == "done" for r in w.run_queue.items))
+    return stats
+
+
+def big_graph(n: int):
+    """n nodes in chains of five (text encode, conditioning tweaks...) wired as a user's graph is."""
+    from app.graph import Graph
+    from nodes.registry import add_node
+
+    g = Graph()
+    load = add_node(g, "LoadModel", {"path": "builtin:shapes-t2i"}, pos=(0, 0)).id
+    cols = 5
+    for k in range(n - 1):
+        row, col = divmod(k, cols)
+        kind = "TextEncode" if col == 0 else "Sampler" if col == 1 else "VAEDecode" if col == 2 else \
+            "ImageScale" if col == 3 else "PreviewImage"
+        add_node(g, kind, {}, pos=(260 + col * 260, row * 180))
+    ids = list(g.nodes)
+    for k in range(1, len(ids)):
+        row, col = divmod(k - 1, cols)
+        nid = ids[k]
+        try:
+            if col == 0:
+                g.connect(load, "clip", nid, "clip")
+            elif col == 1:
+                g.connect(load, "model", nid, "model")
+                g.connect(ids[k - 1], "conditioning", nid, "positive")
+            elif col == 2:
+                g.connect(load, "vae", nid, "vae")
+                g.connect(ids[k - 1], "latent", nid, "latent")
+            else:
+                g.connect(ids[k - 1], "image", nid, "image")
+        except Exception:  # a port name that differs: the node stays unwired
+            pass
+    return g
+
+
+def pan_big_graph(app, w, meter, n: int, seconds: float = 4.0, actual_size: bool = False) -> dict:
+    """Pan as opened (the whole graph framed), or at 1:1 (`actual_size`: every title and port
+    drawn in full, the costlier case)."""
+    from PySide6 import QtCore, QtGui
+
+    if len(w.doc.graph.nodes) != n:
+        w.doc.replace(big_graph(n), None)
+    wait_for(app, lambda: False, 1.0)  # let the canvas build and settle
+    viewer = w.canvas.widget
+    if actual_size:
+        viewer.reset_zoom(viewer.scene().itemsBoundingRect().center())
+    else:
+        w.canvas.frame()
+    wait_for(app, lambda: False, 0.5)
+    port = viewer.viewport()
+    centre = QtCore.QPointF(port.width() / 2, port.height() / 2)
+
+    def send(kind, pos, buttons):
+        event = QtGui.QMouseEvent(kind, pos, port.mapToGlobal(pos), QtCore.Qt.MiddleButton
+                                  if kind != QtCore.QEvent.MouseMove else QtCore.Qt.NoButton, buttons,
+                                  QtCore.Qt.NoModifier)
+        app.sendEvent(port, event)
+
+    meter.start()
+    send(QtCore.QEvent.MouseButtonPress, centre, QtCore.Qt.MiddleButton)
+    t0, steps, pos = time.perf_counter(), 0, QtCore.QPointF(centre)
+    while time.perf_counter() - t0 < seconds:
+        phase = steps % 120
+        pos = QtCore.QPointF(pos.x() + (6 if phase < 60 else -6), pos.y() + (3 if phase < 60 else -3))
+        send(QtCore.QEvent.MouseMove, pos, QtCore.Qt.MiddleButton)
+        steps += 1
+        port.repaint()
+        end = time.perf_counter() + 0.016
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.001)
+    send(QtCore.QEvent.MouseButtonRelease, pos, QtCore.Qt.NoButton)
+    stats = meter.stop()
+    stats.update(nodes=len(w.doc.graph.nodes), zoom="1:1" if actual_size else "framed",
+                 drag_steps=steps, steps_per_s=round(steps / seconds, 1))
+    return stats
+
+
+def gallery_thumbnails(app, w, meter, folder: Path, n: int) -> dict:
+    """n PNGs in the output folder; the gallery is opened, then scrolled to the end, while the
+    thumbnails load in the background."""
+    from PySide6 import QtGui
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        image = QtGui.QImage(512, 512, QtGui.QImage.Format_RGB32)
+        image.fill(QtGui.QColor((k * 37) % 256, (k * 91) % 256, (k * 13) % 256))
+        p = QtGui.QPainter(image)
+        p.drawText(20, 40, f"image {k}")
+        p.end()
+        image.save(str(folder / f"loomwork_{k + 1:05d}.png"))
+    gallery = w.gallery
+    gallery._output_dir = lambda: folder
+    gallery.source.setCurrentText("Output folder")
+    loader = gallery.loader
+    meter.start()
+    t0 = time.perf_counter()
+    w.act_gallery.trigger()
+    gallery.refresh()
+    shown = len(gallery.model.entries)
+    bar = gallery.view.verticalScrollBar()
+    wait_for(app, lambda: loader.pending() == 0 and len(loader._cache) > 0, 60)
+    first_screen_s = time.perf_counter() - t0
+    while bar.value() < bar.maximum() and time.perf_counter() - t0 < 120:  # a user scrolling down
+        bar.setValue(bar.value() + bar.pageStep() // 2)
+        wait_for(app, lambda: False, 0.05)
+    wait_for(app, lambda: loader.pending() == 0 and all(loader.get(e.path) is not None
+                                                        for e in gallery.model.entries[-5:]), 60)
+    wait_for(app, lambda: False, 0.1)  # the last batch drained
+    stats = meter.stop()
+    # loaded: the thumbnails made; rows scrolled past faster than they loaded are not asked for
+    stats.update(images=shown, loaded=len(loader._cache), first_screen_s=round(first_screen_s, 3),
+                 seconds=round(time.perf_counter() - t0, 3))
+    return stats
 
 
 def start_xvfb():
@@ -169,6 +314,8 @@ def start_xvfb():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launches", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ui.json"),
+                        help="where to write the JSON ('' for stdout only)")
     parser.add_argument("--platform", choices=["auto", "xvfb", "offscreen"], default="auto",
                         help="auto: the current display, else a private Xvfb, else offscreen")
     args = parser.parse_args()
@@ -208,8 +355,14 @@ def _run(args, label: str) -> int:
         out.update(event_loop_gaps(tmp))
         out["machine"] = {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
         out["targets"] = {"launch_to_window_s": 2.0, "max_gap_ms": 100.0}
-        out["meets_targets"] = bool(out["launch_to_window_s"] <= 2.0 and out["max_gap_during_runs_ms"] <= 100.0)
-    print(json.dumps(out, indent=2))
+        measured = ("first_run", "rerun_after_edit", "long_run_200_steps", "queue_of_5_runs", "pan_200_nodes",
+                    "pan_200_nodes_1to1", "gallery_500_thumbnails")
+        out["over_target"] = [k for k in measured if out[k]["max_gap_ms"] > 100.0]
+        out["meets_targets"] = bool(out["launch_to_window_s"] <= 2.0 and not out["over_target"])
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", "utf-8")
     return 0
 
 

@@ -56,3 +56,36 @@ def test_the_cache_shows_its_size_and_clears(window, tmp_path):
     assert "holds" in dialog.cache_size.text() and cache.size_bytes() > 0
     dialog.clear_cache()
     assert cache.size_bytes() == 0 and "Cleared" in dialog.problem.text()
+
+
+def test_file_name_pattern_and_theme_are_saved_and_a_bad_pattern_is_refused(window):
+    from PySide6 import QtWidgets
+
+    from app.ui import session, theme
+    from app.ui.preferences import PreferencesDialog
+    from app.ui.run_queue import NAME_PATTERN_KEY
+
+    dialog = PreferencesDialog(window.runner, window)
+    assert dialog.name_pattern.text() == "{prefix}_{counter:05}"
+    assert dialog.name_example.text() == "e.g. loomwork_00001.png"  # the names the engine always gave
+    dialog.name_pattern.setText("{graph}_{node}_{seed}_{counter:05}")
+    assert dialog.name_example.text() == "e.g. portrait_Save-Image_42_00001.png"
+    dialog.name_pattern.setText("{graph}_{nope}_{counter:05}")
+    assert "unknown field {nope}" in dialog.name_example.text()
+    dialog.accept()
+    assert dialog.result() != dialog.DialogCode.Accepted and "unknown field" in dialog.problem.text()
+    dialog.name_pattern.setText("{graph}_{seed}_{counter:05}")
+    dialog.theme.setCurrentText("light")
+    dialog.accept()
+    assert session.settings().value(NAME_PATTERN_KEY) == "{graph}_{seed}_{counter:05}"
+    app = QtWidgets.QApplication.instance()
+    try:
+        assert theme.saved_theme() == "light" and theme.apply.name == "light"
+        assert app.palette().window().color().name() == theme.LIGHT["BG"]
+        assert theme.LIGHT["TEXT"] in app.styleSheet()
+        # the toolbar's icons were drawn again in the light theme's text colour
+        pixmap = window.act_run.icon().pixmap(32, 32).toImage()
+        colours = {pixmap.pixelColor(x, y).name() for x in range(32) for y in range(32) if pixmap.pixelColor(x, y).alpha() == 255}
+        assert theme.LIGHT["TEXT"] in colours
+    finally:
+        theme.apply(app, "dark")

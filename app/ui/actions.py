@@ -61,6 +61,38 @@ class WindowActions:
         self.act_cancel.setEnabled(False)
         self.act_run.setObjectName("RunAction")
         self._graph_edit_actions()
+        self.act_gallery = self._action("&Gallery", lambda: self._show_dock(self.gallery_dock), K("Ctrl+Shift+G"),
+                                        "the gallery: images of the output folder and past runs (Ctrl+Shift+G)")
+        self.act_history = self._action("&History", lambda: self._show_dock(self.history_dock), K("Ctrl+H"),
+                                        "past runs: reopen a run's graph exactly, see its images (Ctrl+H)")
+        self.act_compare = self._action("&Compare Last Two", self.compare_last_two, None,
+                                        "compare the two latest results side by side or with an A/B slider")
+        self._set_icons()
+
+    ICONS = {"act_new": "new", "act_open": "open", "act_save": "save", "act_undo": "undo", "act_redo": "redo",
+             "act_add": "add", "act_frame": "frame", "act_run": "run", "act_run_sel": "run-selected",
+             "act_cancel": "cancel", "act_gallery": "gallery", "act_history": "history",
+             "act_compare": "compare", "act_preferences": "preferences"}
+
+    def _set_icons(self) -> None:
+        """Icons in the theme's colours (drawn again when the theme changes)."""
+        from . import theme
+
+        for attr, name in self.ICONS.items():
+            getattr(self, attr).setIcon(theme.icon(name))
+
+    def _show_dock(self, dock) -> None:
+        dock.show()
+        dock.raise_()
+
+    def compare_last_two(self) -> None:
+        from .compare import CompareWindow
+
+        if len(self.images.images) < 2:
+            self.show_message("Compare needs two results: run twice (or pick two in the gallery)")
+            return
+        (a, la, _pa), (b, lb, _pb) = self.images.images[1], self.images.images[0]
+        CompareWindow(a, b, (f"A: {la} (older)", f"B: {lb} (latest)"), self).show()
 
     def _menus_and_toolbar(self) -> None:
         mb = self.menuBar()
@@ -89,8 +121,11 @@ class WindowActions:
         m = mb.addMenu("&View")
         m.addActions([self.act_frame, self.act_minimap])
         m.addSeparator()
-        for dock in (self.palette_dock, self.inspector_dock, self.image_dock, self.layout_dock, self.queue_dock):
+        for dock in (self.palette_dock, self.inspector_dock, self.image_dock, self.layout_dock, self.queue_dock,
+                     self.gallery_dock, self.history_dock):
             m.addAction(dock.toggleViewAction())
+        m.addSeparator()
+        m.addActions([self.act_gallery, self.act_history, self.act_compare])
         m = mb.addMenu("&Run")
         m.addActions([self.act_run, self.act_run_sel, self.act_cancel])
         m = mb.addMenu("&Help")
@@ -99,7 +134,10 @@ class WindowActions:
         tb = self.addToolBar("Main")
         tb.setObjectName("MainToolbar")
         tb.setMovable(False)
-        tb.setToolButtonStyle(QtCore.Qt.ToolButtonTextOnly)
+        # icons with tooltips; Run keeps its word beside the icon (it is the one button to find)
+        tb.setToolButtonStyle(QtCore.Qt.ToolButtonIconOnly)
+        side = round(QtGui.QFontMetrics(self.font()).height() * 1.25)
+        tb.setIconSize(QtCore.QSize(side, side))
         tb.addActions([self.act_new, self.act_open, self.act_save])
         tb.addSeparator()
         tb.addActions([self.act_undo, self.act_redo])
@@ -110,6 +148,7 @@ class WindowActions:
         run_button = tb.widgetForAction(self.act_run)
         if run_button is not None:
             run_button.setObjectName("RunButton")
+            run_button.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon)
         self.batch_count = QtWidgets.QSpinBox()
         self.batch_count.setRange(1, 999)
         self.batch_count.setPrefix("× ")
@@ -118,6 +157,17 @@ class WindowActions:
         self.batch_count.setMaximumWidth(self.fontMetrics().horizontalAdvance("× 999") * 2)
         tb.addWidget(self.batch_count)
         tb.addActions([self.act_run_sel, self.act_cancel])
+        tb.addSeparator()
+        tb.addActions([self.act_frame, self.act_gallery, self.act_history, self.act_compare])
+        spacer = QtWidgets.QWidget()
+        spacer.setSizePolicy(QtWidgets.QSizePolicy.Expanding, QtWidgets.QSizePolicy.Preferred)
+        tb.addWidget(spacer)
+        tb.addAction(self.act_preferences)
+        for act in tb.actions():  # the shortcut in every tooltip, as peers show it
+            keys = act.shortcut().toString(QtGui.QKeySequence.NativeText)
+            if keys and keys not in act.toolTip():
+                act.setToolTip(f"{act.toolTip()} ({keys})")
+        self.toolbar = tb
 
 
     # -- shortcuts help -------------------------------------------------------------------

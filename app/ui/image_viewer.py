@@ -1,4 +1,7 @@
-"""The image panel: the latest results (and live previews) with zoom, pixel/smooth filtering, save."""
+"""The image panel: the latest results (and live previews) with zoom, pixel/smooth filtering, save;
+and the large viewer (`ImageWindow`): one image at window size, zoom and pan, the next and
+previous of a list, open its folder, drag it out as a file.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,40 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from . import file_dialogs
 
 
+def open_folder(path: str) -> QtCore.QUrl:
+    """Show the folder holding `path` in the desktop's file manager; the URL asked for."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    url = QtCore.QUrl.fromLocalFile(folder)
+    QtGui.QDesktopServices.openUrl(url)
+    return url
+
+
+def file_mime(paths: list[str]) -> QtCore.QMimeData:
+    """What a drag of image files carries: their file URLs (file managers, browsers, editors
+    and chat apps take those; the PNG keeps the graph inside it)."""
+    mime = QtCore.QMimeData()
+    mime.setUrls([QtCore.QUrl.fromLocalFile(os.path.abspath(p)) for p in paths])
+    return mime
+
+
+def drag_files(source: QtWidgets.QWidget, paths: list[str], pixmap: Optional[QtGui.QPixmap] = None) -> None:
+    """Start dragging `paths` out of `source` (blocks until the drop, as QDrag does)."""
+    paths = [p for p in paths if p and os.path.isfile(p)]
+    if not paths:
+        return
+    drag = QtGui.QDrag(source)
+    drag.setMimeData(file_mime(paths))
+    if pixmap is not None and not pixmap.isNull():
+        side = source.fontMetrics().height() * 5
+        drag.setPixmap(pixmap.scaled(side, side, QtCore.Qt.KeepAspectRatio, QtCore.Qt.SmoothTransformation))
+    drag.exec(QtCore.Qt.CopyAction)
+
+
 class ZoomView(QtWidgets.QGraphicsView):
     """A pixmap with wheel zoom and drag pan; starts fitted to the panel."""
 
     zoom_changed = QtCore.Signal(float)
+    double_clicked = QtCore.Signal()
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -62,6 +95,110 @@ class ZoomView(QtWidgets.QGraphicsView):
         if self.fitted:
             self.fit()
 
+    def mouseDoubleClickEvent(self, event):
+        self.double_clicked.emit()
+        event.accept()
+
+
+class ImageWindow(QtWidgets.QDialog):
+    """The large viewer: `images` is a list of (QImage or path, caption, path or None)."""
+
+    def __init__(self, images: list, index: int = 0, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Image")
+        self.setWindowFlag(QtCore.Qt.WindowMaximizeButtonHint, True)
+        self.setAttribute(QtCore.Qt.WA_DeleteOnClose)
+        self.images, self.index = list(images), 0
+        self.view = ZoomView()
+        self.view.setBackgroundBrush(QtGui.QColor("#101114"))
+        self.caption = QtWidgets.QLabel("")
+        self.caption.setObjectName("Hint")
+        self.caption.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        self.caption.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
+        self.zoom_label = QtWidgets.QLabel("")
+        self.zoom_label.setObjectName("Hint")
+        self.view.zoom_changed.connect(lambda z: self.zoom_label.setText(f"{z * 100:.0f}%"))
+        bar = QtWidgets.QHBoxLayout()
+        from . import theme
+
+        self.prev_btn = self._button("", "previous image (Left)", lambda: self.step(-1), theme.icon("previous"))
+        self.next_btn = self._button("", "next image (Right)", lambda: self.step(1), theme.icon("next"))
+        fit = self._button("Fit", "fit the image to the window (F)", self.view.fit)
+        one = self._button("1:1", "actual pixels (1)", lambda: self.view.set_zoom(1.0))
+        smooth = QtWidgets.QCheckBox("Smooth")
+        smooth.setToolTip("smooth filtering when zoomed (off: hard pixels)")
+        smooth.toggled.connect(self._set_smooth)
+        self.folder_btn = self._button("Open folder", "show the file in its folder", self.open_folder,
+                                       theme.icon("open"))
+        self.drag_btn = self._button("Drag out", "drag this image (as a file) into another app",
+                                     None, theme.icon("new"))
+        self.drag_btn.pressed.connect(self._drag)
+        for w in (self.prev_btn, self.next_btn, fit, one, smooth):
+            bar.addWidget(w)
+        bar.addWidget(self.caption, 1)
+        bar.addWidget(self.zoom_label)
+        bar.addWidget(self.folder_btn)
+        bar.addWidget(self.drag_btn)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.addLayout(bar)
+        lay.addWidget(self.view, 1)
+        for key, slot in (("Left", lambda: self.step(-1)), ("Right", lambda: self.step(1)),
+                          ("F", self.view.fit), ("1", lambda: self.view.set_zoom(1.0))):
+            QtGui.QShortcut(QtGui.QKeySequence(key), self, activated=slot)
+        screen = QtGui.QGuiApplication.primaryScreen()
+        avail = screen.availableGeometry() if screen is not None else QtCore.QRect(0, 0, 1600, 1000)
+        self.resize(int(avail.width() * 0.8), int(avail.height() * 0.85))
+        self.show_index(index)
+
+    def _button(self, text, tip, slot, icon=None):
+        b = QtWidgets.QToolButton()
+        b.setText(text)
+        b.setToolTip(tip)
+        if icon is not None:
+            b.setIcon(icon)
+            b.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon if text else QtCore.Qt.ToolButtonIconOnly)
+        if slot is not None:
+            b.clicked.connect(slot)
+        return b
+
+    def _set_smooth(self, on: bool) -> None:
+        self.view.smooth = on
+        self.view.apply_filter()
+
+    def path(self) -> Optional[str]:
+        return self.images[self.index][2] if self.images else None
+
+    def show_index(self, index: int) -> None:
+        if not self.images:
+            return
+        self.index = index % len(self.images)
+        image, caption, path = self.images[self.index]
+        if isinstance(image, str):
+            image = QtGui.QImage(image)
+        self.view.fitted = True
+        self.view.set_image(image)
+        size = f"{image.width()}×{image.height()}"
+        count = f"{self.index + 1}/{len(self.images)} · " if len(self.images) > 1 else ""
+        self.caption.setText(f"{count}{caption} · {size}" + (f" · {path}" if path else ""))
+        self.setWindowTitle(f"{caption} — Image")
+        self.prev_btn.setEnabled(len(self.images) > 1)
+        self.next_btn.setEnabled(len(self.images) > 1)
+        self.folder_btn.setEnabled(bool(path))
+        self.drag_btn.setEnabled(bool(path))
+
+    def step(self, delta: int) -> None:
+        self.show_index(self.index + delta)
+
+    def open_folder(self) -> None:
+        if self.path():
+            open_folder(self.path())
+
+    def _drag(self) -> None:
+        if self.path():
+            drag_files(self.drag_btn, [self.path()], self.view.item.pixmap())
+            self.drag_btn.setDown(False)
+
 
 class ImageViewer(QtWidgets.QWidget):
     """Shows one image large, recent ones as a strip below."""
@@ -91,7 +228,10 @@ class ImageViewer(QtWidgets.QWidget):
         self.smooth_box.setToolTip("smooth filtering when zoomed (off: hard pixels)")
         self.smooth_box.toggled.connect(self._set_smooth)
         self.save_btn = self._button("Save…", "save this image as PNG", self.save_current)
-        for w in (self.fit_btn, self.one_btn, self.x8_btn, self.smooth_box):
+        self.large_btn = self._button("Large", "open this image in the large viewer (or double-click it)",
+                                      self.open_large)
+        self.view.double_clicked.connect(self.open_large)
+        for w in (self.fit_btn, self.one_btn, self.x8_btn, self.smooth_box, self.large_btn):
             bar.addWidget(w)
         bar.addStretch(1)
         bar.addWidget(self.zoom_label)
@@ -104,6 +244,8 @@ class ImageViewer(QtWidgets.QWidget):
         self.strip.setIconSize(QtCore.QSize(em * 3, em * 3))
         self.strip.setFixedHeight(em * 5)
         self.strip.setMovement(QtWidgets.QListView.Static)
+        self.strip.setDragEnabled(True)
+        self.strip.startDrag = self._drag_from_strip  # a saved result drags out as its file
         self.strip.currentRowChanged.connect(self._pick)
         lay = QtWidgets.QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
@@ -165,6 +307,23 @@ class ImageViewer(QtWidgets.QWidget):
             shown = path.replace("/", "/\u200b") if path else ""
             self.caption.setText(f"{label} · {image.width()}×{image.height()}" + (f" · {shown}" if path else ""))
             self.save_btn.setEnabled(True)
+
+    def open_large(self) -> Optional[ImageWindow]:
+        """The shown result (and the rest of the strip) in the large viewer."""
+        if self.current is None:
+            return None
+        row = self.strip.currentRow()
+        if 0 <= row < len(self.images) and self.images[row][0] is self.current:
+            window = ImageWindow(self.images, row, self.window())
+        else:  # a live preview
+            window = ImageWindow([(self.current, self.caption.text(), None)], 0, self.window())
+        window.show()
+        return window
+
+    def _drag_from_strip(self, _actions) -> None:
+        row = self.strip.currentRow()
+        if 0 <= row < len(self.images) and self.images[row][2]:
+            drag_files(self.strip, [self.images[row][2]], QtGui.QPixmap.fromImage(self.images[row][0]))
 
     def current_path(self) -> Optional[str]:
         row = self.strip.currentRow()

@@ -1,6 +1,7 @@
-"""Edit > Preferences: where models are found and images go, the result cache, the device and
-memory budget, and the interface scale. Saved with QSettings (app/ui/session.py); the engine is
-rebuilt from them before the next run.
+"""Edit > Preferences: where models are found and images go (and how they are named), the result
+cache, the device and memory budget, the interface scale and the theme. Saved with QSettings
+(app/ui/session.py); the engine is rebuilt from them before the next run, the theme applies at
+once, the scale at the next start.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from typing import Optional
 
 from PySide6 import QtWidgets
 
-from . import file_dialogs, session
+from . import file_dialogs, session, theme
 from .model_picker import ModelFoldersList
+from .run_queue import DEFAULT_NAME_PATTERN, NAME_FIELDS, NAME_PATTERN_KEY, format_name, name_pattern_problem
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 UI_SCALES = ("", "1", "1.25", "1.5", "2")
@@ -50,6 +52,18 @@ class PreferencesDialog(QtWidgets.QDialog):
         self.scale = QtWidgets.QComboBox()
         self.scale.addItems(["system"] + list(UI_SCALES[1:]))
         self.scale.setCurrentText(session.ui_scale() or "system")
+        self.theme = QtWidgets.QComboBox()
+        self.theme.addItems(list(theme.THEMES))
+        self.theme.setCurrentText(theme.saved_theme())
+        self.name_pattern = QtWidgets.QLineEdit(
+            str(session.settings().value(NAME_PATTERN_KEY, "") or "") or DEFAULT_NAME_PATTERN)
+        self.name_pattern.setPlaceholderText(DEFAULT_NAME_PATTERN)
+        self.name_pattern.setToolTip("fields: " + ", ".join("{" + f + "}" for f in NAME_FIELDS)
+                                     + "; it ends with _{counter:05}. e.g. {graph}_{node}_{seed}_{counter:05}")
+        self.name_example = QtWidgets.QLabel("")
+        self.name_example.setObjectName("Hint")
+        self.name_pattern.textChanged.connect(self._show_name_example)
+        self._show_name_example()
         self.problem = QtWidgets.QLabel("")
         self.problem.setObjectName("ParamProblem")
         self.problem.setWordWrap(True)
@@ -78,6 +92,8 @@ class PreferencesDialog(QtWidgets.QDialog):
         form.setFieldGrowthPolicy(QtWidgets.QFormLayout.AllNonFixedFieldsGrow)
         form.addRow("Models folders", self.models)
         form.addRow("Output folder", self._with_browse(self.output))
+        form.addRow("File names", self.name_pattern)
+        form.addRow("", self.name_example)
         form.addRow("Cache folder", self._with_browse(self.cache_folder))
         budget = QtWidgets.QHBoxLayout()
         budget.addWidget(self.cache_budget)
@@ -87,7 +103,9 @@ class PreferencesDialog(QtWidgets.QDialog):
         form.addRow("Device", self.device)
         form.addRow("Memory for models", self.ram_budget)
         form.addRow("Interface scale", self.scale)
-        note = QtWidgets.QLabel("The interface scale applies at the next start; the rest before the next run.")
+        form.addRow("Theme", self.theme)
+        note = QtWidgets.QLabel("The interface scale applies at the next start, the theme at once, "
+                                "the rest before the next run.")
         note.setObjectName("Hint")
         note.setWordWrap(True)
         buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.Ok | QtWidgets.QDialogButtonBox.Cancel)
@@ -109,6 +127,13 @@ class PreferencesDialog(QtWidgets.QDialog):
         folder = file_dialogs.choose_folder(self, "Choose a folder", edit.text() or edit.placeholderText())
         if folder:
             edit.setText(folder)
+
+    def _show_name_example(self) -> None:
+        problem = name_pattern_problem(self.name_pattern.text().strip() or DEFAULT_NAME_PATTERN)
+        self.name_example.setText(problem or "e.g. " + example_name(self.name_pattern.text().strip()))
+        self.name_example.setObjectName("ParamProblem" if problem else "Hint")
+        self.name_example.style().unpolish(self.name_example)
+        self.name_example.style().polish(self.name_example)
 
     # -- the cache --------------------------------------------------------------------------
     def _disk_cache(self):
@@ -134,6 +159,9 @@ class PreferencesDialog(QtWidgets.QDialog):
                 parse_bytes(self.ram_budget.text().strip(), "memory for models")
             except BudgetError as exc:
                 return str(exc)
+        problem = name_pattern_problem(self.name_pattern.text().strip() or DEFAULT_NAME_PATTERN)
+        if problem:
+            return problem
         text = self.cache_budget.text().strip()
         if text:
             try:
@@ -154,7 +182,31 @@ class PreferencesDialog(QtWidgets.QDialog):
             "disk_budget_gb": self.cache_budget.text(), "ram_budget": self.ram_budget.text(),
             "device": "" if self.device.currentText() == "auto" else self.device.currentText(),
             "ui_scale": "" if self.scale.currentText() == "system" else self.scale.currentText()})
+        s = session.settings()
+        s.setValue(NAME_PATTERN_KEY, self.name_pattern.text().strip() or DEFAULT_NAME_PATTERN)
+        s.setValue(theme.THEME_KEY, self.theme.currentText())
+        s.sync()
+        if self.theme.currentText() != getattr(theme.apply, "name", None):
+            apply_theme(self.theme.currentText())
         if self.runner is not None:
             self.runner.set_model_roots(session.all_model_roots())
             self.runner.reconfigure()
         super().accept()
+
+
+def example_name(pattern: str) -> str:
+    """The first file name `pattern` gives a Save Image node of a saved graph, seed 42."""
+    values = {"prefix": "loomwork", "graph": "portrait", "node": "Save Image", "seed": 42,
+              "date": "20260101", "time": "120000"}
+    return f"{format_name(pattern or DEFAULT_NAME_PATTERN, values)}_00001.png"
+
+
+def apply_theme(name: str) -> None:
+    """Restyle the running app (and the toolbar icons of its windows) with theme `name`."""
+    app = QtWidgets.QApplication.instance()
+    if app is None:
+        return
+    theme.apply(app, name)
+    for w in app.topLevelWidgets():
+        if hasattr(w, "_set_icons"):
+            w._set_icons()

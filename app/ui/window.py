@@ -12,7 +12,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from nodes import registry
 
-from . import session
+from . import gallery, session
 from .actions import WindowActions
 from .canvas import GraphCanvas
 from .document import Document
@@ -52,6 +52,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.layout_panel = LayoutPanel(self.doc)
         self.search = NodeSearchPopup(self)
         self._docks()
+        gallery.install(self)  # the History and Gallery docks, and the history of runs
         self._status_bar()
         self._actions()
         self._menus_and_toolbar()
@@ -215,5 +216,6 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         if self.autosave is not None:
             self.autosave.timer.stop()
             self.autosave.discard()
+        self.thumbnails.stop()
         self._save_layout()
         event.accept()
