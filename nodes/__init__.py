@@ -4,4 +4,17 @@ Importing the package registers the built-in node types: each node module regist
 classes in nodes.registry as it is imported, and the registry imports no node module back.
 """
 
-from . import adapters, controlnet, core, erasers, ip_adapter, layout, model_files, resolution, speed, t2i_zero, upscale  # noqa: F401  (registers the built-in node types)
+from . import (  # noqa: F401  (registers the built-in node types)
+    adapters,
+    analysis,
+    controlnet,
+    core,
+    erasers,
+    ip_adapter,
+    layout,
+    model_files,
+    resolution,
+    speed,
+    t2i_zero,
+    upscale,
+)
