@@ -1,6 +1,12 @@
-"""Speed techniques on ShapesT2I: feature inheritance (FeatureCache) and magnitude pruning.
+"""Speed and analysis techniques on ShapesT2I: feature inheritance (FeatureCache), magnitude
+pruning, and the analysis nodes (Diffusion Classifier, seed scan, CycleDiffusion editing).
 
     nice python bench/speed.py --n 30 --out bench/results/speed.json
+    nice python bench/speed.py --sections classifier --out bench/results/analysis.json
+
+Sections: "speed" (the default: the cache and pruning arms below), "classifier", "seed_scan",
+"cycle_edit" (each described in its function). Several sections' results go into one --out file
+under their names; a file that exists is updated, its other sections kept.
 
 Prompts: the first --n one-object prompts of resources/shapes/heldout_prompts.json (a seed the
 training data never uses), each rendered once from its own seed at the built-in model's native
@@ -121,11 +127,39 @@ def parse_args(argv=None):
     ap.add_argument("--scheduler", default="euler")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--sections", default="speed", help="comma-separated: " + ", ".join(SECTIONS))
+    ap.add_argument("--images", type=int, default=16, help="classifier: images per task")
+    ap.add_argument("--samples", type=int, default=12, help="classifier: noise/timestep pairs")
+    ap.add_argument("--seeds", type=int, default=16, help="seed scan: seeds per prompt")
+    ap.add_argument("--prompts", type=int, default=12, help="seed scan, cycle edit: prompts")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if sections == ["speed"]:
+        return speed_main(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = {"bench": "analysis", "threads": args.threads}
+    for name in sections:
+        out[name] = SECTIONS[name](args)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        path = Path(args.out)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(out)
+        path.write_text(json.dumps(old, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def speed_main(args) -> int:
     import torch
 
     from kernels.models import load_model_folder
@@ -164,6 +198,90 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+# ---------------------------------------------------------------- analysis sections
+
+BENCH_SEED = 20261202  # the classifier's test scenes: a seed the training data never uses
+
+
+def one_object_images(n: int, seed: int = BENCH_SEED):
+    """n one-object scenes of the world at 32x32: (scene object, (1, 3, 32, 32) tensor in -1..1)."""
+    import numpy as np
+    import torch
+
+    from kernels.shapes import world
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = world.sample_scene(rng, 1)
+        img = world.downsample(world.render_array(scene, 64), 32)
+        out.append((scene.objects[0], torch.from_numpy(img).float().permute(2, 0, 1)[None] / 127.5 - 1))
+    return out
+
+
+def classifier_tasks(obj) -> dict:
+    """task -> (candidate prompts, index of the right one) for one object."""
+    from kernels.shapes import world
+
+    art = world._article
+    colours = list(world.COLOURS)
+    return {"shape": ([f"{art(obj.colour)} {obj.colour} {s}" for s in world.SHAPES], world.SHAPES.index(obj.shape)),
+            "shape_only": ([f"a {s}" for s in world.SHAPES], world.SHAPES.index(obj.shape)),
+            "colour": ([f"{art(c)} {c} {obj.shape}" for c in colours], colours.index(obj.colour))}
+
+
+def section_classifier(args) -> dict:
+    """Diffusion Classifier accuracy on --images rendered one-object scenes (world renders, not
+    model outputs) per task: "shape" (4 prompts naming the object's colour and each shape),
+    "shape_only" ("a circle", ...), "colour" (6 prompts naming each colour and the object's
+    shape); the trained ShapesT2I and a random UNet of the same architecture with the same
+    text encoder. --samples pairs, the first quarter for every candidate, then the best 2."""
+    import dataclasses
+
+    import torch
+
+    from kernels.analysis.classifier import classify, training_scheduler
+    from kernels.denoiser import DenoiserText
+    from kernels.models import load_model_folder
+    from kernels.shapes.model import build_unet
+    from kernels.text import encode_text
+
+    model, clip, _vae = load_model_folder(args.model)
+    torch.manual_seed(0)
+    random_model = dataclasses.replace(model, unet=build_unet().eval())
+    sched = training_scheduler(model.scheduler_config, model)
+    first = max(1, args.samples // 4)
+    images = one_object_images(args.images)
+    cache = {}
+
+    def text(p):
+        if p not in cache:
+            cache[p] = DenoiserText(encode_text(clip.tokenizer, clip.text_encoder, p).embeds)
+        return cache[p]
+
+    right = {(m, t): 0 for m in ("trained", "random") for t in ("shape", "shape_only", "colour")}
+    t0 = time.perf_counter()
+    for k, (obj, x0) in enumerate(images):
+        for task, (prompts, truth) in classifier_tasks(obj).items():
+            for name, m in (("trained", model), ("random", random_model)):
+                if name == "random" and task == "shape_only":
+                    continue
+                r = classify(m, sched, x0, [text(p) for p in prompts], prompts, samples=args.samples,
+                             first=first, keep=2, seed=k)
+                right[(name, task)] += int(r.best == truth)
+        print(f"classifier {k + 1}/{len(images)} " + " ".join(f"{m}/{t}={v}" for (m, t), v in right.items()),
+              file=sys.stderr, flush=True)
+    n = len(images)
+    return {"images": n, "source": f"one-object world renders, numpy seed {BENCH_SEED}, 32x32",
+            "samples": args.samples, "first": first, "keep": 2, "seconds": round(time.perf_counter() - t0, 1),
+            "chance": {"shape": 0.25, "shape_only": 0.25, "colour": round(1 / 6, 4)},
+            "accuracy": {f"{m}/{t}": round(v / n, 4) for (m, t), v in right.items()
+                         if not (m == "random" and t == "shape_only")}}
+
+
+SECTIONS = {"speed": speed_main, "classifier": section_classifier}
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from .base import (
     CLIP,
     CONDITIONING,
     IMAGE,
+    LATENT,
     MODEL,
     VAE,
     DataType,
+    Float,
     Int,
     Node,
     NodeError,
@@ -24,6 +26,7 @@ TABLE = DataType("TABLE", "#90a4ae", "a small table of results (columns and rows
 
 # kernels.analysis.classifier defaults (no torch here)
 CLASSIFIER_SAMPLES, CLASSIFIER_FIRST, CLASSIFIER_KEEP = 32, 8, 3
+CYCLE_ETA, CYCLE_STRENGTH = 0.1, 0.8  # kernels.editing.cycle_diffusion.DEFAULT_ETA, DEFAULT_STRENGTH
 
 
 def _lines(text: str) -> list[str]:
@@ -93,3 +96,72 @@ class DiffusionClassifier(Node):
         except ClassifierError as exc:
             raise NodeError(f"DiffusionClassifier: {exc}") from None
         return {"table": classification_table(result), "best": conds[result.best]}
+
+
+def _prompt_sampler(ctx, model, positive, negative, steps: int, cfg: float, denoise: float):
+    """run(scheduler, noise, init) -> latent: kernels.sampling.sample for one prompt, with the
+    text, patches and SDXL kwargs prepared as the Sampler prepares them, and a given scheduler."""
+    from kernels.patching import SamplingRun, applied_patches, merged_unet_kwargs
+    from kernels.sampling import sample
+
+    from .core import _text_inputs
+
+    unet = model.unet
+
+    def run(scheduler, noise, init):
+        shape = tuple(noise.shape)
+        text = _text_inputs(model, positive, negative, shape, cfg, unet.device, unet.dtype)
+        state = SamplingRun(unet=unet, scheduler=scheduler, positive=positive, negative=negative, cfg=cfg,
+                            steps=steps, latent_shape=shape)
+        with applied_patches(model.patches, unet, state):
+            kwargs = {**merged_unet_kwargs(model.patches, state), **text.unet_kwargs}
+            return sample(unet, scheduler, text.positive, text.negative, noise.to(unet.device, unet.dtype),
+                          steps, cfg, denoise=denoise, init=init.to(unet.device, unet.dtype),
+                          progress=lambda i, n, x: ctx.progress(i, n), unet_kwargs=kwargs or None,
+                          pooled=text.pooled, guidance=positive.guidance)
+
+    return run
+
+
+@register
+class CycleEdit(Node):
+    """CycleDiffusion editing (DPM-Encoder): the image is encoded with the source prompt into
+    DDIM's start noise and per-step noises (eta > 0), then regenerated from that code with the
+    target prompt: what the prompts share stays, what differs changes. Regenerating with the
+    source prompt gives the image back. strength: how much of the schedule is re-run (1 = all).
+    DDPM-family models (not flow matching)."""
+
+    category = "image"
+    inputs = {"model": MODEL, "vae": VAE, "image": IMAGE, "source": CONDITIONING, "target": CONDITIONING,
+              "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)")}
+    params = {
+        "steps": Int(50, 1, 500, help="DDIM steps of the whole schedule"),
+        "cfg": Float(3.0, 0.0, 30.0, step=0.5, help="classifier-free guidance, the same for both prompts"),
+        "eta": Float(CYCLE_ETA, 0.0, 1.0, step=0.05, help="DDIM's stochasticity; the code holds its noises"),
+        "strength": Float(CYCLE_STRENGTH, 0.0, 1.0, step=0.05, help="the share of the schedule encoded and re-run"),
+        "seed": Seed(),
+    }
+    outputs = {"image": IMAGE, "latent": LATENT}
+
+    def run(self, ctx, model, vae, image, source, target, negative, steps, cfg, eta, strength, seed):
+        import torch
+
+        from kernels.editing.cycle_diffusion import CycleEditError, cycle_edit
+        from kernels.images import model_to_image
+        from kernels.sampling import SchedulerMismatch, make_scheduler
+
+        try:
+            ddim = make_scheduler("ddim", model.scheduler_config)
+        except SchedulerMismatch:
+            raise NodeError("CycleEdit needs a DDPM-family model (DDIM steps); this one is flow matching") from None
+        clean = _image_latent(vae, image, "CycleEdit").to(model.unet.device, model.unet.dtype)
+        if clean.shape[1] != model.in_channels:
+            raise NodeError(f"CycleEdit: the VAE gives {clean.shape[1]} channels but the model takes {model.in_channels}")
+        run_source = _prompt_sampler(ctx, model, source, negative, steps, cfg, strength)
+        run_target = _prompt_sampler(ctx, model, target, negative, steps, cfg, strength)
+        try:
+            out = cycle_edit(run_source, run_target, ddim, clean, eta, seed).float().cpu()
+        except CycleEditError as exc:
+            raise NodeError(f"CycleEdit: {exc}") from None
+        with torch.no_grad():
+            return {"image": model_to_image(vae.decode(out)), "latent": out}
