@@ -5,6 +5,8 @@ tables are kernels.analysis.table.Table values on a TABLE port."""
 
 from __future__ import annotations
 
+from kernels.scheduler_names import SCHEDULER_NAMES  # torch-free
+
 from .base import (
     CLIP,
     CONDITIONING,
@@ -12,6 +14,7 @@ from .base import (
     LATENT,
     MODEL,
     VAE,
+    Choice,
     DataType,
     Float,
     Int,
@@ -26,6 +29,7 @@ TABLE = DataType("TABLE", "#90a4ae", "a small table of results (columns and rows
 
 # kernels.analysis.classifier defaults (no torch here)
 CLASSIFIER_SAMPLES, CLASSIFIER_FIRST, CLASSIFIER_KEEP = 32, 8, 3
+SEED_METRICS = ("oracle", "contrast", "colourfulness", "sharpness")  # kernels.analysis.seed_scan.METRICS
 CYCLE_ETA, CYCLE_STRENGTH = 0.1, 0.8  # kernels.editing.cycle_diffusion.DEFAULT_ETA, DEFAULT_STRENGTH
 
 
@@ -165,3 +169,56 @@ class CycleEdit(Node):
             raise NodeError(f"CycleEdit: {exc}") from None
         with torch.no_grad():
             return {"image": model_to_image(vae.decode(out)), "latent": out}
+
+
+@register
+class SeedScan(Node):
+    """Render one prompt from `count` seeds (first, first + 1, ...), score each image with a
+    metric and rank them (golden seeds): the table of seeds by score, a contact sheet of the
+    images best first, and the best image. A seed's image is the Sampler's with that seed.
+    Metrics: "oracle" (the ShapesT2I oracle: how much of the prompt's colours, shapes and cells
+    it finds), or image statistics (contrast, colourfulness, sharpness)."""
+
+    category = "analysis"
+    inputs = {"model": MODEL, "vae": VAE, "positive": CONDITIONING,
+              "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)"),
+              "latent": LATENT}
+    params = {
+        "scheduler": Choice(SCHEDULER_NAMES, "euler", help="the sampling algorithm"),
+        "steps": Int(20, 1, 500, help="denoising steps"),
+        "cfg": Float(5.0, 0.0, 30.0, step=0.5, help="classifier-free guidance scale"),
+        "first": Seed(help="the first seed scanned"),
+        "count": Int(16, 1, 256, help="how many seeds"),
+        "metric": Choice(SEED_METRICS, "oracle", help="what ranks the seeds (higher is better)"),
+    }
+    outputs = {"table": TABLE, "sheet": IMAGE, "best": IMAGE}
+
+    def run(self, ctx, model, vae, positive, negative, latent, scheduler, steps, cfg, first, count, metric):
+        import torch
+
+        from kernels.analysis.seed_scan import SeedScanError, contact_sheet, scan, scan_table, scorer
+        from kernels.images import model_to_image
+
+        from .core import Sampler
+
+        try:
+            score = scorer(metric, positive.prompt)
+        except SeedScanError as exc:
+            raise NodeError(f"SeedScan: {exc}") from None
+        sampler = Sampler()
+
+        cancel = getattr(ctx, "check_cancel", lambda: None)
+
+        class Quiet:  # the per-seed sampler's steps are not the scan's progress; cancel still works
+            def progress(self, *a, **k):
+                cancel()
+
+        def render(seed):
+            out = sampler.run(Quiet(), model, positive, negative, latent[:1], scheduler, steps, cfg, seed, 1.0)["latent"]
+            with torch.no_grad():
+                return model_to_image(vae.decode(out))[0]
+
+        seeds = [int(first) + k for k in range(count)]
+        order, scores, images = scan(render, seeds, score, progress=lambda i, n: ctx.progress(i, n))
+        return {"table": scan_table(order, scores, metric), "sheet": contact_sheet([images[s] for s in order]),
+                "best": images[order[0]][None]}
