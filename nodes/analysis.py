@@ -141,14 +141,16 @@ class CycleEdit(Node):
               "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)")}
     params = {
         "steps": Int(50, 1, 500, help="DDIM steps of the whole schedule"),
-        "cfg": Float(3.0, 0.0, 30.0, step=0.5, help="classifier-free guidance, the same for both prompts"),
+        "cfg": Float(5.0, 0.0, 30.0, step=0.5, help="classifier-free guidance of the target prompt"),
+        "source_cfg": Float(1.0, 0.0, 30.0, step=0.5, help="guidance of the source prompt while encoding; "
+                            "equal to cfg, the source prompt gives the image back exactly"),
         "eta": Float(CYCLE_ETA, 0.0, 1.0, step=0.05, help="DDIM's stochasticity; the code holds its noises"),
         "strength": Float(CYCLE_STRENGTH, 0.0, 1.0, step=0.05, help="the share of the schedule encoded and re-run"),
         "seed": Seed(),
     }
     outputs = {"image": IMAGE, "latent": LATENT}
 
-    def run(self, ctx, model, vae, image, source, target, negative, steps, cfg, eta, strength, seed):
+    def run(self, ctx, model, vae, image, source, target, negative, steps, cfg, source_cfg, eta, strength, seed):
         import torch
 
         from kernels.editing.cycle_diffusion import CycleEditError, cycle_edit
@@ -162,7 +164,7 @@ class CycleEdit(Node):
         clean = _image_latent(vae, image, "CycleEdit").to(model.unet.device, model.unet.dtype)
         if clean.shape[1] != model.in_channels:
             raise NodeError(f"CycleEdit: the VAE gives {clean.shape[1]} channels but the model takes {model.in_channels}")
-        run_source = _prompt_sampler(ctx, model, source, negative, steps, cfg, strength)
+        run_source = _prompt_sampler(ctx, model, source, negative, steps, source_cfg, strength)
         run_target = _prompt_sampler(ctx, model, target, negative, steps, cfg, strength)
         try:
             out = cycle_edit(run_source, run_target, ddim, clean, eta, seed).float().cpu()
@@ -278,3 +280,32 @@ class ActivationPatch(Node):
             image_a, image_b = render(())[1], render(tuple(all_layers))[1]
             table = ap.effect_table(ap.effect_rows(all_layers, lambda n: render(n)[1], image_a, image_b))
         return {"image": image, "latent": out, "table": table}
+
+
+@register
+class SaveTable(Node):
+    """Save a result table as CSV in the run's output folder (`prefix`.csv), and write it to
+    the run log as aligned text."""
+
+    category = "analysis"
+    inputs = {"table": TABLE}
+    params = {"prefix": String("table", file_name=True, help="the file name, without .csv")}
+    output_node = True
+    always_run = True
+
+    def run(self, ctx, table, prefix):
+        import csv
+        import io
+        import logging
+
+        from kernels.files import atomic_write
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(table.columns)
+        writer.writerows(table.rows)
+        path = ctx.output_path(f"{prefix}.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buffer.getvalue().encode("utf-8"), durable=False)
+        logging.getLogger(__name__).info("%s", table.as_text())
+        return {}

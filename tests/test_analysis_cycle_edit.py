@@ -50,7 +50,7 @@ def test_latent_model_round_trip_through_the_node(tiny_latent_model):
     red = encode_text(clip.tokenizer, clip.text_encoder, "a red circle")
     image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(5))
     clean = vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).detach()
-    out = CycleEdit().run(Ctx(), model, vae, image, red, red, None, 5, 2.0, 0.3, 1.0, 7)
+    out = CycleEdit().run(Ctx(), model, vae, image, red, red, None, 5, 2.0, 2.0, 0.3, 1.0, 7)
     assert (out["latent"] - clean).abs().max() < 1e-4
     assert out["image"].shape == (1, 16, 16, 3)
 
@@ -105,4 +105,4 @@ def test_bad_settings_are_refused(pixel, tiny_flow_model):
     flow, flow_clip, flow_vae = load_model_folder(tiny_flow_model)
     cond = encode_text(flow_clip.tokenizer, flow_clip.text_encoder, "a red circle")
     with pytest.raises(NodeError, match="CycleEdit needs a DDPM-family"):
-        CycleEdit().run(Ctx(), flow, flow_vae, torch.zeros(1, 16, 16, 3), cond, cond, None, 4, 2.0, 0.1, 1.0, 0)
+        CycleEdit().run(Ctx(), flow, flow_vae, torch.zeros(1, 16, 16, 3), cond, cond, None, 4, 2.0, 2.0, 0.1, 1.0, 0)
