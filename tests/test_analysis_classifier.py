@@ -133,3 +133,15 @@ def test_node_returns_the_table_and_the_best_prompt(tiny_bundle):
     assert again["table"] == table
     with pytest.raises(NodeError, match="DiffusionClassifier: give at least one"):
         node.run(Ctx(), model, clip, vae, image, " \n ", 4, 2, 2, 3)
+
+
+def test_a_table_survives_the_disk_cache(tmp_path):
+    from app.engine.cache import DiskCache
+
+    table = Table("t", ["rank", "prompt", "error"], [[1, "a red circle", 0.25], [2, "a blue square", 0.5]])
+    DiskCache(tmp_path).put("k", {"table": "hash"}, {"table": table})
+    back = DiskCache(tmp_path).get("k")["table"]
+    assert type(back) is Table and back == table
+    assert back.as_text().splitlines()[1].split() == ["rank", "prompt", "error"]
+    with pytest.raises(ValueError, match="2 values for 3 columns"):
+        Table("t", ["a", "b", "c"], [[1, 2]])
