@@ -319,6 +319,7 @@ def section_cycle_edit(args) -> dict:
     ctx = _QuietContext()
     steps, cfg, source_cfg, eta, strength = args.steps, args.cfg, args.source_cfg, args.eta, args.strength
     arms = {"cycle_edit": [], "img2img": []}
+    parts = {"cycle_edit": [], "img2img": []}  # (turned blue, blue object keeps the shape, keeps the cell)
     round_trip = []
     t0 = time.perf_counter()
     for k, (text, obj, img) in enumerate(red_scenes(args.prompts)):
@@ -336,11 +337,16 @@ def section_cycle_edit(args) -> dict:
             ok = any(d.colour == "blue" and d.shape == obj.shape and d.cell == obj.cell for d in found) \
                 and not any(d.colour == "red" for d in found)
             arms[arm].append(ok)
+            blue = [d for d in found if d.colour == "blue"]
+            parts[arm].append((bool(blue) and not any(d.colour == "red" for d in found),
+                               any(d.shape == obj.shape for d in blue), any(d.cell == obj.cell for d in blue)))
         print(f"cycle_edit {k + 1}: " + " ".join(f"{a}={sum(v)}" for a, v in arms.items()), file=sys.stderr, flush=True)
     n = len(round_trip)
     return {"prompts": n, "source": f"one-object world renders with a red object, numpy seed {BENCH_SEED + 1}",
             "settings": {"steps": steps, "cfg": cfg, "source_cfg": source_cfg, "eta": eta, "strength": strength},
             "success": {a: round(sum(v) / n, 4) for a, v in arms.items()},
+            "parts": {a: dict(zip(("turned_blue", "shape_kept", "cell_kept"),
+                                  (round(sum(p[j] for p in v) / n, 4) for j in range(3)))) for a, v in parts.items()},
             "round_trip_max_abs_error": max(round_trip), "seconds": round(time.perf_counter() - t0, 1),
             "success_rule": "a blue object of the source's shape in the source's cell, no red object"}
 
@@ -382,7 +388,7 @@ def section_seed_scan(args) -> dict:
         best_right.append(score_prompt(p["objects"], image)["all_right"])
         rights = sorted(v == 1.0 for v in scores.values())
         median_right.append(float(st.median(rights)))
-        assert abs(oracle_score(p["caption"], out["best"][0]) - best[-1]) < 1e-9
+        assert abs(oracle_score(p["caption"], out["best"][0]) - best[-1]) < 1e-6  # the table rounds to 6 digits
         print(f"seed_scan {k + 1}/{len(prompts)} best={best[-1]:.3f} median={median[-1]:.3f}", file=sys.stderr, flush=True)
     half = len(prompts) // 2
     pick = max(per_seed, key=lambda s: (st.mean(per_seed[s][:half]), -s))
