@@ -18,6 +18,7 @@ from typing import Any, Optional
 # data, not code). A name is what stored entries say: never give it to another class.
 STORABLE_DATACLASSES: dict[str, str] = {
     "Conditioning": "kernels.text:Conditioning",
+    "Table": "kernels.analysis.table:Table",
 }
 
 _NAME_OF = {where: name for name, where in STORABLE_DATACLASSES.items()}

@@ -6,6 +6,7 @@ classes in nodes.registry as it is imported, and the registry imports no node mo
 
 from . import (  # noqa: F401  (registers the built-in node types)
     adapters,
+    analysis,
     controlnet,
     core,
     erasers,

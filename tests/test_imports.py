@@ -107,7 +107,8 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
 
 PAIRED = ["app.graph.fileformat", "app.graph.png", "nodes.registry", "nodes.base", "nodes.core",
           "nodes.erasers", "nodes.layout", "nodes.adapters", "nodes.upscale", "nodes.ip_adapter",
-          "nodes.controlnet", "nodes.model_files", "nodes.t2i_zero", "nodes.resolution", "nodes.speed", "nodes.reroute"]
+          "nodes.controlnet", "nodes.model_files", "nodes.t2i_zero", "nodes.resolution", "nodes.speed",
+          "nodes.reroute", "nodes.analysis"]
 
 
 @pytest.mark.parametrize("first", PAIRED)
