@@ -13,10 +13,10 @@ from .base import (
     IMAGE,
     LATENT,
     MODEL,
+    TABLE,
     VAE,
     Bool,
     Choice,
-    DataType,
     Float,
     Int,
     Node,
@@ -25,8 +25,6 @@ from .base import (
     String,
 )
 from .registry import register
-
-TABLE = DataType("TABLE", "#90a4ae", "a small table of results (columns and rows)")
 
 # kernels.analysis.classifier defaults (no torch here)
 CLASSIFIER_SAMPLES, CLASSIFIER_FIRST, CLASSIFIER_KEEP = 32, 8, 3

@@ -41,8 +41,9 @@ ATTENTION_MAPS = DataType("ATTENTION_MAPS", "#a1887f", "per-token cross-attentio
 UPSCALE_MODEL = DataType("UPSCALE_MODEL", "#9575cd", "a super-resolution model (ESRGAN, SwinIR, HAT, DAT...)")
 IP_ADAPTER = DataType("IP_ADAPTER", "#ba68c8", "an IP-Adapter's weights with its CLIP image encoder")
 CONTROL_NET = DataType("CONTROL_NET", "#2bb673", "a ControlNet or T2I-Adapter for ControlNetApply")
+TABLE = DataType("TABLE", "#90a4ae", "a small table of results (columns and rows)")
 DATA_TYPES = {t.name: t for t in (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, LAYOUT,
-                                  ATTENTION_MAPS, UPSCALE_MODEL, IP_ADAPTER, CONTROL_NET)}
+                                  ATTENTION_MAPS, UPSCALE_MODEL, IP_ADAPTER, CONTROL_NET, TABLE)}
 
 
 # words a type name keeps whole (and how they are written) when it is split into words
