@@ -1,4 +1,4 @@
-"""The headless runner: `loomwork run|validate|nodes|models|convert|oracle`.
+"""The headless runner: `loomwork run|batch|validate|nodes|models|convert|oracle`.
 
 Every user mistake (a bad file, an unknown node, a bad --set value, a missing model) is one
 clear message and a non-zero exit; tracebacks only with --debug.
@@ -115,16 +115,41 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
-def cmd_run(args) -> int:
-    from app.engine import EngineEvents, Executor
+def runnable_problems(graph, name) -> list:
+    """The validation problems that stop `graph` from running (a graph without an output node is
+    a UsageError: the run would do nothing and say "done"). `loomwork run` and each batch job."""
+    from app.engine import Executor
+
+    if not Executor.output_nodes(graph):
+        raise UsageError(f"{name}: nothing to run: the graph has no output node "
+                         f"(add a SaveImage or PreviewImage)")
+    return _problems(graph)
+
+
+def new_executor(*, disk_cache: bool = True, model_roots=None, write_dirs=()):
+    """The executor a headless run uses (a batch worker keeps one for all its jobs)."""
+    from app.engine import Executor
+
+    return Executor(disk_cache=disk_cache, model_roots=model_roots,
+                    write_dirs=[os.path.expanduser(d) for d in write_dirs])
+
+
+def run_headless(executor, graph, name, out, events=None):
+    """One headless run of `graph` (already validated) into folder `out`; its RunReport."""
     from app.graph import GraphError
+
+    try:
+        return executor.run(graph, events=events, output_dir=out, graph_path=name)
+    except GraphError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
+def cmd_run(args) -> int:
+    from app.engine import EngineEvents
 
     graph = _load(args.graph)
     apply_sets(graph, args.set or [])
-    if not Executor.output_nodes(graph):  # else the run would do nothing and say "done"
-        raise UsageError(f"{args.graph}: nothing to run: the graph has no output node "
-                         f"(add a SaveImage or PreviewImage)")
-    problems = _problems(graph)
+    problems = runnable_problems(graph, args.graph)
     if problems:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
@@ -133,12 +158,9 @@ def cmd_run(args) -> int:
     printer = ProgressPrinter(graph)
     events = EngineEvents(node_state=printer.node_state, progress=printer.progress)
     out = Path(args.out or ".")
-    executor = Executor(disk_cache=False if args.no_disk_cache else True, model_roots=model_roots(args),
-                        write_dirs=[os.path.expanduser(d) for d in (args.allow_write or [])])
-    try:
-        report = executor.run(graph, events=events, output_dir=out, graph_path=args.graph)
-    except GraphError as exc:
-        raise UsageError(f"{args.graph}: {exc}") from None
+    executor = new_executor(disk_cache=not args.no_disk_cache, model_roots=model_roots(args),
+                            write_dirs=args.allow_write or [])
+    report = run_headless(executor, graph, args.graph, out, events)
     if args.report:
         Path(args.report).write_text(json.dumps(report.as_json(), indent=2))
     for rep in report.nodes.values():
@@ -273,7 +295,7 @@ MODELS_HELP = ("a model folder: a ComfyUI or A1111 install, its models folder, o
 
 
 # The verbs, for app.main to tell a command from a graph path (it must not start Qt for one).
-COMMANDS = ("run", "validate", "nodes", "models", "convert", "oracle")
+COMMANDS = ("run", "batch", "validate", "nodes", "models", "convert", "oracle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", action="append", metavar="DIR", help=MODELS_HELP)
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+    from app.batch.cli import add_parser as add_batch_parser  # torch- and Ray-free
+
+    add_batch_parser(sub, MODELS_HELP)
     val = sub.add_parser("validate", help="check a graph without running it")
     val.add_argument("graph")
     val.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE")
