@@ -176,3 +176,44 @@ class LocalBackend:
 def worker_count(text: Optional[int]) -> int:
     """Workers for `local` when --workers is not given: one per core, at most 4."""
     return text if text else max(1, min(4, os.cpu_count() or 1))
+
+
+class InProcessBackend:
+    """One worker in this process, in turn with the driver: jobs run one after another (the
+    serial baseline of bench/batch.py; quick batches where a process start would dominate)."""
+
+    name = "in-process"
+    workers = 1
+
+    def __init__(self, options: Optional[dict] = None):
+        self.options = dict(options or {})
+        self._runner = None
+        self._job: Optional[dict] = None
+
+    def start(self) -> None:
+        if self._runner is None:
+            from .job import JobRunner
+
+            self._runner = JobRunner(self.options)
+
+    def pids(self) -> dict[int, int]:
+        return {0: os.getpid()}
+
+    def busy(self) -> dict[int, int]:
+        return {0: self._job["index"]} if self._job else {}
+
+    def idle(self) -> list[int]:
+        return [] if self._job else [0]
+
+    def submit(self, wid: int, job: dict) -> None:
+        self._job = job
+
+    def wait(self, timeout: float) -> list[tuple[str, int, Any]]:
+        job, self._job = self._job, None
+        return [("result", job["index"], self._runner.run(job))] if job else []
+
+    def abort(self) -> None:
+        self._job = None
+
+    def close(self) -> None:
+        self._runner = None
