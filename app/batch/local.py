@@ -44,7 +44,7 @@ class _Worker:
     process: Any
     conn: Any
     ready: bool = False
-    job: Optional[int] = None
+    job: Optional[tuple] = None  # (index, key) of the job it runs
     pid: Optional[int] = None
 
 
@@ -67,7 +67,7 @@ class LocalBackend:
         self._started = False
 
     def start(self) -> None:
-        """Start workers up to `workers` (again after an abort)."""
+        """Start workers up to `workers` (a backend is started once and may run many batches)."""
         if not self._started and self.method == "forkserver":
             self._ctx.set_forkserver_preload(["app.batch.warm"])
         self._started = True
@@ -87,23 +87,23 @@ class LocalBackend:
         return {wid: w.process.pid for wid, w in self._pool.items()}
 
     def busy(self) -> dict[int, int]:
-        """worker id -> the job index it runs."""
-        return {wid: w.job for wid, w in self._pool.items() if w.job is not None}
+        """worker id -> the index of the job it runs."""
+        return {wid: w.job[0] for wid, w in self._pool.items() if w.job is not None}
 
     def idle(self) -> list[int]:
         return [wid for wid, w in self._pool.items() if w.ready and w.job is None]
 
     def submit(self, wid: int, job: dict) -> None:
         w = self._pool[wid]
-        w.job = job["index"]
+        w.job = (job["index"], job["key"])
         try:
             w.conn.send(job)
         except (BrokenPipeError, OSError):  # died since; wait() reports the loss
             pass
 
     def wait(self, timeout: float) -> list[tuple[str, int, Any]]:
-        """What happened within `timeout` seconds: ("result", job index, result) or
-        ("lost", job index, why)."""
+        """What happened within `timeout` seconds: ("result", job index, job key, result) or
+        ("lost", job index, job key, why)."""
         from .runner import BatchError
 
         if not self._pool:
@@ -128,7 +128,7 @@ class LocalBackend:
                     w.ready, w.pid = True, payload["pid"]
                 elif kind == "result":
                     w.job = None
-                    events.append(("result", payload["index"], payload))
+                    events.append(("result", payload["index"], payload["key"], payload))
             elif not w.process.is_alive():
                 events += self._lost(wid)
         return events
@@ -142,22 +142,22 @@ class LocalBackend:
         if self.restarts < self.max_restarts:
             self.restarts += 1
             self._spawn()
-        return [("lost", w.job, why)] if w.job is not None else []
+        return [("lost", *w.job, why)] if w.job is not None else []
 
     def abort(self) -> None:
-        """Stop the workers that are running a job (Ctrl-C); idle ones stay for another batch."""
-        for wid in [wid for wid, w in self._pool.items() if w.job is not None or not w.ready]:
-            w = self._pool.pop(wid)
-            w.process.kill()
-            w.process.join(timeout=5)
-            w.conn.close()
+        """The driver gave up its jobs in flight (Ctrl-C, stop): busy workers finish theirs, and
+        the driver drops what they send."""
 
     def close(self) -> None:
+        """Idle workers are told to stop; busy ones are killed (their jobs stay pending)."""
         for w in self._pool.values():
-            try:
-                w.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
+            if w.job is not None or not w.ready:
+                w.process.kill()
+            else:
+                try:
+                    w.conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
         for w in self._pool.values():
             w.process.join(timeout=5)
             if w.process.is_alive():
@@ -210,7 +210,7 @@ class InProcessBackend:
 
     def wait(self, timeout: float) -> list[tuple[str, int, Any]]:
         job, self._job = self._job, None
-        return [("result", job["index"], self._runner.run(job))] if job else []
+        return [("result", job["index"], job["key"], self._runner.run(job))] if job else []
 
     def abort(self) -> None:
         self._job = None

@@ -83,7 +83,7 @@ class RayBackend:
         self._cls = None
         self._actors: dict[int, Any] = {}
         self._starting: dict[Any, int] = {}   # info() ref -> worker id
-        self._running: dict[Any, tuple] = {}  # run() ref -> (worker id, job index)
+        self._running: dict[Any, tuple] = {}  # run() ref -> (worker id, job index, job key)
         self._ready: set[int] = set()
         self._job: dict[int, int] = {}
         self._pid: dict[int, int] = {}
@@ -119,7 +119,7 @@ class RayBackend:
 
     def submit(self, wid: int, job: dict) -> None:
         self._job[wid] = job["index"]
-        self._running[self._actors[wid].run.remote(job)] = (wid, job["index"])
+        self._running[self._actors[wid].run.remote(job)] = (wid, job["index"], job["key"])
 
     def wait(self, timeout: float) -> list[tuple[str, int, Any]]:
         from .runner import BatchError
@@ -152,15 +152,15 @@ class RayBackend:
         return []
 
     def _finished(self, ref) -> list:
-        wid, index = self._running.pop(ref)
+        wid, index, key = self._running.pop(ref)
         self._job.pop(wid, None)
         try:
-            return [("result", index, self.ray.get(ref))]
+            return [("result", index, key, self.ray.get(ref))]
         except self.ray.exceptions.RayActorError as exc:
             self._lose(wid, exc)
-            return [("lost", index, f"Ray worker {wid} died: {type(exc).__name__}")]
+            return [("lost", index, key, f"Ray worker {wid} died: {type(exc).__name__}")]
         except self.ray.exceptions.RayError as exc:  # the task itself failed (not the job: it cannot raise)
-            return [("result", index, {"index": index, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+            return [("result", index, key, {"index": index, "key": key, "ok": False, "error": f"{type(exc).__name__}: {exc}",
                                        "outputs": [], "ran": [], "seconds": 0.0})]
 
     def _lose(self, wid: int, exc: BaseException) -> None:
@@ -177,15 +177,8 @@ class RayBackend:
             self._spawn()
 
     def abort(self) -> None:
-        """Kill the actors that are running a job (Ctrl-C); the idle ones stay for another batch."""
-        for ref, (wid, _index) in list(self._running.items()):
-            actor = self._actors.pop(wid, None)
-            if actor is not None:
-                self.ray.kill(actor)
-            self._ready.discard(wid)
-            self._job.pop(wid, None)
-            self._pid.pop(wid, None)
-            del self._running[ref]
+        """The driver gave up its jobs in flight (Ctrl-C, stop): busy actors finish theirs, and
+        the driver drops what they send."""
 
     def close(self) -> None:
         for actor in self._actors.values():

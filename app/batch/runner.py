@@ -7,8 +7,9 @@ Rules:
   is skipped; a `failed` one is retried on a rerun, up to `max_attempts` attempts in all;
 - a worker that dies mid-job costs that job one attempt and it goes back to the front of the
   queue; its result, if one still arrives, is dropped, so every job finishes exactly once;
-- Ctrl-C (or `stop`, or `timeout`) stops the workers, puts the jobs in flight back to pending
-  (that attempt does not count) and still writes results.json and the contact sheet.
+- Ctrl-C (or `stop`, or `timeout`) puts the jobs in flight back to pending (that attempt does
+  not count; what their workers still send is dropped) and still writes results.json and the
+  contact sheet; closing the backend then stops the busy workers.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def run_batch(plan: BatchPlan, out_dir: "str | Path", backend, *, max_attempts: 
                 emit("started", rec, manifest)
             if changed:
                 manifest.save()
-            for kind, index, payload in backend.wait(0.25):
-                if index not in flight:  # a result of a job given up or interrupted: dropped
+            for kind, index, key, payload in backend.wait(0.25):
+                if index not in flight or flight[index][0].key != key:  # of a job given up or interrupted
                     continue
                 job, submitted = flight.pop(index)
                 rec = manifest.record(job)
