@@ -63,8 +63,15 @@ def ray_cluster():
     saved = os.environ.get("PYTHONPATH")
     # the workers Ray starts import this tree, not an installed copy
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved) if p)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="ERROR")
+    for attempt in range(2):  # Ray gives its raylet 30 s to come up, which a loaded machine can miss
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     logging_level="ERROR")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise
     try:
         yield ray
     finally:
@@ -86,13 +93,15 @@ def ray_backend(ray_cluster):
 
 @pytest.fixture(scope="module")
 def started(request, local):
-    """Both backends asked to start at once (workers come up in the background)."""
-    local.start()
+    """Both backends' workers asked to start before the serial runs (they come up meanwhile);
+    Ray's first, since its own start has a time limit."""
     try:
         import ray  # noqa: F401
     except ImportError:
-        return
-    request.getfixturevalue("ray_backend").start()
+        pass
+    else:
+        request.getfixturevalue("ray_backend").start()
+    local.start()
 
 
 @pytest.fixture(params=["local", "ray"])

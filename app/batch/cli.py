@@ -36,7 +36,7 @@ def make_backend(cluster: str, workers, options: dict, *, cpus: float = 1, gpus:
 def _byte_size(text):
     if text is None:
         return None
-    from app.cli import UsageError
+    from app.cli.headless import UsageError
     from kernels.memory import parse_bytes
 
     try:
@@ -46,7 +46,7 @@ def _byte_size(text):
 
 
 def cmd_batch(args) -> int:
-    from app.cli import EXIT_FAILED, EXIT_OK, UsageError, _load, model_roots
+    from app.cli.headless import EXIT_FAILED, EXIT_OK, UsageError, _load, model_roots
 
     from .manifest import ManifestError
     from .runner import BatchError, plan_batch, run_batch

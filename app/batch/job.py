@@ -1,6 +1,6 @@
 """One batch job, run in a worker: the graph with its `--set` overrides, one headless run.
 
-The run is `loomwork run`'s own path (app.cli: apply_sets, runnable_problems, run_headless on an
+The run is `loomwork run`'s own path (app.cli.headless: apply_sets, runnable_problems, run_headless on an
 executor from new_executor), into a private temporary folder; the output files come back as
 bytes, so a worker on another machine needs no shared folder, and the driver writes them into
 the batch folder atomically. A worker keeps its JobRunner (one executor, its model manager and
@@ -46,7 +46,7 @@ class JobRunner:
     """A worker's engine: one executor for every job it runs."""
 
     def __init__(self, options: Optional[dict] = None):
-        from app.cli import new_executor, set_threads
+        from app.cli.headless import new_executor, set_threads
 
         options = options or {}
         set_threads()  # LOOMWORK_THREADS, else one torch thread
@@ -66,7 +66,7 @@ class JobRunner:
         try:
             result.update(self._run(job))
         except Exception as exc:  # noqa: BLE001 - a job's failure is its record's, not the worker's
-            from app.cli import UsageError
+            from app.cli.headless import UsageError
 
             result["error"] = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, UsageError):
@@ -75,7 +75,7 @@ class JobRunner:
         return result
 
     def _run(self, job: dict) -> dict:
-        from app.cli import apply_sets, run_headless, runnable_problems
+        from app.cli.headless import apply_sets, run_headless, runnable_problems
         from app.graph import loads
         from nodes import registry
 

@@ -63,7 +63,7 @@ def job_key(graph) -> str:
 def plan_batch(graph_path: str, sweep: Sweep, sets: list[str] = (), graph=None) -> BatchPlan:
     """Check the sweep against the graph's declarations and validate every job's graph; raises
     SweepError (or app.cli.UsageError for a bad --set) naming the axis, value or job."""
-    from app.cli import _load, apply_sets, runnable_problems
+    from app.cli.headless import _load, apply_sets, runnable_problems
     from app.graph import dumps
 
     graph = graph if graph is not None else _load(graph_path)

@@ -5,5 +5,5 @@ from app.batch.job import warm_imports
 
 warm_imports()
 
-import app.cli  # noqa: E402,F401
+import app.cli.headless  # noqa: E402,F401
 import nodes  # noqa: E402,F401
