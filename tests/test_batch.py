@@ -46,6 +46,7 @@ def test_axis_text_forms(tmp_path):
     assert parse_axis("Sampler.cfg=1..2:0.25").values == [1.0, 1.25, 1.5, 1.75, 2.0]
     assert parse_axis("Sampler.cfg=[3, 4.5]").values == [3, 4.5]
     assert parse_axis("Sampler.scheduler=euler, ddim").values == ["euler", "ddim"]
+    assert parse_axis("Prompt.text=wait... a cat").values == ["wait... a cat"]  # not a range
     (tmp_path / "prompts.txt").write_text("a red circle, big\n\na blue square\n")
     axis = parse_axis("Prompt.text=@prompts.txt", tmp_path)
     assert axis.param == "Prompt.text" and axis.values == ["a red circle, big", "a blue square"]
@@ -57,7 +58,6 @@ def test_axis_text_forms(tmp_path):
     ("Sampler.seed=5..1", "ends (1) before it starts (5)"),
     ("Sampler.seed=0..3:0", "step should be above 0"),
     ("Sampler.seed=0..1000000000", "more than"),
-    ("Sampler.seed=a..b", "'a' is not a number"),
     ("Prompt.text=@missing.txt", "cannot read"),
     ("Sampler.cfg=[1, 2", "not a JSON list"),
 ])
@@ -72,6 +72,7 @@ def test_bad_axis_text_names_the_axis(item, words, tmp_path):
     ([Axis("Sampler.sead", [1])], "cross", "Sampler has no param 'sead'"),
     ([Axis("Sampler.steps", ["0"])], "cross", "below the minimum"),
     ([Axis("Sampler.seed", ["x"])], "cross", "'x' is not a whole number"),
+    ([parse_axis("Sampler.seed=a..b")], "cross", "'a..b' is not a whole number"),
     ([Axis("Sampler.scheduler", ["eulr"])], "cross", "is not one of"),
     ([Axis("Sampler.seed", [1, 2]), Axis("Sampler.cfg", [3.0])], "zip", "the same number of values"),
     ([Axis("Sampler.seed", [1]), Axis("Sampler.seed", [2])], "cross", "swept twice"),

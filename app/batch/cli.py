@@ -52,6 +52,8 @@ def cmd_batch(args) -> int:
     from .runner import BatchError, plan_batch, run_batch
     from .sweep import Sweep, SweepError, parse_axis, read_sweep_file, save_sweep, stored_sweep
 
+    if args.retries < 0:
+        raise UsageError(f"--retries {args.retries}: give 0 or more")
     graph = _load(args.graph)
     try:
         if args.sweep:

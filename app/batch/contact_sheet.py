@@ -15,6 +15,7 @@ from .manifest import FAILED, first_image
 
 CELL = 128
 HEADER = 18
+MAX_SIDE = 4096  # cells shrink (to 24 px at least) so a sweep of thousands stays a sheet, not a poster
 BACKGROUND, EMPTY, INK, FAILED_INK = (255, 255, 255), (225, 225, 225), (20, 20, 20), (170, 20, 20)
 
 
@@ -67,6 +68,7 @@ def render(records: list[dict], axes, mode: str, out_dir: Path, cell: int = CELL
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         left, top = 0, 0
+    cell = max(24, min(cell, MAX_SIDE // max(cols, 1)))
     cap = 0 if table else HEADER
     width, height = left + cols * cell, top + rows * (cell + cap)
     sheet = Image.new("RGB", (width, height), BACKGROUND)

@@ -49,6 +49,8 @@ class JobRunner:
         from app.cli.headless import new_executor, set_threads
 
         options = options or {}
+        if options.get("threads"):  # a Ray worker's CPUs, unless the node's LOOMWORK_THREADS says otherwise
+            os.environ.setdefault("LOOMWORK_THREADS", str(options["threads"]))
         set_threads()  # LOOMWORK_THREADS, else one torch thread
         self.executor = new_executor(disk_cache=options.get("disk_cache", True),
                                      model_roots=options.get("model_roots"))

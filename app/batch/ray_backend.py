@@ -72,7 +72,7 @@ class RayBackend:
                  num_gpus: float = 0, memory: Optional[int] = None, max_restarts: Optional[int] = None,
                  disconnect: bool = False):
         self.ray = import_ray()
-        self.options = dict(options or {})
+        self.options = {"threads": max(1, int(num_cpus)), **(options or {})}  # torch threads: its CPUs
         self.resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         if memory:
             self.resources["memory"] = int(memory)

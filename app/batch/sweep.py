@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,8 @@ META_KEY = "sweep"
 MODES = ("cross", "zip")
 MAX_JOBS = 100_000  # a typo such as 0..1e9 must not build a billion jobs
 MAX_VALUES_FILE = 16 << 20
+_NUM = r"\s*-?\d+(?:\.\d*)?\s*"
+RANGE = re.compile(rf"^{_NUM}\.\.{_NUM}(?::{_NUM})?$")  # A..B or A..B:STEP; other text is a list
 
 
 class SweepError(ValueError):
@@ -142,7 +145,7 @@ def parse_axis(item: str, base: Optional[Path] = None) -> Axis:
             raise SweepError(f"--sweep {item!r}: not a JSON list ({exc.msg})") from None
         if not isinstance(values, list):
             raise SweepError(f"--sweep {item!r}: not a JSON list")
-    elif ".." in text and not text.startswith("."):
+    elif RANGE.match(text):
         values = _range(text, item)
     else:
         values = [v.strip() for v in text.split(",")]
