@@ -455,7 +455,7 @@ def _loomwork(*args, cwd=REPO):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["batch", "--help"], ["'batch' is not a command", "run"]),
+    (["bake", "--help"], ["'bake' is not a command", "run"]),
     (["missing.loom"], ["missing.loom: no such file"]),
     (["some/where/graph"], ["no such file"]),
 ])
@@ -468,7 +468,7 @@ def test_unknown_command_or_missing_file_is_one_error_line_without_qt(args, word
 
 
 def test_the_dispatch_never_imports_qt_for_an_unknown_word():
-    code = ("import sys; from app.main import main; rc = main(['batch']); "
+    code = ("import sys; from app.main import main; rc = main(['bake']); "
             "print(rc, 'PySide6' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

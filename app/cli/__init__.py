@@ -1,4 +1,4 @@
-"""The headless runner: `loomwork run|validate|nodes|models|convert|oracle`.
+"""The headless runner: `loomwork run|batch|validate|nodes|models|convert|oracle`.
 
 Every user mistake (a bad file, an unknown node, a bad --set value, a missing model) is one
 clear message and a non-zero exit; tracebacks only with --debug.
@@ -14,53 +14,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    pass
-
-
-def _load(path: str):
-    from app.graph import GraphFileError, load
-    from nodes import registry
-
-    try:
-        return load(path, registry.get)
-    except GraphFileError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def apply_sets(graph, sets: list[str]) -> None:
-    """Apply `NODE.PARAM=VALUE` overrides; NODE is a node id (or 8+ char prefix) or unique title."""
-    from app.graph import GraphError
-    from nodes import registry
-    from nodes.base import ParamError
-
-    for item in sets:
-        target, eq, text = item.partition("=")
-        ref, dot, name = target.rpartition(".")
-        if not eq or not dot or not ref or not name:
-            raise UsageError(f"--set {item!r}: expected NODE.PARAM=VALUE")
-        try:
-            node = graph.find(ref)
-        except GraphError as exc:
-            raise UsageError(f"--set {item!r}: {exc}") from None
-        spec = registry.get(node.type)
-        if spec is None or node.is_placeholder:
-            raise UsageError(f"--set {item!r}: node {node.label} is of unknown type {node.type!r}")
-        param = spec.params.get(name)
-        if param is None:
-            raise UsageError(f"--set {item!r}: {node.type} has no param {name!r} "
-                             f"(it has: {', '.join(spec.params) or 'none'})")
-        try:
-            value = param.parse(text)
-        except ParamError as exc:
-            raise UsageError(f"--set {item!r}: {exc}") from None
-        problem = param.check(value)
-        if problem:
-            raise UsageError(f"--set {item!r}: {problem}")
-        graph.set_param(node.id, name, value)
+from .headless import (  # noqa: F401
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    _load,
+    _problems,
+    apply_sets,
+    model_roots,
+    new_executor,
+    run_headless,
+    runnable_problems,
+    set_threads,
+)
 
 
 class ProgressPrinter:
@@ -102,29 +69,12 @@ class ProgressPrinter:
         self.stream.flush()
 
 
-def set_threads() -> None:
-    """Torch threads for this process: LOOMWORK_THREADS, else 1 (see bench/threads.py: on small
-    CPUs batch-1 sampling is not faster with more threads, and contention makes it far slower)."""
-    import torch
-
-    text = os.environ.get("LOOMWORK_THREADS", "1")
-    try:
-        n = int(text)
-    except ValueError:
-        raise UsageError(f"LOOMWORK_THREADS should be a whole number, got {text!r}") from None
-    torch.set_num_threads(max(1, n))
-
-
 def cmd_run(args) -> int:
-    from app.engine import EngineEvents, Executor
-    from app.graph import GraphError
+    from app.engine import EngineEvents
 
     graph = _load(args.graph)
     apply_sets(graph, args.set or [])
-    if not Executor.output_nodes(graph):  # else the run would do nothing and say "done"
-        raise UsageError(f"{args.graph}: nothing to run: the graph has no output node "
-                         f"(add a SaveImage or PreviewImage)")
-    problems = _problems(graph)
+    problems = runnable_problems(graph, args.graph)
     if problems:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
@@ -133,12 +83,9 @@ def cmd_run(args) -> int:
     printer = ProgressPrinter(graph)
     events = EngineEvents(node_state=printer.node_state, progress=printer.progress)
     out = Path(args.out or ".")
-    executor = Executor(disk_cache=False if args.no_disk_cache else True, model_roots=model_roots(args),
-                        write_dirs=[os.path.expanduser(d) for d in (args.allow_write or [])])
-    try:
-        report = executor.run(graph, events=events, output_dir=out, graph_path=args.graph)
-    except GraphError as exc:
-        raise UsageError(f"{args.graph}: {exc}") from None
+    executor = new_executor(disk_cache=not args.no_disk_cache, model_roots=model_roots(args),
+                            write_dirs=args.allow_write or [])
+    report = run_headless(executor, graph, args.graph, out, events)
     if args.report:
         Path(args.report).write_text(json.dumps(report.as_json(), indent=2))
     for rep in report.nodes.values():
@@ -150,14 +97,6 @@ def cmd_run(args) -> int:
         print(f"saved {path}")
     print(f"{'done' if report.ok else 'finished with errors'} in {report.seconds:.2f}s", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
-
-
-def _problems(graph):
-    from app.engine import Executor
-    from app.graph import validate
-    from nodes import registry
-
-    return validate(graph, registry.get, set(Executor.output_nodes(graph)) or None)
 
 
 def cmd_validate(args) -> int:
@@ -194,13 +133,6 @@ def cmd_nodes(args) -> int:
                 rng = " " + "|".join(p["options"])
             print(f"    {pname}: {p['kind']}{rng} = {p['default']!r}")
     return EXIT_OK
-
-
-def model_roots(args) -> list[str]:
-    """The model folders: each --models DIR, then those in LOOMWORK_MODELS."""
-    from kernels.model_folders import roots_from_env
-
-    return [os.path.expanduser(d) for d in (args.models or [])] + roots_from_env()
 
 
 def cmd_models(args) -> int:
@@ -273,7 +205,7 @@ MODELS_HELP = ("a model folder: a ComfyUI or A1111 install, its models folder, o
 
 
 # The verbs, for app.main to tell a command from a graph path (it must not start Qt for one).
-COMMANDS = ("run", "validate", "nodes", "models", "convert", "oracle")
+COMMANDS = ("run", "batch", "validate", "nodes", "models", "convert", "oracle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", action="append", metavar="DIR", help=MODELS_HELP)
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+    from app.batch.cli import add_parser as add_batch_parser  # torch- and Ray-free
+
+    add_batch_parser(sub, MODELS_HELP)
     val = sub.add_parser("validate", help="check a graph without running it")
     val.add_argument("graph")
     val.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
+from .batch_dialog import open_batch_dialog
+
 
 class WindowActions:
     def _action(self, text, slot, shortcut=None, tip="") -> QtGui.QAction:
@@ -128,6 +130,7 @@ class WindowActions:
         m.addActions([self.act_gallery, self.act_history, self.act_compare])
         m = mb.addMenu("&Run")
         m.addActions([self.act_run, self.act_run_sel, self.act_cancel])
+        m.addAction("&Batch…", lambda: open_batch_dialog(self))
         m = mb.addMenu("&Help")
         m.addAction("Keyboard and mouse…", self.show_shortcuts)
 
