@@ -7,6 +7,9 @@ round to round; the figures are medians over rounds. Per-job overhead is what th
 beyond the job's own run (turnaround minus the worker's run time), median over all jobs.
 
     PYTHONPATH=. python bench/batch.py --jobs 32 --rounds 2 --out bench/results/batch.json
+
+Ray's servers listen on every interface, so the bench runs itself inside a network namespace
+that holds only loopback (app.batch.loopback) and refuses to start Ray where it cannot.
 """
 
 from __future__ import annotations
@@ -67,6 +70,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="override Sampler.steps (default: the graph's 20)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from app.batch.loopback import isolated, loopback_only_command
+
+    if not isolated():
+        command = loopback_only_command([sys.executable, *sys.argv])
+        if command is None:
+            print("bench/batch.py: no network namespace here (needs unshare and ip): not starting Ray "
+                  "where it would listen beyond loopback", file=sys.stderr)
+            return 2
+        import subprocess
+
+        return subprocess.run(command, check=False).returncode
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     import torch

@@ -2,10 +2,16 @@
 equals 16 serial `loomwork run` calls pixel for pixel; a worker killed mid-sweep costs one retry
 and every job still finishes exactly once; an interrupted sweep resumes with only the missing
 jobs. The same checks for `local` and `ray`; each backend (two workers) serves all its tests, as
-one would serve several sweeps from the app. Every wait is bounded (run_batch's timeout)."""
+one would serve several sweeps from the app. Every wait is bounded (run_batch's timeout).
+
+Ray's servers listen on every interface, so the Ray checks run in a second pytest inside a
+network namespace that holds only loopback (app.batch.loopback); this file's own run checks
+`local` and starts that one."""
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +19,7 @@ import pytest
 
 from app.batch import Sweep, parse_axis, plan_batch, run_batch
 from app.batch.local import LocalBackend
+from app.batch.loopback import isolated, loopback_only_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "resources" / "graphs" / "default.loom"
@@ -95,18 +102,30 @@ def ray_backend(ray_cluster):
 def started(request, local):
     """Both backends' workers asked to start before the serial runs (they come up meanwhile);
     Ray's first, since its own start has a time limit."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if isolated():
         request.getfixturevalue("ray_backend").start()
-    local.start()
+    else:
+        request.getfixturevalue("local").start()
 
 
-@pytest.fixture(params=["local", "ray"])
+# Inside the loopback-only namespace the checks run on Ray; outside, on local workers.
+@pytest.fixture(params=["ray"] if isolated() else ["local"])
 def backend(request):
     return request.getfixturevalue("local" if request.param == "local" else "ray_backend")
+
+
+@pytest.mark.skipif(isolated(), reason="this is the run inside the namespace")
+def test_the_same_checks_on_a_local_ray_cluster_reachable_from_loopback_only():
+    pytest.importorskip("ray")
+    argv = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    command = loopback_only_command(argv)
+    if command is None:
+        pytest.skip("no network namespace here (needs unshare and ip, as root or with user "
+                    "namespaces): Ray is not started where it would listen beyond loopback")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=2 * TIMEOUT + 600,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert " passed" in done.stdout and "3 passed" in done.stdout, done.stdout[-2000:]
 
 
 def _plan(seeds: str):
