@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5_000, 20_000], help="graph sizes to validate")
     parser.add_argument("--repeats", type=int, default=3, help="validation repeats (after; before runs once)")
     parser.add_argument("--before", metavar="REF", help="also measure the code at this git ref")
+    parser.add_argument("--before-tree", metavar="DIR", help="as --before, with a checkout already on disk")
     parser.add_argument("--before-timeout", type=float, default=300.0, help="seconds before a 'before' run is stopped")
     sections = ["fuzz", "validation", "rss", "run_memory", "cancel_storm", "kill", "app_kill"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections, help="what to measure")
@@ -286,6 +287,8 @@ def main() -> None:
 
     trees = {"after": ROOT}
     before = worktree_at(args.before) if args.before else None
+    if before is None and args.before_tree:
+        trees = {"before": Path(args.before_tree).resolve(), "after": ROOT}
     if before is not None:
         trees = {"before": before, "after": ROOT}
     result: dict = {}
@@ -314,7 +317,7 @@ def main() -> None:
         if "kill" in args.sections:
             result["kill"] = {**kill_runs(args.kills, args.probe_size, args.probe_steps), "command": command}
         if "app_kill" in args.sections:
-            result["app_kill"] = {**app_kills(trees, args.app_kills), "before_ref": args.before,
+            result["app_kill"] = {**app_kills(trees, args.app_kills), "before_ref": args.before or args.before_tree,
                                   "command": command}
     except Exception:
         traceback.print_exc()

@@ -212,7 +212,8 @@ def _cli_run(tree: Path, graph_file: Path, out: Path, cache: Path, seed: int, *,
                 proc.send_signal(signal.SIGKILL)
                 killed = True
                 break
-        timed_out = proc.poll() is None and not killed
+        # by the clock: a child that closed its stdout on exit can look alive for a moment
+        timed_out = not killed and time.monotonic() - started >= timeout
     finally:
         _reap(proc)
     return {"killed": killed, "returncode": proc.returncode, "timed_out": timed_out,
@@ -579,7 +580,7 @@ def test_a_node_that_raises_shows_its_traceback_and_the_app_stays_up(window, qtb
     with qtbot.waitSignal(window.runner.finished, timeout=120_000) as blocker:
         window.act_run.trigger()
     report = blocker.args[0]
-    assert report.nodes[bad].status == "failed" and report.nodes[bad].error == error
+    assert report.nodes[bad].status == "failed" and report.nodes[bad].error.startswith(error)
     assert report.nodes[ids["out"]].status == "done"  # the rest of the run finished
     window.canvas.select([bad])
     shown = window.inspector.status_text
