@@ -18,9 +18,22 @@
   from: the peak RSS of a one-step guided ShapesT2I run at each --act-sizes side over a 16x16
   run, in a child process per size.
 
+- repetition: the rss section at 128 px over 200 runs (--rss-size 128 --rss-runs 200).
+- cancel_storm: --cancels runs of a tiny random-weight model, each cancelled at a random moment,
+  each followed by a re-run on the same executor (and every 5th by one on a fresh executor over
+  the same disk cache) compared pixel by pixel with a clean run.
+- kill: --kills kill -9s of a headless `loomwork run` child, in turn at a random moment, inside
+  a disk-cache write and inside the output PNG's write; after each, the PNGs under final names
+  are checked whole and right, and a fresh executor's run over the same disk cache is compared
+  with a clean run.
+- app_kill: --app-kills times the app (offscreen) is edited on a timer for 6-15 s and killed
+  with SIGKILL: the seconds of edits lost, and whether the next start offers the autosave back.
+  With --before, the code at REF too.
+The probe functions are tests/test_reliability_probes.py's (whose tests run them a few times).
+
 --sections picks sections; with --out, the sections not run keep their numbers in the file.
 
-Usage: python bench/reliability.py [--cases 10000] [--before main] [--sections rss] [--out bench/results/reliability.json]
+Usage: python bench/reliability.py [--cases 10000] [--before main] [--sections rss kill] [--out bench/results/reliability.json]
 """
 
 from __future__ import annotations
@@ -144,6 +157,59 @@ def sampler_working_memory(sizes: list[int]) -> dict:
             "measured_bytes_per_pixel": measured, "floor_used": SAMPLER_BYTES_PER_PIXEL}
 
 
+def _probes():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_reliability_probes
+
+    return test_reliability_probes
+
+
+def _tiny_model(work: Path) -> str:
+    from kernels.tiny import build_tiny_model
+
+    return build_tiny_model(str(work / "tiny-pixel"))
+
+
+def cancel_storm(cancels: int, size: int, steps: int) -> dict:
+    import random
+
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="loomwork-storm-"))
+    started = time.perf_counter()
+    r = _probes().cancel_storm(_tiny_model(work), cancels, work / "cache", random.Random(0), size=size,
+                               steps=steps, seconds=3 * 3600)
+    return {"model": "tiny random-weight pixel model", "size": size, "steps": steps, **r,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def kill_runs(kills: int, size: int, steps: int) -> dict:
+    import random
+
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="loomwork-kill-"))
+    started = time.perf_counter()
+    r = _probes().kill_probe(_tiny_model(work), kills, work, random.Random(0), size=size, steps=steps,
+                             seconds=3 * 3600)
+    return {"model": "tiny random-weight pixel model", "size": size, "steps": steps, **r,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def app_kills(trees: dict[str, Path], kills: int) -> dict:
+    import random
+
+    from app.ui.session import AUTOSAVE_IDLE_MS, AUTOSAVE_MAX_WAIT_MS
+
+    out: dict = {"autosave_idle_ms": AUTOSAVE_IDLE_MS, "autosave_max_wait_ms": AUTOSAVE_MAX_WAIT_MS}
+    for side, tree in trees.items():
+        work = Path(tempfile.mkdtemp(prefix=f"loomwork-appkill-{side}-"))
+        out[side] = _probes().app_kill_probe(kills, work, random.Random(0), tree=tree, seconds=3 * 3600)
+    return out
+
+
 def _child(code: str, args: list[str], timeout: float) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     try:
@@ -200,9 +266,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5_000, 20_000], help="graph sizes to validate")
     parser.add_argument("--repeats", type=int, default=3, help="validation repeats (after; before runs once)")
     parser.add_argument("--before", metavar="REF", help="also measure the code at this git ref")
+    parser.add_argument("--before-tree", metavar="DIR", help="as --before, with a checkout already on disk")
     parser.add_argument("--before-timeout", type=float, default=300.0, help="seconds before a 'before' run is stopped")
-    parser.add_argument("--sections", nargs="+", default=["fuzz", "validation", "rss", "run_memory"],
-                        choices=["fuzz", "validation", "rss", "run_memory"], help="what to measure")
+    sections = ["fuzz", "validation", "rss", "run_memory", "cancel_storm", "kill", "app_kill"]
+    parser.add_argument("--sections", nargs="+", default=sections, choices=sections, help="what to measure")
+    parser.add_argument("--cancels", type=int, default=100, help="cancelled runs (cancel_storm)")
+    parser.add_argument("--kills", type=int, default=20, help="kill -9s of loomwork run (kill)")
+    parser.add_argument("--app-kills", type=int, default=10, help="kill -9s of the app mid-edit (app_kill)")
+    parser.add_argument("--probe-size", type=int, default=16, help="image side (cancel_storm, kill)")
+    parser.add_argument("--probe-steps", type=int, default=8, help="sampler steps (cancel_storm, kill)")
     parser.add_argument("--rss-runs", type=int, default=200, help="runs in one process (rss)")
     parser.add_argument("--rss-warmup", type=int, default=20, help="runs before the first RSS reading")
     parser.add_argument("--rss-size", type=int, default=32, help="image side of the rss graph")
@@ -215,6 +287,8 @@ def main() -> None:
 
     trees = {"after": ROOT}
     before = worktree_at(args.before) if args.before else None
+    if before is None and args.before_tree:
+        trees = {"before": Path(args.before_tree).resolve(), "after": ROOT}
     if before is not None:
         trees = {"before": before, "after": ROOT}
     result: dict = {}
@@ -231,11 +305,20 @@ def main() -> None:
         if "rss" in args.sections:
             budget = "default" if args.rss_memory_budget is None else str(parse_bytes(args.rss_memory_budget))
             label = f"{args.rss_size}px, memory cache budget {args.rss_memory_budget or 'default (4 GiB)'}"
-            result.setdefault("rss", {})[label] = {
+            # update, not replace: an entry's other measurements (say, before a fix) stay
+            result.setdefault("rss", {}).setdefault(label, {}).update({
                 **{side: rss_growth(tree, args.rss_runs, args.rss_warmup, args.rss_size, budget)
-                   for side, tree in trees.items()}, "before_ref": args.before, "command": command}
+                   for side, tree in trees.items()}, "before_ref": args.before, "command": command})
         if "run_memory" in args.sections:
             result["run_memory"] = {**sampler_working_memory(args.act_sizes), "command": command}
+        if "cancel_storm" in args.sections:
+            result["cancel_storm"] = {**cancel_storm(args.cancels, args.probe_size, args.probe_steps),
+                                      "command": command}
+        if "kill" in args.sections:
+            result["kill"] = {**kill_runs(args.kills, args.probe_size, args.probe_steps), "command": command}
+        if "app_kill" in args.sections:
+            result["app_kill"] = {**app_kills(trees, args.app_kills), "before_ref": args.before or args.before_tree,
+                                  "command": command}
     except Exception:
         traceback.print_exc()
         raise

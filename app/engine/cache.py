@@ -175,10 +175,16 @@ def _decode(obj: Any, tensors: dict) -> Any:
     return obj
 
 
+# A temporary file this old belongs to no writer any more (an entry is written in milliseconds):
+# a process killed mid-write (kill -9, a power cut) left it.
+TEMP_GRACE_SECONDS = 600.0
+
+
 class DiskCache:
     """Storable results and all traces under a folder, bounded in bytes (oldest use goes first).
     A result whose tensors exceed `max_entry_bytes` keeps only its trace: writing and reading it
-    back would cost more than making it again, and it would push out many small results."""
+    back would cost more than making it again, and it would push out many small results.
+    Temporary files that killed writers left are removed once per process (at the first trim)."""
 
     def __init__(self, root: os.PathLike | str, budget_bytes: int = 2 << 30,
                  max_entry_bytes: int = 256 << 20):
@@ -296,9 +302,19 @@ class DiskCache:
             files.append((st.st_mtime, st.st_size, p))
         return files
 
+    def _sweep_temp(self) -> None:
+        cutoff = time.time() - TEMP_GRACE_SECONDS
+        for path in self.root.glob("*/.*.tmp"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
+
     def _trim(self) -> None:
         with self._lock:
             if self._used is None:
+                self._sweep_temp()
                 self._used = sum(size for _, size, _ in self._scan())
             if self._used <= self.budget:
                 return

@@ -544,7 +544,7 @@ class Executor:
                 raise NodeError(f"{spec.type_name()} returned no {sorted(missing)} output")
         except Cancelled:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a library's sys.exit() fails the node, not the app
             self._fail(run, nid, exc, seconds=time.perf_counter() - started)
             return
         seconds = time.perf_counter() - started

@@ -288,6 +288,16 @@ class RunControl:
         for k, image in enumerate(images):
             self.images.add_image(image, label, paths[k] if k < len(paths) else None)
 
+    def _show_traceback(self, rep) -> None:
+        """A node that raised (a bug, not a NodeError): its traceback goes with its error in the
+        inspector's status (all of it, selectable) and the badge's tooltip (its last lines)."""
+        if not rep.traceback or rep.node_id not in self.doc.graph.nodes:
+            return
+        tb = rep.traceback.rstrip()
+        self.errors[rep.node_id] = f"{rep.error}\n\n{tb}"
+        state, text, _tip = self._badges.get(rep.node_id, ("failed", "failed", ""))
+        self._set_badge(rep.node_id, state, text, f"{rep.error}\n\n" + "\n".join(tb.splitlines()[-12:]))
+
     def _run_finished(self, report) -> None:
         self.act_cancel.setEnabled(False)
         self.progress.setVisible(False)
@@ -306,6 +316,8 @@ class RunControl:
         ran = counts.get("done", 0)
         cached = counts.get("cached-memory", 0) + counts.get("cached-disk", 0)
         failed = [r for r in report.nodes.values() if r.status == "failed"]
+        for rep in failed:
+            self._show_traceback(rep)
         if report.cancelled:
             summary = f"Cancelled after {seconds:.1f} s ({ran} node(s) finished and stay cached)"
             short = "Cancelled"

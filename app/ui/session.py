@@ -1,8 +1,9 @@
 """What the app keeps between sessions: recent files, autosave and crash recovery.
 
 Everything lives in the user data folder (platformdirs), or in LOOMWORK_DATA_DIR when set (tests,
-portable installs). Autosave writes the open graph a few seconds after the last edit, to a file
-named for this process; a clean exit deletes it. At start, an autosave left by a process that is
+portable installs). Autosave writes the open graph to a file named for this process once edits
+pause for AUTOSAVE_IDLE_MS, and at the latest AUTOSAVE_MAX_WAIT_MS after the first edit it does
+not hold yet (so steady typing is saved too); a clean exit deletes it. At start, an autosave left by a process that is
 no longer running is a crash's leftover: the app offers to recover it.
 """
 
@@ -22,7 +23,9 @@ from app.graph.fileformat import atomic_write
 from .document import Document
 
 MAX_RECENT = 10
-AUTOSAVE_IDLE_MS = 3000
+AUTOSAVE_IDLE_MS = 2000
+# A kill -9 loses at most this (plus the write): bench/reliability.py measures the loss.
+AUTOSAVE_MAX_WAIT_MS = 3000
 
 
 def data_dir() -> Path:
@@ -214,26 +217,44 @@ def find_recoveries() -> list[Recovery]:
 
 
 class Autosave(QtCore.QObject):
-    """Writes the document to the autosave folder after AUTOSAVE_IDLE_MS without edits."""
+    """Writes the document to the autosave folder after `idle_ms` without edits, and at the
+    latest `max_wait_ms` after the first edit it does not hold yet.
+
+    Edits are seen as the document announces them, not as undo steps: typing in a field merges
+    into one undo step (the stack's index does not move), and it must be saved too.
+    """
 
     saved = QtCore.Signal(str)
 
-    def __init__(self, doc: Document, parent=None, idle_ms: int = AUTOSAVE_IDLE_MS):
+    def __init__(self, doc: Document, parent=None, idle_ms: int = AUTOSAVE_IDLE_MS,
+                 max_wait_ms: int = AUTOSAVE_MAX_WAIT_MS):
         super().__init__(parent)
         self.doc = doc
         stem = f"session-{os.getpid()}-{id(self) & 0xffff:04x}"
         self.graph_file = autosave_dir() / f"{stem}.loom"
         self.info_file = autosave_dir() / f"{stem}.json"
-        self.timer = QtCore.QTimer(self, singleShot=True, interval=idle_ms)
-        self.timer.timeout.connect(self.save_now)
-        doc.undo.indexChanged.connect(lambda _i: self.timer.start())
+        self.timer = QtCore.QTimer(self, singleShot=True, interval=idle_ms)  # restarted by each edit
+        self.deadline = QtCore.QTimer(self, singleShot=True, interval=max_wait_ms)  # not restarted
+        for t in (self.timer, self.deadline):
+            t.timeout.connect(self.save_now)
+        doc.undo.indexChanged.connect(self._edited)  # undo and redo
+        doc.structure_changed.connect(self._edited)
+        doc.node_changed.connect(self._edited)
         doc.replaced.connect(self._on_replaced)
+
+    def _edited(self, *_args) -> None:
+        self.timer.start()
+        if not self.deadline.isActive():
+            self.deadline.start()
 
     def _on_replaced(self) -> None:
         self.timer.stop()
+        self.deadline.stop()
         self.discard()
 
     def save_now(self) -> None:
+        self.timer.stop()
+        self.deadline.stop()
         if not self.doc.dirty:
             self.discard()  # nothing unsaved: nothing to recover
             return
