@@ -583,6 +583,7 @@ def eraser_row(bench: Bench, name: str, target: str, before: dict, args, before_
         row["tuning"] = tuning
     if info.get("anchor"):
         row["anchor_rate_before"] = round(bench.rates(bench.base_dets, info["anchor"]).get(info["anchor"], 0.0), 4)
+    print("row " + json.dumps(row), file=sys.stderr, flush=True)  # before the (slow) attack
     if args.attack_steps > 0 and (args.attack_on == "all" or name.endswith("@defaults")):
         row["attack"] = attack(bench, gen, target, args)
     return row
@@ -661,6 +662,7 @@ def main(argv=None) -> int:
         for name in erasers:
             row = eraser_row(bench, name, target, before, args, before_eval)
             results.append(row)
+            print("done " + json.dumps(row), file=sys.stderr, flush=True)
             print(f"[{time.perf_counter() - started:7.1f}s] {name:14s} {target:11s} target "
                   f"{row['target_before']:.2f}->{row['target_after']:.2f} others min ratio "
                   f"{row['min_other_ratio']} (tuning set: {row.get('tuning', {}).get('target_after')}, "
