@@ -54,8 +54,9 @@ def _strength():
     return Float(1.0, -2.0, 4.0, step=0.1, help="how much of the eraser to apply; 0 = none (bit-identical)")
 
 
-# UCE's own lam and an even preserve weight; with the automatic preserve set they keep every other
-# concept of the built-in model on the bench's held-out captions (bench/results/erasers.json).
+# UCE's own lam and an even preserve weight; with the automatic templates and preserve set they
+# keep every other concept of the built-in model on the bench's held-out captions
+# (bench/results/erasers.json).
 CLOSED_FORM_LAM = 0.5
 CLOSED_FORM_PRESERVE_WEIGHT = 1.0
 
@@ -66,6 +67,20 @@ def _closed_form_v1_to_v2(params: dict) -> dict:
     return {"lam": 0.01, **params, "auto_preserve": "off", "preserve_weight": 1.0}
 
 
+def _closed_form_v2_to_v3(params: dict) -> dict:
+    """Version 2 always used the photo templates (its default) and, with auto_preserve on, the
+    plain world prompts: a file saved then keeps them."""
+    out = {"templates": DEFAULT_TEMPLATES, **params}
+    if out.get("auto_preserve", "vocabulary") == "vocabulary":
+        out["auto_preserve"] = "plain vocabulary"
+    return out
+
+
+def _preserve_summary(temps: list, keep: list) -> str:
+    shown = ", ".join(repr(p) for p in keep[:4]) + (", ..." if len(keep) > 4 else "")
+    return f"{len(temps)} edit templates; preserved {len(keep)} prompts ({shown or 'none'})"
+
+
 @register
 class ClosedFormErase(Node):
     """Erase a concept in seconds with a closed-form weight edit: the concept's keys are mapped to
@@ -73,28 +88,34 @@ class ClosedFormErase(Node):
     the first self-attention output projection of each CLIP text encoder (Diff-QuickFix; T5 is
     left as it is); "cross_attention" edits the layers the text embeddings enter (UCE/TIME): a
     UNet's cross-attention key/value projections, SD3's and FLUX's context embedder.
-    By default the edit also holds a preserve set drawn from the model's vocabulary (the built-in
-    ShapesT2I world: every other colour and shape; other models: resources/erasers/
+    Empty templates: the model's own phrasing (the built-in ShapesT2I: its caption grammar with
+    a few position and background phrases; other models: "A photo of {}" and the like). By
+    default the edit also holds a preserve set from the model's vocabulary (ShapesT2I: every
+    other colour and shape, phrased as the world writes them; other models: resources/erasers/
     common_concepts.txt), minus prompts naming the concept; without one a small lam takes
-    related concepts down too. The node logs how many prompts it preserved and the first few.
-    Held out on the built-in model (bench/erasers.py, 24 captions x 2 seeds), these defaults keep
-    every other concept (>= 0.90 of baseline) and erase "red" (both targets) and "circle" with
-    text_encoder (1.00 -> 0.00), but UCE leaves "circle" at 0.83 and neither erases the pair
-    "red circle" (1.00): the preserved halves ("a blue circle", "a red square") hold its keys."""
+    related concepts down too. What it used is logged and kept in the eraser's record
+    ("summary"). Held out on the built-in model (bench/erasers.py, 24 captions x 2 seeds) these
+    defaults erase "red", "circle" (both targets) and "red circle" (cross_attention) 1.00 -> 0.00
+    with every other concept at 1.00. text_encoder cannot erase a pair alone: at its first layer
+    a pair's keys are about the sum of its halves' ("red square" + "blue circle" - "blue square"),
+    so holding those keeps the pair, and not holding them took other circles to 0.00; erase a
+    pair with cross_attention."""
 
     category = "erasers"
-    version = 2
+    version = 3
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to erase, e.g. circle"),
         "anchor": String("", help="what it should become instead (empty: nothing in particular)"),
         "target": Choice(("text_encoder", "cross_attention", "both"), "text_encoder",
                          help="which weights to edit"),
-        "templates": String(DEFAULT_TEMPLATES, multiline=True,
-                            help="prompts the concept appears in, one per line, {} = the concept"),
-        "auto_preserve": Choice(("vocabulary", "off"), "vocabulary",
-                                help="vocabulary: also keep the model's other concepts (ShapesT2I: its "
-                                     "colours and shapes; others: the shipped common-concepts list)"),
+        "templates": String("", multiline=True,
+                            help="prompts the concept appears in, one per line, {} = the concept; empty: "
+                                 "the model's own phrasing (ShapesT2I: its captions; others: 'A photo of {}'...)"),
+        "auto_preserve": Choice(("vocabulary", "plain vocabulary", "off"), "vocabulary",
+                                help="vocabulary: also keep the model's other concepts (ShapesT2I: its colours "
+                                     "and shapes, phrased as its captions; others: the shipped common-concepts "
+                                     "list); plain vocabulary: ShapesT2I's without phrases (version 2)"),
         "preserve": String("", multiline=True,
                            help="more prompts whose outputs must not change, one per line"),
         "positions": Choice(("last", "to_end"), "to_end",
@@ -105,24 +126,27 @@ class ClosedFormErase(Node):
         "strength": _strength(),
     }
     outputs = {"model": MODEL, "clip": CLIP}
-    migrations = {1: _closed_form_v1_to_v2}
+    migrations = {1: _closed_form_v1_to_v2, 2: _closed_form_v2_to_v3}
 
     def run(self, ctx, model, clip, concept, anchor, target, templates, auto_preserve, preserve, positions, lam,
             preserve_weight, strength):
-        from kernels.erasers import WeightDeltaPatch, default_preserve, quickfix_edit, uce_edit
+        from kernels.erasers import WeightDeltaPatch, default_preserve, default_templates, quickfix_edit, uce_edit
         from kernels.patching import applied_patches
 
         concept = _need(concept)
-        temps, keep = _templates(templates), _lines(preserve)
-        if auto_preserve == "vocabulary":
+        temps = _templates(templates) if _lines(templates) else default_templates(clip.tokenizer, concept, anchor)
+        keep = _lines(preserve)
+        if auto_preserve != "off":
             try:
-                keep = default_preserve(clip.tokenizer, concept, anchor, extra=keep)
+                keep = default_preserve(clip.tokenizer, concept, anchor, extra=keep,
+                                        phrased=auto_preserve == "vocabulary")
             except ValueError as exc:
                 raise NodeError(f"ClosedFormErase: {exc}") from None
-        log.info("ClosedFormErase %r -> %r: preserving %d prompts (%s%s)", concept, anchor, len(keep),
-                 ", ".join(keep[:6]), ", ..." if len(keep) > 6 else "")
+        summary = _preserve_summary(temps, keep)
+        log.info("ClosedFormErase %r -> %r: %s", concept, anchor, summary)
         meta = {"method": "closed-form", "concept": concept, "anchor": anchor, "lam": lam,
-                "preserve_weight": preserve_weight, "preserved": len(keep)}
+                "preserve_weight": preserve_weight, "templates": len(temps), "preserved": len(keep),
+                "summary": summary}
         out_model, out_clip = model, clip
         with applied_patches(clip.patches, clip.text_encoder):
             if target in ("cross_attention", "both"):

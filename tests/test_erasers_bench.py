@@ -14,17 +14,20 @@ import erasers as bench  # noqa: E402
 def test_bench_smoke_run_writes_the_table_fields(tiny_pixel_model, tmp_path, capsys):
     out = tmp_path / "erasers.json"
     rc = bench.main(["--model", tiny_pixel_model, "--n", "1", "--steps", "2",
-                     "--erasers", "quickfix,safe_guidance,prune",
+                     "--erasers", "quickfix,safe_guidance,prune,uce@defaults,prune@defaults,safe_guidance@defaults",
+                     "--attack-on", "defaults", "--attack-n", "1", "--base-cache", str(tmp_path / "base.json"),
                      "--targets", "red circle", "--attack-steps", "1", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["prompts"] == 24 and len(data["results"]) == 3
+    assert data["prompts"] == 24 and len(data["results"]) == 6
     assert data["evaluation"]["prompts"] == 24 and data["tuning"]["prompts"] == 24
     assert data["results"][2]["eraser"] == "prune" and data["results"][2]["pruned"] > 0
     row = data["results"][0]
-    for key in ("target_before", "target_after", "others", "min_other_ratio", "seconds", "attack", "meets_goal",
-                "tuning"):
+    for key in ("target_before", "target_after", "others", "min_other_ratio", "seconds", "meets_goal", "tuning"):
         assert key in row
+    # the red team attacks the erasers at their node defaults only (--attack-on defaults)
+    assert [("attack" in r) for r in data["results"]] == [False, False, False, True, True, True]
+    assert data["results"][3]["settings"] == "node defaults" and data["results"][3]["preserved"] > 0
     assert set(row["others"]) >= {"red", "circle", "blue", "square"}  # a pair keeps both halves elsewhere
     assert "tgt after" in capsys.readouterr().err  # the table
 
@@ -43,7 +46,7 @@ def test_bench_judges_with_the_oracle():
 
 
 def test_evaluation_prompts_are_held_out_from_tuning_and_preserve_sets(tiny_bundle):
-    from kernels.erasers import default_preserve
+    from kernels.erasers import default_preserve, default_templates
 
     evaluation = bench.heldout_eval_prompts(1)
     assert len(evaluation) == 24 and len({(c, s) for c, s, _ in evaluation}) == 24
@@ -52,6 +55,8 @@ def test_evaluation_prompts_are_held_out_from_tuning_and_preserve_sets(tiny_bund
     assert not captions & tuning
     tok = tiny_bundle[1].tokenizer
     for target in ("red", "circle", "red circle"):
-        assert not captions & set(default_preserve(tok, target, bench.default_anchor(target)))
-        templates = {t.replace("{}", target) for t in bench.world_templates(target)}
-        assert not captions & templates
+        anchor = bench.default_anchor(target)
+        for phrased in (True, False):
+            assert not captions & set(default_preserve(tok, target, anchor, phrased=phrased))
+        for templates in (bench.world_templates(target), default_templates(tok, target, anchor)):
+            assert not captions & {t.replace("{}", word) for t in templates for word in (target, anchor)}

@@ -5,7 +5,17 @@ import json
 import torch
 from conftest import eraser_graph, run_captured
 
-from kernels.erasers import common_concepts, default_preserve, is_shapes_world, quickfix_edit, uce_edit, world_prompts
+from kernels.erasers import (
+    QUICKFIX_TEMPLATES,
+    common_concepts,
+    default_preserve,
+    default_templates,
+    is_shapes_world,
+    quickfix_edit,
+    uce_edit,
+    world_prompts,
+    world_templates,
+)
 from kernels.text import words_of
 from nodes.erasers import ClosedFormErase
 
@@ -15,11 +25,27 @@ def test_world_preserve_set_leaves_out_only_prompts_naming_the_concept(tiny_bund
     assert is_shapes_world(tok)
     red = default_preserve(tok, "red", "blue")
     assert red and not any("red" in words_of(p) for p in red)
-    assert {"a blue circle", "a green star", "circle", "yellow"} <= set(red)  # anchor and others stay
+    assert {"a blue circle", "a green star", "circle", "yellow", "a green star on the left"} <= set(red)
+    assert len(red) == len(world_prompts(tails=True)) - 4 * 6 - 1  # red's 4 pairs x 6 phrasings, and "red"
     pair = default_preserve(tok, "red circle", "red triangle")
     assert "a red circle" not in pair and {"a red square", "a blue circle", "red", "circle"} <= set(pair)
-    assert len(pair) == len(world_prompts()) - 1
+    # the halves are held plain only: their phrased tails would pin the pair's own
+    assert "a green square at the top right" in pair and "a red square at the top right" not in pair
+    assert "a blue circle on the left" not in pair
     assert default_preserve(tok, "red", extra=["a red thing on grass"])[-1] == "a red thing on grass"
+    # version 2's plain set
+    plain = default_preserve(tok, "red circle", "red triangle", phrased=False)
+    assert len(plain) == len(world_prompts()) - 1 and "a green star on the left" not in plain
+
+
+def test_default_templates_follow_the_model_phrasing(tiny_bundle):
+    tok = tiny_bundle[1].tokenizer
+    circle = default_templates(tok, "circle", "triangle")
+    assert circle == world_templates("circle") and "a red {} on the left" in circle and "an orange {}" in circle
+    assert "an {} star at the top right" in default_templates(tok, "orange", "blue")
+    assert default_templates(tok, "red circle")[:2] == ["a {}", "a {} on the left"]
+    assert default_templates(tok, "dog", "cat") == list(QUICKFIX_TEMPLATES)  # not a world concept
+    assert world_templates("circle red") is None and world_templates("red", "a cat") is None
 
 
 def test_common_concepts_for_other_models(tmp_path):
@@ -45,7 +71,8 @@ def _node(model, clip, **params):
 def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_bundle):
     model, clip = tiny_bundle
     tok, te = clip.tokenizer, clip.text_encoder
-    temps = ClosedFormErase.params["templates"].default.splitlines()
+    assert ClosedFormErase.params["templates"].default == ""
+    temps = default_templates(tok, "red", "blue")
     keep = default_preserve(tok, "red", "blue")
     out = _node(model, clip, concept="red", anchor="blue", target="both")
     ref_uce = uce_edit(model.unet, tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5,
@@ -54,22 +81,36 @@ def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_b
     got_uce, got_qf = out["model"].patches[-1].deltas, out["clip"].patches[-1].deltas
     assert got_uce.keys() == ref_uce.keys() and all(torch.equal(got_uce[k], ref_uce[k]) for k in ref_uce)
     assert got_qf.keys() == ref_qf.keys() and all(torch.equal(got_qf[k], ref_qf[k]) for k in ref_qf)
-    assert out["model"].patches[-1].meta["preserved"] == len(keep)
-    # auto_preserve off with v1's lam is the edit version 1 made
-    old = _node(model, clip, concept="red", anchor="blue", target="cross_attention", auto_preserve="off", lam=0.01)
-    ref_old = uce_edit(model.unet, tok, te, "red", "blue", templates=temps, lam=0.01, positions="to_end")
+    meta = out["model"].patches[-1].meta
+    assert meta["preserved"] == len(keep) and meta["templates"] == len(temps)
+    assert meta["summary"].startswith(f"{len(temps)} edit templates; preserved {len(keep)} prompts ('a green circle'")
+    # auto_preserve off with v1's lam and the photo templates is the edit version 1 made
+    old = _node(model, clip, concept="red", anchor="blue", target="cross_attention", auto_preserve="off", lam=0.01,
+                templates="\n".join(QUICKFIX_TEMPLATES))
+    ref_old = uce_edit(model.unet, tok, te, "red", "blue", templates=QUICKFIX_TEMPLATES, lam=0.01, positions="to_end")
     assert all(torch.equal(old["model"].patches[-1].deltas[k], ref_old[k]) for k in ref_old)
+    # "plain vocabulary" is version 2's preserve set
+    v2 = _node(model, clip, concept="red", anchor="blue", target="text_encoder", auto_preserve="plain vocabulary",
+               templates="\n".join(QUICKFIX_TEMPLATES))
+    ref_v2 = quickfix_edit(tok, te, "red", "blue", templates=QUICKFIX_TEMPLATES, lam=0.5,
+                           preserve=default_preserve(tok, "red", "blue", phrased=False))
+    assert all(torch.equal(v2["clip"].patches[-1].deltas[k], ref_v2[k]) for k in ref_v2)
     # the preserve weight changes the edit
     heavy = _node(model, clip, concept="red", anchor="blue", target="cross_attention", preserve_weight=10.0)
     assert any(not torch.equal(heavy["model"].patches[-1].deltas[k], got_uce[k]) for k in got_uce)
 
 
-def test_version_1_files_keep_their_behaviour():
-    assert ClosedFormErase.version == 2
+def test_older_files_keep_their_behaviour():
+    assert ClosedFormErase.version == 3
+    photo = "\n".join(QUICKFIX_TEMPLATES)
     migrated = ClosedFormErase.migrate({"concept": "red", "anchor": "blue"}, 1)
-    assert migrated == {"concept": "red", "anchor": "blue", "lam": 0.01, "auto_preserve": "off",
-                        "preserve_weight": 1.0}
+    assert migrated == {"templates": photo, "concept": "red", "anchor": "blue", "lam": 0.01,
+                        "auto_preserve": "off", "preserve_weight": 1.0}
     assert ClosedFormErase.migrate({"concept": "red", "lam": 0.3}, 1)["lam"] == 0.3
+    v2 = ClosedFormErase.migrate({"concept": "red", "auto_preserve": "vocabulary", "lam": 0.5}, 2)
+    assert v2 == {"templates": photo, "concept": "red", "auto_preserve": "plain vocabulary", "lam": 0.5}
+    kept = ClosedFormErase.migrate({"templates": "a {} thing", "auto_preserve": "off"}, 2)
+    assert kept == {"templates": "a {} thing", "auto_preserve": "off"}
 
 
 def test_a_saved_version_1_graph_loads_with_the_old_defaults(tiny_pixel_model, tmp_path):
@@ -86,7 +127,7 @@ def test_a_saved_version_1_graph_loads_with_the_old_defaults(tiny_pixel_model, t
     path.write_text(json.dumps(data))
     old = load(path, registry.get)
     params = old.nodes[ids["erasers"][0]].params
-    assert params["lam"] == 0.01 and params["auto_preserve"] == "off"
+    assert params["lam"] == 0.01 and params["auto_preserve"] == "off" and "A photo of {}" in params["templates"]
     # strength 0 with the new defaults is still bit-identical to no eraser
     plain, _, _ = run_captured(*eraser_graph(tiny_pixel_model), tmp_path)
     zero, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("ClosedFormErase", {
@@ -109,3 +150,27 @@ def test_example_erase_graphs_are_current_and_valid():
         for node in g.nodes.values():
             if node.type == "ClosedFormErase":
                 assert node.version == ClosedFormErase.version, path.name  # rewritten by bench/erasers.py --graphs
+
+
+def test_compare_example_draws_each_prompt_original_and_erased_on_the_same_seeds(tiny_pixel_model, tmp_path):
+    from pathlib import Path
+
+    from app.engine import Executor
+    from app.graph import load
+    from nodes import registry
+
+    g = load(Path(__file__).resolve().parents[1] / "resources" / "graphs" / "erase-compare.loom", registry.get)
+    prompts = sorted(n.params["text"] for n in g.nodes.values() if n.type == "TextEncode")
+    assert len(prompts) == 6 and len(set(prompts)) == 3  # each prompt twice: original and erased
+    assert sum("circle" not in p for p in set(prompts)) == 2  # two never name the target
+    assert len({n.params["seed"] for n in g.nodes.values() if n.type == "Sampler"}) == 1
+    for node in g.nodes.values():
+        if node.type == "LoadModel":
+            node.params["path"] = tiny_pixel_model
+        if node.type == "EmptyLatent":
+            node.params.update(width=16, height=16)
+        if node.type == "Sampler":
+            node.params["steps"] = 2
+    report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
+    assert report.ok, {r.title: r.error for r in report.nodes.values()}
+    assert len(report.outputs()) == 6 * 4  # six rows of the four-image batch

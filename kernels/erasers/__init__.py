@@ -54,7 +54,14 @@ from .patches import (
                           lora_targets,
                           text_encoder_out_proj,
 )
-from .preserve import common_concepts, default_preserve, is_shapes_world, world_prompts
+from .preserve import (
+    common_concepts,
+    default_preserve,
+    default_templates,
+    is_shapes_world,
+    world_prompts,
+    world_templates,
+)
 from .pruning import (
                           concept_neuron_scores,
                           ffn_activations,
@@ -75,5 +82,6 @@ __all__ = [
     "transport_strength", "encode_embeds", "predict_noise", "LAYER_SCOPES", "EraserPatch", "LoraPatch",
     "WeightDeltaPatch", "cross_attention_kv", "lora_delta", "lora_targets", "text_encoder_out_proj",
     "concept_neuron_scores", "ffn_activations", "ffn_output_layers", "neuron_scores", "probe_timesteps",
-    "prune_concept_neurons", "pruned_count", "common_concepts", "default_preserve", "is_shapes_world", "world_prompts", "RedTeamResult", "TokenVocabulary", "red_team_prompt",
+    "prune_concept_neurons", "pruned_count", "common_concepts", "default_preserve", "default_templates", "is_shapes_world", "world_prompts",
+    "world_templates", "RedTeamResult", "TokenVocabulary", "red_team_prompt",
 ]
