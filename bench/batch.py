@@ -88,8 +88,11 @@ def main() -> int:
     torch.set_num_threads(1)
     import ray
 
+    # Ray runs its workers at nice 15 (so its own daemons stay responsive); local workers run at
+    # the driver's niceness, so on a shared machine Ray's would lose the CPU to everything else
+    # (measured here: the same job 3x slower). The bench compares the backends, not the nicenesses.
     ray.init(num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="ERROR")
+             logging_level="ERROR", _system_config={"worker_niceness": 0})
     sets = [f"Sampler.steps={args.steps}"] if args.steps else []
     options = {"disk_cache": False}
     names = ["serial", "local", "ray"]
