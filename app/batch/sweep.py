@@ -157,8 +157,7 @@ def parse_axis(item: str, base: Optional[Path] = None) -> Axis:
 # -- checking against the graph ------------------------------------------------------------
 def resolve(sweep: Sweep, graph) -> list[ResolvedAxis]:
     """Each axis's node and param, and its values parsed and checked by the declaration."""
-    from app.graph import GraphError
-    from nodes import registry
+    from app.cli.headless import ParamRefError, find_param
     from nodes.base import ParamError, shown
 
     if sweep.mode not in MODES:
@@ -169,16 +168,9 @@ def resolve(sweep: Sweep, graph) -> list[ResolvedAxis]:
     for axis in sweep.axes:
         ref, _, name = axis.param.rpartition(".")
         try:
-            node = graph.find(ref)
-        except GraphError as exc:
+            node, param = find_param(graph, ref, name)
+        except ParamRefError as exc:
             raise SweepError(f"sweep {axis.param}: {exc}") from None
-        spec = registry.get(node.type)
-        if spec is None or node.is_placeholder:
-            raise SweepError(f"sweep {axis.param}: node {node.label} is of unknown type {node.type!r}")
-        param = spec.params.get(name)
-        if param is None:
-            raise SweepError(f"sweep {axis.param}: {node.type} has no param {name!r} "
-                             f"(it has: {', '.join(spec.params) or 'none'})")
         if any(a.node_id == node.id and a.name == name for a in out):
             raise SweepError(f"sweep {axis.param}: this param is swept twice")
         values = []

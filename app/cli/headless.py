@@ -25,10 +25,30 @@ def _load(path: str):
         raise UsageError(str(exc)) from None
 
 
-def apply_sets(graph, sets: list[str]) -> None:
-    """Apply `NODE.PARAM=VALUE` overrides; NODE is a node id (or 8+ char prefix) or unique title."""
+class ParamRefError(ValueError):
+    """A `NODE.PARAM` that names no node, a node of unknown type, or no param of it."""
+
+
+def find_param(graph, ref: str, name: str):
+    """The node `ref` names (id or title) and its declared param `name`, for `--set` and sweeps."""
     from app.graph import GraphError
     from nodes import registry
+
+    try:
+        node = graph.find(ref)
+    except GraphError as exc:
+        raise ParamRefError(str(exc)) from None
+    spec = registry.get(node.type)
+    if spec is None or node.is_placeholder:
+        raise ParamRefError(f"node {node.label} is of unknown type {node.type!r}")
+    param = spec.params.get(name)
+    if param is None:
+        raise ParamRefError(f"{node.type} has no param {name!r} (it has: {', '.join(spec.params) or 'none'})")
+    return node, param
+
+
+def apply_sets(graph, sets: list[str]) -> None:
+    """Apply `NODE.PARAM=VALUE` overrides; NODE is a node id (or 8+ char prefix) or unique title."""
     from nodes.base import ParamError
 
     for item in sets:
@@ -37,16 +57,9 @@ def apply_sets(graph, sets: list[str]) -> None:
         if not eq or not dot or not ref or not name:
             raise UsageError(f"--set {item!r}: expected NODE.PARAM=VALUE")
         try:
-            node = graph.find(ref)
-        except GraphError as exc:
+            node, param = find_param(graph, ref, name)
+        except ParamRefError as exc:
             raise UsageError(f"--set {item!r}: {exc}") from None
-        spec = registry.get(node.type)
-        if spec is None or node.is_placeholder:
-            raise UsageError(f"--set {item!r}: node {node.label} is of unknown type {node.type!r}")
-        param = spec.params.get(name)
-        if param is None:
-            raise UsageError(f"--set {item!r}: {node.type} has no param {name!r} "
-                             f"(it has: {', '.join(spec.params) or 'none'})")
         try:
             value = param.parse(text)
         except ParamError as exc:
