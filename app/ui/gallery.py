@@ -23,7 +23,7 @@ from typing import Optional
 
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from .image_viewer import ImageWindow, drag_files, open_folder
+from .image_viewer import ImageWindow, drag_files, open_folder, tool_button
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SOURCES = ("History and output folder", "History", "Output folder")
@@ -399,13 +399,13 @@ class GalleryPanel(QtWidgets.QWidget):
         from . import theme
 
         style = self.style()
-        self.refresh_btn = self._button("", "read the folder and history again", self.refresh,
+        self.refresh_btn = tool_button("", "read the folder and history again", self.refresh,
                                         style.standardIcon(QtWidgets.QStyle.SP_BrowserReload))
-        self.view_btn = self._button("View", "open in the large viewer (double-click)", lambda: self.open_large())
-        self.compare_btn = self._button("Compare", "compare two selected images", self.compare)
-        self.folder_btn = self._button("Open folder", "show the file in its folder", self.open_folder,
+        self.view_btn = tool_button("View", "open in the large viewer (double-click)", lambda: self.open_large())
+        self.compare_btn = tool_button("Compare", "compare two selected images", self.compare)
+        self.folder_btn = tool_button("Open folder", "show the file in its folder", self.open_folder,
                                        theme.icon("open"))
-        self.graph_btn = self._button("Reopen graph", "open the graph inside this PNG as an untitled copy",
+        self.graph_btn = tool_button("Reopen graph", "open the graph inside this PNG as an untitled copy",
                                       self._reopen)
         self.count = QtWidgets.QLabel("")
         self.count.setObjectName("Hint")
@@ -430,16 +430,6 @@ class GalleryPanel(QtWidgets.QWidget):
         if history is not None:
             history.added.connect(self._on_history_added)
         self._update_buttons()
-
-    def _button(self, text, tip, slot, icon=None):
-        b = QtWidgets.QToolButton()
-        b.setText(text)
-        b.setToolTip(tip)
-        if icon is not None:
-            b.setIcon(icon)
-            b.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon if text else QtCore.Qt.ToolButtonIconOnly)
-        b.clicked.connect(slot)
-        return b
 
     # -- what is shown --------------------------------------------------------------------
     def showEvent(self, event):

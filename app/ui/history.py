@@ -26,7 +26,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 from app.graph import Graph, GraphFileError, dumps, loads
 from app.graph.fileformat import atomic_write
 
-from .run_queue import QueuedRun
+from .run_queue import QueuedRun, push_button
 
 MAX_RECORDS = 2000
 FORMAT = 1
@@ -211,10 +211,10 @@ class HistoryPanel(QtWidgets.QWidget):
         self.list.setIconSize(QtCore.QSize(em * 3, em * 3))
         self.list.itemDoubleClicked.connect(lambda _i: self.reopen())
         self.list.itemSelectionChanged.connect(self._update_buttons)
-        self.reopen_btn = self._button("Reopen graph", "open this run's graph as it ran, as an untitled copy", self.reopen)
-        self.outputs_btn = self._button("Show outputs", "show this run's images in the gallery", self.show_outputs)
-        self.compare_btn = self._button("Compare", "compare the first images of two runs", self.compare)
-        self.delete_btn = self._button("Forget", "remove the selected runs from the history (images stay)", self.forget)
+        self.reopen_btn = push_button("Reopen graph", "open this run's graph as it ran, as an untitled copy", self.reopen)
+        self.outputs_btn = push_button("Show outputs", "show this run's images in the gallery", self.show_outputs)
+        self.compare_btn = push_button("Compare", "compare the first images of two runs", self.compare)
+        self.delete_btn = push_button("Forget", "remove the selected runs from the history (images stay)", self.forget)
         self.detail = QtWidgets.QLabel("")
         self.detail.setObjectName("Hint")
         self.detail.setWordWrap(True)
@@ -234,12 +234,6 @@ class HistoryPanel(QtWidgets.QWidget):
         if thumbnails is not None:
             thumbnails.on_ready(self._on_thumbnail)
         self._update_buttons()
-
-    def _button(self, text, tip, slot):
-        b = QtWidgets.QPushButton(text)
-        b.setToolTip(tip)
-        b.clicked.connect(slot)
-        return b
 
     # -- filling --------------------------------------------------------------------------
     def showEvent(self, event):

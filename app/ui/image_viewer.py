@@ -43,6 +43,19 @@ def drag_files(source: QtWidgets.QWidget, paths: list[str], pixmap: Optional[QtG
     drag.exec(QtCore.Qt.CopyAction)
 
 
+def tool_button(text: str, tip: str, slot=None, icon=None) -> QtWidgets.QToolButton:
+    """A tool button with its tooltip (and icon, beside the text when there is text)."""
+    b = QtWidgets.QToolButton()
+    b.setText(text)
+    b.setToolTip(tip)
+    if icon is not None:
+        b.setIcon(icon)
+        b.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon if text else QtCore.Qt.ToolButtonIconOnly)
+    if slot is not None:
+        b.clicked.connect(slot)
+    return b
+
+
 class ZoomView(QtWidgets.QGraphicsView):
     """A pixmap with wheel zoom and drag pan; starts fitted to the panel."""
 
@@ -121,16 +134,16 @@ class ImageWindow(QtWidgets.QDialog):
         bar = QtWidgets.QHBoxLayout()
         from . import theme
 
-        self.prev_btn = self._button("", "previous image (Left)", lambda: self.step(-1), theme.icon("previous"))
-        self.next_btn = self._button("", "next image (Right)", lambda: self.step(1), theme.icon("next"))
-        fit = self._button("Fit", "fit the image to the window (F)", self.view.fit)
-        one = self._button("1:1", "actual pixels (1)", lambda: self.view.set_zoom(1.0))
+        self.prev_btn = tool_button("", "previous image (Left)", lambda: self.step(-1), theme.icon("previous"))
+        self.next_btn = tool_button("", "next image (Right)", lambda: self.step(1), theme.icon("next"))
+        fit = tool_button("Fit", "fit the image to the window (F)", self.view.fit)
+        one = tool_button("1:1", "actual pixels (1)", lambda: self.view.set_zoom(1.0))
         smooth = QtWidgets.QCheckBox("Smooth")
         smooth.setToolTip("smooth filtering when zoomed (off: hard pixels)")
         smooth.toggled.connect(self._set_smooth)
-        self.folder_btn = self._button("Open folder", "show the file in its folder", self.open_folder,
+        self.folder_btn = tool_button("Open folder", "show the file in its folder", self.open_folder,
                                        theme.icon("open"))
-        self.drag_btn = self._button("Drag out", "drag this image (as a file) into another app",
+        self.drag_btn = tool_button("Drag out", "drag this image (as a file) into another app",
                                      None, theme.icon("new"))
         self.drag_btn.pressed.connect(self._drag)
         for w in (self.prev_btn, self.next_btn, fit, one, smooth):
@@ -150,17 +163,6 @@ class ImageWindow(QtWidgets.QDialog):
         avail = screen.availableGeometry() if screen is not None else QtCore.QRect(0, 0, 1600, 1000)
         self.resize(int(avail.width() * 0.8), int(avail.height() * 0.85))
         self.show_index(index)
-
-    def _button(self, text, tip, slot, icon=None):
-        b = QtWidgets.QToolButton()
-        b.setText(text)
-        b.setToolTip(tip)
-        if icon is not None:
-            b.setIcon(icon)
-            b.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon if text else QtCore.Qt.ToolButtonIconOnly)
-        if slot is not None:
-            b.clicked.connect(slot)
-        return b
 
     def _set_smooth(self, on: bool) -> None:
         self.view.smooth = on
@@ -221,14 +223,14 @@ class ImageViewer(QtWidgets.QWidget):
         self.zoom_label.setAlignment(QtCore.Qt.AlignRight | QtCore.Qt.AlignVCenter)
         bar = QtWidgets.QHBoxLayout()
         bar.setContentsMargins(0, 0, 0, 0)
-        self.fit_btn = self._button("Fit", "fit the image to the panel", self.view.fit)
-        self.one_btn = self._button("1:1", "actual pixels", lambda: self.view.set_zoom(1.0))
-        self.x8_btn = self._button("8×", "eight times", lambda: self.view.set_zoom(8.0))
+        self.fit_btn = tool_button("Fit", "fit the image to the panel", self.view.fit)
+        self.one_btn = tool_button("1:1", "actual pixels", lambda: self.view.set_zoom(1.0))
+        self.x8_btn = tool_button("8×", "eight times", lambda: self.view.set_zoom(8.0))
         self.smooth_box = QtWidgets.QCheckBox("Smooth")
         self.smooth_box.setToolTip("smooth filtering when zoomed (off: hard pixels)")
         self.smooth_box.toggled.connect(self._set_smooth)
-        self.save_btn = self._button("Save…", "save this image as PNG", self.save_current)
-        self.large_btn = self._button("Large", "open this image in the large viewer (or double-click it)",
+        self.save_btn = tool_button("Save…", "save this image as PNG", self.save_current)
+        self.large_btn = tool_button("Large", "open this image in the large viewer (or double-click it)",
                                       self.open_large)
         self.view.double_clicked.connect(self.open_large)
         for w in (self.fit_btn, self.one_btn, self.x8_btn, self.smooth_box, self.large_btn):
@@ -258,13 +260,6 @@ class ImageViewer(QtWidgets.QWidget):
         self.images: list[tuple[QtGui.QImage, str, Optional[str]]] = []
         self.current: Optional[QtGui.QImage] = None
         self.save_btn.setEnabled(False)
-
-    def _button(self, text, tip, slot):
-        b = QtWidgets.QToolButton()
-        b.setText(text)
-        b.setToolTip(tip)
-        b.clicked.connect(slot)
-        return b
 
     def _set_smooth(self, on: bool) -> None:
         self.view.smooth = on

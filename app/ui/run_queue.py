@@ -36,6 +36,14 @@ NAME_FIELDS = ("prefix", "graph", "node", "seed", "date", "time")
 COUNTER_TAILS = ("_{counter:05}", "_{counter}")
 
 
+def push_button(text: str, tip: str, slot) -> QtWidgets.QPushButton:
+    """A push button with its tooltip, wired to `slot` (the queue's and the history's rows)."""
+    b = QtWidgets.QPushButton(text)
+    b.setToolTip(tip)
+    b.clicked.connect(slot)
+    return b
+
+
 @dataclass
 class QueuedRun:
     graph: Graph                       # a snapshot: later edits do not change it
@@ -231,11 +239,11 @@ class QueuePanel(QtWidgets.QWidget):
         self.list.setWordWrap(True)  # a long summary wraps rather than scrolls sideways
         self.list.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarAlwaysOff)
         buttons = QtWidgets.QHBoxLayout()
-        self.up = self._button("Up", "run it earlier", lambda: self._move(-1))
-        self.down = self._button("Down", "run it later", lambda: self._move(1))
-        self.remove = self._button("Remove", "take a waiting run out of the queue", self._remove)
-        self.cancel = self._button("Cancel", "stop the run going on (the next one starts)", self.cancel_requested.emit)
-        self.clear = self._button("Clear finished", "forget the runs that ended", queue.clear_finished)
+        self.up = push_button("Up", "run it earlier", lambda: self._move(-1))
+        self.down = push_button("Down", "run it later", lambda: self._move(1))
+        self.remove = push_button("Remove", "take a waiting run out of the queue", self._remove)
+        self.cancel = push_button("Cancel", "stop the run going on (the next one starts)", self.cancel_requested.emit)
+        self.clear = push_button("Clear finished", "forget the runs that ended", queue.clear_finished)
         for b in (self.up, self.down, self.remove, self.cancel):
             buttons.addWidget(b)
         buttons.addStretch(1)
@@ -247,12 +255,6 @@ class QueuePanel(QtWidgets.QWidget):
         queue.changed.connect(self.refresh)
         self.list.currentRowChanged.connect(lambda _row: self._update_buttons())
         self.refresh()
-
-    def _button(self, text, tip, slot) -> QtWidgets.QPushButton:
-        b = QtWidgets.QPushButton(text)
-        b.setToolTip(tip)
-        b.clicked.connect(slot)
-        return b
 
     def selected(self) -> Optional[QueuedRun]:
         row = self.list.currentRow()
