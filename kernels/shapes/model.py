@@ -35,8 +35,14 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(config)
 
 
-def build_unet():
+def build_unet(global_text: bool = False):
     from diffusers import UNet2DConditionModel
+
+    # global_text adds diffusers' "text" addition embedding: an attention pooling of the whole
+    # caption added to the time embedding, so every ResNet block is modulated by it. The CLIP
+    # encoder is causal, so a colour word never sees the position word after it; the pooling
+    # reads both (bench/results/positions.md).
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if global_text else {}
 
     # attention_head_dim sets the NUMBER of heads in this class (a legacy name): 4 heads keep
     # attention cheap on a CPU; 64 made training 3x slower.
@@ -45,7 +51,7 @@ def build_unet():
         block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4)
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4, **extra)
 
 
 def build_scheduler():

@@ -159,6 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train only on timesteps >= this (a probe of the high-noise, layout-setting steps)")
     parser.add_argument("--p-single", type=float, default=None,
                         help="fixed share of one-object scenes per batch instead of the curriculum")
+    parser.add_argument("--global-text", action="store_true",
+                        help="a new UNet also gets the pooled caption through its time embedding")
     return parser.parse_args(argv)
 
 
@@ -189,7 +191,7 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
     else:
         tokenizer = shapes_model.build_tokenizer()
         text_encoder = shapes_model.build_text_encoder(tokenizer)
-        unet = shapes_model.build_unet()
+        unet = shapes_model.build_unet(global_text=args.global_text)
     scheduler = shapes_model.build_scheduler()
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
