@@ -32,3 +32,39 @@ def test_a_committed_run_resumes_at_its_recorded_step(tmp_path):
     assert resumed_step(tmp_path) == 1158
     (tmp_path / "training_state.json").write_text("not json")
     assert resumed_step(tmp_path) == 0
+
+
+def _one_step(tmp_path, *flags):
+    import numpy as np
+
+    from kernels.shapes.train import SpikeGuard, start_run, train_step
+
+    args = parse_args(["--workdir", str(tmp_path), "--batch", "2", "--warmup", "0", *flags])
+    run = start_run(args, tmp_path, lambda event: None)
+    before = {k: v.clone() for k, v in run.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in run.unet.state_dict().items()}
+
+    class Batch:  # two fixed samples: the step is what is tested, not the world
+        def batch(self, rng, size, p_single, p_drop):
+            ids = run.tokenizer(["a red circle on the left", "a blue square"], padding="max_length",
+                                max_length=run.tokenizer.model_max_length, return_tensors="pt").input_ids
+            return torch.rand((size, 3, 32, 32)) * 2 - 1, ids[:size]
+
+    alphas = run.scheduler.alphas_cumprod.float()
+    train_step(run, Batch(), np.random.default_rng(0), args, alphas, loss_weights(alphas / (1 - alphas)),
+               SpikeGuard(args.spike, args.warmup))
+    text_changed = any(not torch.equal(before[k], v) for k, v in run.text_encoder.state_dict().items())
+    unet_changed = any(not torch.equal(unet_before[k], v) for k, v in run.unet.state_dict().items())
+    return run, text_changed, unet_changed
+
+
+def test_text_lr_scale_zero_freezes_the_encoder_and_trains_the_unet(tmp_path):
+    _, text_changed, unet_changed = _one_step(tmp_path / "frozen", "--text-lr-scale", "0")
+    assert not text_changed and unet_changed
+    _, text_changed, unet_changed = _one_step(tmp_path / "joint")
+    assert text_changed and unet_changed
+
+
+def test_global_text_unet_pools_the_caption_into_the_time_embedding(tmp_path):
+    run, _, _ = _one_step(tmp_path, "--global-text", "--text-lr-scale", "0")
+    assert run.unet.config.addition_embed_type == "text" and run.unet.add_embedding is not None

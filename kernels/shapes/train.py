@@ -159,6 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train only on timesteps >= this (a probe of the high-noise, layout-setting steps)")
     parser.add_argument("--p-single", type=float, default=None,
                         help="fixed share of one-object scenes per batch instead of the curriculum")
+    parser.add_argument("--text-lr-scale", type=float, default=1.0,
+                        help="the text encoder's learning rate as a multiple of the UNet's; 0 freezes it "
+                             "(a jointly trained encoder collapsed the position words: positions.md)")
     parser.add_argument("--global-text", action="store_true",
                         help="a new UNet also gets the pooled caption through its time embedding")
     return parser.parse_args(argv)
@@ -194,10 +197,13 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
         unet = shapes_model.build_unet(global_text=args.global_text)
     scheduler = shapes_model.build_scheduler()
     unet.train().requires_grad_(True)
-    text_encoder.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(args.text_lr_scale > 0)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    groups = [{"params": list(unet.parameters()), "lr_scale": 1.0}]
+    if args.text_lr_scale > 0:
+        groups.append({"params": list(text_encoder.parameters()), "lr_scale": args.text_lr_scale})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     run = TrainingRun(workdir, unet, text_encoder, tokenizer, scheduler, ema_unet, ema_te, params, opt)
     if args.resume:
         # Committed unfinished runs record their step: continuing from it keeps the warm-up,
@@ -257,7 +263,7 @@ def train_step(run: TrainingRun, data: Data, rng: np.random.Generator, args: arg
     pred = run.unet(xt, t, encoder_hidden_states=hidden).sample
     loss = ((pred - target) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
     for g in run.opt.param_groups:
-        g["lr"] = lr_at(run.step, args.lr, args.warmup, args.decay_steps)
+        g["lr"] = lr_at(run.step, args.lr, args.warmup, args.decay_steps) * g.get("lr_scale", 1.0)
     run.opt.zero_grad(set_to_none=True)
     value = float(loss.detach())
     if guard.allows(value, run.step):
