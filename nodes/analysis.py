@@ -282,8 +282,8 @@ class ActivationPatch(Node):
 
 @register
 class SaveTable(Node):
-    """Save a result table as CSV in the run's output folder (`prefix`.csv), and write it to
-    the run log as aligned text."""
+    """Save a result table as CSV in the run's output folder (`prefix`.csv), write it to the
+    run log as aligned text, and show it in the app's Table panel."""
 
     category = "analysis"
     inputs = {"table": TABLE}
@@ -306,4 +306,5 @@ class SaveTable(Node):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue().encode("utf-8"), durable=False)
         logging.getLogger(__name__).info("%s", table.as_text())
+        ctx.show_table(table)
         return {}
