@@ -21,6 +21,7 @@ from .base import (
     Int,
     Node,
     NodeError,
+    Path,
     Seed,
     String,
 )
@@ -28,7 +29,7 @@ from .registry import register
 
 # kernels.analysis.classifier defaults (no torch here)
 CLASSIFIER_SAMPLES, CLASSIFIER_FIRST, CLASSIFIER_KEEP = 32, 8, 3
-SEED_METRICS = ("oracle", "contrast", "colourfulness", "sharpness")  # kernels.analysis.seed_scan.METRICS
+SEED_METRICS = ("oracle", "clip", "contrast", "colourfulness", "sharpness")  # kernels.analysis.seed_scan.METRICS
 CYCLE_ETA, CYCLE_STRENGTH = 0.1, 0.8  # kernels.editing.cycle_diffusion.DEFAULT_ETA, DEFAULT_STRENGTH
 
 
@@ -178,7 +179,8 @@ class SeedScan(Node):
     metric and rank them (golden seeds): the table of seeds by score, a contact sheet of the
     images best first, and the best image. A seed's image is the Sampler's with that seed.
     Metrics: "oracle" (the ShapesT2I oracle: how much of the prompt's colours, shapes and cells
-    it finds), or image statistics (contrast, colourfulness, sharpness)."""
+    it finds), "clip" (image-prompt similarity by the CLIP model in `clip folder`, for real
+    models), or image statistics (contrast, colourfulness, sharpness)."""
 
     category = "analysis"
     inputs = {"model": MODEL, "vae": VAE, "positive": CONDITIONING,
@@ -191,10 +193,22 @@ class SeedScan(Node):
         "first": Seed(help="the first seed scanned"),
         "count": Int(16, 1, 256, help="how many seeds"),
         "metric": Choice(SEED_METRICS, "oracle", help="what ranks the seeds (higher is better)"),
+        "clip_folder": Path("", mode="folder", help="the clip metric: a CLIP model folder (transformers "
+                            "CLIPModel, safetensors weights and a tokenizer)"),
     }
     outputs = {"table": TABLE, "sheet": IMAGE, "best": IMAGE}
 
-    def run(self, ctx, model, vae, positive, negative, latent, scheduler, steps, cfg, first, count, metric):
+    @classmethod
+    def fingerprint(cls, params, ctx):
+        # new CLIP weights in the same folder must not give the cached scores
+        if params["metric"] != "clip" or not params["clip_folder"]:
+            return None
+        from kernels.files import path_fingerprint
+
+        return path_fingerprint(ctx.resolve_path(params["clip_folder"]))
+
+    def run(self, ctx, model, vae, positive, negative, latent, scheduler, steps, cfg, first, count, metric,
+            clip_folder=""):
         import torch
 
         from kernels.analysis.seed_scan import SeedScanError, contact_sheet, scan, scan_table, scorer
@@ -203,7 +217,8 @@ class SeedScan(Node):
         from .core import Sampler
 
         try:
-            score = scorer(metric, positive.prompt)
+            folder = ctx.resolve_path(clip_folder) if metric == "clip" and clip_folder else clip_folder
+            score = scorer(metric, positive.prompt, folder)
         except SeedScanError as exc:
             raise NodeError(f"SeedScan: {exc}") from None
         sampler = Sampler()
@@ -282,8 +297,8 @@ class ActivationPatch(Node):
 
 @register
 class SaveTable(Node):
-    """Save a result table as CSV in the run's output folder (`prefix`.csv), and write it to
-    the run log as aligned text."""
+    """Save a result table as CSV in the run's output folder (`prefix`.csv), write it to the
+    run log as aligned text, and show it in the app's Table panel."""
 
     category = "analysis"
     inputs = {"table": TABLE}
@@ -306,4 +321,5 @@ class SaveTable(Node):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue().encode("utf-8"), durable=False)
         logging.getLogger(__name__).info("%s", table.as_text())
+        ctx.show_table(table)
         return {}

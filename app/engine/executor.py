@@ -56,6 +56,7 @@ class EngineEvents:
     progress: Callable[[str, int, int], None] = lambda node_id, step, total: None
     preview: Optional[Callable[[str, Any], None]] = None  # (node_id, IMAGE tensor NHWC)
     images: Callable[[str, Any, list], None] = lambda node_id, images, paths: None
+    tables: Callable[[str, Any], None] = lambda node_id, table: None  # (node_id, analysis Table)
 
 
 @dataclass
@@ -176,6 +177,10 @@ class NodeContext:
     def show_images(self, images, paths: list[str]) -> None:
         self._run.report.nodes[self.node_id].outputs.extend(paths)
         self._run.events.images(self.node_id, images, paths)
+
+    def show_table(self, table) -> None:
+        """A result table for the app to show, as show_images does for images."""
+        self._run.events.tables(self.node_id, table)
 
     def save_images(self, images, folder: Optional[str], prefix: str, embed_graph: bool) -> list[str]:
         from kernels.images import to_pil

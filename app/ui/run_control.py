@@ -2,7 +2,7 @@
 (run state, or why the graph as drawn cannot run a node), progress, previews, results, and the
 run's summary in the status bar.
 
-A mixin of MainWindow: it uses the window's doc, canvas, runner, inspector, images, layout_panel,
+A mixin of MainWindow: it uses the window's doc, canvas, runner, inspector, images, tables, layout_panel,
 progress, run_label, act_run / act_run_sel / act_cancel and show_message.
 """
 
@@ -287,6 +287,14 @@ class RunControl:
             self.layout_panel.set_image(images[0])
         for k, image in enumerate(images):
             self.images.add_image(image, label, paths[k] if k < len(paths) else None)
+
+    def _on_table(self, nid: str, title: str, columns: list, rows: list) -> None:
+        node = self.doc.graph.nodes.get(nid)
+        if node is None:  # a run of the graph that was open before this one (the CSV is saved)
+            return
+        self.tables.add_table(title, columns, rows, node.title or node.type)
+        if not self.is_layout_node(self.inspector.node_id):
+            self.table_dock.raise_()
 
     def _show_traceback(self, rep) -> None:
         """A node that raised (a bug, not a NodeError): its traceback goes with its error in the

@@ -108,6 +108,7 @@ class Runner(QtCore.QObject):
     progress = QtCore.Signal(str, int, int)        # node id, step, total
     preview = QtCore.Signal(str, QtGui.QImage)     # node id, latest sampler preview
     images = QtCore.Signal(str, list, list)        # node id, [QImage], [saved paths]
+    table = QtCore.Signal(str, str, list, list)    # node id, title, columns, rows (plain values)
     finished = QtCore.Signal(object)               # RunReport, or an error string
     warmed = QtCore.Signal()
 
@@ -200,10 +201,13 @@ class Runner(QtCore.QObject):
             def on_images(nid, images, paths):
                 self.images.emit(nid, images_to_qimages(images), list(paths))
 
+            def on_table(nid, table):  # plain lists cross the thread, not the kernel's type
+                self.table.emit(nid, str(table.title), list(table.columns), [list(r) for r in table.rows])
+
             events = EngineEvents(
                 node_state=lambda nid, state, info: self.node_state.emit(nid, state, dict(info)),
                 progress=lambda nid, step, total: self.progress.emit(nid, step, total),
-                preview=on_preview, images=on_images)
+                preview=on_preview, images=on_images, tables=on_table)
             out = Path(output_dir) if output_dir else None
             from . import session
 

@@ -26,6 +26,7 @@ from .resources import APP_NAME, app_icon, default_graph, resources_dir
 from .run_control import RunControl
 from .run_queue import QueuePanel
 from .runner import Runner
+from .table_view import TablePanel
 
 # default_graph, resources_dir and app_icon moved to resources.py; importers still find them here.
 __all__ = ["MainWindow", "app_icon", "default_graph", "resources_dir"]
@@ -49,6 +50,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.palette = NodePalette()
         self.inspector = Inspector(self.doc)
         self.images = ImageViewer()
+        self.tables = TablePanel()
         self.layout_panel = LayoutPanel(self.doc)
         self.search = NodeSearchPopup(self)
         self._docks()
@@ -100,11 +102,13 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.palette_dock = self._dock("Nodes", self.palette, QtCore.Qt.LeftDockWidgetArea, "NodesDock")
         self.inspector_dock = self._dock("Inspector", self.inspector, QtCore.Qt.RightDockWidgetArea, "InspectorDock")
         self.image_dock = self._dock("Image", self.images, QtCore.Qt.RightDockWidgetArea, "ImageDock")
+        self.table_dock = self._dock("Table", self.tables, QtCore.Qt.RightDockWidgetArea, "TableDock")
         self.layout_dock = self._dock("Layout", self.layout_panel, QtCore.Qt.RightDockWidgetArea, "LayoutDock")
         self.queue_panel = QueuePanel(self.run_queue)
         self.queue_panel.cancel_requested.connect(self.cancel_run)
         self.queue_dock = self._dock("Queue", self.queue_panel, QtCore.Qt.RightDockWidgetArea, "QueueDock")
-        self.tabifyDockWidget(self.image_dock, self.layout_dock)
+        self.tabifyDockWidget(self.image_dock, self.table_dock)
+        self.tabifyDockWidget(self.table_dock, self.layout_dock)
         self.tabifyDockWidget(self.layout_dock, self.queue_dock)
         self.image_dock.raise_()
         em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
@@ -150,6 +154,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         r.progress.connect(self._on_progress)
         r.preview.connect(self._on_preview)
         r.images.connect(self._on_images)
+        r.table.connect(self._on_table)
         r.finished.connect(self._run_finished)
 
     # -- what the panels show -------------------------------------------------------------
@@ -185,6 +190,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.run_label.setText("")
         self.run_label.setToolTip("")
         self.images.clear()
+        self.tables.clear()
         self.layout_panel.set_image(None)
         self._update_title()
 

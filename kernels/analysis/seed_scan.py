@@ -9,6 +9,8 @@ Metrics (higher is better):
 - "oracle": for the ShapesT2I world, how much of the prompt the oracle finds: the mean over the
   prompt's objects of (right colour) + (right colour and shape) + (right cell, when the prompt
   names one), divided by the parts counted; 1 is everything right;
+- "clip": the cosine similarity of the image's and the prompt's embeddings by a CLIP model from
+  a local folder (kernels.analysis.clip_score), for real models;
 - "contrast": the standard deviation of the luminance;
 - "colourfulness": the mean chroma (max - min channel);
 - "sharpness": the mean absolute Laplacian of the luminance.
@@ -23,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-METRICS = ("oracle", "contrast", "colourfulness", "sharpness")
+METRICS = ("oracle", "clip", "contrast", "colourfulness", "sharpness")
 SHEET_GAP = 2  # pixels between contact-sheet cells
 
 
@@ -92,8 +94,15 @@ def statistic(metric: str, image: torch.Tensor) -> float:
     raise SeedScanError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
-def scorer(metric: str, prompt: str) -> Callable[[torch.Tensor], float]:
-    """image (HWC, 0..1) -> score for `metric` (and the prompt, for the oracle)."""
+def scorer(metric: str, prompt: str, clip_folder: str = "") -> Callable[[torch.Tensor], float]:
+    """image (HWC, 0..1) -> score for `metric` (and the prompt, for the oracle and CLIP)."""
+    if metric == "clip":
+        from kernels.analysis.clip_score import ClipScoreError, clip_scorer
+
+        try:
+            return clip_scorer(clip_folder, prompt)
+        except ClipScoreError as exc:
+            raise SeedScanError(str(exc)) from None
     if metric == "oracle":
         if not intended_objects(prompt):
             raise SeedScanError(f"the oracle metric needs a ShapesT2I prompt naming a colour and shape, "

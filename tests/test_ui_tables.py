@@ -1,0 +1,70 @@
+"""Result tables in the app: the Qt model over a Table's plain data, and the Table panel after a
+real run of the seed-scan example graph (tiny model)."""
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytest.importorskip("NodeGraphQt")
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Function.*is marked as deprecated:DeprecationWarning")
+
+
+def _shown(model):
+    from PySide6 import QtCore
+
+    head = [model.headerData(k, QtCore.Qt.Horizontal) for k in range(model.columnCount())]
+    cells = [[model.data(model.index(r, c)) for c in range(model.columnCount())] for r in range(model.rowCount())]
+    return head, cells
+
+
+def test_the_model_shows_a_seed_scan_table_in_the_nodes_order_read_only(qapp):
+    from PySide6 import QtCore
+
+    from app.ui.table_view import TableModel
+    from kernels.analysis.seed_scan import ranked, scan_table
+
+    scores = {3: 0.25, 4: 0.75, 5: 0.25, 6: 1 / 3}
+    table = scan_table(ranked(scores), scores, "contrast")
+    model = TableModel(table.columns, table.rows)
+    head, cells = _shown(model)
+    assert head == ["rank", "seed", "score"]
+    assert cells == [["1", "4", "0.75"], ["2", "6", "0.333333"], ["3", "3", "0.25"], ["4", "5", "0.25"]]
+    assert not model.flags(model.index(0, 0)) & QtCore.Qt.ItemIsEditable
+    assert model.data(model.index(0, 2), QtCore.Qt.TextAlignmentRole) & QtCore.Qt.AlignRight
+    with pytest.raises(ValueError, match="row 2 has 1 values for 3 columns"):
+        TableModel(["a", "b", "c"], [[1, 2, 3], [1]])
+
+
+def test_a_seed_scan_run_shows_its_table_in_the_table_panel(window, qtbot, tiny_pixel_model):
+    from test_analysis_graphs import GRAPHS, SMALL
+
+    from app.graph import load
+    from nodes import registry
+
+    g = load(GRAPHS / "analysis-seed-scan.loom", registry.get)
+    for node in g.nodes.values():
+        if node.type == "LoadModel":
+            node.params["path"] = tiny_pixel_model
+        node.params.update(SMALL.get(node.type, {}))
+        if node.type == "TextEncode":
+            node.params["text"] = "a blue square"
+        if node.type == "SeedScan":
+            node.params["metric"] = "contrast"
+            scan_id, first = node.id, int(node.params.get("first", 0))
+    window.doc.replace(g, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
+        window.act_run.trigger()
+    report = blocker.args[0]
+    assert not isinstance(report, str) and report.ok, report
+    panel = window.tables
+    assert len(panel.tables) == 1 and panel.view.model() is panel.tables[0][1]
+    head, cells = _shown(panel.view.model())
+    assert head == ["rank", "seed", "score"]
+    assert [r[0] for r in cells] == ["1", "2"]
+    assert sorted(int(r[1]) for r in cells) == [first, first + 1]
+    scores = [float(r[2]) for r in cells]
+    assert scores == sorted(scores, reverse=True)  # best first, as the node ranked them
+    assert "Seed scan (contrast" in panel.caption.text() and scan_id in window.doc.graph.nodes
+    window.doc.replace(load(GRAPHS / "analysis-seed-scan.loom", registry.get), None)
+    assert panel.tables == [] and panel.view.model() is None  # another graph: none of the old tables
