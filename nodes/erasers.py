@@ -76,9 +76,12 @@ def _closed_form_v2_to_v3(params: dict) -> dict:
     return out
 
 
+def _shown(prompts: list, first: int = 4) -> str:
+    return ", ".join(repr(p) for p in prompts[:first]) + (", ..." if len(prompts) > first else "") or "none"
+
+
 def _preserve_summary(temps: list, keep: list) -> str:
-    shown = ", ".join(repr(p) for p in keep[:4]) + (", ..." if len(keep) > 4 else "")
-    return f"{len(temps)} edit templates; preserved {len(keep)} prompts ({shown or 'none'})"
+    return f"{len(temps)} edit templates; preserved {len(keep)} prompts ({_shown(keep)})"
 
 
 @register
@@ -144,6 +147,8 @@ class ClosedFormErase(Node):
                 raise NodeError(f"ClosedFormErase: {exc}") from None
         summary = _preserve_summary(temps, keep)
         log.info("ClosedFormErase %r -> %r: %s", concept, anchor, summary)
+        ctx.summary(f"{summary}{' (auto)' if auto_preserve != 'off' else ''}; lam {lam:g}, "
+                    f"preserve weight {preserve_weight:g}")
         meta = {"method": "closed-form", "concept": concept, "anchor": anchor, "lam": lam,
                 "preserve_weight": preserve_weight, "templates": len(temps), "preserved": len(keep),
                 "summary": summary}
@@ -224,6 +229,8 @@ class PruneConcept(Node):
         meta = {"method": "prune", "concept": concept, "fraction": fraction, "timesteps": timesteps,
                 "samples": samples, "seed": seed, "general": len(keep),
                 "pruned": sum(int((d.abs().sum(dim=0) > 0).sum()) for d in deltas.values())}
+        ctx.summary(f"pruned {meta['pruned']} neurons (fraction {fraction:g}); preserved {len(keep)} general "
+                    f"prompts ({_shown(keep)})")
         return {"model": model.with_patch(WeightDeltaPatch("unet", deltas, strength, meta))}
 
 
@@ -282,6 +289,8 @@ class ConceptMembrane(Node):
                 scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
                 seed=seed, progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
+        ctx.summary(f"{steps} steps; preserved {len(anchor_prompts)} anchor prompts ({_shown(anchor_prompts)}), "
+                    f"anchor weight {anchor_weight:g}")
         return {"model": model.with_patch(MembranePatch(loras, scale, concept_embeds, words_of(concept),
                                                         strength, meta))}
 
@@ -344,6 +353,7 @@ class EraseFinetune(Node):
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,
                 "seed": seed, "scope": scope}
+        ctx.summary(f"{objective}, {steps} steps; preserved {len(keep)} prompts ({_shown(keep)})")
         return {"model": model.with_patch(LoraPatch(loras, scale, strength, meta))}
 
 

@@ -62,10 +62,17 @@ def test_common_concepts_for_other_models(tmp_path):
     assert common_concepts(lst) == ["a fox", "a hen"]
 
 
-def _node(model, clip, **params):
+class _Ctx:
+    said = None
+
+    def summary(self, text):
+        self.said = text
+
+
+def _node(model, clip, ctx=None, **params):
     full = {n: p.default for n, p in ClosedFormErase.params.items()}
     full.update(params)
-    return ClosedFormErase().run(None, model, clip, **full)
+    return ClosedFormErase().run(ctx or _Ctx(), model, clip, **full)
 
 
 def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_bundle):
@@ -74,7 +81,10 @@ def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_b
     assert ClosedFormErase.params["templates"].default == ""
     temps = default_templates(tok, "red", "blue")
     keep = default_preserve(tok, "red", "blue")
-    out = _node(model, clip, concept="red", anchor="blue", target="both")
+    ctx = _Ctx()
+    out = _node(model, clip, ctx, concept="red", anchor="blue", target="both")
+    assert ctx.said.startswith(f"{len(temps)} edit templates; preserved {len(keep)} prompts") and \
+        ctx.said.endswith("(auto); lam 0.5, preserve weight 1")
     ref_uce = uce_edit(model.unet, tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5,
                        positions="to_end", preserve_scale=1.0)
     ref_qf = quickfix_edit(tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5)
@@ -133,6 +143,22 @@ def test_a_saved_version_1_graph_loads_with_the_old_defaults(tiny_pixel_model, t
     zero, _, _ = run_captured(*eraser_graph(tiny_pixel_model, ("ClosedFormErase", {
         "concept": "circle", "anchor": "square", "target": "both", "strength": 0.0})), tmp_path)
     assert torch.equal(plain, zero)
+
+
+def test_an_eraser_run_reports_what_it_preserved(tiny_pixel_model, tmp_path):
+    g, ids = eraser_graph(tiny_pixel_model, ("ClosedFormErase", {"concept": "circle", "anchor": "square"}))
+    from app.engine import EngineEvents, Executor
+
+    events = []
+    ex = Executor(device="cpu", disk_cache=False)
+    report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path,
+                    events=EngineEvents(node_state=lambda nid, state, info: events.append((nid, state, info))))
+    assert report.ok
+    nid = ids["erasers"][0]
+    said = report.nodes[nid].summary
+    assert "preserved" in said and "(auto); lam 0.5" in said and report.nodes[nid].as_json()["summary"] == said
+    assert [info.get("summary") for n, state, info in events if n == nid and state == "done"] == [said]
+    assert report.nodes[ids["sampler"]].summary is None  # a node that says nothing reports nothing
 
 
 def test_example_erase_graphs_are_current_and_valid():

@@ -189,6 +189,19 @@ def test_failed_state_shows_its_message_on_hover(window):
     assert badge.text == "failed" and "no model folder" in badge.toolTip()
     assert "no model folder" in window.canvas.item(load).view.toolTip()
 
+def test_done_state_shows_the_nodes_summary(window):
+    doc, load, text = load_and_encode_on_canvas(window)
+    said = "36 edit templates; preserved 117 prompts ('a green circle', ...) (auto); lam 0.5, preserve weight 1"
+    window._on_node_state(load, "running", {})
+    window._on_node_state(load, "done", {"seconds": 0.2, "summary": said})
+    assert window.canvas.badge_text(load) == "done 0.2s" and window.canvas._badges[load].toolTip() == said
+    window.canvas.select([load])
+    assert said in window.inspector.status_text.splitlines()
+    window._on_node_state(load, "running", {})  # a new run: the old summary goes
+    window._on_node_state(load, "done", {"seconds": 0.1})
+    window.canvas.select([load])
+    assert said not in window.inspector.status_text and window.canvas._badges[load].toolTip() == ""
+
 def _drag(qtbot, widget, a, b):
     qtbot.mousePress(widget, QtCore.Qt.LeftButton, pos=a)
     QtWidgets.QApplication.sendEvent(widget, QtGui.QMouseEvent(

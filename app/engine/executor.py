@@ -69,11 +69,13 @@ class NodeReport:
     error: Optional[str] = None
     traceback: Optional[str] = None
     outputs: list[str] = field(default_factory=list)
+    summary: Optional[str] = None  # what the node says it did (NodeContext.summary)
 
     def as_json(self) -> dict:
         return {"id": self.node_id, "title": self.title, "type": self.type,
                 "status": REPORT_STATUS.get(self.status, self.status),
-                "seconds": round(self.seconds, 4), "error": self.error, "outputs": self.outputs}
+                "seconds": round(self.seconds, 4), "error": self.error, "outputs": self.outputs,
+                "summary": self.summary}
 
 
 @dataclass
@@ -150,6 +152,11 @@ class NodeContext:
         raise NodeError(f"{label}: refused to write {brief(str(path or target), 200)!r} ({brief(str(resolved), 200)}): "
                         f"a graph writes only inside {allowed}; choose a folder there, or allow this one "
                         f"in the app")
+
+    def summary(self, text: str) -> None:
+        """Say in a line what this run did (what an eraser preserved, ...): the report keeps it
+        and the node's done event carries it, so the app can show it on the node."""
+        self._run.report.nodes[self.node_id].summary = brief(str(text), MESSAGE_CHARS)
 
     def check_cancel(self) -> None:
         if self._run.cancel.is_set():
@@ -457,6 +464,8 @@ class Executor:
         info = {"error": error} if error else {}
         if seconds:
             info["seconds"] = seconds
+        if state == DONE and rep.summary:
+            info["summary"] = rep.summary
         run.events.node_state(nid, state, info)
 
     # -- evaluation ----------------------------------------------------------------------

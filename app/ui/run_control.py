@@ -74,6 +74,7 @@ class RunControl:
         # Run states stay after a node is deleted, so undo brings the node back as it was.
         self.states: dict[str, str] = {}       # node id -> last run state shown
         self.errors: dict[str, str] = {}
+        self.summaries: dict[str, str] = {}  # node -> what its last run said it did
         self._badges: dict[str, tuple] = {}    # node id -> (state, text, tooltip) of the last run
         self.problems: dict[str, list[str]] = {}  # node id -> why it cannot run as drawn
         self.run_started = 0.0
@@ -125,6 +126,8 @@ class RunControl:
             lines.append(f"Last run: {STATE_LABELS.get(state, state)}")
             if nid in self.errors:
                 lines.append(self.errors[nid])
+            if nid in self.summaries:
+                lines.append(self.summaries[nid])
         for problem in self.problems.get(nid, []):
             lines.append(f"⚠ {problem}")
         self.inspector.set_status("\n".join(lines))
@@ -243,6 +246,10 @@ class RunControl:
             tip = info.get("error", "")
         elif "seconds" in info:
             text = f"done {info['seconds']:.1f}s"
+        if info.get("summary"):  # what the node says it did: on the badge's tooltip and in the inspector
+            self.summaries[nid] = tip = info["summary"]
+        elif state == "running":
+            self.summaries.pop(nid, None)
         if state == "running":
             self.progress.setVisible(False)
         if state in ("done", "cached-memory", "cached-disk") and nid in self._run_recipes:
