@@ -6,9 +6,11 @@ Standard library only (no torch), so the document layer (`app/graph`) can use it
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 
 def _umask() -> int:
@@ -22,6 +24,13 @@ def _umask() -> int:
 _NEW_FILE_MODE = 0o666 & ~_umask()
 
 Writer = Callable[[str], None]
+
+TEMP_SUFFIX = ".tmp"
+# atomic_write's temporary names: "." + the file's name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# A temporary file untouched this long has no writer any more: a process killed mid-write
+# (kill -9, a power cut) left it. An hour is far beyond any write, even to a slow network drive.
+STALE_TEMP_SECONDS = 3600.0
 
 
 def atomic_write(path: Union[os.PathLike, str], data: Union[bytes, Writer], durable: bool = True) -> None:
@@ -39,7 +48,7 @@ def atomic_write(path: Union[os.PathLike, str], data: Union[bytes, Writer], dura
         mode = os.stat(path).st_mode & 0o7777
     except OSError:
         mode = _NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         if callable(data):
             os.close(fd)
@@ -61,6 +70,29 @@ def atomic_write(path: Union[os.PathLike, str], data: Union[bytes, Writer], dura
         except OSError:
             pass
         raise
+
+
+def sweep_stale_temps(folders: Iterable[Union[os.PathLike, str]], max_age: float = STALE_TEMP_SECONDS) -> int:
+    """Delete the temporary files atomic_write left in `folders` (not their subfolders) that are
+    older than `max_age` seconds; only names of atomic_write's pattern are touched. Returns how
+    many were deleted; files that vanish or cannot be deleted are skipped."""
+    cutoff = time.time() - max_age
+    removed = 0
+    for folder in folders:
+        try:
+            candidates = list(Path(folder).glob(".*" + TEMP_SUFFIX))
+        except OSError:
+            continue
+        for path in candidates:
+            if not _TEMP_NAME.match(path.name):
+                continue
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def path_fingerprint(path: str) -> Any:

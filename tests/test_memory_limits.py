@@ -243,6 +243,27 @@ def test_accounted_bytes_match_what_the_cache_holds_after_many_puts_and_eviction
     assert cache.used == 0
 
 
+def test_each_node_keeps_its_latest_versions_and_the_accounting_stays_exact():
+    cache = MemoryCache(budget_bytes=1 << 30, versions_per_node=3)
+    for i in range(20):
+        for node in ("sampler", "decode"):
+            value = {"t": torch.full((100 + i,), float(i))}
+            cache.put(f"{node}{i}", value, size_of(value), cost=1.0, node=node)
+        held = cache._entries.values()
+        assert cache.used == sum(size_of(e.values) for e in held)
+    assert sorted(cache._entries) == sorted(f"{n}{i}" for n in ("sampler", "decode") for i in (17, 18, 19))
+    cache.put("decode19", {"t": torch.zeros(1)}, size_of({"t": torch.zeros(1)}), cost=1.0, node="other")
+    assert "decode19" in cache and cache.used == sum(size_of(e.values) for e in cache._entries.values())
+    small = MemoryCache(budget_bytes=2_000, versions_per_node=100)
+    for i in range(50):
+        value = {"t": torch.zeros(100)}
+        small.put(f"k{i}", value, size_of(value), cost=1.0, node="n")
+        assert small.used <= small.budget
+    assert 0 < len(small._entries) < 50
+    with pytest.raises(ValueError, match="versions_per_node"):
+        MemoryCache(versions_per_node=0)
+
+
 def test_fifty_runs_keep_the_cache_accounting_equal_to_what_it_holds(tiny_pixel_model, tmp_path):
     ex = Executor(disk_cache=False, memory_budget=200_000)
     for seed in range(50):

@@ -312,13 +312,52 @@ def test_the_disk_cache_removes_temp_files_a_killed_writer_left(tmp_path):
 
     folder = tmp_path / "ab"
     folder.mkdir()
-    left, live = folder / ".ab12.safetensors.x1.tmp", folder / ".ab34.json.x2.tmp"
+    left, live = folder / ".ab12.safetensors.k3j_9x0q.tmp", folder / ".ab34.json.p0o1i2u3.tmp"
     left.write_bytes(b"half an entry")
     live.write_bytes(b"another process is writing this one")
     old = time.time() - TEMP_GRACE_SECONDS - 60
     os.utime(left, (old, old))
     DiskCache(tmp_path).put("ab" + "5" * 62, {"out": "hash"}, None)
     assert not left.exists() and live.exists()
+
+
+def test_stale_temp_sweep_deletes_only_old_files_of_the_atomic_write_pattern(tmp_path):
+    import tempfile
+
+    from kernels.files import STALE_TEMP_SECONDS, atomic_write, sweep_stale_temps
+
+    fd, ours = tempfile.mkstemp(prefix=".img_00001.png.", suffix=".tmp", dir=tmp_path)  # atomic_write's naming
+    os.close(fd)
+    fresh = tmp_path / ".img_00002.png.abcd1234.tmp"
+    foreign = [tmp_path / ".notes.tmp", tmp_path / "photo.png.abcd1234.tmp", tmp_path / ".x.toolong123.tmp"]
+    nested = tmp_path / "sub" / ".a.png.abcd1234.tmp"
+    nested.parent.mkdir()
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for p in [fresh, *foreign, nested]:
+        p.write_bytes(b"x")
+    for p in [Path(ours), *foreign, nested]:
+        os.utime(p, (old, old))
+    assert sweep_stale_temps([tmp_path, tmp_path / "missing"]) == 1
+    assert not Path(ours).exists() and fresh.exists() and nested.exists() and all(p.exists() for p in foreign)
+    atomic_write(tmp_path / "done.png", b"png")
+    assert sweep_stale_temps([tmp_path], max_age=0) == 1 and not fresh.exists()  # atomic_write leaves none
+
+
+def test_saving_into_an_output_folder_removes_the_temp_files_killed_writers_left(tiny_pixel_model, tmp_path):
+    from app.engine import Executor
+    from kernels.files import STALE_TEMP_SECONDS
+
+    out = tmp_path / "out"
+    out.mkdir()
+    left, live = out / ".loomwork_00003.png.a1b2c3d4.tmp", out / ".loomwork_00004.png.e5f6g7h8.tmp"
+    for p in (left, live):
+        p.write_bytes(b"half a png")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(left, (old, old))
+    g, _ids = txt2img_graph(tiny_pixel_model, steps=1, save=True)
+    report = Executor(disk_cache=False).run(g, output_dir=out)
+    assert report.ok and list(out.glob("*.png"))
+    assert not left.exists() and live.exists()  # a writer may still be writing the young one
 
 
 # -- the app killed while being edited ------------------------------------------------------

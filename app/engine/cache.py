@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from kernels.files import atomic_write
+from kernels.files import atomic_write, sweep_stale_temps
 from kernels.storage import storable_class, storage_name
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class _Entry:
     size: int
     cost: float
     priority: float
+    node: Optional[str] = None
 
 
 class MemoryCache:
@@ -40,13 +41,22 @@ class MemoryCache:
     Eviction is GreedyDual-Size: each entry's priority is the clock plus its compute seconds per
     byte, so big results that were cheap to make go first and slow small ones stay; the clock
     rises to each evicted priority, which ages entries that are not used again.
+
+    Each graph node keeps at most `versions_per_node` results (the most recently stored): a
+    session of many seeds would otherwise fill the whole budget with results of settings that
+    were left behind, and memory would grow run after run; older versions come back from the
+    disk cache or are made again.
     """
 
-    def __init__(self, budget_bytes: int = 4 << 30):
+    def __init__(self, budget_bytes: int = 4 << 30, versions_per_node: int = 8):
+        if versions_per_node < 1:
+            raise ValueError(f"versions_per_node must be at least 1, not {versions_per_node}")
         self.budget = budget_bytes
+        self.versions_per_node = versions_per_node
         self.used = 0
         self._clock = 0.0
         self._entries: dict[str, _Entry] = {}
+        self._versions: dict[str, OrderedDict[str, None]] = {}  # node -> its keys, oldest first
         self._lock = threading.Lock()
 
     def _priority(self, cost: float, size: int) -> float:
@@ -63,30 +73,45 @@ class MemoryCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def put(self, key: str, values: dict[str, Any], size: int, cost: float) -> None:
+    def _drop(self, key: str) -> _Entry:
+        e = self._entries.pop(key)
+        self.used -= e.size
+        versions = self._versions.get(e.node) if e.node is not None else None
+        if versions is not None:
+            versions.pop(key, None)
+            if not versions:
+                del self._versions[e.node]
+        return e
+
+    def put(self, key: str, values: dict[str, Any], size: int, cost: float,
+            node: Optional[str] = None) -> None:
+        """Hold `values` (`size` bytes, `cost` seconds to make) for `key`, made by graph node `node`."""
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.used -= old.size
+            if key in self._entries:
+                self._drop(key)
             if size > self.budget:
                 return  # would evict everything and still not fit
-            self._entries[key] = _Entry(values, size, cost, self._priority(cost, size))
+            self._entries[key] = _Entry(values, size, cost, self._priority(cost, size), node)
             self.used += size
+            if node is not None:
+                versions = self._versions.setdefault(node, OrderedDict())
+                versions[key] = None
+                while len(versions) > self.versions_per_node:
+                    self._drop(next(iter(versions)))
             while self.used > self.budget:
                 victim = min(self._entries, key=lambda k: self._entries[k].priority)
-                e = self._entries.pop(victim)
-                self._clock = e.priority
-                self.used -= e.size
+                self._clock = self._drop(victim).priority
 
     def discard_if(self, holds: "Callable[[dict[str, Any]], bool]") -> None:
         """Forget the entries whose values `holds` says yes to (values of a dropped model)."""
         with self._lock:
             for key in [k for k, e in self._entries.items() if holds(e.values)]:
-                self.used -= self._entries.pop(key).size
+                self._drop(key)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._versions.clear()
             self.used = 0
 
 
@@ -303,13 +328,7 @@ class DiskCache:
         return files
 
     def _sweep_temp(self) -> None:
-        cutoff = time.time() - TEMP_GRACE_SECONDS
-        for path in self.root.glob("*/.*.tmp"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-            except OSError:
-                pass
+        sweep_stale_temps((p for p in self.root.glob("*") if p.is_dir()), TEMP_GRACE_SECONDS)
 
     def _trim(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 from app.graph import CycleError, Graph, dumps, passthrough, validate
 from app.graph.errors import MESSAGE_CHARS, brief
 from app.graph.png import png_bytes
-from kernels.files import atomic_write
+from kernels.files import atomic_write, sweep_stale_temps
 from nodes import registry
 from nodes.base import NodeError, file_name_problem
 
@@ -198,6 +198,7 @@ class NodeContext:
         if problem:
             raise NodeError(f"the prefix {problem}")
         target.mkdir(parents=True, exist_ok=True)
+        _sweep_once(target)
         graph_text = self._run.graph_text if embed_graph else None
         paths = []
         counter = _next_counter(target, safe)
@@ -207,6 +208,22 @@ class NodeContext:
             atomic_write(path, png_bytes(pil, graph_text), durable=False)
             paths.append(str(path))
         return paths
+
+
+# Output folders this process swept: once is enough, a temp file left later is a later process's.
+_swept: set = set()
+_swept_lock = threading.Lock()
+
+
+def _sweep_once(folder: Path) -> None:
+    """Delete the stale temporary files writers killed mid-write (kill -9) left in an output folder."""
+    with _swept_lock:
+        if folder in _swept:
+            return
+        _swept.add(folder)
+    removed = sweep_stale_temps([folder])
+    if removed:
+        log.info("removed %d stale temporary file(s) from %s", removed, folder)
 
 
 def _next_counter(folder: Path, prefix: str) -> int:
@@ -529,7 +546,7 @@ class Executor:
         if values is None and self.disk is not None:
             values = self.disk.get(key)
             if values is not None:
-                self.memory.put(key, values, size_of(values), cost=0.0)
+                self.memory.put(key, values, size_of(values), cost=0.0, node=nid)
         if values is None:  # evicted everywhere: run it again (its inputs likewise)
             spec = registry.get(run.graph.nodes[nid].type)
             params = spec.resolved_params(run.graph.nodes[nid].params)
@@ -573,7 +590,7 @@ class Executor:
         run.hashes[nid] = hashes
         if not spec.always_run:
             self.traces[key] = hashes
-            self.memory.put(key, outputs, size_of(outputs), seconds)
+            self.memory.put(key, outputs, size_of(outputs), seconds, node=nid)
             if self.disk is not None:
                 self.disk.put(key, hashes, outputs)
         self._finish(run, nid, DONE, seconds=seconds)
