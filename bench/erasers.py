@@ -297,10 +297,17 @@ def build_eraser(bench: Bench, name: str, target: str, args):
 
 
 class _BenchContext:
-    """What the eraser nodes ask of their run context here: progress (nothing to show)."""
+    """What the eraser nodes ask of their run context here: progress (nothing to show) and the
+    summary of what was preserved (kept for the bench's rows)."""
+
+    def __init__(self):
+        self.summaries: list[str] = []
 
     def progress(self, *_args, **_kwargs) -> None:
         pass
+
+    def summary(self, text: str) -> None:
+        self.summaries.append(text)
 
 
 def node_defaults_eraser(bench: Bench, name: str, target: str, anchor: str, args):

@@ -165,8 +165,10 @@ def test_a_worker_killed_mid_sweep_is_retried_and_every_job_finishes_once(backen
     res = run_batch(_plan("100..107"), tmp_path / "out", backend, on_event=kill_the_busy_worker, timeout=TIMEOUT)
     assert killed, "no worker was busy when the first job finished"
     assert res.ok and res.lost == 1 and res.counts["done"] == 8, res.counts
-    victim = next(r for r in res.records if r["index"] == killed[0])
-    assert victim["lost"] == 1 and victim["attempts"] == 2
+    # the job lost is the one the worker held when it died: the job `busy` named, or (on a loaded
+    # machine) the next one, when the named job's result was already sent before the kill
+    (victim,) = [r for r in res.records if r["lost"] == 1]
+    assert victim["index"] >= killed[0] and victim["attempts"] == 2
     assert all(r["attempts"] == 1 and r["lost"] == 0 for r in res.records if r is not victim)
     files = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
     assert len(files) == 8 and sorted(f for r in res.records for f in r["outputs"]) == [f"images/{f}" for f in files]
