@@ -29,7 +29,10 @@ to NodeGraphQt's model. What this module changes, and why:
    muted nodes (`loom_mode`). NodeItem has none of these; its minimum size would undo them.
 7. `LoomViewer.view_changed` is emitted whenever the visible range changes (pan, zoom, frame),
    for the minimap; `center_on` pans to a scene point the way NodeViewer pans.
-8. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
+8. `LoomViewer` raises Qt's pixmap cache limit (`ITEM_CACHE_KB`): NodeGraphQt caches every node,
+   port and wire in device coordinates, and Qt's default 10 MB holds the caches of ~50 nodes, so
+   panning a larger graph evicted and repainted every node on every step (2-3x slower).
+9. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
    wears None's and True's reference counts down until the interpreter aborts).
 
 Tests: tests/test_ui.py (test_nodegraphqt_is_only_a_view, test_mouse_gestures_on_the_canvas,
@@ -155,8 +158,14 @@ class LoomViewer(NodeViewer):
 
     view_changed = QtCore.Signal()
 
+    # room for the device-coordinate caches of a few hundred nodes with their settings panels
+    # (~300 KB each at 1:1); Qt fills it only as items are painted
+    ITEM_CACHE_KB = 128 * 1024
+
     def __init__(self, parent=None):
         super().__init__(parent, undo_stack=None)
+        if QtGui.QPixmapCache.cacheLimit() < self.ITEM_CACHE_KB:
+            QtGui.QPixmapCache.setCacheLimit(self.ITEM_CACHE_KB)
         self.wire_colors: dict[tuple[str, str], tuple] = {}  # (node id, out port) -> rgba
 
     def _update_scene(self):
