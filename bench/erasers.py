@@ -297,17 +297,14 @@ def build_eraser(bench: Bench, name: str, target: str, args):
 
 
 class _BenchContext:
-    """What the eraser nodes ask of their run context here: progress (nothing to show) and the
-    summary of what was preserved (kept for the bench's rows)."""
-
-    def __init__(self):
-        self.summaries: list[str] = []
+    """What the eraser nodes ask of their run context here: progress and the summary line
+    (nothing shows either; the rows record the settings themselves)."""
 
     def progress(self, *_args, **_kwargs) -> None:
         pass
 
-    def summary(self, text: str) -> None:
-        self.summaries.append(text)
+    def summary(self, _text: str) -> None:
+        pass
 
 
 def node_defaults_eraser(bench: Bench, name: str, target: str, anchor: str, args):
