@@ -23,9 +23,10 @@
   each followed by a re-run on the same executor (and every 5th by one on a fresh executor over
   the same disk cache) compared pixel by pixel with a clean run.
 - kill: --kills kill -9s of a headless `loomwork run` child, in turn at a random moment, inside
-  a disk-cache write and inside the output PNG's write; after each, the PNGs under final names
-  are checked whole and right, and a fresh executor's run over the same disk cache is compared
-  with a clean run.
+  a disk-cache write and inside the output PNG's write (an attempt whose run finished before
+  its kill is retried with a new seed, at most --kills retries; `attempts`, `retried_attempts`);
+  after each attempt, the PNGs under final names are checked whole and right, and a fresh
+  executor's run over the same disk cache is compared with a clean run.
 - app_kill: --app-kills times the app (offscreen) is edited on a timer for 6-15 s and killed
   with SIGKILL: the seconds of edits lost, and whether the next start offers the autosave back.
   With --before, the code at REF too.
@@ -187,7 +188,7 @@ def cancel_storm(cancels: int, size: int, steps: int) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def kill_runs(kills: int, size: int, steps: int) -> dict:
+def kill_runs(kills: int, size: int, steps: int, seconds: float) -> dict:
     import random
 
     import torch
@@ -196,7 +197,7 @@ def kill_runs(kills: int, size: int, steps: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="loomwork-kill-"))
     started = time.perf_counter()
     r = _probes().kill_probe(_tiny_model(work), kills, work, random.Random(0), size=size, steps=steps,
-                             seconds=3 * 3600)
+                             seconds=seconds)
     return {"model": "tiny random-weight pixel model", "size": size, "steps": steps, **r,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -275,6 +276,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections, help="what to measure")
     parser.add_argument("--cancels", type=int, default=100, help="cancelled runs (cancel_storm)")
     parser.add_argument("--kills", type=int, default=20, help="kill -9s of loomwork run (kill)")
+    parser.add_argument("--kill-seconds", type=float, default=3 * 3600,
+                        help="time limit of the kill section (stopped_by_time_limit says it was reached)")
     parser.add_argument("--app-kills", type=int, default=10, help="kill -9s of the app mid-edit (app_kill)")
     parser.add_argument("--probe-size", type=int, default=16, help="image side (cancel_storm, kill)")
     parser.add_argument("--probe-steps", type=int, default=8, help="sampler steps (cancel_storm, kill)")
@@ -318,7 +321,7 @@ def main() -> None:
             result["cancel_storm"] = {**cancel_storm(args.cancels, args.probe_size, args.probe_steps),
                                       "command": command}
         if "kill" in args.sections:
-            result["kill"] = {**kill_runs(args.kills, args.probe_size, args.probe_steps), "command": command}
+            result["kill"] = {**kill_runs(args.kills, args.probe_size, args.probe_steps, args.kill_seconds), "command": command}
         if "app_kill" in args.sections:
             result["app_kill"] = {**app_kills(trees, args.app_kills), "before_ref": args.before or args.before_tree,
                                   "command": command}

@@ -184,14 +184,17 @@ def _cli_run(tree: Path, graph_file: Path, out: Path, cache: Path, seed: int, *,
              kill_at: Optional[float], write_number: int, delay: float, pause: float,
              timeout: float) -> dict:
     """One `loomwork run` child: killed at `kill_at` seconds (random mode), or `delay` seconds
-    after its `write_number`-th write under the watched folder was announced."""
+    after its `write_number`-th write under the watched folder was announced. `timed_out` (a
+    hang) is by the clock: the child was still alive `timeout` seconds after it started."""
     watch = {"cache-write": str(cache), "png-write": str(out)}.get(mode, "")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_CHILD, "run", str(graph_file), "--out", str(out),
-         "--set", f"Sampler.seed={seed}"],
-        cwd=str(tree), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_child_env(tree, LOOMWORK_CACHE_DIR=str(cache), LOOMWORK_PROBE_WATCH=watch,
-                       LOOMWORK_PROBE_PAUSE=str(pause)))
+    # stderr to a file, not a pipe nobody reads: a child filling the pipe would block (a false hang)
+    with open(out.parent / f"run-{seed}.stderr", "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_CHILD, "run", str(graph_file), "--out", str(out),
+             "--set", f"Sampler.seed={seed}"],
+            cwd=str(tree), stdout=subprocess.PIPE, stderr=stderr,
+            env=_child_env(tree, LOOMWORK_CACHE_DIR=str(cache), LOOMWORK_PROBE_WATCH=watch,
+                           LOOMWORK_PROBE_PAUSE=str(pause)))
     started, writes, killed, buffer = time.monotonic(), 0, False, b""
     try:
         while proc.poll() is None and time.monotonic() - started < timeout:
@@ -212,12 +215,17 @@ def _cli_run(tree: Path, graph_file: Path, out: Path, cache: Path, seed: int, *,
                 proc.send_signal(signal.SIGKILL)
                 killed = True
                 break
-        # by the clock: a child that closed its stdout on exit can look alive for a moment
-        timed_out = not killed and time.monotonic() - started >= timeout
+        if not killed and proc.poll() is None:
+            # stdout closed: the child is exiting; wait for it up to the deadline, not kill it
+            try:
+                proc.wait(timeout=max(0.0, timeout - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                pass
+        timed_out = not killed and proc.poll() is None
+        seconds = time.monotonic() - started
     finally:
         _reap(proc)
-    return {"killed": killed, "returncode": proc.returncode, "timed_out": timed_out,
-            "seconds": time.monotonic() - started}
+    return {"killed": killed, "returncode": proc.returncode, "timed_out": timed_out, "seconds": seconds}
 
 
 def _png_problems(out: Path, references: dict) -> int:
@@ -243,11 +251,14 @@ def _png_problems(out: Path, references: dict) -> int:
 
 
 def kill_probe(model: str, kills: int, work: Path, rng: random.Random, *, tree: Path = REPO,
-               size: int = 32, steps: int = 6, pause: float = 0.5, seconds: float = 1800.0) -> dict:
-    """`kills` kill -9s of `loomwork run` (a new seed each), modes in turn: at a random moment
-    of a run, inside a disk-cache write, inside the output PNG's write. After each: every PNG
-    under a final name is whole and shows a clean run's pixels, and a run in a fresh executor
-    over the same disk cache gives a clean run's pixels."""
+               size: int = 32, steps: int = 6, pause: float = 0.5, seconds: float = 1800.0,
+               max_retries: Optional[int] = None) -> dict:
+    """`kills` kill -9s of `loomwork run` (a new seed each attempt), modes in turn: at a random
+    moment of a run, inside a disk-cache write, inside the output PNG's write. An attempt whose
+    run finished before its kill is retried with a new seed (at most `max_retries` times in all,
+    default `kills`), a random kill time then drawn within the last finished run's time. After
+    each attempt: every PNG under a final name is whole and shows a clean run's pixels, and a run
+    in a fresh executor over the same disk cache gives a clean run's pixels."""
     import numpy as np
 
     from app.engine import Executor
@@ -272,27 +283,39 @@ def kill_probe(model: str, kills: int, work: Path, rng: random.Random, *, tree: 
     reference(0)
     full = _cli_run(tree, graph_file, out, cache, 0, mode="none", kill_at=None, write_number=0,
                     delay=0, pause=0, timeout=600)
-    span = full["seconds"]
-    result = {"kills": 0, "by_mode": {m: 0 for m in KILL_MODES}, "finished_before_kill": 0,
+    span = full["seconds"]  # a random kill time is drawn within the latest finished run's time
+    max_retries = kills if max_retries is None else max_retries
+    result = {"kills": 0, "by_mode": {m: 0 for m in KILL_MODES}, "attempts": 0,
+              "finished_before_kill": 0, "retried_attempts": 0, "failed_without_kill": 0,
               "left_a_temp_file": 0, "half_written_or_wrong_pngs": 0, "damaged_entries_on_disk": 0,
               "next_runs_checked": 0, "next_run_mismatched": 0, "next_run_failed": 0,
               "next_run_nodes_from_disk": 0, "hung": 0, "full_run_seconds": round(span, 2),
-              "stopped_by_time_limit": False}
+              "stopped_by_time_limit": False, "retries_exhausted": False}
     deadline = time.monotonic() + seconds
-    for i in range(kills):
+    seed = 0
+    while result["kills"] < kills:
         if time.monotonic() > deadline:
             result["stopped_by_time_limit"] = True
             break
-        seed, mode = i + 1, KILL_MODES[i % len(KILL_MODES)]
+        if result["attempts"] >= kills + max_retries:
+            result["retries_exhausted"] = True
+            break
+        seed, mode = seed + 1, KILL_MODES[result["kills"] % len(KILL_MODES)]
         before = _temp_files(cache, out)
         r = _cli_run(tree, graph_file, out, cache, seed, mode=mode,
-                     kill_at=rng.uniform(0.2 * span, span) if mode == "random" else None,
+                     kill_at=rng.uniform(0.2 * span, 0.9 * span) if mode == "random" else None,
                      write_number=rng.randint(1, 6) if mode == "cache-write" else rng.randint(1, 2),
                      delay=rng.uniform(0.0, 0.8 * pause), pause=pause, timeout=max(120.0, 4 * span))
+        result["attempts"] += 1
         result["kills"] += r["killed"]
         result["by_mode"][mode] += r["killed"]
-        result["finished_before_kill"] += not r["killed"] and r["returncode"] == 0
         result["hung"] += r["timed_out"]
+        finished = not r["killed"] and r["returncode"] == 0
+        result["finished_before_kill"] += finished
+        result["failed_without_kill"] += not r["killed"] and not finished and not r["timed_out"]
+        if finished:
+            span = r["seconds"]
+        result["retried_attempts"] += not r["killed"]  # the next attempt takes its place
         result["left_a_temp_file"] += bool(_temp_files(cache, out) - before)
         g, ids = probe_graph(model, seed, size=size, steps=steps, save=True)
         expected = reference(seed)
@@ -529,11 +552,12 @@ def test_a_cancel_storm_never_leaves_a_result_that_is_served_wrong(tiny_pixel_mo
 
 def test_kill_9_of_loomwork_run_leaves_no_half_png_and_no_served_corruption(tiny_pixel_model, tmp_path):
     r = kill_probe(tiny_pixel_model, 3, tmp_path, random.Random(0), size=16, steps=8, seconds=900)
-    assert r["hung"] == 0 and not r["stopped_by_time_limit"]
-    assert r["by_mode"]["cache-write"] == 1 and r["by_mode"]["png-write"] == 1  # the aimed kills landed
+    assert r["hung"] == 0 and not r["stopped_by_time_limit"] and not r["retries_exhausted"]
+    assert r["kills"] == 3 and r["by_mode"] == {"random": 1, "cache-write": 1, "png-write": 1}
+    assert r["attempts"] == 3 + r["retried_attempts"] == 3 + r["finished_before_kill"]  # runs that beat their kill were retried
     assert r["left_a_temp_file"] >= 2  # ... inside the writes: their files were left unfinished
     assert r["half_written_or_wrong_pngs"] == 0
-    assert r["next_runs_checked"] == 3 and r["next_run_failed"] == 0 and r["next_run_mismatched"] == 0
+    assert r["next_runs_checked"] == r["attempts"] and r["next_run_failed"] == 0 and r["next_run_mismatched"] == 0
     assert r["next_run_nodes_from_disk"] > 0  # the next runs did read what the killed ones wrote
 
 
