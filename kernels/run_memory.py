@@ -26,6 +26,10 @@ RUN_BUDGET_ENV = "LOOMWORK_RUN_BUDGET"
 # A run gets this share of the machine's RAM: the models' budget (kernels.memory) and the OS
 # share the rest, and one run's peak beyond it is what swaps or kills the process.
 RUN_FRACTION = 0.5
+MEMORY_CACHE_BUDGET_ENV = "LOOMWORK_MEMORY_CACHE_BUDGET"
+# The memory cache of results gets this share of RAM (16 GB: 3.2 GB), a ceiling it fills only
+# as results accumulate; a fixed size would be most of a small machine's memory.
+MEMORY_CACHE_FRACTION = 0.2
 DISK_RESULT_LIMIT_ENV = "LOOMWORK_DISK_RESULT_LIMIT"
 DEFAULT_DISK_RESULT_LIMIT = 256 << 20  # a bigger result costs more to write and read than to recompute
 
@@ -116,6 +120,14 @@ def run_budget(setting: "int | str | None" = None, device: str = "cpu") -> int:
 
         default += default_vram_budget(device) or 0
     return budget_from_env(RUN_BUDGET_ENV, default)
+
+
+def memory_cache_budget(setting: "int | str | None" = None) -> int:
+    """Bytes the memory cache of results may hold: `setting` ("2G" or bytes), else
+    LOOMWORK_MEMORY_CACHE_BUDGET, else a share of RAM."""
+    if setting is not None:
+        return parse_bytes(setting, "memory cache budget")
+    return budget_from_env(MEMORY_CACHE_BUDGET_ENV, default_ram_budget(MEMORY_CACHE_FRACTION))
 
 
 def disk_result_limit(setting: "int | str | None" = None) -> int:

@@ -441,7 +441,7 @@ class RedTeamPrompt(Node):
         if report:
             summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
                        "attack_success_rate": result.success_rate, "seconds": result.seconds}
-            atomic_write(ctx.output_path(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
+            atomic_write(ctx.output_file(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
         return {"conditioning": erased.encode(result.prompt), "latent": result.images.float().cpu()}
 
 
@@ -474,7 +474,7 @@ class SaveEraser(Node):
         if problem:
             raise NodeError(f"the name {problem}")
         # Only inside the erasers folder, the output folder or a folder the user allowed.
-        save_erasers(str(ctx.output_path(os.path.join(folder or "", name), default_dir=default_eraser_dir())),
+        save_erasers(str(ctx.output_file(os.path.join(folder or "", name), default_dir=default_eraser_dir())),
                      patches)
         return {}
 

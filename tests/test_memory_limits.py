@@ -264,6 +264,27 @@ def test_each_node_keeps_its_latest_versions_and_the_accounting_stays_exact():
         MemoryCache(versions_per_node=0)
 
 
+def test_the_memory_cache_budget_is_a_share_of_ram_unless_set(monkeypatch):
+    import psutil
+
+    from kernels.memory import BudgetError
+    from kernels.run_memory import MEMORY_CACHE_BUDGET_ENV, MEMORY_CACHE_FRACTION
+
+    monkeypatch.delenv(MEMORY_CACHE_BUDGET_ENV, raising=False)
+    share = int(psutil.virtual_memory().total * MEMORY_CACHE_FRACTION)
+    assert MemoryCache().budget == Executor(disk_cache=False).memory.budget == share
+    monkeypatch.setenv(MEMORY_CACHE_BUDGET_ENV, "64M")
+    assert MemoryCache().budget == Executor(disk_cache=False).memory.budget == 64 << 20
+    # an explicit setting wins over the environment
+    assert Executor(disk_cache=False, memory_budget="2G").memory.budget == 2 << 30
+    assert MemoryCache(budget_bytes=1000).budget == 1000
+    monkeypatch.setenv(MEMORY_CACHE_BUDGET_ENV, "lots")
+    with pytest.raises(BudgetError, match=MEMORY_CACHE_BUDGET_ENV):
+        Executor(disk_cache=False)
+    with pytest.raises(BudgetError, match="memory cache budget"):
+        MemoryCache(budget_bytes=0)
+
+
 def test_fifty_runs_keep_the_cache_accounting_equal_to_what_it_holds(tiny_pixel_model, tmp_path):
     ex = Executor(disk_cache=False, memory_budget=200_000)
     for seed in range(50):

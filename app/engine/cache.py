@@ -48,10 +48,13 @@ class MemoryCache:
     disk cache or are made again.
     """
 
-    def __init__(self, budget_bytes: int = 4 << 30, versions_per_node: int = 8):
+    def __init__(self, budget_bytes: "int | str | None" = None, versions_per_node: int = 8):
+        """`budget_bytes`: bytes or "2G"; None: LOOMWORK_MEMORY_CACHE_BUDGET or a share of RAM."""
+        from kernels.run_memory import memory_cache_budget
+
         if versions_per_node < 1:
             raise ValueError(f"versions_per_node must be at least 1, not {versions_per_node}")
-        self.budget = budget_bytes
+        self.budget = memory_cache_budget(budget_bytes)
         self.versions_per_node = versions_per_node
         self.used = 0
         self._clock = 0.0

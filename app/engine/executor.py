@@ -153,6 +153,23 @@ class NodeContext:
                         f"a graph writes only inside {allowed}; choose a folder there, or allow this one "
                         f"in the app")
 
+    def output_file(self, path: str, default_dir: "str | Path | None" = None) -> Path:
+        """Where this node writes the file `path` (as `output_path` allows it), its folder made
+        and cleared of the temporary files killed writers left there (once per executor)."""
+        target = self.output_path(path, default_dir)
+        self.output_folder(target.parent)
+        return target
+
+    def output_folder(self, folder: Path) -> None:
+        """Make `folder` (an allowed place, from `output_path`) and sweep its stale temporary files."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            label = self._run.graph.nodes[self.node_id].label
+            raise NodeError(f"{label}: cannot make the folder {brief(str(folder), 200)!r}: "
+                            f"{brief(str(exc), 200)}") from None
+        self._executor.sweep_stale_temps_once(folder)
+
     def summary(self, text: str) -> None:
         """Say in a line what this run did (what an eraser preserved, ...): the report keeps it
         and the node's done event carries it, so the app can show it on the node."""
@@ -197,8 +214,7 @@ class NodeContext:
         problem = file_name_problem(safe)
         if problem:
             raise NodeError(f"the prefix {problem}")
-        target.mkdir(parents=True, exist_ok=True)
-        _sweep_once(target)
+        self.output_folder(target)
         graph_text = self._run.graph_text if embed_graph else None
         paths = []
         counter = _next_counter(target, safe)
@@ -208,22 +224,6 @@ class NodeContext:
             atomic_write(path, png_bytes(pil, graph_text), durable=False)
             paths.append(str(path))
         return paths
-
-
-# Output folders this process swept: once is enough, a temp file left later is a later process's.
-_swept: set = set()
-_swept_lock = threading.Lock()
-
-
-def _sweep_once(folder: Path) -> None:
-    """Delete the stale temporary files writers killed mid-write (kill -9) left in an output folder."""
-    with _swept_lock:
-        if folder in _swept:
-            return
-        _swept.add(folder)
-    removed = sweep_stale_temps([folder])
-    if removed:
-        log.info("removed %d stale temporary file(s) from %s", removed, folder)
 
 
 def _next_counter(folder: Path, prefix: str) -> int:
@@ -257,7 +257,7 @@ class _Run:
 class Executor:
     """Runs graphs. Keep one per app session: its caches are what make re-runs cheap."""
 
-    def __init__(self, *, device: Optional[str] = None, memory_budget: int = 4 << 30,
+    def __init__(self, *, device: Optional[str] = None, memory_budget: "int | str | None" = None,
                  disk_cache: "DiskCache | str | Path | None | bool" = True,
                  disk_budget: int = 2 << 30, resources: Optional[Path] = None,
                  model_roots: Optional[Iterable[str]] = None,
@@ -272,6 +272,7 @@ class Executor:
         self._current: Optional[_Run] = None  # the run in progress: its values' models stay loaded
         # None: LOOMWORK_MODELS, read when a `ckpt:` path is resolved.
         self.model_roots = None if model_roots is None else list(model_roots)
+        # The memory cache's bytes (or "2G"); None: LOOMWORK_MEMORY_CACHE_BUDGET or a share of RAM.
         self.memory = MemoryCache(memory_budget)
         # A run's estimated peak (kernels.run_memory); None: LOOMWORK_RUN_BUDGET or a share of RAM.
         self._run_budget_setting = run_budget
@@ -287,6 +288,22 @@ class Executor:
         self._models: Optional[ModelManager] = None
         self.resources = resources or resources_dir()
         self._lock = threading.Lock()  # one run at a time
+        # Folders this executor's nodes wrote in and swept of stale temp files: once is enough.
+        self._swept: set[Path] = set()
+        self._swept_lock = threading.Lock()
+
+    def sweep_stale_temps_once(self, folder: Path) -> int:
+        """Delete the temporary files writers killed mid-write (kill -9) left in `folder`, the
+        first time this executor writes there (kernels.files.sweep_stale_temps: only files older
+        than any write). Returns how many were deleted."""
+        with self._swept_lock:
+            if folder in self._swept:
+                return 0
+            self._swept.add(folder)
+        removed = sweep_stale_temps([folder])
+        if removed:
+            log.info("removed %d stale temporary file(s) from %s", removed, folder)
+        return removed
 
     # -- environment ---------------------------------------------------------------------
     @property
