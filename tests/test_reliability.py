@@ -324,6 +324,32 @@ def test_graph_file_errors_are_capped():
     assert len(str(info.value)) < 2500
 
 
+# -- 6. a canvas batch of N is N single runs, seed + k -------------------------------------
+@pytest.mark.parametrize("family, scheduler", [
+    (family, scheduler) for family in ("tiny_pixel_model", "tiny_latent_model", "builtin:shapes-t2i")
+    for scheduler in ("euler", "euler_ancestral")] + [("tiny_flow_model", "flow_match_euler")])
+def test_a_batch_of_two_at_32_is_two_single_runs_with_seed_plus_k(request, family, scheduler):
+    from conftest import CAPTURED, txt2img_graph
+
+    model = family if family.startswith("builtin:") else request.getfixturevalue(family)
+    ex = Executor(device="cpu", disk_cache=False)
+
+    def latent(seed: int, batch: int) -> torch.Tensor:
+        g, ids = txt2img_graph(model, size=32, steps=2, seed=seed, batch=batch, save=False, scheduler=scheduler)
+        cap = add_node(g, "TestCaptureLatent", {})
+        g.connect(ids["sampler"], "latent", cap.id, "latent")
+        report = ex.run(g)
+        assert report.ok, [r.error for r in report.nodes.values() if r.error]
+        return CAPTURED.pop("latent")
+
+    both = latent(7, 2)
+    assert both.shape[0] == 2
+    for k in range(2):
+        # a batch sums its matmuls in another order: equal to float rounding (ShapesT2I: up to 3e-4
+        # of values near 1.5; another seed rule would differ by O(1))
+        assert torch.allclose(both[k:k + 1], latent(7 + k, 1), atol=1e-3), k
+
+
 # -- 7. cancel before the start --------------------------------------------------------------
 def test_cancel_before_start_is_reported_as_cancelled(tmp_path):
     g, save_id = _save_graph(_image_file(tmp_path))
@@ -444,6 +470,36 @@ def test_ip_adapter_pickles_are_never_unpickled(tmp_path):
     with pytest.raises(IPAdapterError, match="model.safetensors"):
         load_image_encoder(str(encoder))
     assert not (tmp_path / "marker").exists()
+
+
+def _controlnet_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "cn"
+    _marker_pickle(folder / "diffusion_pytorch_model.bin", tmp_path / "marker")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    return folder
+
+
+@pytest.mark.parametrize("what", ["controlnet file", "controlnet as safetensors", "controlnet folder",
+                                  "checkpoint", "checkpoint as safetensors", "vae"])
+def test_controlnet_checkpoint_and_vae_pickles_are_never_unpickled(tmp_path, what):
+    from kernels.adapters.controlnet import ControlNetError, load_control_net
+    from kernels.models import ModelLoadError
+    from kernels.single_file import load_checkpoint_file, load_vae_file
+
+    marker = tmp_path / "marker"
+    load, path = {
+        "controlnet file": (load_control_net, lambda: _marker_pickle(tmp_path / "cn.pth", marker)),
+        "controlnet as safetensors": (load_control_net, lambda: _marker_pickle(tmp_path / "cn.safetensors", marker)),
+        "controlnet folder": (load_control_net, lambda: _controlnet_folder(tmp_path)),
+        "checkpoint": (load_checkpoint_file, lambda: _marker_pickle(tmp_path / "m.ckpt", marker)),
+        "checkpoint as safetensors": (load_checkpoint_file, lambda: _marker_pickle(tmp_path / "m.safetensors", marker)),
+        "vae": (lambda p: load_vae_file(p, "sd1"), lambda: _marker_pickle(tmp_path / "vae.pt", marker)),
+    }[what]
+    path = str(path())
+    with pytest.raises((ControlNetError, ModelLoadError)) as info:
+        load(path)
+    assert path in str(info.value)
+    assert not marker.exists()
 
 
 # -- 9. an unknown command never starts Qt ---------------------------------------------------
