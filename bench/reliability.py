@@ -17,7 +17,11 @@
 - run_memory: the Sampler's working memory per pixel that kernels.run_memory's floor is taken
   from: the peak RSS of a one-step guided ShapesT2I run at each --act-sizes side over a 16x16
   run, in a child process per size.
-
+- refusals: the hostile resource cases (an 8192 canvas, the same decoded and scaled x16, a
+  header-only 13000^2 PNG and 9400^2 RGBA16 PNG, a 50 MB prompt) each run once under the run
+  budget --refusal-budget (default: this machine's), in a child process: refused before running
+  (by the memory estimate or the prompt cap) or not, the estimated memory, the seconds to refuse
+  and the child's peak RSS.
 - repetition: the rss section at 128 px over 200 runs (--rss-size 128 --rss-runs 200).
 - cancel_storm: --cancels runs of a tiny random-weight model, each cancelled at a random moment,
   each followed by a re-run on the same executor (and every 5th by one on a fresh executor over
@@ -141,6 +145,62 @@ g, ids = txt2img_graph("builtin:shapes-t2i", seed=0, save=False, size=size, step
 assert ex.run(g, [ids["sampler"]]).ok
 print(json.dumps({"bytes_per_pixel": (peak() - base) / (size * size)}))
 """
+
+
+REFUSAL_CHILD = r"""
+import json, re, resource, struct, sys, tempfile, time, zlib, torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/tests")
+torch.set_num_threads(1)
+from conftest import txt2img_graph
+from app.engine import Executor
+from app.graph import Graph
+from nodes.registry import add_node
+case, work = sys.argv[2], tempfile.mkdtemp()
+def png_declaring(width, height, bits, colour_type):  # a header-only PNG: its pixels are not there
+    chunk = lambda k, d: struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))
+    path = work + "/big.png"
+    header = struct.pack(">IIBBBBB", width, height, bits, colour_type, 0, 0, 0)
+    open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                           + chunk(b"IDAT", zlib.compress(b"\0" * 200)) + chunk(b"IEND", b""))
+    return path
+def preview(g, src):
+    pv = add_node(g, "PreviewImage", {}, pos=(1200, 0)).id
+    g.connect(src, "image", pv, "image")
+model = "builtin:shapes-t2i"
+if case in ("canvas 8192", "canvas 8192 decoded, scaled x16", "prompt 50 MB"):
+    size, prompt = (16, "a red circle " * 4_000_000) if case == "prompt 50 MB" else (8192, "a red circle")
+    g, ids = txt2img_graph(model, size=size, steps=2, save=False, prompt=prompt)
+    preview(g, ids["decode"])
+    if case.startswith("canvas 8192 decoded"):
+        scale = add_node(g, "ImageScale", {"factor": 16.0, "method": "nearest"}, pos=(800, 300)).id
+        g.connect(ids["decode"], "image", scale, "image")
+        preview(g, scale)
+else:
+    w, bits, colour = {"png 13000 (493 KB bomb)": (13000, 8, 2), "png 9400 RGBA16": (9400, 16, 6)}[case]
+    g = Graph()
+    load = add_node(g, "LoadImage", {"path": png_declaring(w, w, bits, colour)}).id
+    preview(g, load)
+ex = Executor(device="cpu", disk_cache=False, **({"run_budget": sys.argv[3]} if sys.argv[3] != "default" else {}))
+t = time.perf_counter()
+report = ex.run(g, output_dir=work)
+seconds = time.perf_counter() - t
+errors = [r.error for r in report.nodes.values() if r.status == "failed"]
+need = re.search(r"would need about ([\d.]+ \w+)", errors[0]) if errors else None
+refused = any("would need about" in e or "are read" in e for e in errors)  # the budget's or the prompt cap's
+print(json.dumps({"refused_before_running": refused and report.sampler_steps == 0, "seconds": round(seconds, 3),
+                  "estimated": need.group(1) if need else None, "run_budget_bytes": ex.run_budget,
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  "message": errors[0][:400] if errors else None}))
+"""
+
+REFUSAL_CASES = ("canvas 8192", "canvas 8192 decoded, scaled x16", "png 13000 (493 KB bomb)", "png 9400 RGBA16",
+                 "prompt 50 MB")
+
+
+def refusals(trees: dict[str, Path], budget: str) -> dict:
+    """Each hostile resource case of the probe, run under run budget `budget` in a child process."""
+    return {side: {case: _child(REFUSAL_CHILD, [str(tree), case, budget], timeout=900) for case in REFUSAL_CASES}
+            for side, tree in trees.items()}
 
 
 def rss_growth(tree: Path, runs: int, warmup: int, size: int, memory_budget: str) -> dict:
@@ -272,8 +332,10 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF", help="also measure the code at this git ref")
     parser.add_argument("--before-tree", metavar="DIR", help="as --before, with a checkout already on disk")
     parser.add_argument("--before-timeout", type=float, default=300.0, help="seconds before a 'before' run is stopped")
-    sections = ["fuzz", "validation", "rss", "run_memory", "cancel_storm", "kill", "app_kill"]
+    sections = ["fuzz", "validation", "rss", "run_memory", "refusals", "cancel_storm", "kill", "app_kill"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections, help="what to measure")
+    parser.add_argument("--refusal-budget", default="default",
+                        help="the run budget of the refusals cases (e.g. 4G: a machine of 8 GB)")
     parser.add_argument("--cancels", type=int, default=100, help="cancelled runs (cancel_storm)")
     parser.add_argument("--kills", type=int, default=20, help="kill -9s of loomwork run (kill)")
     parser.add_argument("--kill-seconds", type=float, default=3 * 3600,
@@ -310,13 +372,19 @@ def main() -> None:
             result["before_ref"], result["command"] = args.before, command
         if "rss" in args.sections:
             budget = "default" if args.rss_memory_budget is None else str(parse_bytes(args.rss_memory_budget))
-            label = f"{args.rss_size}px, memory cache budget {args.rss_memory_budget or 'default (4 GiB)'}"
+            label = f"{args.rss_size}px, memory cache budget {args.rss_memory_budget or 'default (20% of RAM)'}"
             # update, not replace: an entry's other measurements (say, before a fix) stay
             result.setdefault("rss", {}).setdefault(label, {}).update({
                 **{side: rss_growth(tree, args.rss_runs, args.rss_warmup, args.rss_size, budget)
                    for side, tree in trees.items()}, "before_ref": args.before, "command": command})
         if "run_memory" in args.sections:
             result["run_memory"] = {**sampler_working_memory(args.act_sizes), "command": command}
+        if "refusals" in args.sections:
+            from kernels.run_memory import run_budget
+
+            result["refusals"] = {**refusals(trees, args.refusal_budget), "model": "builtin:shapes-t2i",
+                                  "run_budget": args.refusal_budget, "default_run_budget_bytes": run_budget(),
+                                  "command": command}
         if "cancel_storm" in args.sections:
             result["cancel_storm"] = {**cancel_storm(args.cancels, args.probe_size, args.probe_steps),
                                       "command": command}

@@ -97,9 +97,10 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _png_declaring(path, width: int, height: int) -> None:
-    """A few hundred bytes whose header says width x height RGB (its pixels are not all there)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+def _png_declaring(path, width: int, height: int, bits: int = 8, colour_type: int = 2) -> None:
+    """A few hundred bytes whose header says width x height RGB (colour type 2; 6 is RGBA) of
+    `bits` per channel (its pixels are not all there)."""
+    header = struct.pack(">IIBBBBB", width, height, bits, colour_type, 0, 0, 0)
     pixels = zlib.compress(b"\0" * (1 + 3 * min(width, 64)))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels)
                      + _chunk(b"IEND", b""))
@@ -139,6 +140,20 @@ def test_the_bomb_is_refused_before_the_run_from_its_header(tmp_path):
     error = report.nodes[load].error
     assert re.match(r"Load bomb \[\w+\]: the run would need about ", error) and "1x3x13000x13000" in error
     assert report.ran() == []
+
+
+def test_a_9400_rgba16_png_is_estimated_at_what_it_takes_and_refused_under_a_smaller_budget(tmp_path):
+    """Below Pillow's own pixel limit (no warning), yet it peaked at 4.4 GB when loaded."""
+    from app.graph import Graph
+
+    big = tmp_path / "rgba16.png"
+    _png_declaring(big, 9400, 9400, bits=16, colour_type=6)
+    g = Graph()
+    load = add_node(g, "LoadImage", {"path": str(big)}, title="Load big").id
+    report = Executor(disk_cache=False, run_budget="4G").run(g, [_preview(g, load)], output_dir=tmp_path)
+    error = report.nodes[load].error
+    assert re.match(r"Load big \[\w+\]: the run would need about 4\.\d\d GiB", error), error
+    assert "1x3x9400x9400" in error and report.ran() == []
 
 
 def test_a_small_image_loads_and_its_estimate_reads_the_header(tmp_path):
