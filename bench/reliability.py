@@ -34,7 +34,8 @@
 - app_kill: --app-kills times the app (offscreen) is edited on a timer for 6-15 s and killed
   with SIGKILL: the seconds of edits lost, and whether the next start offers the autosave back.
   With --before, the code at REF too.
-The probe functions are tests/test_reliability_probes.py's (whose tests run them a few times).
+The probe functions are tests/test_reliability_probes.py's and test_reliability_app_probes.py's
+(whose tests run them a few times).
 
 --sections picks sections; with --out, the sections not run keep their numbers in the file.
 
@@ -221,11 +222,11 @@ def sampler_working_memory(sizes: list[int]) -> dict:
             "measured_bytes_per_pixel": measured, "floor_used": SAMPLER_BYTES_PER_PIXEL}
 
 
-def _probes():
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_reliability_probes
+def _probes(module: str = "test_reliability_probes"):
+    import importlib
 
-    return test_reliability_probes
+    sys.path.insert(0, str(ROOT / "tests"))
+    return importlib.import_module(module)
 
 
 def _tiny_model(work: Path) -> str:
@@ -270,7 +271,7 @@ def app_kills(trees: dict[str, Path], kills: int) -> dict:
     out: dict = {"autosave_idle_ms": AUTOSAVE_IDLE_MS, "autosave_max_wait_ms": AUTOSAVE_MAX_WAIT_MS}
     for side, tree in trees.items():
         work = Path(tempfile.mkdtemp(prefix=f"loomwork-appkill-{side}-"))
-        out[side] = _probes().app_kill_probe(kills, work, random.Random(0), tree=tree, seconds=3 * 3600)
+        out[side] = _probes("test_reliability_app_probes").app_kill_probe(kills, work, random.Random(0), tree=tree, seconds=3 * 3600)
     return out
 
 
