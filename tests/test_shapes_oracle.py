@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from kernels.shapes import oracle
 from kernels.shapes.oracle import box_iou, detect, match, score_prompt
 from kernels.shapes.world import downsample, render_array, sample_scene
 
@@ -51,6 +52,21 @@ def test_oracle_sees_nothing_in_a_blank_image_and_scores_prompts():
     wrong = [{"colour": "red" if o.colour != "red" else "blue", "shape": o.shape, "cell": o.cell}
              for o in scene.objects[:1]]
     assert score_prompt(wrong, img)["colour"] == 0.0
+
+
+def test_noise_is_not_a_scene():
+    # A half-trained model's samples: coloured noise over a grey field. Before the region cap the
+    # oracle matched prompts against its specks and scored "colour" on most of them.
+    rng = np.random.default_rng(0)
+    noise = np.clip(128 + rng.normal(0, 35, (32, 32, 3)), 0, 255).astype(np.uint8)
+    specks = oracle._components(noise.max(2).astype(int) - noise.min(2) > oracle.CHROMA_MASK)
+    assert sum(len(s) >= 2 for s in specks) > oracle.MAX_REGIONS
+    assert detect(noise) == []
+    assert score_prompt([{"colour": "red", "shape": "circle", "cell": 4}], noise)["colour"] == 0.0
+    # ... while the busiest scene the world draws keeps every object.
+    scenes = [sample_scene(rng, 3) for _ in range(20)]
+    for scene in scenes:
+        assert detect(render_array(scene, 32))
 
 
 def test_oracle_command_prints_json(tmp_path, capsys):

@@ -30,6 +30,10 @@ from kernels.shapes.world import COLOURS, SHAPES, cell_of_point, shape_outline
 CHROMA_MASK = 50        # max-min channel spread that marks a pixel as (mostly) object
 CHROMA_BACKGROUND = 12  # below this a pixel counts as background for the fit
 MIN_AREA_FRACTION = 0.002  # regions smaller than this share of the image are noise
+# The world draws at most 3 objects (a trained model's renders show at most 6 regions); an image
+# with more is noise, not a scene: a half-trained model's noisy samples break into ~20 coloured
+# specks, and matching prompts against those scored 0.5-0.9 "colour" on pure noise.
+MAX_REGIONS = 8
 SUPERSAMPLE = 4
 PALETTE = {name: np.array(rgb, np.float32) for name, rgb in COLOURS.items()}
 
@@ -133,9 +137,10 @@ def detect(image) -> list[Detection]:
     bg = _background(img, chroma)
     detections = []
     min_pixels = max(2, MIN_AREA_FRACTION * size * size)
-    for pixels in _components(chroma > CHROMA_MASK):
-        if len(pixels) < min_pixels:
-            continue
+    regions = [pixels for pixels in _components(chroma > CHROMA_MASK) if len(pixels) >= min_pixels]
+    if len(regions) > MAX_REGIONS:
+        return []
+    for pixels in regions:
         rows, cols = pixels[:, 0], pixels[:, 1]
         region_chroma = chroma[rows, cols]
         core = region_chroma >= np.quantile(region_chroma, 0.5)
