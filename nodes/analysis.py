@@ -211,15 +211,19 @@ class SeedScan(Node):
             clip_folder=""):
         import torch
 
+        from kernels.analysis.clip_score import load_clip
         from kernels.analysis.seed_scan import SeedScanError, contact_sheet, scan, scan_table, scorer
         from kernels.images import model_to_image
+        from kernels.models import ModelLoadError
 
         from .core import Sampler
 
+        models = getattr(ctx, "models", None)  # the app's model manager: CLIP loads once, in its budget
+        load = (lambda f: models.load(f, "float32", load_clip)) if models is not None else None
         try:
             folder = ctx.resolve_path(clip_folder) if metric == "clip" and clip_folder else clip_folder
-            score = scorer(metric, positive.prompt, folder)
-        except SeedScanError as exc:
+            score = scorer(metric, positive.prompt, folder, load)
+        except (SeedScanError, ModelLoadError) as exc:
             raise NodeError(f"SeedScan: {exc}") from None
         sampler = Sampler()
 
