@@ -30,7 +30,7 @@ from .registry import register
 # kernels.analysis.classifier defaults (no torch here)
 CLASSIFIER_SAMPLES, CLASSIFIER_FIRST, CLASSIFIER_KEEP = 32, 8, 3
 SEED_METRICS = ("oracle", "clip", "contrast", "colourfulness", "sharpness")  # kernels.analysis.seed_scan.METRICS
-CYCLE_ETA, CYCLE_STRENGTH = 0.1, 0.8  # kernels.editing.cycle_diffusion.DEFAULT_ETA, DEFAULT_STRENGTH
+CYCLE_ETA, CYCLE_STRENGTH = 1.0, 0.4  # kernels.editing.cycle_diffusion.DEFAULT_ETA, DEFAULT_STRENGTH
 
 
 def _lines(text: str) -> list[str]:
@@ -133,15 +133,17 @@ class CycleEdit(Node):
     DDIM's start noise and per-step noises (eta > 0), then regenerated from that code with the
     target prompt: what the prompts share stays, what differs changes. Regenerating with the
     source prompt gives the image back. strength: how much of the schedule is re-run (1 = all).
-    DDPM-family models (not flow matching)."""
+    The defaults (eta 1, strength 0.4, cfg 20) are the ones that kept the object's place and
+    shape while changing its colour on ShapesT2I. DDPM-family models (not flow matching)."""
 
     category = "image"
     inputs = {"model": MODEL, "vae": VAE, "image": IMAGE, "source": CONDITIONING, "target": CONDITIONING,
               "negative": CONDITIONING.optional("what to steer away from (default: the empty prompt)")}
     params = {
-        "steps": Int(50, 1, 500, help="DDIM steps of the whole schedule"),
-        "cfg": Float(5.0, 0.0, 30.0, step=0.5, help="classifier-free guidance of the target prompt"),
-        "source_cfg": Float(1.0, 0.0, 30.0, step=0.5, help="guidance of the source prompt while encoding; "
+        "steps": Int(20, 1, 500, help="DDIM steps of the whole schedule"),
+        "cfg": Float(20.0, 0.0, 30.0, step=0.5, help="classifier-free guidance of the target prompt (the edit "
+                     "needs a strong push at a low strength; lower it if colours burn)"),
+        "source_cfg": Float(20.0, 0.0, 30.0, step=0.5, help="guidance of the source prompt while encoding; "
                             "equal to cfg, the source prompt gives the image back exactly"),
         "eta": Float(CYCLE_ETA, 0.0, 1.0, step=0.05, help="DDIM's stochasticity; the code holds its noises"),
         "strength": Float(CYCLE_STRENGTH, 0.0, 1.0, step=0.05, help="the share of the schedule encoded and re-run"),
@@ -211,15 +213,19 @@ class SeedScan(Node):
             clip_folder=""):
         import torch
 
+        from kernels.analysis.clip_score import load_clip
         from kernels.analysis.seed_scan import SeedScanError, contact_sheet, scan, scan_table, scorer
         from kernels.images import model_to_image
+        from kernels.models import ModelLoadError
 
         from .core import Sampler
 
+        models = getattr(ctx, "models", None)  # the app's model manager: CLIP loads once, in its budget
+        load = (lambda f: models.load(f, "float32", load_clip)) if models is not None else None
         try:
             folder = ctx.resolve_path(clip_folder) if metric == "clip" and clip_folder else clip_folder
-            score = scorer(metric, positive.prompt, folder)
-        except SeedScanError as exc:
+            score = scorer(metric, positive.prompt, folder, load)
+        except (SeedScanError, ModelLoadError) as exc:
             raise NodeError(f"SeedScan: {exc}") from None
         sampler = Sampler()
 

@@ -103,3 +103,38 @@ def test_the_cache_key_follows_the_clip_folders_files(clip_folder, tmp_path):
     assert SeedScan.fingerprint({**params, "metric": "contrast"}, Ctx()) is None
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     assert SeedScan.fingerprint(params, Ctx()) != before
+
+
+def test_the_app_loads_the_clip_model_once_through_its_model_manager(tiny_pixel_model, clip_folder, tmp_path):
+    """Two runs of a scan with other seeds (the scan runs again) load the CLIP folder once: it is
+    one of the model manager's models, counted in its budget like the diffusion model."""
+    import os
+
+    from test_analysis_graphs import GRAPHS, SMALL
+
+    from app.engine import Executor
+    from app.graph import load
+    from nodes import registry
+
+    g = load(GRAPHS / "analysis-seed-scan.loom", registry.get)
+    for node in g.nodes.values():
+        if node.type == "LoadModel":
+            node.params["path"] = tiny_pixel_model
+        node.params.update(SMALL.get(node.type, {}))
+        if node.type == "TextEncode":
+            node.params["text"] = PROMPT
+        if node.type == "SeedScan":
+            node.params.update(metric="clip", clip_folder=str(clip_folder))
+            scan = node
+    executor = Executor(device="cpu", disk_cache=False)
+    for first in (0, 10):
+        scan.params["first"] = first
+        report = executor.run(g, output_dir=tmp_path)
+        assert report.ok, {r.title: r.error for r in report.nodes.values()}
+        assert report.status(scan.id) == "ran"
+    manager = executor.models
+    sources = [os.path.abspath(m["source"]) for m in manager.usage()["models"]]
+    assert sources.count(os.path.abspath(clip_folder)) == 1
+    assert manager.loads == 2  # the tiny diffusion model and CLIP, each once
+    clip_entry = next(m for m in manager.usage()["models"] if os.path.abspath(m["source"]) == os.path.abspath(clip_folder))
+    assert clip_entry["bytes"].get("cpu", 0) > 0  # measured and counted against the budget

@@ -110,8 +110,8 @@ def build(stem: str):
         src = _text(g, load, "a red circle on the left, white background", "Source prompt", (320, -160))
         tgt = _text(g, load, "a blue circle on the left, white background", "Target prompt", (320, -320))
         image = _drawn(g, load, empty, src)
-        node = add_node(g, "CycleEdit", {"steps": 20, "cfg": 5.0, "source_cfg": 1.0, "eta": 0.1,
-                                         "strength": 0.8, "seed": 0}, title="CycleDiffusion edit", pos=(1160, 0))
+        node = add_node(g, "CycleEdit", {"steps": 20, "cfg": 20.0, "source_cfg": 20.0, "eta": 1.0,
+                                         "strength": 0.4, "seed": 0}, title="CycleDiffusion edit", pos=(1160, 0))
         g.connect(load.id, "model", node.id, "model")
         g.connect(load.id, "vae", node.id, "vae")
         g.connect(image.id, "image", node.id, "image")

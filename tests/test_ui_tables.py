@@ -68,3 +68,31 @@ def test_a_seed_scan_run_shows_its_table_in_the_table_panel(window, qtbot, tiny_
     assert "Seed scan (contrast" in panel.caption.text() and scan_id in window.doc.graph.nodes
     window.doc.replace(load(GRAPHS / "analysis-seed-scan.loom", registry.get), None)
     assert panel.tables == [] and panel.view.model() is None  # another graph: none of the old tables
+
+
+def test_a_table_output_shows_in_the_panel_without_a_save_table_node(window, qtbot, tiny_pixel_model):
+    """Activation patching's image is saved and its table goes nowhere: the panel still shows
+    the table, once, under the node's title."""
+    from test_analysis_graphs import GRAPHS, SMALL
+
+    from app.graph import load
+    from nodes import registry
+
+    g = load(GRAPHS / "analysis-activation-patch.loom", registry.get)
+    for node in list(g.nodes.values()):
+        if node.type == "LoadModel":
+            node.params["path"] = tiny_pixel_model
+        node.params.update(SMALL.get(node.type, {}))
+        if node.type == "SaveTable":
+            g.remove_node(node.id)
+    window.doc.replace(g, None)
+    with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
+        window.act_run.trigger()
+    report = blocker.args[0]
+    assert not isinstance(report, str) and report.ok, report
+    assert "SaveTable" not in [r.type for r in report.nodes.values()]
+    panel = window.tables
+    assert [name for name, _ in panel.tables] == [
+        "Activation patch: Activation patching, one layer at a time (prompt B into A's run)"]
+    head, cells = _shown(panel.view.model())
+    assert head == ["layer", "change from A", "toward B"] and len(cells) >= 2

@@ -29,7 +29,7 @@ from app.graph.errors import MESSAGE_CHARS, brief
 from app.graph.png import png_bytes
 from kernels.files import atomic_write, sweep_stale_temps
 from nodes import registry
-from nodes.base import NodeError, file_name_problem
+from nodes.base import TABLE, NodeError, file_name_problem
 
 from .cache import DiskCache, MemoryCache, Traces
 from .hashing import Unhashable, content_hash, key_of, size_of
@@ -203,7 +203,12 @@ class NodeContext:
         self._run.events.images(self.node_id, images, paths)
 
     def show_table(self, table) -> None:
-        """A result table for the app to show, as show_images does for images."""
+        """A result table for the app to show, as show_images does for images. Once per run: a
+        node's TABLE outputs are shown when it finishes, so Save Table of a table that ran
+        this run adds no second copy (of one from the cache, it is the one shown)."""
+        if any(shown is table for shown in self._run.shown_tables):
+            return
+        self._run.shown_tables.append(table)
         self._run.events.tables(self.node_id, table)
 
     def save_images(self, images, folder: Optional[str], prefix: str, embed_graph: bool) -> list[str]:
@@ -252,6 +257,7 @@ class _Run:
     blocked: dict[str, str] = field(default_factory=dict)  # node -> why it cannot run
     skips: dict[str, str] = field(default_factory=dict)  # node -> why it is skipped (reads a muted node)
     refused: Optional[str] = None  # why the whole run is refused (its memory estimate)
+    shown_tables: list = field(default_factory=list)  # tables sent to the app this run, each once
 
 
 class Executor:
@@ -605,6 +611,9 @@ class Executor:
                 hashes[port] = key_of(key, port)  # no early cutoff for this output
         run.values[nid] = outputs
         run.hashes[nid] = hashes
+        for port, kind in spec.outputs.items():  # a result table shows when its node finishes
+            if kind is TABLE and outputs.get(port) is not None:
+                ctx.show_table(outputs[port])
         if not spec.always_run:
             self.traces[key] = hashes
             self.memory.put(key, outputs, size_of(outputs), seconds, node=nid)

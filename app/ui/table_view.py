@@ -10,6 +10,7 @@ from __future__ import annotations
 from PySide6 import QtCore, QtWidgets
 
 NO_PARENT = QtCore.QModelIndex()  # a table's rows have no parent
+NO_TABLE_YET = "No table yet: run a node with a table output (Diffusion Classifier, Seed Scan, ...)."
 
 
 def cell_text(value) -> str:
@@ -71,7 +72,7 @@ class TablePanel(QtWidgets.QWidget):
         self.view.setSortingEnabled(False)  # the node's order is the ranking
         self.view.verticalHeader().setVisible(False)
         self.view.horizontalHeader().setStretchLastSection(True)
-        self.caption = QtWidgets.QLabel("No table yet: run a node with a table output into Save Table.")
+        self.caption = QtWidgets.QLabel(NO_TABLE_YET)
         self.caption.setObjectName("Hint")
         self.caption.setWordWrap(True)
         lay = QtWidgets.QVBoxLayout(self)
@@ -106,4 +107,4 @@ class TablePanel(QtWidgets.QWidget):
         self.tables.clear()
         self.picker.clear()
         self.view.setModel(None)
-        self.caption.setText("No table yet: run a node with a table output into Save Table.")
+        self.caption.setText(NO_TABLE_YET)

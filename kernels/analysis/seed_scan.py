@@ -94,13 +94,15 @@ def statistic(metric: str, image: torch.Tensor) -> float:
     raise SeedScanError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
-def scorer(metric: str, prompt: str, clip_folder: str = "") -> Callable[[torch.Tensor], float]:
-    """image (HWC, 0..1) -> score for `metric` (and the prompt, for the oracle and CLIP)."""
+def scorer(metric: str, prompt: str, clip_folder: str = "",
+           load_clip: Callable | None = None) -> Callable[[torch.Tensor], float]:
+    """image (HWC, 0..1) -> score for `metric` (and the prompt, for the oracle and CLIP).
+    load_clip(folder): how the CLIP model is loaded (kernels.analysis.clip_score.clip_scorer)."""
     if metric == "clip":
         from kernels.analysis.clip_score import ClipScoreError, clip_scorer
 
         try:
-            return clip_scorer(clip_folder, prompt)
+            return clip_scorer(clip_folder, prompt, load_clip)
         except ClipScoreError as exc:
             raise SeedScanError(str(exc)) from None
     if metric == "oracle":
