@@ -1,9 +1,11 @@
 """The training loss weights: plain min-SNR-5 by default, and an x0-space floor that keeps the
 high-noise steps (where a 32x32 pixel model places its objects) in the loss."""
 
+from pathlib import Path
+
 import torch
 
-from kernels.shapes.model import build_scheduler
+from kernels.shapes.model import build_scheduler, build_text_encoder
 from kernels.shapes.train import loss_weights, parse_args, resumed_step
 
 
@@ -68,3 +70,21 @@ def test_text_lr_scale_zero_freezes_the_encoder_and_trains_the_unet(tmp_path):
 def test_global_text_unet_pools_the_caption_into_the_time_embedding(tmp_path):
     run, _, _ = _one_step(tmp_path, "--global-text", "--text-lr-scale", "0")
     assert run.unet.config.addition_embed_type == "text" and run.unet.add_embedding is not None
+
+
+def test_fresh_text_encoder_keeps_the_resumed_unet_and_starts_the_encoder_anew(tmp_path):
+    from kernels.models import load_model_folder
+    from kernels.shapes.train import start_run
+
+    shipped = str(Path(__file__).resolve().parents[1] / "resources" / "models" / "shapes-t2i")
+    mb, cb, _ = load_model_folder(shipped)
+    args = parse_args(["--workdir", str(tmp_path), "--resume", shipped, "--fresh-text-encoder", "--text-lr-scale", "0"])
+    run = start_run(args, tmp_path, lambda event: None)
+    assert all(torch.equal(a, b.float()) for a, b in zip(run.unet.state_dict().values(), mb.unet.state_dict().values()))
+    fresh = run.text_encoder.state_dict()
+    shipped_te = cb.text_encoder.state_dict()
+    assert fresh.keys() == shipped_te.keys()
+    assert not any(torch.equal(fresh[k], shipped_te[k].float()) for k in fresh if k.endswith("weight"))
+    torch.manual_seed(0)
+    again = build_text_encoder(run.tokenizer).state_dict()
+    assert all(torch.equal(fresh[k], again[k]) for k in again)  # seeded: a restart builds the same one

@@ -162,6 +162,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-lr-scale", type=float, default=1.0,
                         help="the text encoder's learning rate as a multiple of the UNet's; 0 freezes it "
                              "(a jointly trained encoder collapsed the position words: positions.md)")
+    parser.add_argument("--fresh-text-encoder", action="store_true",
+                        help="with --resume: keep the UNet but start the text encoder anew (seed 0), so a "
+                             "trained denoiser learns to read an encoder whose position words never collapsed")
     parser.add_argument("--global-text", action="store_true",
                         help="a new UNet also gets the pooled caption through its time embedding")
     return parser.parse_args(argv)
@@ -191,6 +194,9 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
         from kernels.models import load_model_folder
         mb, cb, _ = load_model_folder(args.resume)
         unet, text_encoder, tokenizer = mb.unet.float(), cb.text_encoder.float(), cb.tokenizer
+        if args.fresh_text_encoder:
+            torch.manual_seed(0)
+            text_encoder = shapes_model.build_text_encoder(tokenizer)
     else:
         tokenizer = shapes_model.build_tokenizer()
         text_encoder = shapes_model.build_text_encoder(tokenizer)
