@@ -110,22 +110,13 @@ def test_the_app_loads_the_clip_model_once_through_its_model_manager(tiny_pixel_
     one of the model manager's models, counted in its budget like the diffusion model."""
     import os
 
-    from test_analysis_graphs import GRAPHS, SMALL
+    from test_analysis_graphs import small_example
 
     from app.engine import Executor
-    from app.graph import load
-    from nodes import registry
 
-    g = load(GRAPHS / "analysis-seed-scan.loom", registry.get)
-    for node in g.nodes.values():
-        if node.type == "LoadModel":
-            node.params["path"] = tiny_pixel_model
-        node.params.update(SMALL.get(node.type, {}))
-        if node.type == "TextEncode":
-            node.params["text"] = PROMPT
-        if node.type == "SeedScan":
-            node.params.update(metric="clip", clip_folder=str(clip_folder))
-            scan = node
+    g = small_example("analysis-seed-scan", tiny_pixel_model, PROMPT,
+                      SeedScan={"metric": "clip", "clip_folder": str(clip_folder)})
+    scan = next(n for n in g.nodes.values() if n.type == "SeedScan")
     executor = Executor(device="cpu", disk_cache=False)
     for first in (0, 10):
         scan.params["first"] = first

@@ -159,19 +159,29 @@ SMALL = {"EmptyLatent": {"width": 16, "height": 16}, "Sampler": {"steps": 2}, "S
          "DiffusionClassifier": {"samples": 2, "first": 1}}
 
 
-@pytest.mark.parametrize("stem", sorted(EXAMPLES))
-def test_example_graph_runs_headless(stem, tiny_pixel_model, tmp_path):
-    from app.engine import Executor
+def small_example(stem: str, model: str, text: str | None = None, **params_by_type: dict):
+    """An example graph on the tiny model at SMALL's sizes; `text` for every prompt, and extra
+    params per node type (SeedScan={"metric": "contrast"})."""
     from app.graph import load
     from nodes import registry
 
     g = load(GRAPHS / f"{stem}.loom", registry.get)
     for node in g.nodes.values():
         if node.type == "LoadModel":
-            node.params["path"] = tiny_pixel_model
+            node.params["path"] = model
         node.params.update(SMALL.get(node.type, {}))
-        if node.type == "TextEncode" and stem == "analysis-seed-scan":
-            node.params["text"] = "a blue square"  # the tiny model's words
+        if node.type == "TextEncode" and text is not None:
+            node.params["text"] = text
+        node.params.update(params_by_type.get(node.type, {}))
+    return g
+
+
+@pytest.mark.parametrize("stem", sorted(EXAMPLES))
+def test_example_graph_runs_headless(stem, tiny_pixel_model, tmp_path):
+    from app.engine import Executor
+
+    # The seed scan's oracle-free metrics need the tiny model's own words.
+    g = small_example(stem, tiny_pixel_model, "a blue square" if stem == "analysis-seed-scan" else None)
     report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values()}
     images = {"analysis-classifier": 0, "analysis-seed-scan": 2, "analysis-cycle-edit": 2,

@@ -7,20 +7,10 @@ pytest.importorskip("torch")
 
 
 def _seed_scan_graph(tiny_pixel_model, with_save_table: bool):
-    from test_analysis_graphs import GRAPHS, SMALL
+    from test_analysis_graphs import small_example
 
-    from app.graph import load
-    from nodes import registry
-
-    g = load(GRAPHS / "analysis-seed-scan.loom", registry.get)
+    g = small_example("analysis-seed-scan", tiny_pixel_model, "a blue square", SeedScan={"metric": "contrast"})
     for node in list(g.nodes.values()):
-        if node.type == "LoadModel":
-            node.params["path"] = tiny_pixel_model
-        node.params.update(SMALL.get(node.type, {}))
-        if node.type == "TextEncode":
-            node.params["text"] = "a blue square"
-        if node.type == "SeedScan":
-            node.params["metric"] = "contrast"
         if node.type == "SaveTable" and not with_save_table:
             g.remove_node(node.id)
     return g

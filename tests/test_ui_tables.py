@@ -37,21 +37,14 @@ def test_the_model_shows_a_seed_scan_table_in_the_nodes_order_read_only(qapp):
 
 
 def test_a_seed_scan_run_shows_its_table_in_the_table_panel(window, qtbot, tiny_pixel_model):
-    from test_analysis_graphs import GRAPHS, SMALL
+    from test_analysis_graphs import GRAPHS, small_example
 
     from app.graph import load
     from nodes import registry
 
-    g = load(GRAPHS / "analysis-seed-scan.loom", registry.get)
-    for node in g.nodes.values():
-        if node.type == "LoadModel":
-            node.params["path"] = tiny_pixel_model
-        node.params.update(SMALL.get(node.type, {}))
-        if node.type == "TextEncode":
-            node.params["text"] = "a blue square"
-        if node.type == "SeedScan":
-            node.params["metric"] = "contrast"
-            scan_id, first = node.id, int(node.params.get("first", 0))
+    g = small_example("analysis-seed-scan", tiny_pixel_model, "a blue square", SeedScan={"metric": "contrast"})
+    scan = next(n for n in g.nodes.values() if n.type == "SeedScan")
+    scan_id, first = scan.id, int(scan.params.get("first", 0))
     window.doc.replace(g, None)
     with qtbot.waitSignal(window.runner.finished, timeout=180_000) as blocker:
         window.act_run.trigger()
@@ -73,16 +66,10 @@ def test_a_seed_scan_run_shows_its_table_in_the_table_panel(window, qtbot, tiny_
 def test_a_table_output_shows_in_the_panel_without_a_save_table_node(window, qtbot, tiny_pixel_model):
     """Activation patching's image is saved and its table goes nowhere: the panel still shows
     the table, once, under the node's title."""
-    from test_analysis_graphs import GRAPHS, SMALL
+    from test_analysis_graphs import small_example
 
-    from app.graph import load
-    from nodes import registry
-
-    g = load(GRAPHS / "analysis-activation-patch.loom", registry.get)
+    g = small_example("analysis-activation-patch", tiny_pixel_model)
     for node in list(g.nodes.values()):
-        if node.type == "LoadModel":
-            node.params["path"] = tiny_pixel_model
-        node.params.update(SMALL.get(node.type, {}))
         if node.type == "SaveTable":
             g.remove_node(node.id)
     window.doc.replace(g, None)
