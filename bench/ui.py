@@ -9,7 +9,8 @@
 
   Then (4) a queue of 5 runs (batch count 5), (5) panning a 200-node graph with the middle
   mouse button (a drag step every 16 ms for 4 s, each step painted), framed as it opens and at
-  1:1 where every title and port is drawn, (6) the gallery loading
+  1:1 where every title and port is drawn, and the wires cached (as NodeGraphQt does) against
+  uncached (as the app does) interleaved, (6) the gallery loading
   500 thumbnails of 512x512 PNGs (shown, then scrolled through to the end).
 
 Targets: window <= 2 s; no gap > 100 ms. The default graph's `builtin:shapes-t2i` model is used
@@ -151,6 +152,7 @@ def event_loop_gaps(tmp: Path) -> dict:
     runs = ("first_run", "rerun_after_edit", "long_run_200_steps", "queue_of_5_runs")
     result["pan_200_nodes"] = pan_big_graph(app, w, meter, 200)
     result["pan_200_nodes_1to1"] = pan_big_graph(app, w, meter, 200, actual_size=True)
+    result["pan_wire_cache_before_after"] = pan_wire_cache_ab(app, w, meter)
     result["gallery_500_thumbnails"] = gallery_thumbnails(app, w, meter, tmp / "gallery", 500)
     gaps = [result[k]["max_gap_ms"] for k in ("warm_up", *runs, "pan_200_nodes", "pan_200_nodes_1to1",
                                                 "gallery_500_thumbnails")]
@@ -252,6 +254,36 @@ def pan_big_graph(app, w, meter, n: int, seconds: float = 4.0, actual_size: bool
     stats.update(nodes=len(w.doc.graph.nodes), zoom="1:1" if actual_size else "framed",
                  drag_steps=steps, steps_per_s=round(steps / seconds, 1))
     return stats
+
+
+def pan_wire_cache_ab(app, w, meter, n: int = 200, reps: int = 3, seconds: float = 3.0) -> dict:
+    """The wires' cache mode before (NodeGraphQt's device-coordinate cache) and now (none),
+    interleaved in this one process on the same graph, at 1:1 and framed: the largest gap of
+    each pan, in order, and their medians."""
+    from NodeGraphQt.qgraphics.pipe import PipeItem
+    from PySide6 import QtGui, QtWidgets
+
+    if len(w.doc.graph.nodes) != n:
+        w.doc.replace(big_graph(n), None)
+    wait_for(app, lambda: False, 1.0)
+    modes = {"wires_cached": QtWidgets.QGraphicsItem.DeviceCoordinateCache,
+             "wires_uncached": QtWidgets.QGraphicsItem.NoCache}
+    gaps: dict[str, list[float]] = {}
+    for _ in range(reps):
+        for label, mode in modes.items():
+            for item in w.canvas.widget.scene().items():
+                if isinstance(item, PipeItem):
+                    item.setCacheMode(mode)
+            for zoom, actual in (("1to1", True), ("framed", False)):
+                QtGui.QPixmapCache.clear()  # each pan starts from the same empty cache
+                stats = pan_big_graph(app, w, meter, n, seconds=seconds, actual_size=actual)
+                gaps.setdefault(f"{label}_{zoom}", []).append(stats["max_gap_ms"])
+    for item in w.canvas.widget.scene().items():  # as the app draws them
+        if isinstance(item, PipeItem):
+            item.setCacheMode(modes["wires_uncached"])
+    out = {"max_gap_ms_each": gaps, "reps": reps, "seconds_each": seconds}
+    out["median_max_gap_ms"] = {k: round(statistics.median(v), 1) for k, v in gaps.items()}
+    return out
 
 
 def gallery_thumbnails(app, w, meter, folder: Path, n: int) -> dict:
