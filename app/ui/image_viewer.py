@@ -154,7 +154,7 @@ class ImageWindow(QtWidgets.QDialog):
         bar.addWidget(self.drag_btn)
         lay = QtWidgets.QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
-        lay.addWidget(bar)
+        lay.addLayout(bar)
         lay.addWidget(self.view, 1)
         for key, slot in (("Left", lambda: self.step(-1)), ("Right", lambda: self.step(1)),
                           ("F", self.view.fit), ("1", lambda: self.view.set_zoom(1.0))):
