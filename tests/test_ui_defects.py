@@ -58,6 +58,19 @@ def test_a_shipped_graph_opens_as_an_untitled_copy(window):
     assert "copy" in window.statusBar().currentMessage()
 
 
+def test_a_shipped_graphs_run_saves_into_the_configured_output_folder(window, qtbot):
+    from app.ui import session
+
+    shipped = ROOT / "resources" / "graphs" / "default.loom"
+    assert window.open_path(str(shipped), ask=False)
+    window.act_run.trigger()
+    run = window.run_queue.items[-1]
+    window.cancel_run()
+    window.runner.wait(60)
+    assert run.output_dir == str(session.default_output_dir())
+    assert not run.output_dir.startswith(str(ROOT / "resources"))
+
+
 def test_a_users_graph_keeps_its_path(window, tmp_path):
     path, _ = sampler_file(tmp_path, 20)
     window.open_path(str(path), ask=False)

@@ -32,18 +32,13 @@ to NodeGraphQt's model. What this module changes, and why:
 8. `LoomViewer` raises Qt's pixmap cache limit (`ITEM_CACHE_KB`): NodeGraphQt caches every node,
    port and wire in device coordinates, and Qt's default 10 MB holds the caches of ~50 nodes, so
    panning a larger graph evicted and repainted every node on every step (2-3x slower).
-9. Wires are not cached (`WIRE_CACHE_MODE`): NodeGraphQt caches every item in device
-   coordinates, and a wire's cache is its bounding rect clipped to the viewport, so the long
-   wires fanning out of a loader each held a near-viewport-sized transparent pixmap that was
-   blended in full on every pan step (and they overflowed the pixmap cache at 1:1). Drawn
-   directly, a wire costs only its stroke.
-10. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
+9. Not NodeGraphQt but the Qt binding under it: `keep_none_alive` (PySide6 6.12 on Python 3.11
    wears None's and True's reference counts down until the interpreter aborts).
 
 Tests: tests/test_ui.py (test_nodegraphqt_is_only_a_view, test_mouse_gestures_on_the_canvas,
 test_many_qt_calls_do_not_wear_out_none and the canvas tests around them); tests/test_ui_canvas.py
 (collapse, reroute dots, wires under the cursor, the minimap's panning, emits that wore out True,
-the pixmap cache limit and uncached wires).
+the pixmap cache limit).
 """
 
 from __future__ import annotations
@@ -56,11 +51,10 @@ os.environ.setdefault("QT_PREFERRED_BINDING_JSON", "")
 import NodeGraphQt  # noqa: E402
 from NodeGraphQt import BackdropNode, BaseNode, NodeGraph  # noqa: E402
 from NodeGraphQt.constants import NodeEnum  # noqa: E402
-from NodeGraphQt.qgraphics import pipe as _ngqt_pipe  # noqa: E402
 from NodeGraphQt.qgraphics.node_base import NodeItem  # noqa: E402
 from NodeGraphQt.qgraphics.port import PortItem  # noqa: E402
 from NodeGraphQt.widgets.viewer import NodeViewer  # noqa: E402
-from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
+from PySide6 import QtCore, QtGui  # noqa: E402
 
 __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer", "LoomNode", "LoomNodeItem",
            "make_node_graph", "detach_controller", "pipe_between", "pipe_at", "center_on", "show_scene_rect",
@@ -68,10 +62,6 @@ __all__ = ["NodeGraphQt", "BackdropNode", "BaseNode", "NodeGraph", "LoomViewer",
 
 
 NODE_TYPE_MIME = "application/x-loomwork-node-type"  # a palette entry being dragged
-
-# PipeItem (and the live wire) read their cache mode from their module's global when built
-WIRE_CACHE_MODE = QtWidgets.QGraphicsItem.NoCache
-_ngqt_pipe.ITEM_CACHE_MODE = WIRE_CACHE_MODE
 
 
 COMPACT_SIZE = (26.0, 18.0)  # a reroute dot
