@@ -243,4 +243,8 @@ def test_the_layout_panel_leaves_the_inspector_room_and_gives_it_back(window, qt
     qtbot.wait(20)
     assert window.inspector_dock.height() > enlarged * 1.2
     assert not window.image_dock.visibleRegion().isEmpty()  # results are in front again
+    window.layout_dock.raise_()  # the tab left in front by hand, with no Layout node enlarged
+    window.open_path(str(ROOT / "resources" / "graphs" / "default.loom"), ask=False)
+    qtbot.wait(20)
+    assert not window.image_dock.visibleRegion().isEmpty()
     assert window.images.save_btn.isVisible()  # the image tool row fits the narrower column

@@ -207,8 +207,10 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.images.clear()
         self.tables.clear()
         self.layout_panel.set_image(None)
-        if self._layout_enlarged:  # the old graph's Layout node is gone: results come first again
+        # the old graph's Layout node is gone: the inspector gets its share and results their tab
+        if self._layout_enlarged:
             self._give_column_back()
+        if not self.layout_dock.visibleRegion().isEmpty():
             self.image_dock.raise_()
         self._update_title()
 
