@@ -152,3 +152,20 @@ def test_tidy_lays_out_by_depth():
     assert x["load"] < x["text"] == x["empty"] < x["sampler"] < x["decode"] < x["save"]
     assert pos[ids["text"]][1] != pos[ids["empty"]][1]  # one column, stacked
     assert abs(pos[ids["text"]][1] - pos[ids["empty"]][1]) >= 90
+
+
+def test_tidy_with_a_width_wraps_columns_into_bands_below():
+    from conftest import txt2img_graph
+
+    g, ids = txt2img_graph("unused")
+    sizes = {nid: (150.0, 90.0) for nid in g.nodes}
+    wide = tidy(g, list(g.nodes), sizes)
+    pos = tidy(g, list(g.nodes), sizes, max_width=400)
+    right = max(x + 150.0 for x, _ in pos.values()) - min(x for x, _ in pos.values())
+    assert right <= 400 < max(x + 150.0 for x, _ in wide.values()) - min(x for x, _ in wide.values())
+    # read left to right, then down: each later column is to the right in its band or in a lower band
+    order = ["load", "text", "sampler", "decode", "save"]
+    spots = [pos[ids[r]] for r in order]
+    for (x0, y0), (x1, y1) in zip(spots, spots[1:]):
+        assert x1 > x0 or y1 >= y0 + 90 + 36
+    assert len({y for _, y in (pos[ids[r]] for r in ("load", "sampler", "save"))}) > 1  # more than one band

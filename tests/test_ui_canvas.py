@@ -219,3 +219,16 @@ def test_signal_emits_do_not_wear_out_true(window):
     for _ in range(20000):
         viewer.view_changed.emit()
     assert sys.getrefcount(True) > 10000 and sys.getrefcount(False) > 10000
+
+
+def test_pixmap_cache_holds_the_device_caches_of_many_nodes(window):
+    """Qt's 10 MB default pixmap cache holds ~50 nodes' device caches: panning a larger graph
+    repainted the rest on every step. The viewer raises the limit; the nodes are cached."""
+    from app.ui.ngqt_compat import LoomViewer
+    from app.ui.resources import default_graph
+
+    assert QtGui.QPixmapCache.cacheLimit() >= LoomViewer.ITEM_CACHE_KB >= 128 * 1024
+    window.doc.replace(default_graph(), None)
+    QtWidgets.QApplication.processEvents()
+    nodes = [i for i in window.canvas.viewer.scene().items() if type(i).__name__ == "LoomNodeItem"]
+    assert nodes and all(n.cacheMode() == QtWidgets.QGraphicsItem.DeviceCoordinateCache for n in nodes)

@@ -73,6 +73,31 @@ def test_thumbnails_load_in_worker_threads_only_for_what_is_on_screen(qtbot, tmp
     loader.stop()
 
 
+def test_one_drain_tick_hands_over_a_bounded_batch_of_thumbnails(qtbot, tmp_path):
+    """Many thumbnails finished at once are handed to the view a bounded batch per UI tick, so
+    the event loop is not held while hundreds become pixmaps; the rest follow on later ticks."""
+    import time
+
+    from app.ui.gallery import ThumbnailLoader
+
+    paths = _pngs(tmp_path / "out", 60, size=(32, 32))
+    loader = ThumbnailLoader(side=16)
+    seen = []
+    loader.on_ready(lambda p, i: seen.append(p))
+    for p in paths:
+        loader.request(p)
+    end = time.monotonic() + 30
+    while loader.pending() and time.monotonic() < end:  # no event processing: the drain waits
+        time.sleep(0.01)
+    assert loader.pending() == 0 and len(loader._done) == 60
+    handled = loader._drain()
+    assert 1 <= handled <= ThumbnailLoader.DRAIN_MAX < 60
+    assert len(seen) == handled and len(loader._cache) == handled
+    qtbot.waitUntil(lambda: len(seen) == 60, timeout=10_000)  # the timer drains the rest
+    assert sorted(seen) == sorted(paths)
+    loader.stop()
+
+
 def test_gallery_labels_come_from_the_history_and_files_drag_out_and_show_their_folder(qtbot, tmp_path):
     from PySide6 import QtCore, QtGui
 

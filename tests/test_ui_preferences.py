@@ -89,3 +89,26 @@ def test_file_name_pattern_and_theme_are_saved_and_a_bad_pattern_is_refused(wind
         assert theme.LIGHT["TEXT"] in colours
     finally:
         theme.apply(app, "dark")
+
+
+def test_the_interface_scale_is_saved_and_applies_at_the_next_start(window, monkeypatch):
+    import os
+
+    from app.ui import _apply_ui_scale, session
+    from app.ui.preferences import PreferencesDialog
+
+    dialog = PreferencesDialog(window.runner, window)
+    assert dialog.scale.currentText() == "system"
+    dialog.scale.setCurrentText("2")
+    dialog.accept()
+    assert session.ui_scale() == "2"
+    monkeypatch.delenv("QT_SCALE_FACTOR", raising=False)
+    _apply_ui_scale()  # what the next start does before Qt is up
+    assert os.environ["QT_SCALE_FACTOR"] == "2"
+    monkeypatch.setenv("QT_SCALE_FACTOR", "1.5")  # one set by hand wins
+    _apply_ui_scale()
+    assert os.environ["QT_SCALE_FACTOR"] == "1.5"
+    again = PreferencesDialog(window.runner, window)
+    again.scale.setCurrentText("system")
+    again.accept()
+    assert session.ui_scale() == ""

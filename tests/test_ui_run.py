@@ -301,3 +301,25 @@ def test_recipe_keys_walk_a_long_chain_and_follow_their_inputs():
     assert changed == ids[2500:]
     g.connect("n4999", "image", "n0", "image")  # a cycle has a key that matches nothing
     assert recipe_keys(g, ["n10"])["n10"] != after["n10"]
+
+
+def test_a_run_that_ends_before_its_finish_is_handled_is_booked_to_itself(window, qtbot, tiny_pixel_model):
+    """An all-cached run ends in milliseconds; the queue must not start the next run before
+    that run's finish is handled, or the finish is booked to the wrong run."""
+    from app.ui.run_queue import DONE, ENDED
+
+    graph, ids = txt2img_graph(tiny_pixel_model, steps=2, size=16, seed=4)
+    window.doc.replace(graph, None)
+    finished = []
+    window.runner.finished.connect(finished.append)
+    window.act_run.trigger()
+    qtbot.waitUntil(lambda: len(finished) == 1, timeout=120_000)
+    queue = window.run_queue
+    queue.clear_finished()
+    window.batch_count.setValue(3)  # the first of these is the run just made: all cached
+    window.act_run.trigger()
+    window.runner.wait(60)  # its thread ends before the UI thread hears of it
+    window._start_next()  # as the last run's "the queue goes on" timer may then fire
+    qtbot.waitUntil(lambda: len(finished) == 4, timeout=120_000)
+    qtbot.waitUntil(lambda: all(r.status in ENDED for r in queue.items), timeout=10_000)
+    assert [r.status for r in queue.items] == [DONE, DONE, DONE]

@@ -3,7 +3,9 @@
 Each node goes in the column of its depth (the longest chain of wires leading to it from inside
 the selection), columns left to right as wide as their widest node; in a column, nodes are
 ordered by where the nodes feeding them sit (so wires cross less), then by their old height,
-and stacked from the selection's top. Hand-written: a Sugiyama layout from a library (graphviz,
+and stacked from the selection's top. With `max_width`, columns that would pass it start a new
+band below the last (read left to right, then down), so a long chain fits a narrow view.
+Hand-written: a Sugiyama layout from a library (graphviz,
 networkx) would be a heavy dependency for what a few lines do well enough on a selection.
 """
 
@@ -17,7 +19,8 @@ GAP_X, GAP_Y = 70.0, 36.0
 
 
 def tidy(graph: Graph, ids: Iterable[str], sizes: dict[str, tuple[float, float]],
-         gap_x: float = GAP_X, gap_y: float = GAP_Y) -> dict[str, tuple[float, float]]:
+         gap_x: float = GAP_X, gap_y: float = GAP_Y,
+         max_width: float | None = None) -> dict[str, tuple[float, float]]:
     """New positions (top-left) for `ids`; `sizes` gives each node's (width, height)."""
     members = [i for i in ids if i in graph.nodes]
     if not members:
@@ -41,19 +44,23 @@ def tidy(graph: Graph, ids: Iterable[str], sizes: dict[str, tuple[float, float]]
     top = min(graph.nodes[i].pos[1] for i in members)
     rank: dict[str, float] = {}
     out: dict[str, tuple[float, float]] = {}
-    x = left
+    x, band_top, band_bottom = left, top, top
     for d in sorted(columns):
         col = columns[d]
+        col_w = max(sizes.get(n, (160.0, 80.0))[0] for n in col)
+        if max_width is not None and x > left and x + col_w - left > max_width:
+            x, band_top = left, band_bottom + gap_y * 2  # the next band
 
         def key(nid):
             placed = [rank[s] for s in feeds[nid] if s in rank]
             return (sum(placed) / len(placed) if placed else float("inf"), graph.nodes[nid].pos[1], nid)
 
         col.sort(key=key)
-        y = top
+        y = band_top
         for k, nid in enumerate(col):
             rank[nid] = k
             out[nid] = (round(x, 1), round(y, 1))
             y += sizes.get(nid, (160.0, 80.0))[1] + gap_y
-        x += max(sizes.get(n, (160.0, 80.0))[0] for n in col) + gap_x
+        band_bottom = max(band_bottom, y - gap_y)
+        x += col_w + gap_x
     return out

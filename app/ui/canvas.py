@@ -139,8 +139,12 @@ class GraphCanvas(QtCore.QObject):
             rect = QtCore.QRectF()
             for v in views:
                 rect = rect.united(v.sceneBoundingRect())
-            # a margin, and the thumbnails below nodes are part of what is framed
-            ngqt.show_scene_rect(self.viewer, rect.adjusted(-40, -60, 40, 200))
+                thumb = self._thumbs.get(getattr(v, "id", None))
+                if thumb is not None and thumb.isVisible():  # a result below a node is framed too
+                    rect = rect.united(thumb.sceneBoundingRect())
+            # a margin only: a fixed allowance for thumbnails not yet made cost a fifth of the
+            # height and pushed graphs that fit below the legible zoom
+            ngqt.show_scene_rect(self.viewer, rect.adjusted(-40, -40, 40, 40))
 
     # -- document -> canvas -------------------------------------------------------------
     def _on_replaced(self):

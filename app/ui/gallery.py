@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,11 @@ class ThumbnailLoader(QtCore.QObject):
     to True on every Signal.emit; enough of them abort the app)."""
 
     DRAIN_MS = 30
-
+    # per tick at most this many thumbnails, and no more once this much time is spent: each one
+    # becomes a QPixmap and an icon on the UI thread (~1-3 ms), so 500 finished at once would
+    # otherwise hold the loop for a second; the rest wait for the next tick
+    DRAIN_MAX = 16
+    DRAIN_BUDGET_S = 0.025
 
     def __init__(self, side: int = 128, threads: int = 1, keep: int = 1500, parent=None):
         super().__init__(parent)
@@ -150,8 +155,11 @@ class ThumbnailLoader(QtCore.QObject):
         image = QtGui.QImage(data, rgb.width, rgb.height, 3 * rgb.width, QtGui.QImage.Format_RGB888)
         return image.convertToFormat(QtGui.QImage.Format_RGB32)  # a copy: owns its pixels
 
-    def _drain(self) -> None:
-        while True:
+    def _drain(self) -> int:
+        """Hand finished thumbnails to the listeners, a bounded batch per tick; returns how many."""
+        end = time.perf_counter() + self.DRAIN_BUDGET_S
+        handled = 0
+        while handled < self.DRAIN_MAX and (handled == 0 or time.perf_counter() < end):
             with self._cond:
                 if not self._done:
                     break
@@ -159,11 +167,13 @@ class ThumbnailLoader(QtCore.QObject):
             self._cache[path] = image
             for fn in self._listeners:
                 fn(path, image)
+            handled += 1
         while len(self._cache) > self.keep:
             self._cache.popitem(last=False)
         with self._cond:
             if not self._queued and not self._done:
                 self._timer.stop()
+        return handled
 
 
 @dataclass

@@ -218,11 +218,14 @@ class ImageViewer(QtWidgets.QWidget):
         self.caption.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
         self.zoom_label = QtWidgets.QLabel("")
         self.zoom_label.setObjectName("Hint")
-        # room for "10000%" from the start, so the first image does not widen the column
-        self.zoom_label.setFixedWidth(QtGui.QFontMetrics(self.zoom_label.font()).horizontalAdvance("10000%") + 4)
+        # room for "10000%" from the start, so the first image does not reflow the tool bar
+        self.zoom_label.setMinimumWidth(QtGui.QFontMetrics(self.zoom_label.font()).horizontalAdvance("10000%") + 4)
         self.zoom_label.setAlignment(QtCore.Qt.AlignRight | QtCore.Qt.AlignVCenter)
-        bar = QtWidgets.QHBoxLayout()
-        bar.setContentsMargins(0, 0, 0, 0)
+        # a tool bar, not a row of widgets: it folds what does not fit into its ">>" menu, so
+        # these buttons do not set the right column's least width (the canvas keeps the room)
+        bar = QtWidgets.QToolBar()
+        bar.setIconSize(QtCore.QSize(16, 16))
+        bar.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Fixed)
         self.fit_btn = tool_button("Fit", "fit the image to the panel", self.view.fit)
         self.one_btn = tool_button("1:1", "actual pixels", lambda: self.view.set_zoom(1.0))
         self.x8_btn = tool_button("8×", "eight times", lambda: self.view.set_zoom(8.0))
@@ -233,11 +236,13 @@ class ImageViewer(QtWidgets.QWidget):
         self.large_btn = tool_button("Large", "open this image in the large viewer (or double-click it)",
                                       self.open_large)
         self.view.double_clicked.connect(self.open_large)
-        for w in (self.fit_btn, self.one_btn, self.x8_btn, self.smooth_box, self.large_btn):
+        # in order of need: what does not fit goes to the ">>" menu from the end (the zoom first)
+        for w in (self.fit_btn, self.one_btn, self.x8_btn, self.save_btn, self.large_btn, self.smooth_box):
             bar.addWidget(w)
-        bar.addStretch(1)
+        spacer = QtWidgets.QWidget()
+        spacer.setSizePolicy(QtWidgets.QSizePolicy.Expanding, QtWidgets.QSizePolicy.Preferred)
+        bar.addWidget(spacer)
         bar.addWidget(self.zoom_label)
-        bar.addWidget(self.save_btn)
         self.strip = QtWidgets.QListWidget()
         self.strip.setViewMode(QtWidgets.QListView.IconMode)
         self.strip.setFlow(QtWidgets.QListView.LeftToRight)
@@ -252,7 +257,7 @@ class ImageViewer(QtWidgets.QWidget):
         lay = QtWidgets.QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
         lay.setSpacing(4)
-        lay.addLayout(bar)
+        lay.addWidget(bar)
         lay.addWidget(self.view, 1)
         lay.addWidget(self.caption)
         lay.addWidget(self.strip)

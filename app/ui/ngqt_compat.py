@@ -37,7 +37,8 @@ to NodeGraphQt's model. What this module changes, and why:
 
 Tests: tests/test_ui.py (test_nodegraphqt_is_only_a_view, test_mouse_gestures_on_the_canvas,
 test_many_qt_calls_do_not_wear_out_none and the canvas tests around them); tests/test_ui_canvas.py
-(collapse, reroute dots, wires under the cursor, the minimap's panning, emits that wore out True).
+(collapse, reroute dots, wires under the cursor, the minimap's panning, emits that wore out True,
+the pixmap cache limit).
 """
 
 from __future__ import annotations

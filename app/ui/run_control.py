@@ -189,7 +189,10 @@ class RunControl:
         self._start_next()
 
     def _start_next(self) -> None:
-        if self.runner.busy:
+        # a run whose thread has ended may still have its finish waiting in the event queue (an
+        # all-cached run ends in milliseconds): starting the next one then would let that finish
+        # be booked to the new run and leave the old one "running" for ever
+        if self.runner.busy or self._current_run is not None:
             return
         run = self.run_queue.next_pending()
         if run is None:

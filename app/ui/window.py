@@ -72,6 +72,7 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
             self.restoreGeometry(geometry)
         if state is not None:
             self.restoreState(state)
+            self._fit_columns_on_show = False  # the user's own column widths
 
     def _save_layout(self) -> None:
         s = session.settings()
@@ -116,6 +117,17 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.resizeDocks([self.inspector_dock], [em * 26], QtCore.Qt.Horizontal)
         # the inspector gets the larger share: it is where most edits happen
         self.resizeDocks([self.inspector_dock, self.image_dock], [em * 30, em * 22], QtCore.Qt.Vertical)
+        self._fit_columns_on_show = True  # unless a saved arrangement is restored
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._fit_columns_on_show:
+            # again with the font the theme has set by now: measured at construction the right
+            # column came out 473 px, most of a 1280 px window, and the canvas too narrow to
+            # frame a graph legibly (the Layout tab's tool row sets its least width, ~400 px)
+            self._fit_columns_on_show = False
+            em = QtGui.QFontMetrics(self.font()).horizontalAdvance("M")
+            self.resizeDocks([self.inspector_dock], [em * 26], QtCore.Qt.Horizontal)
 
     def _status_bar(self) -> None:
         bar = self.statusBar()
@@ -174,10 +186,13 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
                                  QtCore.Qt.Vertical)
                 self._layout_enlarged = True
         elif self._layout_enlarged:  # another node: the inspector gets its share back
-            self._layout_enlarged = False
-            h = self.inspector_dock.height() + self.layout_dock.height()
-            self.resizeDocks([self.inspector_dock, self.image_dock], [int(h * 0.58), int(h * 0.42)],
-                             QtCore.Qt.Vertical)
+            self._give_column_back()
+
+    def _give_column_back(self) -> None:
+        self._layout_enlarged = False
+        h = self.inspector_dock.height() + self.layout_dock.height()
+        self.resizeDocks([self.inspector_dock, self.image_dock], [int(h * 0.58), int(h * 0.42)],
+                         QtCore.Qt.Vertical)
 
     def is_layout_node(self, nid: Optional[str]) -> bool:
         node = self.doc.graph.nodes.get(nid) if nid else None
@@ -192,6 +207,11 @@ class MainWindow(WindowActions, EditCommands, FileHandling, RunControl, QtWidget
         self.images.clear()
         self.tables.clear()
         self.layout_panel.set_image(None)
+        # the old graph's Layout node is gone: the inspector gets its share and results their tab
+        if self._layout_enlarged:
+            self._give_column_back()
+        if not self.layout_dock.visibleRegion().isEmpty():
+            self.image_dock.raise_()
         self._update_title()
 
     # -- messages -------------------------------------------------------------------------
