@@ -131,20 +131,31 @@ class GraphCanvas(QtCore.QObject):
             return v.mapToScene(local)
         return v.mapToScene(v.rect().center())
 
+    def shown_rects(self, views=None) -> list[QtCore.QRectF]:
+        """The scene rectangles of these node/group views (all by default) and of the result
+        images hung below them."""
+        if views is None:
+            views = [n.view for n in self._items.values()] + [b.view for b in self._backdrops.values()]
+        rects = []
+        for v in views:
+            rects.append(v.sceneBoundingRect())
+            thumb = self._thumbs.get(getattr(v, "id", None))
+            if thumb is not None and thumb.isVisible():
+                rects.append(thumb.sceneBoundingRect())
+        return rects
+
     def frame(self) -> None:
-        """Fit the selection (or everything) in view."""
-        views = self.viewer.selected_nodes() or [n.view for n in self._items.values()] + \
-            [b.view for b in self._backdrops.values()]
-        if views:
+        """Fit the selection (or everything) in view, out of the minimap's corner."""
+        rects = self.shown_rects(self.viewer.selected_nodes() or None)
+        if rects:
             rect = QtCore.QRectF()
-            for v in views:
-                rect = rect.united(v.sceneBoundingRect())
-                thumb = self._thumbs.get(getattr(v, "id", None))
-                if thumb is not None and thumb.isVisible():  # a result below a node is framed too
-                    rect = rect.united(thumb.sceneBoundingRect())
+            for r in rects:
+                rect = rect.united(r)
             # a margin only: a fixed allowance for thumbnails not yet made cost a fifth of the
             # height and pushed graphs that fit below the legible zoom
-            ngqt.show_scene_rect(self.viewer, rect.adjusted(-40, -40, 40, 40))
+            framed = rect.adjusted(-40, -40, 40, 40)
+            ngqt.show_scene_rect(self.viewer, framed)
+            self.minimap.keep_clear(rects, framed, ngqt.MIN_LEGIBLE_SCALE)
 
     # -- document -> canvas -------------------------------------------------------------
     def _on_replaced(self):
