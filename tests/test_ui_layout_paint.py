@@ -438,3 +438,34 @@ if __name__ == "__main__":
 
     save(build(), GRAPH)
     print("wrote", GRAPH.name)
+
+
+@pytest.mark.parametrize("stroke", [((0.50, 0.58), (0.75, 0.52)), ((0.56, 0.60), (0.70, 0.60)),
+                                    ((0.06, 0.50), (0.40, 0.50)), ((0.60, 0.97), (0.90, 0.97))])
+def test_painted_region_labels_do_not_cover_box_labels(window, qtbot, stroke):
+    """The regional-prompts example with a new region painted near its boxes, on a canvas the
+    size the right column gives it: no two labels overlap and each stays on the image."""
+    from pathlib import Path
+
+    from PySide6 import QtCore
+
+    window.open_example(Path(__file__).resolve().parents[1] / "resources" / "graphs" / "layout-regional-prompts.loom")
+    layout = next(i for i, n in window.doc.graph.nodes.items() if n.type == "Layout")
+    window.canvas.select([layout])
+    panel = window.layout_panel
+    canvas = panel.canvas
+    canvas.setFixedSize(340, 300)
+    canvas.selected, canvas.extra = -1, set()  # nothing selected: the brush paints a new region
+    panel.tools.buttons["brush"].click()
+    r = canvas.image_rect()
+    (ax, ay), (bx, by) = stroke
+    _drag(qtbot, canvas, QtCore.QPoint(round(r.x() + ax * r.width()), round(r.y() + ay * r.height())),
+          QtCore.QPoint(round(r.x() + bx * r.width()), round(r.y() + by * r.height())))
+    boxes = boxes_of(window.doc, layout)
+    assert len(boxes) == 3 and boxes[2].get("mask")
+    tags = canvas.label_rects()
+    assert [label for _t, label, _f in tags] == ["a red circle", "a blue square", "region 3"]
+    for k, (tag, _label, _font) in enumerate(tags):
+        assert r.adjusted(-0.5, -0.5, 0.5, 0.5).contains(tag)
+        assert not any(tag.intersects(other) for other, _l, _f in tags[k + 1:]), tags
+    canvas.grab()  # and it paints with them

@@ -381,6 +381,11 @@ class BoxCanvas(QtWidgets.QWidget):
         picked = set(self.selection())
         for i, box in enumerate(self.boxes):
             self._paint_box(p, r, i, box, i in picked)
+        for i, (tag, label, font) in enumerate(self.label_rects(p.font())):  # over every box
+            p.setFont(font)
+            p.fillRect(tag, QtGui.QColor(BOX_COLORS[i % len(BOX_COLORS)]))
+            p.setPen(QtGui.QColor("#101216"))
+            p.drawText(tag, QtCore.Qt.AlignCenter, label)
         if self._stroke is not None:  # the stroke in progress, over everything
             color = QtGui.QColor("#f0f2f5" if self._stroke["value"] else "#e5606a")
             p.setRenderHint(QtGui.QPainter.SmoothPixmapTransform, False)
@@ -409,6 +414,32 @@ class BoxCanvas(QtWidgets.QWidget):
             p.drawLine(QtCore.QPointF(x, r.top()), QtCore.QPointF(x, r.bottom()))
             p.drawLine(QtCore.QPointF(r.left(), y), QtCore.QPointF(r.right(), y))
 
+    def label_rects(self, base: Optional[QtGui.QFont] = None) -> list[tuple[QtCore.QRectF, str, QtGui.QFont]]:
+        """Each box's (tag rectangle, label, font), placed so no two tags overlap: above its
+        box, else below it, else inside its top or bottom edge, else stacked under the tags in
+        the way (the first place that stays on the image and is free)."""
+        r = self.image_rect()
+        picked = set(self.selection())
+        placed: list[QtCore.QRectF] = []
+        out = []
+        for i, box in enumerate(self.boxes):
+            label = box.get("phrase") or (f"region {i + 1}" if box.get("mask") else f"box {i + 1}")
+            font = QtGui.QFont(base if base is not None else self.font())
+            font.setBold(i in picked)
+            fm = QtGui.QFontMetricsF(font)
+            w, h = fm.horizontalAdvance(label) + 8, fm.height() + 2
+            br = self.box_rect(box)
+            x = min(br.x(), r.right() - w) if w < r.width() else r.x()
+            tops = [br.y() - h, br.bottom() + 1, br.y() + 1, br.bottom() - h - 1]
+            tops += [t.bottom() + 1 for t in placed]  # under a tag that is in the way
+            on_image = [t for t in tops if r.top() <= t and t + h <= r.bottom()] or [max(r.top(), br.y() + 1)]
+            free = [t for t in on_image
+                    if not any(QtCore.QRectF(x, t, w, h).intersects(q) for q in placed)]
+            tag = QtCore.QRectF(x, (free or on_image)[0], w, h)
+            placed.append(tag)
+            out.append((tag, label, font))
+        return out
+
     def _paint_box(self, p: QtGui.QPainter, r: QtCore.QRectF, i: int, box: dict, picked: bool) -> None:
         color = QtGui.QColor(BOX_COLORS[i % len(BOX_COLORS)])
         current = i == self.selected
@@ -427,17 +458,6 @@ class BoxCanvas(QtWidgets.QWidget):
         p.setBrush(fill)
         p.setPen(pen)
         p.drawRect(br)
-        label = box.get("phrase") or (f"region {i + 1}" if mask else f"box {i + 1}")
-        font = p.font()
-        font.setBold(picked)
-        p.setFont(font)
-        fm = QtGui.QFontMetricsF(font)
-        tag = QtCore.QRectF(br.x(), br.y() - fm.height() - 2, fm.horizontalAdvance(label) + 8, fm.height() + 2)
-        if tag.top() < r.top():  # no room above: under the box, else just inside its top
-            tag.moveTop(br.bottom() + 1 if br.bottom() + tag.height() + 1 <= r.bottom() else br.y() + 1)
-        p.fillRect(tag, color)
-        p.setPen(QtGui.QColor("#101216"))
-        p.drawText(tag, QtCore.Qt.AlignCenter, label)
         if current and self.tool == "box":
             p.setBrush(QtGui.QColor("#f0f2f5"))
             p.setPen(QtGui.QPen(color, 1))
