@@ -274,3 +274,26 @@ def test_a_framed_graph_is_never_under_the_minimap(window, qtbot, size):
         else:
             assert mm.opacity() == 1
     assert "default" not in under and "layout-regional-prompts" not in under, under
+
+
+def test_a_long_prompt_on_the_node_shows_whole_lines_and_an_ellipsis(window):
+    """The prompt field on a node draws only lines that fit (the last one elided), never a line
+    cut through by the field's bottom edge."""
+    from app.ui.node_widgets import TEXT_LINES, wrapped_lines
+    from app.ui.window import default_graph
+
+    window.doc.replace(default_graph(), None)
+    QtWidgets.QApplication.processEvents()
+    nid = next(i for i, n in window.doc.graph.nodes.items() if n.type == "TextEncode")
+    panel = window.canvas.panel(nid)
+    row = next(r for r in panel.rows if r.multiline)
+    metrics = QtGui.QFontMetricsF(panel.font)
+    body_h = row.height - 21.0 * 0.8 - 4
+    assert body_h >= TEXT_LINES * metrics.lineSpacing()  # the field holds its lines whole
+    width = panel.row_rect(row).width() - 14  # inside the field's padding
+    text = "a red circle on the left and a blue square at the bottom right, white background, " * 2
+    lines = wrapped_lines(text, panel.font, width, TEXT_LINES)
+    assert len(lines) == TEXT_LINES and lines[-1].endswith("…")
+    assert all(metrics.horizontalAdvance(line) <= width + 0.5 for line in lines)
+    whole = wrapped_lines("short prompt\nsecond line", panel.font, width, TEXT_LINES)
+    assert whole == ["short prompt", "second line"]

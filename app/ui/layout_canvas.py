@@ -576,8 +576,10 @@ class LayoutPanel(paint.PaintActions, QtWidgets.QWidget):
             node = self.doc.graph.nodes[self.node_id]
             w, h = int(params.get("width", 512)), int(params.get("height", 512))
             self.canvas.size_px = (w, h)
-            self.title.setText(f"{node.title or node.type}: {w}×{h}, {len(params['boxes'] or [])} box(es)")
-            self.title.setToolTip(self.title.text())
+            count = len(params["boxes"] or [])
+            # short enough for the tool row of a narrow column; the tooltip names the node too
+            self.title.setText(f"{w}×{h} · {count} box{'' if count == 1 else 'es'}")
+            self.title.setToolTip(f"{node.title or node.type}: {self.title.text()}")
             self.canvas.set_boxes(params["boxes"] or [])
         self._on_box_selected(self.canvas.selected)
         self.canvas.update()

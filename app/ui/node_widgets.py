@@ -59,6 +59,32 @@ def shown_value(param: Param, value: Any) -> str:
     return str(value)
 
 
+def wrapped_lines(text: str, font: QtGui.QFont, width: float, max_lines: int) -> list[str]:
+    """`text` word-wrapped to `width`, at most `max_lines` whole lines; when it needs more, the
+    last one ends in an ellipsis (rather than a line cut through by the field's edge)."""
+    layout = QtGui.QTextLayout(text.replace("\n", "\u2028"), font)
+    option = QtGui.QTextOption()
+    option.setWrapMode(QtGui.QTextOption.WrapAtWordBoundaryOrAnywhere)
+    layout.setTextOption(option)
+    layout.beginLayout()
+    spans = []
+    while True:
+        line = layout.createLine()
+        if not line.isValid():
+            break
+        line.setLineWidth(width)
+        spans.append((line.textStart(), line.textLength()))
+    layout.endLayout()
+    flat = layout.text()
+    lines = [flat[a:a + n].rstrip("\u2028 ") for a, n in spans]
+    if len(lines) <= max_lines:
+        return lines
+    if max_lines <= 0:
+        return []
+    rest = flat[spans[max_lines - 1][0]:].replace("\u2028", " ")
+    return lines[:max_lines - 1] + [QtGui.QFontMetricsF(font).elidedText(rest, QtCore.Qt.ElideRight, width)]
+
+
 @dataclass
 class Row:
     name: str
@@ -168,10 +194,10 @@ class ParamPanel(QtWidgets.QGraphicsObject):
             body = QtCore.QRectF(inner.left(), head.bottom(), inner.width(), rect.bottom() - head.bottom() - 3)
             painter.setPen(BAD if bad else VALUE)
             text = bad if bad else (value if isinstance(value, str) else repr(value))
-            painter.save()
-            painter.setClipRect(body)
-            painter.drawText(body, QtCore.Qt.AlignTop | QtCore.Qt.AlignLeft | QtCore.Qt.TextWordWrap, text)
-            painter.restore()
+            y = body.top()
+            for line in wrapped_lines(text, self.font, body.width(), int(body.height() // fm.lineSpacing())):
+                painter.drawText(QtCore.QPointF(body.left(), y + fm.ascent()), line)
+                y += fm.lineSpacing()
             return
         if isinstance(param, Bool):
             dot = QtCore.QRectF(inner.right() - 24, rect.center().y() - 6, 24, 12)
