@@ -209,3 +209,19 @@ def test_the_toolbar_has_an_icon_and_a_tooltip_for_every_action(window):
     assert window.gallery_dock.isVisible()
     window.act_history.trigger()
     assert window.history_dock.isVisible() and window.gallery_dock in window.tabifiedDockWidgets(window.history_dock)
+
+
+def test_compare_last_two_names_each_side_once(window, qtbot):
+    """The slider's tags read "A · Save (older)", not "A · A: Save (older)"."""
+    from PySide6 import QtWidgets
+
+    from app.ui.compare import CompareWindow
+
+    window.images.add_image(_solid("#ff0000"), "Save")
+    window.images.add_image(_solid("#00ff00"), "Save")
+    window.compare_last_two()
+    shown = [w for w in QtWidgets.QApplication.topLevelWidgets() if isinstance(w, CompareWindow) and w.isVisible()]
+    assert len(shown) == 1
+    assert shown[0].labels == ("Save (older)", "Save (latest)")
+    assert shown[0].side.captions[0].text() == "A · Save (older)"
+    shown[0].close()

@@ -94,7 +94,7 @@ class WindowActions:
             self.show_message("Compare needs two results: run twice (or pick two in the gallery)")
             return
         (a, la, _pa), (b, lb, _pb) = self.images.images[1], self.images.images[0]
-        CompareWindow(a, b, (f"A: {la} (older)", f"B: {lb} (latest)"), self).show()
+        CompareWindow(a, b, (f"{la} (older)", f"{lb} (latest)"), self).show()  # it adds "A · "/"B · "
 
     def _menus_and_toolbar(self) -> None:
         mb = self.menuBar()
