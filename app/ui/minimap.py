@@ -20,7 +20,7 @@ MIN_WIDTH = 120
 SHARE = 0.2                      # of the canvas width, at most
 MARGIN = 12
 CLEARANCE = 8        # viewport pixels kept free between a framed node and the minimap
-SEE_THROUGH = 0.35   # its opacity while nodes lie under it and the mouse is elsewhere
+SEE_THROUGH = 0.25   # its opacity while nodes lie under it and the mouse is elsewhere
 
 
 class Minimap(QtWidgets.QWidget):
