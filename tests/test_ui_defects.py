@@ -248,3 +248,32 @@ def test_the_layout_panel_leaves_the_inspector_room_and_gives_it_back(window, qt
     qtbot.wait(20)
     assert not window.image_dock.visibleRegion().isEmpty()
     assert window.images.save_btn.isVisible()  # the image tool row fits the narrower column
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_check_boxes_show_their_box_and_their_check_on_either_theme(window, theme):
+    """Fusion outlines a check box in the window colour darkened: on the dark theme an unchecked
+    box (Snap on the Layout panel) could not be seen. Drawn, the box's edge stands out from the
+    panel behind it, and a checked box differs from an unchecked one."""
+    from PySide6 import QtGui, QtWidgets
+
+    from app.ui import theme as themes
+
+    colors = themes.THEMES[theme]
+    host = QtWidgets.QWidget()
+    host.setStyleSheet(themes.stylesheet(colors) + themes.spin_arrows(colors))
+    host.setStyleSheet(host.styleSheet() + f"QWidget {{ background: {colors['PANEL']}; }}")
+    box = QtWidgets.QCheckBox("Snap", host)
+    box.adjustSize()
+
+    def drawn(on):
+        box.setChecked(on)
+        return box.grab().toImage()
+
+    off, on = drawn(False), drawn(True)
+    panel = QtGui.QColor(colors["PANEL"])
+    ratio = off.devicePixelRatio()
+    edge = [QtGui.QColor(off.pixel(x, round(off.height() / 2))) for x in range(int(16 * ratio))]
+    assert max(abs(c.lightness() - panel.lightness()) for c in edge) > 40
+    assert off != on
+    host.deleteLater()

@@ -154,7 +154,9 @@ def _light_arrows(color: str) -> str:
 
 def spin_arrows(c: dict = None) -> str:
     """Fusion draws no spin-box arrows once a stylesheet styles the box: give it ours (the
-    light theme's are drawn in its text colour, as files beside the data folder's settings)."""
+    light theme's are drawn in its text colour, as files beside the data folder's settings).
+    Its check box outline is the window colour darkened, lost on a dark theme: ours is drawn
+    in the dim text colour, with a white check on the accent colour when on."""
     c = c or DARK
     d = icons_dir() if c is DARK else _light_arrows(c["TEXT"])
     RAISED = c["RAISED"]
@@ -169,6 +171,12 @@ QAbstractSpinBox::up-arrow {{ image: url({d}/arrow-up.svg); width: 9px; height: 
 QAbstractSpinBox::down-arrow {{ image: url({d}/arrow-down.svg); width: 9px; height: 6px; }}
 QComboBox::drop-down {{ border: none; width: 1.4em; }}
 QComboBox::down-arrow {{ image: url({d}/arrow-down.svg); width: 9px; height: 6px; }}
+QCheckBox::indicator {{ width: 12px; height: 12px; border: 1px solid {c["TEXT_DIM"]}; border-radius: 3px;
+    background: {c["BG"]}; }}
+QCheckBox::indicator:hover {{ border-color: {c["ACCENT"]}; }}
+QCheckBox::indicator:checked {{ background: {c["ACCENT"]}; border-color: {c["ACCENT"]};
+    image: url({icons_dir()}/check.svg); }}
+QCheckBox::indicator:disabled {{ border-color: {c["BORDER"]}; }}
 """
 
 
