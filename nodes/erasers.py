@@ -100,8 +100,9 @@ class ClosedFormErase(Node):
     last read layer's MLP, its values making the residual stream the anchor's); "first attention"
     is Diff-QuickFix's own site, where a pair's keys are about the sum of its halves' ("red
     square" + "blue circle" - "blue square"), so it cannot erase "red circle" without taking
-    other circles (1.00 -> 0.00 held out on the built-in model). Held-out figures of these
-    defaults: bench/results/erasers.json."""
+    other circles (1.00 -> 0.00 held out on the built-in model). Held out on the built-in model
+    (bench/erasers.py, 24 captions x 2 seeds) these defaults erase "red", "circle" and "red
+    circle" 1.00 -> 0.00 on either target, every other concept staying at 1.00 of its baseline."""
 
     category = "erasers"
     version = 4
