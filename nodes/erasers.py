@@ -301,7 +301,10 @@ class ConceptMembrane(Node):
     about the prompt-concept embedding similarity otherwise. Anchor prompts are held unchanged
     while training (latent anchoring): by default the model's vocabulary without the concept
     (as ClosedFormErase's preserve set) plus any listed. Empty templates: the model's own
-    phrasing."""
+    phrasing. Not an eraser for the built-in ShapesT2I model at these defaults: held out
+    (bench/erasers.py, 24 captions x 2 seeds, 200 steps) "red" and "circle" stayed at 1.00;
+    version 1's (the concept alone, no anchors) brought red to 0.25 with other concepts at 0.875
+    or more and left circle at 1.00."""
 
     category = "erasers"
     version = 2
