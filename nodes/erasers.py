@@ -302,7 +302,8 @@ class ConceptMembrane(Node):
     while training (latent anchoring): by default the model's vocabulary without the concept
     (as ClosedFormErase's preserve set) plus any listed. Empty templates: the model's own
     phrasing. Not an eraser for the built-in ShapesT2I model at these defaults: held out
-    (bench/erasers.py, 24 captions x 2 seeds, 200 steps) "red" and "circle" stayed at 1.00;
+    (bench/erasers.py, 24 captions x 2 seeds, 200 steps) "red" and "circle" stayed at 1.00
+    and "red circle" fell to 0.50 with other concepts down to 0.67;
     version 1's (the concept alone, no anchors) brought red to 0.25 with other concepts at 0.875
     or more and left circle at 1.00."""
 
