@@ -319,7 +319,7 @@ def node_defaults_eraser(bench: Bench, name: str, target: str, anchor: str, args
     node = get(NODE_OF[kind])
     params = {n: p.default for n, p in node.params.items()}
     params["concept"] = target
-    info = {"settings": "node defaults", "anchor": None}
+    info = {"settings": "node defaults", "anchor": None, "node_version": node.version}
     if node.__name__ == "ClosedFormErase":
         params.update(anchor=anchor, target="text_encoder" if kind == "quickfix" else "cross_attention")
         for key in ("lam", "preserve_weight", "auto_preserve", "text_site"):
