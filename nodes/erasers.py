@@ -379,7 +379,9 @@ class EraseFinetune(Node):
     prompts both were destructive on the built-in ShapesT2I model: ESD on the shape "circle"
     (300 steps, 24 prompts x 8 seeds, bench/erasers.py) left circles at 0.90 (from 0.98) and took
     every colour to 0.00-0.04; All-but-One erased it but took every other colour and shape to
-    0.00-0.08. Held-out figures of these defaults: bench/results/erasers.json."""
+    0.00-0.08. ESD is not recommended there even with these defaults: held out (bench/erasers.py,
+    24 captions x 2 seeds, 200 steps) it left "red" at 0.62 (other concepts >= 0.80) and
+    "circle" at 0.75 while blue fell to 0.00 and orange to 0.17. More in bench/results/erasers.json."""
 
     category = "erasers"
     version = 2
