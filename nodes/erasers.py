@@ -381,7 +381,8 @@ class EraseFinetune(Node):
     every colour to 0.00-0.04; All-but-One erased it but took every other colour and shape to
     0.00-0.08. ESD is not recommended there even with these defaults: held out (bench/erasers.py,
     24 captions x 2 seeds, 200 steps) it left "red" at 0.62 (other concepts >= 0.80) and
-    "circle" at 0.75 while blue fell to 0.00 and orange to 0.17. More in bench/results/erasers.json."""
+    "circle" at 0.75 while blue fell to 0.00 and orange to 0.17, and "red circle" at 0.50 with
+    other concepts down to 0.33. More in bench/results/erasers.json."""
 
     category = "erasers"
     version = 2
