@@ -382,7 +382,9 @@ class EraseFinetune(Node):
     0.00-0.08. ESD is not recommended there even with these defaults: held out (bench/erasers.py,
     24 captions x 2 seeds, 200 steps) it left "red" at 0.62 (other concepts >= 0.80) and
     "circle" at 0.75 while blue fell to 0.00 and orange to 0.17, and "red circle" at 0.50 with
-    other concepts down to 0.33. More in bench/results/erasers.json."""
+    other concepts down to 0.33. All-but-One at these defaults brought "red" to 0.25 (others
+    >= 0.90) and "circle" (to triangle) to 0.00 with stars down to 0.25. More in
+    bench/results/erasers.json."""
 
     category = "erasers"
     version = 2
