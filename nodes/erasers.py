@@ -383,7 +383,8 @@ class EraseFinetune(Node):
     24 captions x 2 seeds, 200 steps) it left "red" at 0.62 (other concepts >= 0.80) and
     "circle" at 0.75 while blue fell to 0.00 and orange to 0.17, and "red circle" at 0.50 with
     other concepts down to 0.33. All-but-One at these defaults brought "red" to 0.25 (others
-    >= 0.90) and "circle" (to triangle) to 0.00 with stars down to 0.25. More in
+    >= 0.90), "circle" (to triangle) to 0.00 with stars down to 0.25 and "red circle" to 0.00
+    with other concepts down to 0.20. More in
     bench/results/erasers.json."""
 
     category = "erasers"
