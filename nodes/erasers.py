@@ -462,7 +462,8 @@ class SafeGuidance(Node):
     ShapesT2I model: on the bench's tuning set (bench/erasers.py) scale 2 and 4 left "red" and
     "circle" at 1.00 while steering away from red took orange to 0.00; scale 8 brought red to
     0.50 and circle to 0.83 and scale 4 or 8 "red circle" to 0.00, each taking other concepts to
-    0.00. The default stays at 2."""
+    0.00. The default stays at 2; held out at it (24 captions x 2 seeds) red stayed at 1.00 and
+    orange fell to 0.00, circle fell to 0.92 only."""
 
     category = "erasers"
     version = 2
