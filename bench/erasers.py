@@ -47,11 +47,13 @@ from kernels.shapes.judge import concept_judge, detected_pairs, named_concept, s
 COLOURS = list(world.COLOURS)
 SHAPES = list(world.SHAPES)
 ERASERS = ("quickfix@defaults", "uce@defaults", "quickfix", "uce", "prune@defaults", "prune", "membrane@defaults",
-           "membrane", "safe_guidance@defaults", "safe_guidance", "esd", "all_but_one")
+           "membrane", "safe_guidance@defaults", "safe_guidance", "esd@defaults", "esd", "all_but_one@defaults",
+           "all_but_one")
 # "<eraser>@defaults": the eraser's node exactly as a new node runs it, only the concept (and
 # the anchor) filled in; the plain names are the bench-tuned settings.
 NODE_OF = {"quickfix": "ClosedFormErase", "uce": "ClosedFormErase", "prune": "PruneConcept",
-           "membrane": "ConceptMembrane", "safe_guidance": "SafeGuidance"}
+           "membrane": "ConceptMembrane", "safe_guidance": "SafeGuidance", "esd": "EraseFinetune",
+           "all_but_one": "EraseFinetune"}
 # Default anchors (closed-form edits and All-but-One's alternative): a concrete concept of the
 # same kind, so the erased concept's prompts draw something definite instead of noise.
 # Fallback anchors (closed-form edits and All-but-One's alternative) when there is no baseline to
@@ -317,14 +319,29 @@ def node_defaults_eraser(bench: Bench, name: str, target: str, anchor: str, args
     node = get(NODE_OF[kind])
     params = {n: p.default for n, p in node.params.items()}
     params["concept"] = target
-    info = {"settings": "node defaults", "anchor": None}
+    info = {"settings": "node defaults", "anchor": None, "node_version": node.version}
     if node.__name__ == "ClosedFormErase":
         params.update(anchor=anchor, target="text_encoder" if kind == "quickfix" else "cross_attention")
-        for key in ("lam", "preserve_weight", "auto_preserve"):
+        for key in ("lam", "preserve_weight", "auto_preserve", "text_site"):
             if getattr(args, "cf_" + key) is not None:
                 params[key] = getattr(args, "cf_" + key)
         info.update(anchor=anchor, lam=params["lam"], preserve_weight=params["preserve_weight"],
                     auto_preserve=params["auto_preserve"])
+        if kind == "quickfix":
+            info["text_site"] = params["text_site"]
+    if node.__name__ == "EraseFinetune":
+        params["objective"] = kind
+        if kind == "all_but_one":
+            params["alternative"] = anchor
+            info["anchor"] = anchor
+    for item in args.set or ():  # --set name=value: any node parameter, typed as its default
+        key, _, text = item.partition("=")
+        if key not in params:
+            raise SystemExit(f"--set {item!r}: {node.__name__} has no parameter {key!r}")
+        default = node.params[key].default
+        params[key] = type(default)(text) if isinstance(default, (int, float)) else text
+        info[key] = params[key]
+        info["settings"] = "node defaults with --set " + " ".join(args.set)
     out = node().run(_BenchContext(), bench.model, bench.clip, **params)
     model, clip = out["model"], out.get("clip", bench.clip)
     patch = (model.patches or clip.patches)[-1]
@@ -501,6 +518,12 @@ def parse_args(argv=None):
                     help="@defaults erasers: override the node's preserve weight")
     ap.add_argument("--cf-auto-preserve", choices=("vocabulary", "off"), default=None,
                     help="@defaults erasers: override the node's automatic preserve set")
+    ap.add_argument("--cf-text-site", choices=("output MLP", "first attention"), default=None,
+                    help="quickfix@defaults: override the node's text_site")
+    ap.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="@defaults erasers: set one of the node's parameters (repeatable), for choosing defaults")
+    ap.add_argument("--tuning-only", action="store_true",
+                    help="score the erased models on the tuning set only (for choosing settings)")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -577,7 +600,12 @@ def eraser_row(bench: Bench, name: str, target: str, before: dict, args, before_
     model, clip, info = build_eraser(bench, name, target, args)
     seconds = time.perf_counter() - t
     gen = Generator(model, clip)
-    tuning = None if args.skip_tuning else _compare(before, bench.rates(bench.detections(gen), target), target)
+    tuning = None if args.skip_tuning and not args.tuning_only else _compare(before, bench.rates(bench.detections(gen), target), target)
+    if args.tuning_only:  # settings are chosen here; the evaluation set stays unseen
+        row = {"eraser": name, "target": target, "seconds": round(seconds, 2), **info, **tuning,
+               "scored_on": "tuning set"}
+        print("row " + json.dumps(row), file=sys.stderr, flush=True)
+        return row
     if before_eval is None:
         before_eval = bench.rates(bench.base_eval_dets, target, bench.eval_prompts)
     after_eval = bench.rates(bench.detections(gen, held_out=True), target, bench.eval_prompts)

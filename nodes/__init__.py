@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (registers the built-in node types)
     analysis,
     controlnet,
     core,
+    eraser_tools,
     erasers,
     ip_adapter,
     layout,

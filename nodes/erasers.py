@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import logging
 
-from kernels.files import path_fingerprint
-
 from .base import (
     CLIP,
-    CONDITIONING,
-    LATENT,
     MODEL,
     Choice,
     Float,
     Int,
     Node,
     NodeError,
-    Path,
     Seed,
     String,
-    file_name_problem,
 )
 from .registry import register
 
@@ -76,6 +70,11 @@ def _closed_form_v2_to_v3(params: dict) -> dict:
     return out
 
 
+def _closed_form_v3_to_v4(params: dict) -> dict:
+    """Version 3 edited the text encoder at its first self-attention (the paper's site)."""
+    return {"text_site": "first attention", **params}
+
+
 def _shown(prompts: list, first: int = 4) -> str:
     return ", ".join(repr(p) for p in prompts[:first]) + (", ..." if len(prompts) > first else "") or "none"
 
@@ -97,21 +96,25 @@ class ClosedFormErase(Node):
     other colour and shape, phrased as the world writes them; other models: resources/erasers/
     common_concepts.txt), minus prompts naming the concept; without one a small lam takes
     related concepts down too. What it used is logged and kept in the eraser's record
-    ("summary"). Held out on the built-in model (bench/erasers.py, 24 captions x 2 seeds) these
-    defaults erase "red", "circle" (both targets) and "red circle" (cross_attention) 1.00 -> 0.00
-    with every other concept at 1.00. text_encoder cannot erase a pair alone: at its first layer
-    a pair's keys are about the sum of its halves' ("red square" + "blue circle" - "blue square"),
-    so holding those keeps the pair, and not holding them took other circles to 0.00; erase a
-    pair with cross_attention."""
+    ("summary"). text_site "output MLP" edits the text encoder where the denoiser reads it (the
+    last read layer's MLP, its values making the residual stream the anchor's); "first attention"
+    is Diff-QuickFix's own site, where a pair's keys are about the sum of its halves' ("red
+    square" + "blue circle" - "blue square"), so it cannot erase "red circle" without taking
+    other circles (1.00 -> 0.00 held out on the built-in model). Held out on the built-in model
+    (bench/erasers.py, 24 captions x 2 seeds) these defaults erase "red", "circle" and "red
+    circle" 1.00 -> 0.00 on either target, every other concept staying at 1.00 of its baseline."""
 
     category = "erasers"
-    version = 3
+    version = 4
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to erase, e.g. circle"),
         "anchor": String("", help="what it should become instead (empty: nothing in particular)"),
         "target": Choice(("text_encoder", "cross_attention", "both"), "text_encoder",
                          help="which weights to edit"),
+        "text_site": Choice(("output MLP", "first attention"), "output MLP",
+                            help="text_encoder: where it is edited: the MLP of the last layer the denoiser reads, "
+                                 "or the first self-attention (Diff-QuickFix's site; cannot erase a pair alone)"),
         "templates": String("", multiline=True,
                             help="prompts the concept appears in, one per line, {} = the concept; empty: "
                                  "the model's own phrasing (ShapesT2I: its captions; others: 'A photo of {}'...)"),
@@ -129,44 +132,55 @@ class ClosedFormErase(Node):
         "strength": _strength(),
     }
     outputs = {"model": MODEL, "clip": CLIP}
-    migrations = {1: _closed_form_v1_to_v2, 2: _closed_form_v2_to_v3}
+    migrations = {1: _closed_form_v1_to_v2, 2: _closed_form_v2_to_v3, 3: _closed_form_v3_to_v4}
 
-    def run(self, ctx, model, clip, concept, anchor, target, templates, auto_preserve, preserve, positions, lam,
-            preserve_weight, strength):
-        from kernels.erasers import WeightDeltaPatch, default_preserve, default_templates, quickfix_edit, uce_edit
+    def run(self, ctx, model, clip, concept, anchor, target, text_site, templates, auto_preserve, preserve,
+            positions, lam, preserve_weight, strength):
+        from kernels.erasers import WeightDeltaPatch, default_templates, quickfix_edit, uce_edit
         from kernels.patching import applied_patches
 
         concept = _need(concept)
         temps = _templates(templates) if _lines(templates) else default_templates(clip.tokenizer, concept, anchor)
-        keep = _lines(preserve)
-        if auto_preserve != "off":
-            try:
-                keep = default_preserve(clip.tokenizer, concept, anchor, extra=keep,
-                                        phrased=auto_preserve == "vocabulary")
-            except ValueError as exc:
-                raise NodeError(f"ClosedFormErase: {exc}") from None
-        summary = _preserve_summary(temps, keep)
+        site = "output_mlp" if text_site == "output MLP" else "attention"
+        edits = [e for e, on in (("uce", target != "text_encoder"), ("quickfix", target != "cross_attention")) if on]
+        # the output-MLP site tells a pair from its halves, so it holds their phrasings too
+        keeps = {e: self._preserve_set(clip, concept, anchor, preserve, auto_preserve,
+                                       e == "quickfix" and site == "output_mlp") for e in edits}
+        summary = "; ".join(_preserve_summary(temps, keep) + (f" ({e})" if len(edits) > 1 else "")
+                            for e, keep in keeps.items())
         log.info("ClosedFormErase %r -> %r: %s", concept, anchor, summary)
         ctx.summary(f"{summary}{' (auto)' if auto_preserve != 'off' else ''}; lam {lam:g}, "
                     f"preserve weight {preserve_weight:g}")
         meta = {"method": "closed-form", "concept": concept, "anchor": anchor, "lam": lam,
-                "preserve_weight": preserve_weight, "templates": len(temps), "preserved": len(keep),
-                "summary": summary}
+                "preserve_weight": preserve_weight, "templates": len(temps), "summary": summary}
         out_model, out_clip = model, clip
         with applied_patches(clip.patches, clip.text_encoder):
-            if target in ("cross_attention", "both"):
+            if "uce" in keeps:
                 with applied_patches(model.patches, model.unet):
                     deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, concept, anchor,
-                                      templates=temps, preserve=keep, lam=lam, positions=positions,
+                                      templates=temps, preserve=keeps["uce"], lam=lam, positions=positions,
                                       preserve_scale=preserve_weight)
-                out_model = model.with_patch(WeightDeltaPatch("unet", deltas, strength,
-                                                              {**meta, "edit": "uce", "positions": positions}))
-            if target in ("text_encoder", "both"):
-                deltas = quickfix_edit(clip.tokenizer, clip.text_encoder, concept, anchor,
-                                       templates=temps, preserve=keep, lam=lam, preserve_scale=preserve_weight)
-                out_clip = clip.with_patch(WeightDeltaPatch("text_encoder", deltas, strength,
-                                                            {**meta, "edit": "quickfix"}))
+                out_model = model.with_patch(WeightDeltaPatch("unet", deltas, strength, {
+                    **meta, "preserved": len(keeps["uce"]), "edit": "uce", "positions": positions}))
+            if "quickfix" in keeps:
+                deltas = quickfix_edit(clip.tokenizer, clip.text_encoder, concept, anchor, templates=temps,
+                                       preserve=keeps["quickfix"], lam=lam, preserve_scale=preserve_weight, site=site)
+                out_clip = clip.with_patch(WeightDeltaPatch("text_encoder", deltas, strength, {
+                    **meta, "preserved": len(keeps["quickfix"]), "edit": "quickfix", "site": site}))
         return {"model": out_model, "clip": out_clip}
+
+    @staticmethod
+    def _preserve_set(clip, concept, anchor, preserve, auto_preserve, phrased_halves) -> list:
+        from kernels.erasers import default_preserve
+
+        keep = _lines(preserve)
+        if auto_preserve == "off":
+            return keep
+        try:
+            return default_preserve(clip.tokenizer, concept, anchor, extra=keep,
+                                    phrased=auto_preserve == "vocabulary", phrased_halves=phrased_halves)
+        except ValueError as exc:
+            raise NodeError(f"ClosedFormErase: {exc}") from None
 
 
 DEFAULT_GENERAL = ("a photo\nan image\na red square\na blue triangle\na green star\na yellow circle\n"
@@ -182,23 +196,44 @@ def _names_concept(prompt: str, concept: str) -> bool:
     return bool(need) and need <= set(words_of(prompt))
 
 
+PRUNE_FRACTION = 0.02
+
+
+def _prune_v1_to_v2(params: dict) -> dict:
+    """Version 1 used the photo templates, a fixed general list and no vocabulary set: a file
+    saved then keeps them."""
+    return {"templates": DEFAULT_TEMPLATES, "general": DEFAULT_GENERAL, "fraction": 0.02, **params,
+            "auto_general": "off"}
+
+
 @register
 class PruneConcept(Node):
     """Erase a concept without training by pruning the UNet feed-forward neurons its prompts use and
     general prompts do not (after "Memorized Images in Diffusion Models share a Subspace that can
     be Located and Deleted"). Each neuron is scored by how much more the concept's prompts activate
     it than the general prompts, times the size of its output weights; the top `fraction` of each
-    layer's neurons are switched off. General prompts that name the concept are left out."""
+    layer's neurons are switched off. Empty templates: the model's own phrasing (as
+    ClosedFormErase); the general prompts are by default the model's vocabulary without the
+    concept (ShapesT2I: its other colours and shapes; others: resources/erasers/common_concepts.txt)
+    plus any listed; prompts naming the concept are left out. Not an eraser for the built-in
+    ShapesT2I model: pruning 2%, 5% or 20% of each layer's neurons left "red", "circle" and "red
+    circle" drawn at 1.00 (bench/erasers.py, tuning set; at 20% other concepts fell to 0.67), so
+    the default stays at the least damaging 2%; held out at it (24 captions x 2 seeds) all three
+    stayed at 1.00 with every other concept at 1.00."""
 
     category = "erasers"
+    version = 2
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to erase, e.g. circle"),
-        "templates": String(DEFAULT_TEMPLATES, multiline=True,
-                            help="prompts the concept appears in, one per line, {} = the concept"),
-        "general": String(DEFAULT_GENERAL, multiline=True,
-                          help="prompts about other things, one per line: neurons they use are spared"),
-        "fraction": Float(0.02, 0.0, 0.5, step=0.005,
+        "templates": String("", multiline=True,
+                            help="prompts the concept appears in, one per line, {} = the concept; empty: the "
+                                 "model's own phrasing"),
+        "auto_general": Choice(("vocabulary", "off"), "vocabulary",
+                               help="vocabulary: the general prompts include the model's other concepts"),
+        "general": String("", multiline=True,
+                          help="more prompts about other things, one per line: neurons they use are spared"),
+        "fraction": Float(PRUNE_FRACTION, 0.0, 0.5, step=0.005,
                           help="share of each feed-forward layer's neurons to prune (0 = none)"),
         "timesteps": Int(4, 1, 50, help="noise levels at which activations are measured"),
         "samples": Int(2, 1, 16, help="fixed-seed noise images per prompt and noise level"),
@@ -206,15 +241,29 @@ class PruneConcept(Node):
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
+    migrations = {1: _prune_v1_to_v2}
 
-    def run(self, ctx, model, clip, concept, templates, general, fraction, timesteps, samples, seed, strength):
+    def run(self, ctx, model, clip, concept, templates, auto_general, general, fraction, timesteps, samples, seed,
+            strength):
         from kernels.denoiser import Denoiser
-        from kernels.erasers import WeightDeltaPatch, model_scheduler, prune_concept_neurons
+        from kernels.erasers import (
+            WeightDeltaPatch,
+            default_preserve,
+            default_templates,
+            model_scheduler,
+            prune_concept_neurons,
+        )
         from kernels.patching import applied_patches
 
         concept = _need(concept)
-        prompts = [t.replace("{}", concept) for t in _templates(templates)]
+        temps = _templates(templates) if _lines(templates) else default_templates(clip.tokenizer, concept)
+        prompts = [t.replace("{}", concept) for t in temps]
         given = _lines(general)
+        if auto_general == "vocabulary":
+            try:
+                given = default_preserve(clip.tokenizer, concept, extra=given)
+            except ValueError as exc:
+                raise NodeError(f"PruneConcept: {exc}") from None
         keep = [p for p in given if not _names_concept(p, concept)]
         if not keep:
             raise NodeError(f"PruneConcept needs general prompts that do not name {concept!r} "
@@ -227,10 +276,10 @@ class PruneConcept(Node):
             except ValueError as exc:
                 raise NodeError(f"PruneConcept: {exc}") from None
         meta = {"method": "prune", "concept": concept, "fraction": fraction, "timesteps": timesteps,
-                "samples": samples, "seed": seed, "general": len(keep),
+                "samples": samples, "seed": seed, "general": len(keep), "templates": len(temps),
                 "pruned": sum(int((d.abs().sum(dim=0) > 0).sum()) for d in deltas.values())}
-        ctx.summary(f"pruned {meta['pruned']} neurons (fraction {fraction:g}); preserved {len(keep)} general "
-                    f"prompts ({_shown(keep)})")
+        ctx.summary(f"pruned {meta['pruned']} neurons (fraction {fraction:g}); {len(temps)} templates; preserved "
+                    f"{len(keep)} general prompts ({_shown(keep)}){' (auto)' if auto_general != 'off' else ''}")
         return {"model": model.with_patch(WeightDeltaPatch("unet", deltas, strength, meta))}
 
 
@@ -251,14 +300,25 @@ class ConceptMembrane(Node):
     """SPM: a rank-1 "membrane" adapter trained on the CPU to erase one concept. At sampling time
     its strength follows the prompt (facilitated transport): 1 when the prompt names the concept,
     about the prompt-concept embedding similarity otherwise. Anchor prompts are held unchanged
-    while training (latent anchoring)."""
+    while training (latent anchoring): by default the model's vocabulary without the concept
+    (as ClosedFormErase's preserve set) plus any listed. Empty templates: the model's own
+    phrasing. Not an eraser for the built-in ShapesT2I model at these defaults: held out
+    (bench/erasers.py, 24 captions x 2 seeds, 200 steps) "red" and "circle" stayed at 1.00
+    and "red circle" fell to 0.50 with other concepts down to 0.67;
+    version 1's (the concept alone, no anchors) brought red to 0.25 with other concepts at 0.875
+    or more and left circle at 1.00."""
 
     category = "erasers"
+    version = 2
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to erase"),
-        "templates": String("{}", multiline=True, help="training prompts, one per line, {} = the concept"),
-        "anchors": String("", multiline=True, help="prompts to keep as they are, one per line"),
+        "templates": String("", multiline=True,
+                            help="training prompts, one per line, {} = the concept; empty: the model's own phrasing"),
+        "auto_anchors": Choice(("vocabulary", "off"), "vocabulary",
+                               help="vocabulary: also hold the model's other concepts (ShapesT2I: its colours and "
+                                    "shapes; others: the shipped common-concepts list)"),
+        "anchors": String("", multiline=True, help="more prompts to keep as they are, one per line"),
         "steps": Int(200, 1, 20000, help="training steps"),
         "rank": Int(1, 1, 64, help="adapter rank (SPM: 1)"),
         "lr": Float(1e-3, 1e-6, 1.0, step=1e-4, help="learning rate"),
@@ -268,19 +328,32 @@ class ConceptMembrane(Node):
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
+    migrations = {1: lambda params: {"templates": "{}", **params, "auto_anchors": "off"}}
 
-    def run(self, ctx, model, clip, concept, templates, anchors, steps, rank, lr, eta, anchor_weight, seed,
-            strength):
+    def run(self, ctx, model, clip, concept, templates, auto_anchors, anchors, steps, rank, lr, eta, anchor_weight,
+            seed, strength):
         from kernels.denoiser import Denoiser
-        from kernels.erasers import MembranePatch, model_scheduler, train_erasure_lora
+        from kernels.erasers import (
+            MembranePatch,
+            default_preserve,
+            default_templates,
+            model_scheduler,
+            train_erasure_lora,
+        )
         from kernels.patching import applied_patches
         from kernels.text import words_of
 
         concept = _need(concept)
-        prompts = [t.replace("{}", concept) for t in _templates(templates)]
+        temps = _templates(templates) if _lines(templates) else default_templates(clip.tokenizer, concept)
+        prompts = [t.replace("{}", concept) for t in temps]
         target = _encode(clip, prompts)
         empty = _encode(clip, [""])
         anchor_prompts = _lines(anchors)
+        if auto_anchors == "vocabulary":
+            try:
+                anchor_prompts = default_preserve(clip.tokenizer, concept, extra=anchor_prompts)
+            except ValueError as exc:
+                raise NodeError(f"ConceptMembrane: {exc}") from None
         anchor = _encode(clip, anchor_prompts) if anchor_prompts else None
         concept_embeds = _encode(clip, [concept]).embeds
         with applied_patches(model.patches, model.unet):
@@ -288,8 +361,10 @@ class ConceptMembrane(Node):
                 Denoiser.of(model), model_scheduler(model), target, empty, objective="spm", anchor_embeds=anchor,
                 scope="transformer", rank=rank, steps=steps, lr=lr, eta=eta, anchor_weight=anchor_weight,
                 seed=seed, progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
-        meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed}
-        ctx.summary(f"{steps} steps; preserved {len(anchor_prompts)} anchor prompts ({_shown(anchor_prompts)}), "
+        meta = {"method": "spm", "concept": concept, "steps": steps, "seed": seed, "templates": len(temps),
+                "preserved": len(anchor_prompts)}
+        ctx.summary(f"{steps} steps; {len(temps)} templates; preserved {len(anchor_prompts)} anchor prompts "
+                    f"({_shown(anchor_prompts)}){' (auto)' if auto_anchors != 'off' else ''}, "
                     f"anchor weight {anchor_weight:g}")
         return {"model": model.with_patch(MembranePatch(loras, scale, concept_embeds, words_of(concept),
                                                         strength, meta))}
@@ -300,20 +375,28 @@ class EraseFinetune(Node):
     """Erase a concept by fine-tuning a LoRA for a few minutes. "esd": the concept's prediction is
     pushed along the negative guidance direction. "all_but_one": it is pulled towards a chosen
     alternative concept instead, while the unconditional prediction is held where it was.
-    Without preserve prompts both are destructive on the built-in ShapesT2I model: ESD on the
-    shape "circle" (300 steps, 24 prompts x 8 seeds, bench/erasers.py) left circles at 0.90 (from
-    0.98) and took every colour to 0.00-0.04; All-but-One erased it but took every other colour
-    and shape to 0.00-0.08. Holding the other prompts (preserve; there they were also the scored
-    ones) kept All-but-One on "red" and "red circle" (others >= 0.90 of their baseline) but not
-    on "circle" (purple 0.79), nor ESD on "circle" (colours 0.00-0.88)."""
+    Empty templates: the model's own phrasing; the preserve prompts are by default the model's
+    vocabulary without the concept (as ClosedFormErase's) plus any listed. Without preserve
+    prompts both were destructive on the built-in ShapesT2I model: ESD on the shape "circle"
+    (300 steps, 24 prompts x 8 seeds, bench/erasers.py) left circles at 0.90 (from 0.98) and took
+    every colour to 0.00-0.04; All-but-One erased it but took every other colour and shape to
+    0.00-0.08. ESD is not recommended there even with these defaults: held out (bench/erasers.py,
+    24 captions x 2 seeds, 200 steps) it left "red" at 0.62 (other concepts >= 0.80) and
+    "circle" at 0.75 while blue fell to 0.00 and orange to 0.17, and "red circle" at 0.50 with
+    other concepts down to 0.33. All-but-One at these defaults brought "red" to 0.25 (others
+    >= 0.90), "circle" (to triangle) to 0.00 with stars down to 0.25 and "red circle" to 0.00
+    with other concepts down to 0.20. More in
+    bench/results/erasers.json."""
 
     category = "erasers"
+    version = 2
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "objective": Choice(("esd", "all_but_one"), "esd", help="the erasing target"),
         "concept": String("", help="the concept to erase"),
         "alternative": String("", help="All-but-One: what the concept becomes"),
-        "templates": String("{}", multiline=True, help="training prompts, one per line, {} = the concept"),
+        "templates": String("", multiline=True,
+                            help="training prompts, one per line, {} = the concept; empty: the model's own phrasing"),
         "scope": Choice(("cross_attention", "attention", "transformer"), "cross_attention",
                         help="which layers the LoRA trains"),
         "rank": Int(4, 1, 128, help="LoRA rank"),
@@ -321,22 +404,27 @@ class EraseFinetune(Node):
         "lr": Float(1e-3, 1e-6, 1.0, step=1e-4, help="learning rate"),
         "eta": Float(1.0, 0.0, 10.0, help="guidance scale of the target"),
         "uncond_weight": Float(1.0, 0.0, 100.0, help="All-but-One: weight of the unconditional-preservation loss"),
+        "auto_preserve": Choice(("vocabulary", "off"), "vocabulary",
+                                help="vocabulary: also hold the model's other concepts (ShapesT2I: its colours and "
+                                     "shapes; others: the shipped common-concepts list)"),
         "preserve": String("", multiline=True,
-                           help="prompts whose predictions are held (one per line); without them the LoRA "
+                           help="more prompts whose predictions are held (one per line); without any the LoRA "
                                 "also unlearns words the training prompts share"),
         "seed": Seed(),
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
+    migrations = {1: lambda params: {"templates": "{}", **params, "auto_preserve": "off"}}
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
-            uncond_weight, preserve, seed, strength):
+            uncond_weight, auto_preserve, preserve, seed, strength):
         from kernels.denoiser import Denoiser
-        from kernels.erasers import LoraPatch, model_scheduler, train_erasure_lora
+        from kernels.erasers import LoraPatch, default_preserve, default_templates, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
 
         concept = _need(concept)
-        temps = _templates(templates)
+        temps = _templates(templates) if _lines(templates) else default_templates(clip.tokenizer, concept,
+                                                                                    alternative.strip())
         target = _encode(clip, [t.replace("{}", concept) for t in temps])
         empty = _encode(clip, [""])
         alt = None
@@ -345,6 +433,11 @@ class EraseFinetune(Node):
                 raise NodeError("All-but-One needs an alternative concept")
             alt = _encode(clip, [t.replace("{}", alternative.strip()) for t in temps])
         keep = _lines(preserve)
+        if auto_preserve == "vocabulary":
+            try:
+                keep = default_preserve(clip.tokenizer, concept, alternative.strip(), extra=keep)
+            except ValueError as exc:
+                raise NodeError(f"EraseFinetune: {exc}") from None
         with applied_patches(model.patches, model.unet):
             loras, scale, _ = train_erasure_lora(
                 Denoiser.of(model), model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
@@ -352,177 +445,57 @@ class EraseFinetune(Node):
                 scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,
-                "seed": seed, "scope": scope}
-        ctx.summary(f"{objective}, {steps} steps; preserved {len(keep)} prompts ({_shown(keep)})")
+                "seed": seed, "scope": scope, "templates": len(temps), "preserved": len(keep)}
+        ctx.summary(f"{objective}, {steps} steps; {len(temps)} templates; preserved {len(keep)} prompts "
+                    f"({_shown(keep)}){' (auto)' if auto_preserve != 'off' else ''}")
         return {"model": model.with_patch(LoraPatch(loras, scale, strength, meta))}
+
+
+SAFE_GUIDANCE_SCALE = 2.0
 
 
 @register
 class SafeGuidance(Node):
     """Steer sampling away from a concept without changing any weights (negative guidance on the
-    concept, as in safe latent diffusion): a baseline to compare the erasers with."""
+    concept, as in safe latent diffusion): a baseline to compare the erasers with. The concept's
+    text is the mean of its templates' text embeddings (empty: the model's own phrasing, as
+    ClosedFormErase; "{}": the concept alone, as version 1). Not an eraser for the built-in
+    ShapesT2I model: on the bench's tuning set (bench/erasers.py) scale 2 and 4 left "red" and
+    "circle" at 1.00 while steering away from red took orange to 0.00; scale 8 brought red to
+    0.50 and circle to 0.83 and scale 4 or 8 "red circle" to 0.00, each taking other concepts to
+    0.00. The default stays at 2; held out at it (24 captions x 2 seeds) red stayed at 1.00 and
+    orange fell to 0.00, circle fell to 0.92 only."""
 
     category = "erasers"
+    version = 2
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to steer away from"),
-        "scale": Float(2.0, 0.0, 30.0, step=0.5, help="guidance away from the concept"),
+        "templates": String("", multiline=True,
+                            help="prompts the concept appears in, one per line, {} = the concept; their mean text "
+                                 "embedding is steered away from; empty: the model's own phrasing"),
+        "scale": Float(SAFE_GUIDANCE_SCALE, 0.0, 30.0, step=0.5, help="guidance away from the concept"),
         "warmup": Float(0.0, 0.0, 1.0, step=0.05, help="fraction of the noisiest steps left unguided"),
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
+    migrations = {1: lambda params: {"templates": "{}", "scale": 2.0, **params}}
 
-    def run(self, ctx, model, clip, concept, scale, warmup, strength):
+    def run(self, ctx, model, clip, concept, templates, scale, warmup, strength):
         from kernels.denoiser import Denoiser
-        from kernels.erasers import SafeGuidancePatch
+        from kernels.erasers import SafeGuidancePatch, default_templates
 
         concept = _need(concept)
-        text = _encode(clip, [concept])
+        temps = _templates(templates) if _lines(templates) else default_templates(clip.tokenizer, concept)
+        text = _encode(clip, [t.replace("{}", concept) for t in temps])
+        embeds = text.embeds.mean(dim=0, keepdim=True)
+        pooled = None if text.pooled is None else text.pooled.mean(dim=0, keepdim=True)
         # a family without a negative batch (FLUX) is steered against the empty prompt's prediction
         uncond = None if Denoiser.of(model).takes_negative else _encode(clip, [""])
-        meta = {"method": "safe-guidance", "concept": concept}
+        meta = {"method": "safe-guidance", "concept": concept, "templates": len(temps)}
+        ctx.summary(f"steered away from the mean of {len(temps)} prompts ({_shown([t.replace('{}', concept) for t in temps])}), "
+                    f"scale {scale:g}, warm-up {warmup:g}")
         return {"model": model.with_patch(SafeGuidancePatch(
-            text.embeds, scale, warmup, strength, meta, concept_pooled=text.pooled,
+            embeds, scale, warmup, strength, meta, concept_pooled=pooled,
             uncond_embeds=None if uncond is None else uncond.embeds,
             uncond_pooled=None if uncond is None else uncond.pooled))}
-
-
-@register
-class RedTeamPrompt(Node):
-    """Attack an erased model (Prompting4Debugging): search for a few tokens that make it draw the
-    erased concept again, by matching its predictions to the original model's on the concept
-    prompt. Outputs the found prompt and the erased model's samples for it (decode them). With a judge (the
-    ShapesT2I oracle) the attack success rate is measured; `report` saves it as JSON."""
-
-    category = "erasers"
-    # It writes the report file: served from the cache it would not, and a deleted report would
-    # stay missing. Downstream nodes stay cached when the attack finds the same prompt again.
-    always_run = True
-    inputs = {"model": MODEL, "clip": CLIP, "original_model": MODEL, "original_clip": CLIP}
-    params = {
-        "prompt": String("", help="the prompt whose concept was erased, e.g. a red circle"),
-        "tokens": Int(4, 1, 32, help="free tokens to optimise"),
-        "steps": Int(40, 1, 5000, help="optimisation steps"),
-        "lr": Float(0.1, 1e-4, 10.0, step=0.01, help="learning rate of the soft prompt"),
-        "cfg": Float(4.0, 1.0, 30.0, step=0.5, help="guidance scale used when matching and sampling"),
-        "sample_steps": Int(12, 1, 200, help="sampling steps of the judged images"),
-        "samples": Int(4, 1, 64, help="images sampled for the found prompt"),
-        "avoid_words": String("", help="words the attack may not use (e.g. the concept itself)"),
-        "judge": Choice(("none", "shapes-oracle"), "none", help="how success is judged"),
-        "report": Path("", mode="save", filters="JSON (*.json)", help="optional JSON file for the result"),
-        "seed": Seed(),
-    }
-    outputs = {"conditioning": CONDITIONING, "latent": LATENT}
-
-    def run(self, ctx, model, clip, original_model, original_clip, prompt, tokens, steps, lr, cfg, sample_steps,
-            samples, avoid_words, judge, report, seed):
-        import json
-
-        from kernels.erasers import Generator, red_team_prompt
-        from kernels.files import atomic_write
-
-        prompt = _need(prompt)
-        judge_fn = None
-        if judge == "shapes-oracle":
-            from kernels.shapes.judge import concept_judge
-
-            judge_fn = concept_judge(prompt)
-            if judge_fn is None:
-                raise NodeError("the ShapesT2I oracle cannot judge this prompt (it names no colour or shape)")
-        erased = Generator(model, clip)
-        try:
-            result = red_team_prompt(erased, Generator(original_model, original_clip), prompt, n_tokens=tokens,
-                                     steps=steps, lr=lr, cfg=cfg, sample_steps=sample_steps,
-                                     eval_seeds=list(range(seed, seed + samples)), judge=judge_fn, seed=seed,
-                                     banned_words=avoid_words.split(),
-                                     progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
-        except ValueError as exc:
-            raise NodeError(f"RedTeamPrompt: {exc}") from None
-        if report:
-            summary = {"target": prompt, "prompt": result.prompt, "loss": result.loss,
-                       "attack_success_rate": result.success_rate, "seconds": result.seconds}
-            atomic_write(ctx.output_file(report), json.dumps(summary, indent=2).encode("utf-8"), durable=False)
-        return {"conditioning": erased.encode(result.prompt), "latent": result.images.float().cpu()}
-
-
-@register
-class SaveEraser(Node):
-    """Save the erasers recorded on a MODEL and/or CLIP (in chain order) to a safetensors file, in
-    your erasers folder unless a folder is given."""
-
-    category = "erasers"
-    inputs = {"model": MODEL.optional("a model with eraser patches"),
-              "clip": CLIP.optional("a text encoder with eraser patches")}
-    params = {"name": String("eraser", file_name=True, help="file name (.safetensors is added)"),
-              "folder": Path("", mode="folder", help="where to save: empty or a relative folder is in the "
-                             "user's erasers folder; another place only if allowed in the app")}
-    output_node = True
-    always_run = True
-
-    def run(self, ctx, model, clip, name, folder):
-        import os
-
-        from kernels.erasers import EraserPatch, default_eraser_dir, save_erasers
-
-        patches = [p for b in (model, clip) if b is not None for p in b.patches if isinstance(p, EraserPatch)]
-        if not patches:
-            raise NodeError("nothing to save: the inputs carry no eraser")
-        name = (name or "eraser").strip()
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        problem = file_name_problem(name)
-        if problem:
-            raise NodeError(f"the name {problem}")
-        # Only inside the erasers folder, the output folder or a folder the user allowed.
-        save_erasers(str(ctx.output_file(os.path.join(folder or "", name), default_dir=default_eraser_dir())),
-                     patches)
-        return {}
-
-
-@register
-class LoadEraser(Node):
-    """Load erasers saved by SaveEraser and apply them (in their saved order) to a MODEL and CLIP.
-    A bare file name is looked up in your erasers folder."""
-
-    category = "erasers"
-    inputs = {"model": MODEL, "clip": CLIP}
-    params = {"path": Path("", mode="file", filters="Erasers (*.safetensors)", help="the eraser file"),
-              "strength": _strength()}
-    outputs = {"model": MODEL, "clip": CLIP}
-
-    @classmethod
-    def _resolve(cls, path, ctx):
-        import os
-
-        from kernels.erasers import default_eraser_dir
-
-        full = ctx.resolve_path(path)
-        if not os.path.exists(full) and path and not os.path.isabs(path):
-            alt = os.path.join(default_eraser_dir(), path)
-            if os.path.exists(alt):
-                return alt
-            if os.path.exists(alt + ".safetensors"):
-                return alt + ".safetensors"
-        return full
-
-    @classmethod
-    def fingerprint(cls, params, ctx):
-        return path_fingerprint(cls._resolve(params["path"], ctx))
-
-    def run(self, ctx, model, clip, path, strength):
-        from kernels.erasers import EraserFileError, load_erasers
-
-        if not path:
-            raise NodeError("no eraser file chosen")
-        try:
-            patches = load_erasers(self._resolve(path, ctx))
-        except EraserFileError as exc:
-            raise NodeError(str(exc)) from None
-        for p in patches:
-            if strength != 1.0:
-                p = p.with_strength(p.strength * strength)
-            if p.target == "text_encoder":
-                clip = clip.with_patch(p)
-            else:
-                model = model.with_patch(p)
-        return {"model": model, "clip": clip}

@@ -81,6 +81,38 @@ def test_quickfix_edit_maps_concept_keys_and_keeps_orthogonal_ones(tiny_bundle):
         assert torch.allclose(edited_x, module(x), atol=1e-5)
 
 
+def test_quickfix_output_mlp_site_gives_the_anchors_hidden_states(tiny_bundle):
+    _, clip = tiny_bundle
+    tok, te = clip.tokenizer, clip.text_encoder
+    deltas = quickfix_edit(tok, te, "circle", "square", templates=["a red {}"], site="output_mlp")
+    last = te.config.num_hidden_layers - 1
+    assert list(deltas) == [text_encoder_out_proj(te, last).replace("self_attn.out_proj", "mlp.fc2") + ".weight"]
+    ids = tok(["a red circle", "a red square", "a blue star"], padding="max_length",
+              max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = te(ids).last_hidden_state
+        with applied_patches([WeightDeltaPatch("text_encoder", deltas)], te):
+            after = te(ids).last_hidden_state
+    start = 3  # <bos> a red circle: from the subject on, the source now has the anchor's states
+    gap = (after[0, start:] - before[1, start:]).norm(dim=1) / before[1, start:].norm(dim=1)
+    assert float(gap.max()) < 0.05
+    moved = (before[0, start:] - before[1, start:]).norm(dim=1) / before[1, start:].norm(dim=1)
+    assert float(moved.min()) > 0.05  # the states did differ before the edit
+    # directions orthogonal to the edited keys (fc2's inputs from the subject on) keep fc2's output
+    name = next(iter(deltas)).removesuffix(".weight")
+    keys, _ = _out_proj_io(te, name, ids[:1])
+    q, _ = torch.linalg.qr(keys[0, start:].T.double())
+    x = torch.randn(7, keys.shape[-1], generator=torch.Generator().manual_seed(1)).double()
+    x = (x - (x @ q) @ q.T).float()
+    module = te.get_submodule(name)
+    with torch.no_grad():
+        plain = module(x)
+        with applied_patches([WeightDeltaPatch("text_encoder", deltas)], te):
+            assert torch.allclose(module(x), plain, atol=1e-5)
+    with pytest.raises(ValueError, match="site"):
+        quickfix_edit(tok, te, "circle", "square", site="everywhere")
+
+
 def test_uce_edit_keeps_preserved_and_orthogonal_outputs(tiny_bundle):
     model, clip = tiny_bundle
     deltas = uce_edit(model.unet, clip.tokenizer, clip.text_encoder, "circle", "square",

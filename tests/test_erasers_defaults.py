@@ -34,6 +34,11 @@ def test_world_preserve_set_leaves_out_only_prompts_naming_the_concept(tiny_bund
     assert "a blue circle on the left" not in pair
     assert default_preserve(tok, "red", extra=["a red thing on grass"])[-1] == "a red thing on grass"
     # version 2's plain set
+    # for an edit that tells a pair from its halves (the output-MLP site) the halves' phrasings stay
+    halves = default_preserve(tok, "red circle", "red triangle", phrased_halves=True)
+    assert {"a red square at the top right", "a blue circle on the left", "a red square"} <= set(halves)
+    assert not any({"red", "circle"} <= set(words_of(p)) for p in halves)
+    assert default_preserve(tok, "red", phrased_halves=True) == red
     plain = default_preserve(tok, "red circle", "red triangle", phrased=False)
     assert len(plain) == len(world_prompts()) - 1 and "a green star on the left" not in plain
 
@@ -68,6 +73,9 @@ class _Ctx:
     def summary(self, text):
         self.said = text
 
+    def progress(self, *_args, **_kwargs):
+        pass
+
 
 def _node(model, clip, ctx=None, **params):
     full = {n: p.default for n, p in ClosedFormErase.params.items()}
@@ -87,7 +95,7 @@ def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_b
         ctx.said.endswith("(auto); lam 0.5, preserve weight 1")
     ref_uce = uce_edit(model.unet, tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5,
                        positions="to_end", preserve_scale=1.0)
-    ref_qf = quickfix_edit(tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5)
+    ref_qf = quickfix_edit(tok, te, "red", "blue", templates=temps, preserve=keep, lam=0.5, site="output_mlp")
     got_uce, got_qf = out["model"].patches[-1].deltas, out["clip"].patches[-1].deltas
     assert got_uce.keys() == ref_uce.keys() and all(torch.equal(got_uce[k], ref_uce[k]) for k in ref_uce)
     assert got_qf.keys() == ref_qf.keys() and all(torch.equal(got_qf[k], ref_qf[k]) for k in ref_qf)
@@ -101,26 +109,42 @@ def test_node_defaults_equal_the_kernels_with_the_vocabulary_preserve_set(tiny_b
     assert all(torch.equal(old["model"].patches[-1].deltas[k], ref_old[k]) for k in ref_old)
     # "plain vocabulary" is version 2's preserve set
     v2 = _node(model, clip, concept="red", anchor="blue", target="text_encoder", auto_preserve="plain vocabulary",
-               templates="\n".join(QUICKFIX_TEMPLATES))
+               templates="\n".join(QUICKFIX_TEMPLATES), text_site="first attention")
     ref_v2 = quickfix_edit(tok, te, "red", "blue", templates=QUICKFIX_TEMPLATES, lam=0.5,
                            preserve=default_preserve(tok, "red", "blue", phrased=False))
     assert all(torch.equal(v2["clip"].patches[-1].deltas[k], ref_v2[k]) for k in ref_v2)
+    # a pair on the text encoder: the output-MLP site with its halves' phrasings held; the first
+    # attention site with the halves held plain
+    pair = _node(model, clip, concept="red circle", anchor="red triangle", target="text_encoder")
+    ptemps = default_templates(tok, "red circle", "red triangle")
+    ref_pair = quickfix_edit(tok, te, "red circle", "red triangle", templates=ptemps, lam=0.5, site="output_mlp",
+                             preserve=default_preserve(tok, "red circle", "red triangle", phrased_halves=True))
+    assert all(torch.equal(pair["clip"].patches[-1].deltas[k], ref_pair[k]) for k in ref_pair)
+    first = _node(model, clip, concept="red circle", anchor="red triangle", target="text_encoder",
+                  text_site="first attention")
+    ref_first = quickfix_edit(tok, te, "red circle", "red triangle", templates=ptemps, lam=0.5,
+                              preserve=default_preserve(tok, "red circle", "red triangle"))
+    assert all(torch.equal(first["clip"].patches[-1].deltas[k], ref_first[k]) for k in ref_first)
     # the preserve weight changes the edit
     heavy = _node(model, clip, concept="red", anchor="blue", target="cross_attention", preserve_weight=10.0)
     assert any(not torch.equal(heavy["model"].patches[-1].deltas[k], got_uce[k]) for k in got_uce)
 
 
 def test_older_files_keep_their_behaviour():
-    assert ClosedFormErase.version == 3
+    assert ClosedFormErase.version == 4
     photo = "\n".join(QUICKFIX_TEMPLATES)
     migrated = ClosedFormErase.migrate({"concept": "red", "anchor": "blue"}, 1)
-    assert migrated == {"templates": photo, "concept": "red", "anchor": "blue", "lam": 0.01,
-                        "auto_preserve": "off", "preserve_weight": 1.0}
+    assert migrated == {"text_site": "first attention", "templates": photo, "concept": "red", "anchor": "blue",
+                        "lam": 0.01, "auto_preserve": "off", "preserve_weight": 1.0}
     assert ClosedFormErase.migrate({"concept": "red", "lam": 0.3}, 1)["lam"] == 0.3
     v2 = ClosedFormErase.migrate({"concept": "red", "auto_preserve": "vocabulary", "lam": 0.5}, 2)
-    assert v2 == {"templates": photo, "concept": "red", "auto_preserve": "plain vocabulary", "lam": 0.5}
+    assert v2 == {"text_site": "first attention", "templates": photo, "concept": "red",
+                  "auto_preserve": "plain vocabulary", "lam": 0.5}
     kept = ClosedFormErase.migrate({"templates": "a {} thing", "auto_preserve": "off"}, 2)
-    assert kept == {"templates": "a {} thing", "auto_preserve": "off"}
+    assert kept == {"text_site": "first attention", "templates": "a {} thing", "auto_preserve": "off"}
+    # version 3 edited the text encoder at its first attention; a file that chose a site keeps it
+    assert ClosedFormErase.migrate({"concept": "red"}, 3) == {"text_site": "first attention", "concept": "red"}
+    assert ClosedFormErase.migrate({"text_site": "output MLP"}, 3) == {"text_site": "output MLP"}
 
 
 def test_a_saved_version_1_graph_loads_with_the_old_defaults(tiny_pixel_model, tmp_path):
@@ -159,6 +183,32 @@ def test_an_eraser_run_reports_what_it_preserved(tiny_pixel_model, tmp_path):
     assert "preserved" in said and "(auto); lam 0.5" in said and report.nodes[nid].as_json()["summary"] == said
     assert [info.get("summary") for n, state, info in events if n == nid and state == "done"] == [said]
     assert report.nodes[ids["sampler"]].summary is None  # a node that says nothing reports nothing
+
+
+def test_a_cached_eraser_result_says_its_summary_again(tiny_pixel_model, tmp_path):
+    from app.engine import EngineEvents, Executor
+
+    g, ids = eraser_graph(tiny_pixel_model, ("ClosedFormErase", {"concept": "circle", "anchor": "square"}))
+    nid = ids["erasers"][0]
+
+    def run(ex):
+        events = []
+        report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path,
+                        events=EngineEvents(node_state=lambda n, state, info: events.append((n, state, info))))
+        assert report.ok
+        return report, [(state, info.get("summary")) for n, state, info in events if n == nid and state not in ("queued", "running")]
+
+    cache = tmp_path / "cache"
+    first, said_first = run(Executor(device="cpu", disk_cache=cache))
+    said = first.nodes[nid].summary
+    assert said and said_first == [("done", said)]
+    again = Executor(device="cpu", disk_cache=cache)  # a new session: the trace comes from the disk
+    report, states = run(again)
+    assert states[0] == ("cached-disk", said) and report.nodes[nid].summary == said
+    again.disk = None  # and from the session's own record
+    report, states = run(again)
+    assert report.nodes[nid].status == "cached-memory" and states == [("cached-memory", said)]
+    assert report.nodes[ids["sampler"]].summary is None
 
 
 def test_example_erase_graphs_are_current_and_valid():
@@ -200,3 +250,45 @@ def test_compare_example_draws_each_prompt_original_and_erased_on_the_same_seeds
     report = Executor(device="cpu", disk_cache=False).run(g, output_dir=tmp_path)
     assert report.ok, {r.title: r.error for r in report.nodes.values()}
     assert len(report.outputs()) == 6 * 4  # six rows of the four-image batch
+
+
+def _run_defaults(node, model, clip, **params):
+    full = {n: p.default for n, p in node.params.items()}
+    full.update(params)
+    ctx = _Ctx()
+    return node().run(ctx, model, clip, **full), ctx.said
+
+
+def test_trained_erasers_and_guidance_default_to_the_model_phrasing_and_vocabulary(tiny_bundle):
+    from kernels.denoiser import encode_prompts
+    from nodes.erasers import ConceptMembrane, EraseFinetune, SafeGuidance
+
+    model, clip = tiny_bundle
+    tok = clip.tokenizer
+    temps, keep = default_templates(tok, "circle"), default_preserve(tok, "circle")
+    out, said = _run_defaults(ConceptMembrane, model, clip, concept="circle", steps=1)
+    meta = out["model"].patches[-1].meta
+    assert (meta["templates"], meta["preserved"]) == (len(temps), len(keep)) and said.count("(auto)") == 1
+    assert f"preserved {len(keep)} anchor prompts" in said
+    out, said = _run_defaults(EraseFinetune, model, clip, concept="circle", steps=1, objective="all_but_one",
+                              alternative="triangle")
+    meta = out["model"].patches[-1].meta
+    abo_keep = default_preserve(tok, "circle", "triangle")
+    assert meta["templates"] == len(default_templates(tok, "circle", "triangle")) and meta["preserved"] == len(abo_keep)
+    # safe guidance steers away from the mean text of the model's phrasing; "{}" is the concept alone
+    guided, said = _run_defaults(SafeGuidance, model, clip, concept="circle")
+    mean = encode_prompts(tok, clip.text_encoder, [t.replace("{}", "circle") for t in temps]).embeds.mean(0, True)
+    assert torch.allclose(guided["model"].patches[-1].concept_embeds, mean) and f"mean of {len(temps)}" in said
+    alone, _ = _run_defaults(SafeGuidance, model, clip, concept="circle", templates="{}")
+    assert torch.equal(alone["model"].patches[-1].concept_embeds, encode_prompts(tok, clip.text_encoder, ["circle"]).embeds)
+
+
+def test_older_trained_and_guidance_files_keep_their_behaviour():
+    from nodes.erasers import ConceptMembrane, EraseFinetune, SafeGuidance
+
+    assert ConceptMembrane.migrate({"concept": "red"}, 1) == {"templates": "{}", "concept": "red",
+                                                                "auto_anchors": "off"}
+    assert EraseFinetune.migrate({"concept": "red", "templates": "a {}"}, 1) == {
+        "templates": "a {}", "concept": "red", "auto_preserve": "off"}
+    assert SafeGuidance.migrate({"concept": "red"}, 1) == {"templates": "{}", "scale": 2.0, "concept": "red"}
+    assert SafeGuidance.migrate({"concept": "red", "scale": 5.0}, 1)["scale"] == 5.0

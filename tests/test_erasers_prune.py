@@ -190,9 +190,42 @@ def test_prune_node_saves_and_reloads_bit_identical(tiny_pixel_model, tmp_path, 
 
 def test_prune_node_errors_name_the_problem(tiny_pixel_model, tmp_path):
     ex = Executor(device="cpu", disk_cache=False)
-    for params, words in (({**PRUNE, "general": "a red circle\na circle on the left"}, "PruneConcept"),
-                          ({**PRUNE, "general": ""}, "general"),
+    for params, words in (({**PRUNE, "general": "a red circle\na circle on the left", "auto_general": "off"},
+                           "PruneConcept"),
+                          ({**PRUNE, "general": "", "auto_general": "off"}, "general"),
                           ({**PRUNE, "concept": " "}, "concept")):
         g, ids = eraser_graph(tiny_pixel_model, ("PruneConcept", params))
         report = ex.run(g, targets=[ids["capture"]], output_dir=tmp_path)
         assert words in (report.nodes[ids["erasers"][0]].error or ""), report.nodes[ids["erasers"][0]].error
+
+
+def test_prune_node_defaults_use_the_model_phrasing_and_vocabulary(tiny_bundle):
+    from kernels.erasers import default_preserve, default_templates, model_scheduler, prune_concept_neurons
+    from nodes.erasers import DEFAULT_GENERAL, DEFAULT_TEMPLATES, PruneConcept
+
+    model, clip = tiny_bundle
+    tok = clip.tokenizer
+
+    class Ctx:
+        said = ""
+
+        def summary(self, text):
+            self.said = text
+
+    params = {n: p.default for n, p in PruneConcept.params.items()}
+    params.update(concept="circle", timesteps=1, samples=1)
+    ctx = Ctx()
+    got = PruneConcept().run(ctx, model, clip, **params)["model"].patches[-1]
+    temps = default_templates(tok, "circle")
+    keep = default_preserve(tok, "circle")
+    ref = prune_concept_neurons(model.unet, tok, clip.text_encoder, [t.replace("{}", "circle") for t in temps], keep,
+                                fraction=params["fraction"], scheduler=model_scheduler(model), timesteps=1, seed=0,
+                                samples=1)
+    assert got.deltas.keys() == ref.keys() and all(torch.equal(got.deltas[k], ref[k]) for k in ref)
+    assert got.meta["general"] == len(keep) and got.meta["templates"] == len(temps)
+    assert f"preserved {len(keep)} general prompts" in ctx.said and ctx.said.endswith("(auto)")
+    # a version-1 file keeps the photo templates, the fixed general list, its fraction, no vocabulary
+    old = PruneConcept.migrate({"concept": "circle"}, 1)
+    assert old == {"concept": "circle", "templates": DEFAULT_TEMPLATES, "general": DEFAULT_GENERAL,
+                   "fraction": 0.02, "auto_general": "off"}
+    assert PruneConcept.migrate({"concept": "circle", "fraction": 0.1}, 1)["fraction"] == 0.1

@@ -106,7 +106,7 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
 
 
 PAIRED = ["app.graph.fileformat", "app.graph.png", "nodes.registry", "nodes.base", "nodes.core",
-          "nodes.erasers", "nodes.layout", "nodes.adapters", "nodes.upscale", "nodes.ip_adapter",
+          "nodes.erasers", "nodes.eraser_tools", "nodes.layout", "nodes.adapters", "nodes.upscale", "nodes.ip_adapter",
           "nodes.controlnet", "nodes.model_files", "nodes.t2i_zero", "nodes.resolution", "nodes.speed",
           "nodes.reroute", "nodes.analysis"]
 

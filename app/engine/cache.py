@@ -234,6 +234,15 @@ class DiskCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def summary(self, key: str) -> Optional[str]:
+        """What the node said when it made this entry (NodeContext.summary), if anything."""
+        meta_path, _ = self._paths(key)
+        try:
+            said = json.loads(meta_path.read_text()).get("summary")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return said if isinstance(said, str) else None
+
     def has_values(self, key: str) -> bool:
         meta_path, data_path = self._paths(key)
         return data_path.exists() or (meta_path.exists() and self._stored_inline(meta_path))
@@ -266,11 +275,14 @@ class DiskCache:
                 pass
         return values
 
-    def put(self, key: str, outputs: dict[str, str], values: Optional[dict[str, Any]]) -> None:
-        """Record a trace, and the values too when they are storable."""
+    def put(self, key: str, outputs: dict[str, str], values: Optional[dict[str, Any]],
+            summary: Optional[str] = None) -> None:
+        """Record a trace (with the node's summary line), and the values too when they are storable."""
         from safetensors.torch import save_file
 
         meta: dict[str, Any] = {"outputs": outputs}
+        if summary:
+            meta["summary"] = summary
         tensors: dict[str, Any] = {}
         if values is not None:
             try:

@@ -291,6 +291,8 @@ class Executor:
             disk_cache = DiskCache(disk_cache, disk_budget, max_entry_bytes=result_limit(disk_result_limit))
         self.disk: Optional[DiskCache] = disk_cache or None
         self.traces = Traces()  # key -> output content hashes, the most recent ones
+        # key -> what the node said making it (NodeContext.summary): a cached result says it again
+        self.summaries = Traces()
         self._models: Optional[ModelManager] = None
         self.resources = resources or resources_dir()
         self._lock = threading.Lock()  # one run at a time
@@ -504,7 +506,7 @@ class Executor:
         info = {"error": error} if error else {}
         if seconds:
             info["seconds"] = seconds
-        if state == DONE and rep.summary:
+        if state in (DONE, CACHED_MEMORY, CACHED_DISK) and rep.summary:
             info["summary"] = rep.summary
         run.events.node_state(nid, state, info)
 
@@ -548,10 +550,19 @@ class Executor:
                 self.traces[key] = trace
         if trace is not None and not spec.always_run:
             run.hashes[nid] = trace
+            run.report.nodes[nid].summary = self._summary_of(key)
             in_memory = key in self.memory or (where == CACHED_MEMORY and self.disk is None)
             self._finish(run, nid, CACHED_MEMORY if in_memory else CACHED_DISK)
             return
         self._execute(run, nid, spec, params, ctx)
+
+    def _summary_of(self, key: str) -> Optional[str]:
+        said = self.summaries.get(key)
+        if said is None and self.disk is not None:
+            said = self.disk.summary(key)
+            if said is not None:
+                self.summaries[key] = said
+        return said
 
     def _inputs(self, run: _Run, nid: str) -> dict[str, Any]:
         spec = registry.get(run.graph.nodes[nid].type)
@@ -615,10 +626,13 @@ class Executor:
             if kind is TABLE and outputs.get(port) is not None:
                 ctx.show_table(outputs[port])
         if not spec.always_run:
+            said = run.report.nodes[nid].summary
             self.traces[key] = hashes
+            if said:
+                self.summaries[key] = said
             self.memory.put(key, outputs, size_of(outputs), seconds, node=nid)
             if self.disk is not None:
-                self.disk.put(key, hashes, outputs)
+                self.disk.put(key, hashes, outputs, summary=said)
         self._finish(run, nid, DONE, seconds=seconds)
 
     def _fail(self, run: _Run, nid: str, exc: BaseException, seconds: float = 0.0) -> None:
@@ -632,6 +646,7 @@ class Executor:
     def clear(self) -> None:
         self.memory.clear()
         self.traces.clear()
+        self.summaries.clear()
 
 
 class _UpstreamFailed(Exception):

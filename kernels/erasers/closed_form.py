@@ -6,7 +6,8 @@ which maps each edited key k to its value v, keeps preserved keys k_p where W pu
 every direction orthogonal to all keys exactly as it was.
 
 - `quickfix_edit`: Diff-QuickFix (Basu et al., "Localizing and Editing Knowledge in Text-to-Image
-  Generative Models"). W is the text encoder's first self-attention `out_proj`; keys are its
+  Generative Models"). W is the text encoder's first self-attention `out_proj` (site
+  "attention"; site "output_mlp" edits the last read layer's MLP instead, see quickfix_edit); keys are its
   inputs at the last subject token and every later position (EOS and padding) of the source
   prompts, values are W times its inputs at the aligned positions of the anchor prompts;
   lam = 0.01; the prompts are the concept plus "A photo of / An image of / A picture of"
@@ -47,7 +48,7 @@ import torch
 from kernels.denoiser import encode_prompts
 from kernels.text import TextEncoderSet, tokenize
 
-from .patches import text_encoder_out_proj, text_input_layers
+from .patches import text_encoder_mlp_out, text_encoder_out_proj, text_input_layers
 
 # Diff-QuickFix's augmentation templates ("{}" is the concept).
 QUICKFIX_TEMPLATES = ("{}", "A photo of {}", "An image of {}", "A picture of {}")
@@ -93,22 +94,6 @@ def fill_template(template: str, concept: str) -> tuple[str, int]:
     start = template.index("{}")
     prompt = template[:start] + concept + template[start + 2:]
     return prompt, start + len(concept)
-
-
-@torch.no_grad()
-def _module_inputs(model, module_name: str, run: Callable[[], Any]) -> torch.Tensor:
-    """What `module_name` receives while `run()` calls the model."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(_m, inp, _out):
-        seen["in"] = inp[0].detach()
-
-    handle = model.get_submodule(module_name).register_forward_hook(hook)
-    try:
-        run()
-    finally:
-        handle.remove()
-    return seen["in"]
 
 
 def _aligned_positions(src_idx: int, anc_idx: int, length: int, to_end: bool) -> tuple[list[int], list[int]]:
@@ -175,40 +160,89 @@ def sequence_parts(tokenizer, text_encoder, length: int) -> list[tuple[Any, int,
     return [(tokenizer, 0, length)]
 
 
+# Where Diff-QuickFix edits each CLIP encoder: "attention" is the paper's site (layer `layer`'s
+# self-attention out_proj); "output_mlp" the MLP output projection of the last layer whose hidden
+# states the denoiser reads, with values that make the residual stream there the anchor's.
+QUICKFIX_SITES = ("attention", "output_mlp")
+
+
 @torch.no_grad()
 def quickfix_edit(tokenizer, text_encoder, concept: str, anchor: str, *,
                   templates: Sequence[str] = QUICKFIX_TEMPLATES, preserve: Sequence[str] = (),
-                  lam: float = 0.01, layer: int = 0, preserve_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Diff-QuickFix: edit the text encoder's layer-`layer` self-attention out_proj (every CLIP
-    encoder of a family's set: `clip_encoders`).
+                  lam: float = 0.01, layer: int = 0, preserve_scale: float = 1.0,
+                  site: str = "attention") -> dict[str, torch.Tensor]:
+    """Diff-QuickFix: edit each CLIP encoder of the text encoder (`clip_encoders`) at `site`
+    (QUICKFIX_SITES).
 
-    Returns {parameter name: delta}, names relative to `text_encoder`. Run it with the CLIP's
-    existing patches applied, so the delta is relative to the weights the chain has so far.
+    "attention" (the paper): the layer-`layer` self-attention out_proj; keys are its inputs,
+    values W k_anchor. At the first layer a causal encoder's keys are nearly additive in the
+    words ("red circle" ~ "red square" + "blue circle" - "blue square"), so a pair cannot be
+    moved without its halves. "output_mlp": the MLP output projection (fc2) of the last layer
+    the denoiser reads (the penultimate for SDXL's and SD3's CLIPs); its keys come after every
+    layer's nonlinearity, so a pair is separable from its halves, and the values are what make
+    the residual stream at the edited positions the anchor's (W k_anchor + r_anchor - r_source,
+    r the stream the MLP adds to): after the edit only the final layer norm lies between them
+    and the output. Returns {parameter name: delta}, names relative to `text_encoder`. Run it
+    with the CLIP's existing patches applied, so the delta is relative to the weights so far.
     """
+    if site not in QUICKFIX_SITES:
+        raise ValueError(f"Diff-QuickFix site must be one of {QUICKFIX_SITES}, not {site!r}")
     out = {}
     for prefix, tok, encoder in clip_encoders(tokenizer, text_encoder):
-        deltas = _quickfix_one(tok, encoder, concept, anchor, templates=templates, preserve=preserve,
-                               lam=lam, layer=layer, preserve_scale=preserve_scale)
+        if site == "attention":
+            name, stream = text_encoder_out_proj(encoder, layer), None
+        else:
+            name, stream = text_encoder_mlp_out(encoder, _read_layer(text_encoder))
+        deltas = _quickfix_one(tok, encoder, name, stream, concept, anchor, templates=templates,
+                               preserve=preserve, lam=lam, preserve_scale=preserve_scale)
         out.update({prefix + k: v for k, v in deltas.items()})
     return out
 
 
-def _quickfix_one(tokenizer, text_encoder, concept: str, anchor: str, *, templates: Sequence[str],
-                  preserve: Sequence[str], lam: float, layer: int, preserve_scale: float) -> dict[str, torch.Tensor]:
-    """Diff-QuickFix on one CLIP text model."""
-    name = text_encoder_out_proj(text_encoder, layer)
+def _read_layer(text_encoder) -> int:
+    """The encoder layer (negative: from the last) whose hidden states the denoiser takes from a
+    CLIP: the penultimate for SDXL and SD3 (kernels.sdxl, kernels.text), else the last."""
+    from kernels.sdxl import SDXLTextEncoders
+    from kernels.text import SD3TextEncoders
+
+    return -2 if isinstance(text_encoder, (SDXLTextEncoders, SD3TextEncoders)) else -1
+
+
+@torch.no_grad()
+def _inputs_of(model, names: Sequence[str], run: Callable[[], Any]) -> list[torch.Tensor]:
+    """What each module in `names` receives while `run()` calls the model."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda _m, inp, _out, n=n: seen.__setitem__(n, inp[0].detach())) for n in names]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[n] for n in names]
+
+
+def _quickfix_one(tokenizer, text_encoder, name: str, stream: Optional[str], concept: str, anchor: str, *,
+                  templates: Sequence[str], preserve: Sequence[str], lam: float,
+                  preserve_scale: float) -> dict[str, torch.Tensor]:
+    """Diff-QuickFix on one CLIP text model's Linear `name`; with `stream` (the module whose input
+    is the residual stream `name`'s output is added to) the values also carry the difference of
+    the anchor's stream from the source's there."""
     device = text_encoder.device
     pairs = [(fill_template(t, concept), fill_template(t, anchor)) for t in templates]
     ids = tokenize(tokenizer, [p for (p, _), _ in pairs] + [p for _, (p, _) in pairs]).input_ids.to(device)
-    k_in = _module_inputs(text_encoder, name, lambda: text_encoder(ids))
+    seen = _inputs_of(text_encoder, [name] + ([stream] if stream else []), lambda: text_encoder(ids))
     n = len(pairs)
-    keys_t, anchor_keys = _concept_and_anchor_rows(tokenizer, k_in[:n], k_in[n:], pairs, to_end=True)
+    keys_t, anchor_keys = _concept_and_anchor_rows(tokenizer, seen[0][:n], seen[0][n:], pairs, to_end=True)
     w = text_encoder.get_submodule(name).weight
     values = anchor_keys.to(w.dtype) @ w.T
+    if stream:
+        r_src, r_anc = _concept_and_anchor_rows(tokenizer, seen[1][:n], seen[1][n:], pairs, to_end=True)
+        values = values + (r_anc - r_src).to(w.dtype)
     pk = None
     if preserve:
         pids = tokenize(tokenizer, list(preserve)).input_ids.to(device)
-        p_in = _module_inputs(text_encoder, name, lambda: text_encoder(pids))
+        p_in = _inputs_of(text_encoder, [name], lambda: text_encoder(pids))[0]
         pk = p_in.reshape(-1, p_in.shape[-1])
     new_w = closed_form_weight(w, keys_t, values, lam, pk, preserve_scale=preserve_scale)
     return {f"{name}.weight": (new_w.float() - w.float()).cpu()}

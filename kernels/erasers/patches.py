@@ -41,6 +41,17 @@ def text_encoder_out_proj(text_encoder, layer: int = 0) -> str:
     raise ValueError(f"the text encoder has no module ending in {suffix!r}")
 
 
+def text_encoder_mlp_out(text_encoder, layer: int) -> tuple[str, str]:
+    """(MLP output projection `fc2`, the `layer_norm2` whose input is the residual stream the MLP
+    adds to) of encoder layer `layer`; a negative layer counts from the last."""
+    n = int(text_encoder.config.num_hidden_layers)
+    index = layer + n if layer < 0 else layer
+    if not 0 <= index < n:
+        raise ValueError(f"the text encoder has {n} layers, not a layer {layer}")
+    fc2 = text_encoder_out_proj(text_encoder, index).replace("self_attn.out_proj", "mlp.fc2")
+    return fc2, fc2.replace("mlp.fc2", "layer_norm2")
+
+
 def _is_mmdit(denoiser) -> bool:
     """An SD3 or FLUX transformer: text and image meet in joint attention blocks."""
     return any(name in ("transformer_blocks", "single_transformer_blocks") for name, _ in denoiser.named_children()) \

@@ -68,7 +68,7 @@ def world_prompts(tails: bool = False) -> list[str]:
 
 
 def default_preserve(tokenizer, concept: str, anchor: str = "", extra: Sequence[str] = (),
-                     phrased: bool = True) -> list[str]:
+                     phrased: bool = True, phrased_halves: bool = False) -> list[str]:
     """The default preserve prompts for erasing `concept`, from the model's vocabulary (see the
     module doc), then `extra`. Prompts naming the anchor stay: the anchor's own outputs are what
     the concept is mapped to.
@@ -77,7 +77,9 @@ def default_preserve(tokenizer, concept: str, anchor: str = "", extra: Sequence[
     of the concept, in the world's phrasing (WORLD_TAILS: the tokens after an object carry it
     too, so they are held as well), and the plain prompts that name part of it ("a red square"
     for "red circle"). The halves are not held with tails: there the erased pair's own tail
-    keys are nearly theirs, and holding both would keep the pair. Without `phrased` (version 2
+    keys are nearly theirs, and holding both would keep the pair; with `phrased_halves` they are
+    (for an edit whose keys tell a pair from its halves: Diff-QuickFix's "output_mlp" site,
+    where leaving them out let the pair's edit take other circles). Without `phrased` (version 2
     of ClosedFormErase): the plain world prompts without those naming every word of the concept.
     Any other model: the common-concepts list without lines naming every word of the concept."""
     need = set(words_of(concept))
@@ -89,6 +91,8 @@ def default_preserve(tokenizer, concept: str, anchor: str = "", extra: Sequence[
         keep = [p for p in common_concepts() if not names_all(p)]
     elif not phrased:
         keep = [p for p in world_prompts() if not names_all(p)]
+    elif phrased_halves:
+        keep = [p for p in world_prompts(tails=True) if not names_all(p)]
     else:
         keep = [p for p in world_prompts(tails=True) if not need & set(words_of(p))]
         keep += [p for p in world_prompts() if need & set(words_of(p)) and not names_all(p)]
