@@ -227,21 +227,19 @@ class DiskCache:
         return d / f"{key}.json", d / f"{key}.safetensors"
 
     def trace(self, key: str) -> Optional[dict[str, str]]:
+        return self.entry(key)[0]
+
+    def entry(self, key: str) -> tuple[Optional[dict[str, str]], Optional[str]]:
+        """An entry's trace and what the node said making it (NodeContext.summary), from one
+        read of its metadata: (None, None) when there is no readable entry."""
         meta_path, _ = self._paths(key)
         try:
             meta = json.loads(meta_path.read_text())
-            return dict(meta["outputs"])
+            trace = dict(meta["outputs"])
         except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def summary(self, key: str) -> Optional[str]:
-        """What the node said when it made this entry (NodeContext.summary), if anything."""
-        meta_path, _ = self._paths(key)
-        try:
-            said = json.loads(meta_path.read_text()).get("summary")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return said if isinstance(said, str) else None
+            return None, None
+        said = meta.get("summary")
+        return trace, said if isinstance(said, str) else None
 
     def has_values(self, key: str) -> bool:
         meta_path, data_path = self._paths(key)

@@ -420,9 +420,10 @@ class Executor:
         run.keys[nid] = key
         trace, where = self.traces.get(key), CACHED_MEMORY
         if trace is None and self.disk is not None:
-            trace, where = self.disk.trace(key), CACHED_DISK
+            (trace, said), where = self.disk.entry(key), CACHED_DISK
             if trace is not None:
                 self.traces[key] = trace
+                self.summaries[key] = said or ""
         if trace is not None and not spec.always_run:
             run.hashes[nid] = trace
             run.report.nodes[nid].summary = self._summary_of(key)
@@ -432,12 +433,13 @@ class Executor:
         self._execute(run, nid, spec, params, ctx)
 
     def _summary_of(self, key: str) -> Optional[str]:
+        """What the node said making this result; "" is remembered for "nothing", so a cached
+        node without a summary does not read its disk entry again on every visit."""
         said = self.summaries.get(key)
         if said is None and self.disk is not None:
-            said = self.disk.summary(key)
-            if said is not None:
-                self.summaries[key] = said
-        return said
+            said = self.disk.entry(key)[1] or ""
+            self.summaries[key] = said
+        return said or None
 
     def _inputs(self, run: _Run, nid: str) -> dict[str, Any]:
         spec = registry.get(run.graph.nodes[nid].type)
@@ -503,8 +505,7 @@ class Executor:
         if not spec.always_run:
             said = run.report.nodes[nid].summary
             self.traces[key] = hashes
-            if said:
-                self.summaries[key] = said
+            self.summaries[key] = said or ""
             self.memory.put(key, outputs, size_of(outputs), seconds, node=nid)
             if self.disk is not None:
                 self.disk.put(key, hashes, outputs, summary=said)
