@@ -146,13 +146,41 @@ EXAMPLE_GRAPHS = {"erase-compare.loom": _compare_graph, "erase-two-concepts.loom
                   "erase-trained.loom": _trained_graph, "erase-redteam.loom": _redteam_graph}
 
 
+def keep_laid_out_positions(graph, path: str) -> int:
+    """Move the graph's nodes to where an existing file at `path` has nodes of the same title
+    (the n-th node of a title, in the order they were added, to the n-th there): the shipped examples were laid out by hand in
+    the app, and regenerating them must not undo that. Returns how many nodes moved."""
+    import json
+
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    laid_out: dict[str, list] = {}
+    for node in old.get("nodes", []):
+        laid_out.setdefault(node.get("title", ""), []).append(node.get("pos"))
+    seen: dict[str, int] = {}
+    moved = 0
+    for node in graph.nodes.values():
+        places = laid_out.get(node.title, [])
+        i = seen.get(node.title, 0)
+        seen[node.title] = i + 1
+        if i < len(places) and places[i] is not None:
+            node.pos = (float(places[i][0]), float(places[i][1]))
+            moved += 1
+    return moved
+
+
 def write_example_graphs(folder: str) -> list[str]:
-    """The erase-*.loom examples, built through the registry so node versions are recorded."""
+    """The erase-*.loom examples, built through the registry so node versions are recorded;
+    nodes keep the places an existing file in `folder` gives them."""
     from app.graph.fileformat import save
 
     paths = []
     for name, build in EXAMPLE_GRAPHS.items():
         path = os.path.join(folder, name)
-        save(build(), path)
+        graph = build()
+        keep_laid_out_positions(graph, path)
+        save(graph, path)
         paths.append(path)
     return paths
