@@ -1,6 +1,6 @@
 """Why ShapesT2I does or does not follow position words: a few cheap probes, one JSON object out.
 
-    python bench/positions.py [--model DIR] [--probes cells,sensitivity,x0,attention,where,text,mean_x0,xt] [--n 48]
+    python bench/positions.py [--model DIR] [--probes cells,sensitivity,x0,attention,where,text,mean_x0,xt,binding] [--n 48]
 
 - "cells": the held-out one-object prompts (first --n), sampled as bench/shapes.py samples them
   (20 dpmpp_2m steps, cfg 4, each prompt's own seed), scored by the oracle: colour+shape and cell.
@@ -307,6 +307,49 @@ def probe_text(comps, per_cell: int = 60) -> dict:
     return out
 
 
+def _lstsq_accuracy(feats: torch.Tensor, y: torch.Tensor, classes: int, rng) -> float:
+    """Least-squares one-hot probe trained on half the rows, scored on the other half."""
+    order = torch.from_numpy(rng.permutation(len(y)))
+    train, test = order[: len(y) // 2], order[len(y) // 2:]
+    xf = torch.cat([feats, torch.ones(len(y), 1)], 1)
+    w = torch.linalg.lstsq(xf[train], torch.nn.functional.one_hot(y[train], classes).float()).solution
+    return round(float(((xf[test] @ w).argmax(1) == y[test]).float().mean()), 4)
+
+
+@torch.no_grad()
+def probe_binding(comps, captions: int = 1200) -> dict:
+    """Is each object's binding in the text embeddings? In two-object captions ("a red circle on
+    the left and a blue square at the top"), linear probes read from each object's shape token
+    and from the last word of its phrase: its own colour, its own cell, and the other object's
+    colour (chance 1/7, 1/9, 1/7). High own-colour and own-cell figures at the phrase end mean a
+    UNet can place and colour both objects with one cross-attention hop."""
+    from kernels.shapes.world import COLOURS, caption_for, sample_scene
+
+    tok, te, _, _ = comps
+    rng = np.random.default_rng(4)
+    colours = sorted(COLOURS)
+    scenes = [sample_scene(rng, 2) for _ in range(captions)]
+    caps = [caption_for(s, True, False) for s in scenes]
+    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    hidden = te(ids).last_hidden_state
+    rows = {"shape_word": [], "phrase_end": []}
+    own_colour, own_cell, other_colour = [], [], []
+    for i, scene in enumerate(scenes):
+        words = tok.convert_ids_to_tokens(ids[i])
+        shapes = [j for j, w in enumerate(words) if w in {o.shape for o in scene.objects}][:2]
+        ends = [words.index("and") - 1, words.index(tok.eos_token) - 1]
+        if len(shapes) != 2:
+            continue
+        for k, obj in enumerate(scene.objects):
+            rows["shape_word"].append(hidden[i, shapes[k]]), rows["phrase_end"].append(hidden[i, ends[k]])
+            own_colour.append(colours.index(obj.colour)), own_cell.append(obj.cell)
+            other_colour.append(colours.index(scene.objects[1 - k].colour))
+    targets = {"own_colour": (own_colour, len(colours)), "own_cell": (own_cell, 9),
+               "other_colour": (other_colour, len(colours))}
+    return {role: {name: _lstsq_accuracy(torch.stack(feats), torch.tensor(y), n, rng) for name, (y, n) in targets.items()}
+            for role, feats in rows.items()}
+
+
 @torch.no_grad()
 def probe_mean_x0(comps, seeds: int = 8) -> dict:
     """x0_hat at t=999 (pure noise in), averaged over seeds, per third of the image: left, middle,
@@ -340,7 +383,8 @@ def main(argv=None) -> int:
     comps[1].eval(), comps[2].eval()
     probes = {"cells": lambda: probe_cells(comps, args.n), "sensitivity": lambda: probe_sensitivity(comps, args.seeds),
               "x0": lambda: probe_x0(comps, 8), "attention": lambda: probe_attention(comps, 4), "where": lambda: probe_where(comps),
-              "text": lambda: probe_text(comps), "mean_x0": lambda: probe_mean_x0(comps), "xt": lambda: probe_xt(comps)}
+              "text": lambda: probe_text(comps), "mean_x0": lambda: probe_mean_x0(comps), "xt": lambda: probe_xt(comps),
+              "binding": lambda: probe_binding(comps)}
     result = {"model": args.model}
     for name in args.probes.split(","):
         result[name] = probes[name]()
