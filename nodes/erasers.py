@@ -217,18 +217,23 @@ def _prune_v2_to_v3(params: dict) -> dict:
 
 @register
 class PruneConcept(Node):
-    """Erase a concept without training by pruning the UNet feed-forward neurons its prompts use and
-    general prompts do not (after "Memorized Images in Diffusion Models share a Subspace that can
-    be Located and Deleted"). Each neuron is scored by how much more the concept's prompts activate
+    """Erase a concept without training by pruning the UNet neurons its prompts use and general
+    prompts do not (after "Memorized Images in Diffusion Models share a Subspace that can be
+    Located and Deleted"). Each neuron is scored by how much more the concept's prompts activate
     it than the general prompts, times the size of its output weights; the top `fraction` of each
-    layer's neurons are switched off. Empty templates: the model's own phrasing (as
-    ClosedFormErase); the general prompts are by default the model's vocabulary without the
-    concept (ShapesT2I: its other colours and shapes; others: resources/erasers/common_concepts.txt)
-    plus any listed; prompts naming the concept are left out. Not an eraser for the built-in
-    ShapesT2I model: pruning 2%, 5% or 20% of each layer's neurons left "red", "circle" and "red
-    circle" drawn at 1.00 (bench/erasers.py, tuning set; at 20% other concepts fell to 0.67), so
-    the default stays at the least damaging 2%; held out at it (24 captions x 2 seeds) all three
-    stayed at 1.00 with every other concept at 1.00."""
+    layer's neurons are switched off. Site "feed-forward" prunes the feed-forward blocks' neurons
+    (the paper's); "cross-attention values" (ours) the value channels of the text
+    cross-attention. Empty templates: the model's own phrasing (as ClosedFormErase); the general
+    prompts are by default the model's vocabulary without the concept (ShapesT2I: its other
+    colours and shapes; others: resources/erasers/common_concepts.txt) plus any listed; prompts
+    naming the concept are left out. On the built-in ShapesT2I model (bench/erasers.py) the
+    feed-forward site cannot erase: 2%, 5% or 20% left "red", "circle" and "red circle" at 1.00
+    (tuning set), and even zeroing every feed-forward output weight still drew red at 1.00 (the
+    prompt reaches the image through the cross-attention). At the cross-attention values, 30%
+    erases "red": 1.00 -> 0.00 held out (24 captions x 2 seeds) with every other concept at 1.00;
+    it does not erase "circle" (1.00 at 20-40%, purple down to 0.67, tuning set) and takes "red
+    circle" only with every red thing (red on other shapes 0.00). The default stays at the
+    feed-forward 2% (it changes nothing there)."""
 
     category = "erasers"
     version = 3
@@ -488,7 +493,15 @@ class SafeGuidance(Node):
     it: the concept's direction is subtracted element-wise, scaled by min(1, scale |eps_prompt -
     eps_concept|) and only where eps_prompt - eps_concept is below the threshold, with momentum
     (momentum scale, beta) and warm-up; "uniform" (version 2) subtracts scale x the concept's
-    direction everywhere. FIGURES"""
+    direction everywhere. Not an eraser for the built-in ShapesT2I model (bench/erasers.py,
+    tuning set, 24 prompts x 1 seed): no setting erases "red" without taking orange with it.
+    Uniform scale 2 and 4 left "red" and "circle" at 1.00 while orange fell to 0.00; scale 8
+    brought red to 0.50 and circle to 0.83 taking other concepts to 0.00. SLD at diffusers'
+    medium and strong settings (scale 1000 / 2000, threshold 0.01 / 0.025, momentum 0.3 / 0.5,
+    beta 0.4 / 0.7, warm-up 0.2 / 0.15) left "red" at 1.00 with orange at 0.00 (steering away
+    from red draws it yellow); strong took "circle" only to 0.83 and "red circle" to 0.00 with
+    orange at 0.00. The default stays at version 2's uniform scale 2; held out at it (24 captions
+    x 2 seeds) red stayed at 1.00 and orange fell to 0.00, circle fell to 0.92 only."""
 
     category = "erasers"
     version = 3
