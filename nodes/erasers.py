@@ -231,9 +231,9 @@ class PruneConcept(Node):
     (tuning set), and even zeroing every feed-forward output weight still drew red at 1.00 (the
     prompt reaches the image through the cross-attention). At the cross-attention values, 30%
     erases "red": 1.00 -> 0.00 held out (24 captions x 2 seeds) with every other concept at 1.00;
-    it does not erase "circle" (1.00 at 20-40%, purple down to 0.67, tuning set) and takes "red
-    circle" only with every red thing (red on other shapes 0.00). The default stays at the
-    feed-forward 2% (it changes nothing there)."""
+    it does not erase "blue", "orange", "square" (1.00, tuning set) or "circle" (1.00 at 20-40%,
+    purple down to 0.67) and takes "red circle" only with every red thing (red on other shapes
+    0.00). The default stays at the feed-forward 2% (it changes nothing there)."""
 
     category = "erasers"
     version = 3
@@ -500,8 +500,12 @@ class SafeGuidance(Node):
     medium and strong settings (scale 1000 / 2000, threshold 0.01 / 0.025, momentum 0.3 / 0.5,
     beta 0.4 / 0.7, warm-up 0.2 / 0.15) left "red" at 1.00 with orange at 0.00 (steering away
     from red draws it yellow); strong took "circle" only to 0.83 and "red circle" to 0.00 with
-    orange at 0.00. The default stays at version 2's uniform scale 2; held out at it (24 captions
-    x 2 seeds) red stayed at 1.00 and orange fell to 0.00, circle fell to 0.92 only."""
+    orange at 0.00. Max (scale 5000, threshold 1, momentum 0.5, beta 0.7, no warm-up): red 0.75,
+    circle 0.67, other concepts down to 0.00-0.67; weak (scale 20, threshold 0, warm-up 0.3, no
+    momentum): red 1.00 with orange at 0.25, circle 0.83. Held out (24 captions x 2 seeds) strong
+    left red at 0.88 (orange 0.00) and circle at 1.00 (orange 0.33). The default stays at version
+    2's uniform scale 2; held out at it red stayed at 1.00 and orange fell to 0.00, circle fell
+    to 0.92 only."""
 
     category = "erasers"
     version = 3
