@@ -206,26 +206,43 @@ def _prune_v1_to_v2(params: dict) -> dict:
             "auto_general": "off"}
 
 
+PRUNE_SITE = "feed-forward"
+_PRUNE_SITES = {"feed-forward": "feed_forward", "cross-attention values": "cross_attention_values"}
+
+
+def _prune_v2_to_v3(params: dict) -> dict:
+    """Version 2 pruned the feed-forward neurons at fraction 0.02 (its default)."""
+    return {"fraction": 0.02, **params, "site": "feed-forward"}
+
+
 @register
 class PruneConcept(Node):
-    """Erase a concept without training by pruning the UNet feed-forward neurons its prompts use and
-    general prompts do not (after "Memorized Images in Diffusion Models share a Subspace that can
-    be Located and Deleted"). Each neuron is scored by how much more the concept's prompts activate
+    """Erase a concept without training by pruning the UNet neurons its prompts use and general
+    prompts do not (after "Memorized Images in Diffusion Models share a Subspace that can be
+    Located and Deleted"). Each neuron is scored by how much more the concept's prompts activate
     it than the general prompts, times the size of its output weights; the top `fraction` of each
-    layer's neurons are switched off. Empty templates: the model's own phrasing (as
-    ClosedFormErase); the general prompts are by default the model's vocabulary without the
-    concept (ShapesT2I: its other colours and shapes; others: resources/erasers/common_concepts.txt)
-    plus any listed; prompts naming the concept are left out. Not an eraser for the built-in
-    ShapesT2I model: pruning 2%, 5% or 20% of each layer's neurons left "red", "circle" and "red
-    circle" drawn at 1.00 (bench/erasers.py, tuning set; at 20% other concepts fell to 0.67), so
-    the default stays at the least damaging 2%; held out at it (24 captions x 2 seeds) all three
-    stayed at 1.00 with every other concept at 1.00."""
+    layer's neurons are switched off. Site "feed-forward" prunes the feed-forward blocks' neurons
+    (the paper's); "cross-attention values" (ours) the value channels of the text
+    cross-attention. Empty templates: the model's own phrasing (as ClosedFormErase); the general
+    prompts are by default the model's vocabulary without the concept (ShapesT2I: its other
+    colours and shapes; others: resources/erasers/common_concepts.txt) plus any listed; prompts
+    naming the concept are left out. On the built-in ShapesT2I model (bench/erasers.py) the
+    feed-forward site cannot erase: 2%, 5% or 20% left "red", "circle" and "red circle" at 1.00
+    (tuning set), and even zeroing every feed-forward output weight still drew red at 1.00 (the
+    prompt reaches the image through the cross-attention). At the cross-attention values, 30%
+    erases "red": 1.00 -> 0.00 held out (24 captions x 2 seeds) with every other concept at 1.00;
+    it does not erase "blue", "orange", "square" (1.00, tuning set) or "circle" (1.00 at 20-40%,
+    purple down to 0.67) and takes "red circle" only with every red thing (red on other shapes
+    0.00). The default stays at the feed-forward 2% (it changes nothing there)."""
 
     category = "erasers"
-    version = 2
+    version = 3
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to erase, e.g. circle"),
+        "site": Choice(tuple(_PRUNE_SITES), PRUNE_SITE,
+                       help="which neurons: the feed-forward blocks' (the paper's), or the value channels of "
+                            "the text cross-attention (where the built-in model's prompt reaches the image)"),
         "templates": String("", multiline=True,
                             help="prompts the concept appears in, one per line, {} = the concept; empty: the "
                                  "model's own phrasing"),
@@ -241,10 +258,10 @@ class PruneConcept(Node):
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
-    migrations = {1: _prune_v1_to_v2}
+    migrations = {1: _prune_v1_to_v2, 2: _prune_v2_to_v3}
 
-    def run(self, ctx, model, clip, concept, templates, auto_general, general, fraction, timesteps, samples, seed,
-            strength):
+    def run(self, ctx, model, clip, concept, site, templates, auto_general, general, fraction, timesteps, samples,
+            seed, strength):
         from kernels.denoiser import Denoiser
         from kernels.erasers import (
             WeightDeltaPatch,
@@ -272,13 +289,14 @@ class PruneConcept(Node):
             try:
                 deltas = prune_concept_neurons(Denoiser.of(model), clip.tokenizer, clip.text_encoder, prompts, keep,
                                                fraction=fraction, scheduler=model_scheduler(model),
-                                               timesteps=timesteps, seed=seed, samples=samples)
+                                               timesteps=timesteps, seed=seed, samples=samples,
+                                               site=_PRUNE_SITES[site])
             except ValueError as exc:
                 raise NodeError(f"PruneConcept: {exc}") from None
-        meta = {"method": "prune", "concept": concept, "fraction": fraction, "timesteps": timesteps,
+        meta = {"method": "prune", "concept": concept, "site": site, "fraction": fraction, "timesteps": timesteps,
                 "samples": samples, "seed": seed, "general": len(keep), "templates": len(temps),
                 "pruned": sum(int((d.abs().sum(dim=0) > 0).sum()) for d in deltas.values())}
-        ctx.summary(f"pruned {meta['pruned']} neurons (fraction {fraction:g}); {len(temps)} templates; preserved "
+        ctx.summary(f"pruned {meta['pruned']} {site} neurons (fraction {fraction:g}); {len(temps)} templates; preserved "
                     f"{len(keep)} general prompts ({_shown(keep)}){' (auto)' if auto_general != 'off' else ''}")
         return {"model": model.with_patch(WeightDeltaPatch("unet", deltas, strength, meta))}
 
@@ -451,37 +469,69 @@ class EraseFinetune(Node):
         return {"model": model.with_patch(LoraPatch(loras, scale, strength, meta))}
 
 
+SAFE_GUIDANCE_MODE = "uniform"
 SAFE_GUIDANCE_SCALE = 2.0
+SAFE_GUIDANCE_THRESHOLD = 0.0
+SAFE_GUIDANCE_MOMENTUM = 0.0
+SAFE_GUIDANCE_BETA = 0.0
+SAFE_GUIDANCE_WARMUP = 0.0
+
+
+def _safe_guidance_v2_to_v3(params: dict) -> dict:
+    """Version 2 had one scale everywhere (default 2), no threshold, no momentum and no warm-up
+    by default: a file saved then keeps exactly what it did."""
+    return {"scale": 2.0, "warmup": 0.0, **params, "mode": "uniform", "threshold": 0.0, "momentum": 0.0,
+            "beta": 0.0}
 
 
 @register
 class SafeGuidance(Node):
-    """Steer sampling away from a concept without changing any weights (negative guidance on the
-    concept, as in safe latent diffusion): a baseline to compare the erasers with. The concept's
-    text is the mean of its templates' text embeddings (empty: the model's own phrasing, as
-    ClosedFormErase; "{}": the concept alone, as version 1). Not an eraser for the built-in
-    ShapesT2I model: on the bench's tuning set (bench/erasers.py) scale 2 and 4 left "red" and
-    "circle" at 1.00 while steering away from red took orange to 0.00; scale 8 brought red to
-    0.50 and circle to 0.83 and scale 4 or 8 "red circle" to 0.00, each taking other concepts to
-    0.00. The default stays at 2; held out at it (24 captions x 2 seeds) red stayed at 1.00 and
-    orange fell to 0.00, circle fell to 0.92 only."""
+    """Steer sampling away from a concept without changing any weights (safe latent diffusion): a
+    baseline to compare the erasers with. The concept's text is the mean of its templates' text
+    embeddings (empty: the model's own phrasing, as ClosedFormErase; "{}": the concept alone, as
+    version 1). Mode "sld" is SLD's guidance as diffusers' StableDiffusionPipelineSafe computes
+    it: the concept's direction is subtracted element-wise, scaled by min(1, scale |eps_prompt -
+    eps_concept|) and only where eps_prompt - eps_concept is below the threshold, with momentum
+    (momentum scale, beta) and warm-up; "uniform" (version 2) subtracts scale x the concept's
+    direction everywhere. Not an eraser for the built-in ShapesT2I model (bench/erasers.py,
+    tuning set, 24 prompts x 1 seed): no setting erases "red" without taking orange with it.
+    Uniform scale 2 and 4 left "red" and "circle" at 1.00 while orange fell to 0.00; scale 8
+    brought red to 0.50 and circle to 0.83 taking other concepts to 0.00. SLD at diffusers'
+    medium and strong settings (scale 1000 / 2000, threshold 0.01 / 0.025, momentum 0.3 / 0.5,
+    beta 0.4 / 0.7, warm-up 0.2 / 0.15) left "red" at 1.00 with orange at 0.00 (steering away
+    from red draws it yellow); strong took "circle" only to 0.83 and "red circle" to 0.00 with
+    orange at 0.00. Max (scale 5000, threshold 1, momentum 0.5, beta 0.7, no warm-up): red 0.75,
+    circle 0.67, other concepts down to 0.00-0.67; weak (scale 20, threshold 0, warm-up 0.3, no
+    momentum): red 1.00 with orange at 0.25, circle 0.83. Held out (24 captions x 2 seeds) strong
+    left red at 0.88 (orange 0.00) and circle at 1.00 (orange 0.33). The default stays at version
+    2's uniform scale 2; held out at it red stayed at 1.00 and orange fell to 0.00, circle fell
+    to 0.92 only."""
 
     category = "erasers"
-    version = 2
+    version = 3
     inputs = {"model": MODEL, "clip": CLIP}
     params = {
         "concept": String("", help="the concept to steer away from"),
         "templates": String("", multiline=True,
                             help="prompts the concept appears in, one per line, {} = the concept; their mean text "
                                  "embedding is steered away from; empty: the model's own phrasing"),
-        "scale": Float(SAFE_GUIDANCE_SCALE, 0.0, 30.0, step=0.5, help="guidance away from the concept"),
-        "warmup": Float(0.0, 0.0, 1.0, step=0.05, help="fraction of the noisiest steps left unguided"),
+        "mode": Choice(("sld", "uniform"), SAFE_GUIDANCE_MODE,
+                       help="sld: SLD's element-wise scale and threshold; uniform: one scale everywhere (version 2)"),
+        "scale": Float(SAFE_GUIDANCE_SCALE, 0.0, 10000.0, step=0.5,
+                       help="guidance away from the concept (sld: the element-wise scale s_S, e.g. 1000 on SD)"),
+        "threshold": Float(SAFE_GUIDANCE_THRESHOLD, -10.0, 10.0, step=0.005,
+                           help="sld: guide only where eps_prompt - eps_concept is below this (lambda)"),
+        "momentum": Float(SAFE_GUIDANCE_MOMENTUM, 0.0, 10.0, step=0.05,
+                          help="momentum scale s_m: how much of the running guidance is added each step"),
+        "beta": Float(SAFE_GUIDANCE_BETA, 0.0, 0.99, step=0.05, help="momentum beta: how slowly it builds up"),
+        "warmup": Float(SAFE_GUIDANCE_WARMUP, 0.0, 1.0, step=0.05,
+                        help="fraction of the noisiest steps left unguided (momentum still builds up)"),
         "strength": _strength(),
     }
     outputs = {"model": MODEL}
-    migrations = {1: lambda params: {"templates": "{}", "scale": 2.0, **params}}
+    migrations = {1: lambda params: {"templates": "{}", "scale": 2.0, **params}, 2: _safe_guidance_v2_to_v3}
 
-    def run(self, ctx, model, clip, concept, templates, scale, warmup, strength):
+    def run(self, ctx, model, clip, concept, templates, mode, scale, threshold, momentum, beta, warmup, strength):
         from kernels.denoiser import Denoiser
         from kernels.erasers import SafeGuidancePatch, default_templates
 
@@ -494,8 +544,13 @@ class SafeGuidance(Node):
         uncond = None if Denoiser.of(model).takes_negative else _encode(clip, [""])
         meta = {"method": "safe-guidance", "concept": concept, "templates": len(temps)}
         ctx.summary(f"steered away from the mean of {len(temps)} prompts ({_shown([t.replace('{}', concept) for t in temps])}), "
-                    f"scale {scale:g}, warm-up {warmup:g}")
-        return {"model": model.with_patch(SafeGuidancePatch(
-            embeds, scale, warmup, strength, meta, concept_pooled=pooled,
-            uncond_embeds=None if uncond is None else uncond.embeds,
-            uncond_pooled=None if uncond is None else uncond.pooled))}
+                    f"{mode}, scale {scale:g}" + (f", threshold {threshold:g}" if mode == "sld" else "")
+                    + f", momentum {momentum:g} (beta {beta:g}), warm-up {warmup:g}")
+        try:
+            patch = SafeGuidancePatch(embeds, scale, warmup, strength, meta, concept_pooled=pooled,
+                                      uncond_embeds=None if uncond is None else uncond.embeds,
+                                      uncond_pooled=None if uncond is None else uncond.pooled, mode=mode,
+                                      threshold=threshold, momentum=momentum, beta=beta)
+        except ValueError as exc:
+            raise NodeError(f"SafeGuidance: {exc}") from None
+        return {"model": model.with_patch(patch)}

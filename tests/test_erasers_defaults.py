@@ -290,5 +290,7 @@ def test_older_trained_and_guidance_files_keep_their_behaviour():
                                                                 "auto_anchors": "off"}
     assert EraseFinetune.migrate({"concept": "red", "templates": "a {}"}, 1) == {
         "templates": "a {}", "concept": "red", "auto_preserve": "off"}
-    assert SafeGuidance.migrate({"concept": "red"}, 1) == {"templates": "{}", "scale": 2.0, "concept": "red"}
+    v2 = {"mode": "uniform", "threshold": 0.0, "momentum": 0.0, "beta": 0.0}  # and on to version 3
+    assert SafeGuidance.migrate({"concept": "red"}, 1) == {"templates": "{}", "scale": 2.0, "warmup": 0.0,
+                                                            "concept": "red", **v2}
     assert SafeGuidance.migrate({"concept": "red", "scale": 5.0}, 1)["scale"] == 5.0

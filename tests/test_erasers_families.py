@@ -47,6 +47,10 @@ ERASERS = {
     "all_but_one": ("EraseFinetune", {"objective": "all_but_one", "concept": "red", "alternative": "blue",
                                       "steps": 2, "lr": 0.05, "scope": "attention"}),
     "safe_guidance": ("SafeGuidance", {"concept": "red", "scale": 3.0}),
+    "prune_values": ("PruneConcept", {"concept": "red", "samples": 1, "timesteps": 1, "fraction": 0.1,
+                                      "site": "cross-attention values"}),
+    "safe_guidance_sld": ("SafeGuidance", {"concept": "red", "mode": "sld", "scale": 100.0, "threshold": 0.01,
+                                           "momentum": 0.3, "beta": 0.4, "warmup": 0.2}),
 }
 
 

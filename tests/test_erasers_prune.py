@@ -227,5 +227,54 @@ def test_prune_node_defaults_use_the_model_phrasing_and_vocabulary(tiny_bundle):
     # a version-1 file keeps the photo templates, the fixed general list, its fraction, no vocabulary
     old = PruneConcept.migrate({"concept": "circle"}, 1)
     assert old == {"concept": "circle", "templates": DEFAULT_TEMPLATES, "general": DEFAULT_GENERAL,
-                   "fraction": 0.02, "auto_general": "off"}
+                   "fraction": 0.02, "auto_general": "off", "site": "feed-forward"}
     assert PruneConcept.migrate({"concept": "circle", "fraction": 0.1}, 1)["fraction"] == 0.1
+
+
+def test_cross_attention_site_prunes_the_value_channels(tiny_bundle):
+    from kernels.erasers import cross_attention_output_layers, prune_layers
+
+    model, clip = tiny_bundle
+    layers = cross_attention_output_layers(model.unet)
+    assert layers and all(n.endswith(".attn2.to_out.0") for n in layers)
+    assert prune_layers(model.unet, "feed_forward") == ffn_output_layers(model.unet)
+    with pytest.raises(ValueError, match="site"):
+        prune_layers(model.unet, "attention")
+    sched = make_scheduler("ddim", model.scheduler_config)
+    fraction = 0.1
+    deltas = prune_concept_neurons(model.unet, clip.tokenizer, clip.text_encoder, CONCEPT, GENERAL, fraction=fraction,
+                                   scheduler=sched, timesteps=2, samples=1, site="cross_attention_values")
+    scores = concept_neuron_scores(model.unet, clip.tokenizer, clip.text_encoder, CONCEPT, GENERAL, scheduler=sched,
+                                   timesteps=2, samples=1, layers=layers)
+    assert set(deltas) == {f"{n}.weight" for n in layers}
+    for name, delta in deltas.items():
+        w = model.unet.get_parameter(name).detach()
+        top = torch.topk(scores[name], pruned_count(fraction, w.shape[1])).indices
+        expected = set(top[scores[name][top] > 0].tolist())
+        assert expected and set(torch.nonzero(delta.abs().sum(dim=0)).flatten().tolist()) == expected
+        assert torch.equal(delta[:, sorted(expected)], -w[:, sorted(expected)])
+
+
+def test_prune_node_site_and_version_2_files(tiny_bundle):
+    from kernels.erasers import default_preserve, default_templates, model_scheduler
+    from nodes.erasers import PruneConcept
+
+    model, clip = tiny_bundle
+
+    class Ctx:
+        def summary(self, _text):
+            pass
+
+    params = {n: p.default for n, p in PruneConcept.params.items()}
+    params.update(concept="circle", timesteps=1, samples=1, site="cross-attention values", fraction=0.1)
+    got = PruneConcept().run(Ctx(), model, clip, **params)["model"].patches[-1]
+    temps, keep = default_templates(clip.tokenizer, "circle"), default_preserve(clip.tokenizer, "circle")
+    ref = prune_concept_neurons(model.unet, clip.tokenizer, clip.text_encoder, [t.replace("{}", "circle") for t in temps],
+                                keep, fraction=0.1, scheduler=model_scheduler(model), timesteps=1, samples=1,
+                                site="cross_attention_values")
+    assert got.deltas.keys() == ref.keys() and all(torch.equal(got.deltas[k], ref[k]) for k in ref)
+    assert got.meta["site"] == "cross-attention values"
+    # a version-2 file pruned the feed-forward neurons, at its own fraction or version 2's default
+    assert PruneConcept.migrate({"concept": "circle"}, 2) == {"concept": "circle", "fraction": 0.02,
+                                                              "site": "feed-forward"}
+    assert PruneConcept.migrate({"concept": "circle", "fraction": 0.1}, 2)["fraction"] == 0.1

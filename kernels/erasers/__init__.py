@@ -6,7 +6,7 @@ each with its paper and the sources it was checked against:
 
 - patches: the weight-change patches (WeightDeltaPatch, LoraPatch) and the layers they change;
 - closed_form: Diff-QuickFix (text encoder) and UCE/TIME (cross-attention) edits;
-- pruning: switching off the concept's UNet feed-forward neurons;
+- pruning: switching off the concept's UNet feed-forward (or cross-attention value) neurons;
 - finetune: ESD / All-but-One / SPM LoRA training, one loss function per objective;
 - membrane: SPM's membrane, whose strength follows the prompt;
 - guidance: safe guidance, negative guidance at inference (a baseline);
@@ -63,12 +63,15 @@ from .preserve import (
     world_templates,
 )
 from .pruning import (
+                          PRUNE_SITES,
                           concept_neuron_scores,
+                          cross_attention_output_layers,
                           ffn_activations,
                           ffn_output_layers,
                           neuron_scores,
                           probe_timesteps,
                           prune_concept_neurons,
+                          prune_layers,
                           pruned_count,
 )
 from .red_team import RedTeamResult, TokenVocabulary, red_team_prompt
@@ -82,6 +85,6 @@ __all__ = [
     "transport_strength", "encode_embeds", "predict_noise", "LAYER_SCOPES", "EraserPatch", "LoraPatch",
     "WeightDeltaPatch", "cross_attention_kv", "lora_delta", "lora_targets", "text_encoder_out_proj",
     "concept_neuron_scores", "ffn_activations", "ffn_output_layers", "neuron_scores", "probe_timesteps",
-    "prune_concept_neurons", "pruned_count", "common_concepts", "default_preserve", "default_templates", "is_shapes_world", "world_prompts",
+    "prune_concept_neurons", "pruned_count", "PRUNE_SITES", "cross_attention_output_layers", "prune_layers", "common_concepts", "default_preserve", "default_templates", "is_shapes_world", "world_prompts",
     "world_templates", "RedTeamResult", "TokenVocabulary", "red_team_prompt",
 ]

@@ -1,4 +1,4 @@
-"""Neuron pruning: erase a concept by switching off the UNet feed-forward neurons it uses.
+"""Neuron pruning: erase a concept by switching off the UNet neurons it uses.
 
 After Chavhan et al., "Memorized Images in Diffusion Models share a Subspace that can be Located
 and Deleted": contrast the activations of the feed-forward neurons between the concept's prompts
@@ -6,15 +6,24 @@ and general prompts, and prune the neurons the concept uses and the general prom
 chosen by an activation-weighted magnitude score. Training-free; stored as a weight delta
 (`WeightDeltaPatch`). Only the paper's abstract was checked (see `prune_concept_neurons` for
 what is ours).
+
+The paper's neurons are the feed-forward blocks' (site "feed_forward"). Site
+"cross_attention_values" is ours: the channels of the text cross-attention's output (its values
+read from the prompt), for a model whose FFNs do not carry the concept. On the built-in ShapesT2I
+model zeroing every FFN output weight still draws the prompt's colour, while zeroing the
+cross-attention outputs loses the prompt altogether: the prompt reaches the image through them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import torch
 
 from kernels.denoiser import as_denoiser, encode_prompts
+
+from .patches import _is_mmdit
 
 
 def _is_feed_forward(module) -> bool:
@@ -35,6 +44,33 @@ def ffn_output_layers(unet) -> list[str]:
     if not names:
         raise ValueError("the model has no transformer feed-forward blocks (diffusers FeedForward, ff.net.2)")
     return names
+
+
+def cross_attention_output_layers(unet) -> list[str]:
+    """Names of the output Linear (`to_out.0`) of every attention that reads the text: a UNet's
+    cross-attention `attn2`; an MM-DiT's joint attention, image stream (FLUX's single blocks
+    fuse it into `proj_out` and are not among them).
+
+    Its input is the attention's output before projection: channel j of head h is the
+    attention-weighted mean of the text tokens' value channel j, so one weight column per value
+    channel, pruned like a feed-forward neuron."""
+    unet = getattr(unet, "module", unet)
+    pattern = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn\.to_out\.0$" if _is_mmdit(unet)
+                         else r"\.attn2\.to_out\.0$")
+    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(n)]
+    if not names:
+        raise ValueError("the model has no text cross-attention output projections (attn2.to_out.0)")
+    return names
+
+
+PRUNE_SITES = {"feed_forward": ffn_output_layers, "cross_attention_values": cross_attention_output_layers}
+
+
+def prune_layers(unet, site: str) -> list[str]:
+    """The Linear layers whose input neurons `site` prunes (`PRUNE_SITES`)."""
+    if site not in PRUNE_SITES:
+        raise ValueError(f"site must be one of {tuple(PRUNE_SITES)}, got {site!r}")
+    return PRUNE_SITES[site](unet)
 
 
 def probe_timesteps(count: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -84,7 +120,7 @@ def ffn_activations(unet, embeds: torch.Tensor, layers: Sequence[str], *, timest
             h.remove()
     missing = [n for n in layers if not counts[n]]
     if missing:
-        raise ValueError(f"the feed-forward layer {missing[0]!r} did not run in the UNet's forward")
+        raise ValueError(f"the layer {missing[0]!r} did not run in the UNet's forward")
     return {name: (sums[name] / counts[name]).cpu() for name in layers}
 
 
@@ -138,8 +174,9 @@ def concept_neuron_scores(unet, tokenizer, text_encoder, concept_prompts: Sequen
 @torch.no_grad()
 def prune_concept_neurons(unet, tokenizer, text_encoder, concept_prompts: Sequence[str],
                           general_prompts: Sequence[str], *, fraction: float = 0.02, scheduler=None,
-                          timesteps: Any = 4, seed: int = 0, samples: int = 2) -> dict[str, torch.Tensor]:
-    """Erase a concept by pruning the UNet feed-forward neurons its prompts use and general prompts do not.
+                          timesteps: Any = 4, seed: int = 0, samples: int = 2,
+                          site: str = "feed_forward") -> dict[str, torch.Tensor]:
+    """Erase a concept by pruning the UNet neurons its prompts use and general prompts do not.
 
     After Chavhan et al., "Memorized Images in Diffusion Models share a Subspace that can be
     Located and Deleted" (code github.com/ruchikachavhan/editing-memorization, not read here).
@@ -162,7 +199,10 @@ def prune_concept_neurons(unet, tokenizer, text_encoder, concept_prompts: Sequen
       activation and weight scales differ between blocks, so a global ranking would spend the whole
       budget on a few layers and break them; per layer the damage is spread and predictable;
     - pruning a neuron zeroes its column of ff.net.2.weight (structured: the whole neuron, where
-      the paper prunes individual weights); the bias is kept.
+      the paper prunes individual weights); the bias is kept;
+    - `site` "cross_attention_values" (not the paper's) prunes the input channels of the text
+      cross-attention's output projection instead (`cross_attention_output_layers`), scored the
+      same way: the value channels the concept's prompts fill more than the general prompts'.
     Returns {parameter name: delta} (delta = -W on pruned columns, 0 elsewhere) for
     WeightDeltaPatch("unet", ...); at strength 1 the columns are exactly zero. Run it with the
     model's and CLIP's patches applied, so the delta is relative to the chain's weights. `unet`
@@ -171,8 +211,10 @@ def prune_concept_neurons(unet, tokenizer, text_encoder, concept_prompts: Sequen
     """
     k_frac = float(fraction)
     pruned_count(k_frac, 1)  # validates the fraction
+    layers = prune_layers(unet, site)
     scores = concept_neuron_scores(unet, tokenizer, text_encoder, concept_prompts, general_prompts,
-                                   scheduler=scheduler, timesteps=timesteps, seed=seed, samples=samples)
+                                   scheduler=scheduler, timesteps=timesteps, seed=seed, samples=samples,
+                                   layers=layers)
     out = {}
     for name, score in scores.items():
         k = pruned_count(k_frac, score.numel())
