@@ -52,6 +52,16 @@ class TrainReport:
     steps: int = 0
 
 
+def spread_rows(count: int, prompts: int) -> torch.Tensor:
+    """Which of `prompts` rows each of `count` runs samples: spread evenly over all of them.
+    With fewer runs than prompts, taking the first `count` rows would leave the rest of a
+    prompt list (the later colours of a vocabulary anchor set, a colour's later shapes) with
+    no trajectory at all."""
+    if count >= prompts:
+        return torch.arange(count) % prompts
+    return (torch.arange(count) * prompts) // count
+
+
 @torch.no_grad()
 def concept_trajectories(unet, scheduler, cond, uncond, *, count: int,
                          steps: int, cfg: float, generator: torch.Generator, sample_shape: tuple,
@@ -62,7 +72,7 @@ def concept_trajectories(unet, scheduler, cond, uncond, *, count: int,
     timesteps = denoiser.set_timesteps(scheduler, steps)
     x = torch.randn((count,) + tuple(sample_shape), generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
     x = x.to(cond.device, cond.dtype)
-    which = torch.arange(count) % cond.shape[0]
+    which = spread_rows(count, cond.shape[0])
     c = cond[which]
     u = uncond.expand(count, -1, -1)
     xs, ts = [], []
