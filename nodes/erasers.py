@@ -410,6 +410,7 @@ class EraseFinetune(Node):
         "preserve": String("", multiline=True,
                            help="more prompts whose predictions are held (one per line); without any the LoRA "
                                 "also unlearns words the training prompts share"),
+        "preserve_weight": Float(1.0, 0.0, 100.0, help="weight of the loss holding the preserve prompts"),
         "seed": Seed(),
         "strength": _strength(),
     }
@@ -417,7 +418,7 @@ class EraseFinetune(Node):
     migrations = {1: lambda params: {"templates": "{}", **params, "auto_preserve": "off"}}
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
-            uncond_weight, auto_preserve, preserve, seed, strength):
+            uncond_weight, auto_preserve, preserve, preserve_weight, seed, strength):
         from kernels.denoiser import Denoiser
         from kernels.erasers import LoraPatch, default_preserve, default_templates, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
@@ -442,7 +443,8 @@ class EraseFinetune(Node):
             loras, scale, _ = train_erasure_lora(
                 Denoiser.of(model), model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
                 anchor_embeds=_encode(clip, keep) if keep else None,
-                scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
+                scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight,
+                anchor_weight=preserve_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,
                 "seed": seed, "scope": scope, "templates": len(temps), "preserved": len(keep)}
