@@ -447,3 +447,19 @@ def test_trajectory_pools_reach_every_part_of_a_long_prompt_list(tiny_bundle):
     runs = sorted(set(rows.tolist()))
     assert len(runs) == 4 and runs[0] == 0 and runs[-1] >= 12 - 3
     assert len({r // 2 for r in runs}) == 4  # four different colours, not the first two
+
+
+def test_a_batch_pairs_each_x_t_with_its_own_prompt_and_the_alternatives_same_template():
+    from kernels.erasers.finetune import TrainingPools, draw_batch
+
+    n = 6  # e.g. "a red {}" + tails: row i of the concept's prompts is row i of the alternative's
+    x = torch.arange(24.0).reshape(24, 1, 1, 1).expand(24, 1, 2, 2).contiguous()
+    pools = TrainingPools(x, torch.arange(24.0), rows=torch.arange(24) % n)
+    concept = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1) + 100.0
+    alt = concept + 100.0
+    batch = draw_batch(pools, concept, alt, None, 16, torch.Generator().manual_seed(0))
+    sampled = batch.x[:, 0, 0, 0].long()  # which pool sample each batch row is
+    assert torch.equal(batch.concept[:, 0, 0], concept[sampled % n, 0, 0])
+    assert torch.equal(batch.alternative[:, 0, 0], alt[sampled % n, 0, 0])
+    one = draw_batch(pools, concept, alt[:1], None, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(one.alternative[:, 0, 0], alt[:1, 0, 0].expand(4))
