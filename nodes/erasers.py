@@ -389,9 +389,10 @@ class EraseFinetune(Node):
     captions x 2 seeds) it left red at 0.75 and circle at 0.50 (others kept) and took red circle to
     0.00 with other reds at 0.83. All-but-One at these defaults took "red" (to blue) and "circle"
     (to triangle) to 0.00 with every other concept kept, but "red circle" (to red triangle) took
-    circles of other colours to 0.00; preserve weight 4 kept them at 0.60, and held out it took red
-    to 0.12 and circle to 0.00 with every other concept kept but red circle to 0.00 with other
-    circles at 0.30. More in bench/results/erasers.json."""
+    circles of other colours to 0.00 (held out: red 0.12 and circle 0.00 with others >= 0.90, red
+    circle 0.00 with other circles at 0.10); preserve weight 4 kept them at 0.60, and held out it
+    took red to 0.12 and circle to 0.00 with every other concept kept but red circle to 0.00 with
+    other circles at 0.30. More in bench/results/erasers.json."""
 
     category = "erasers"
     version = 2
