@@ -315,16 +315,19 @@ def _encode(clip, prompts):
 
 @register
 class ConceptMembrane(Node):
-    """SPM: a rank-1 "membrane" adapter trained on the CPU to erase one concept. At sampling time
-    its strength follows the prompt (facilitated transport): 1 when the prompt names the concept,
-    about the prompt-concept embedding similarity otherwise. Anchor prompts are held unchanged
-    while training (latent anchoring): by default the model's vocabulary without the concept
-    (as ClosedFormErase's preserve set) plus any listed. Empty templates: the model's own
-    phrasing. Not an eraser for the built-in ShapesT2I model at these defaults: held out
-    (bench/erasers.py, 24 captions x 2 seeds, 200 steps) "red" and "circle" stayed at 1.00
-    and "red circle" fell to 0.50 with other concepts down to 0.67;
-    version 1's (the concept alone, no anchors) brought red to 0.25 with other concepts at 0.875
-    or more and left circle at 1.00."""
+    """SPM: a rank-1 "membrane" adapter trained on the CPU to erase one concept. At sampling time its
+    strength follows the prompt (facilitated transport): 1 when the prompt names the concept, about
+    the prompt-concept embedding similarity otherwise. Anchor prompts are held unchanged while
+    training (latent anchoring): by default the model's vocabulary without the concept (as
+    ClosedFormErase's preserve set) plus any listed. Empty templates: the model's own phrasing. Not
+    an eraser for the built-in ShapesT2I model at these defaults: on the bench's tuning set
+    (bench/erasers.py, 24 grid prompts x 1 seed, 200 steps) it took "red" to 0.25 and "red circle"
+    to 0.00 but left "circle" at 1.00, other concepts down to 0.67; lr 0.005 (the best setting
+    tried) kept every other concept and took red to 0.25, circle to 0.83 and red circle to 0.00
+    there, and held out (24 captions x 2 seeds) red 0.50, circle 0.75 (others kept) and red circle
+    0.00 with other reds at 0.50; eta 3 as well erased red on the tuning set but took other reds to
+    0.00 for "red circle". version 1's (the concept alone, no anchors) brought red to 0.25 with
+    other concepts at 0.875 or more."""
 
     category = "erasers"
     version = 2
@@ -392,19 +395,22 @@ class ConceptMembrane(Node):
 class EraseFinetune(Node):
     """Erase a concept by fine-tuning a LoRA for a few minutes. "esd": the concept's prediction is
     pushed along the negative guidance direction. "all_but_one": it is pulled towards a chosen
-    alternative concept instead, while the unconditional prediction is held where it was.
-    Empty templates: the model's own phrasing; the preserve prompts are by default the model's
-    vocabulary without the concept (as ClosedFormErase's) plus any listed. Without preserve
-    prompts both were destructive on the built-in ShapesT2I model: ESD on the shape "circle"
-    (300 steps, 24 prompts x 8 seeds, bench/erasers.py) left circles at 0.90 (from 0.98) and took
-    every colour to 0.00-0.04; All-but-One erased it but took every other colour and shape to
-    0.00-0.08. ESD is not recommended there even with these defaults: held out (bench/erasers.py,
-    24 captions x 2 seeds, 200 steps) it left "red" at 0.62 (other concepts >= 0.80) and
-    "circle" at 0.75 while blue fell to 0.00 and orange to 0.17, and "red circle" at 0.50 with
-    other concepts down to 0.33. All-but-One at these defaults brought "red" to 0.25 (others
-    >= 0.90), "circle" (to triangle) to 0.00 with stars down to 0.25 and "red circle" to 0.00
-    with other concepts down to 0.20. More in
-    bench/results/erasers.json."""
+    alternative concept instead, while the unconditional prediction is held where it was. Empty
+    templates: the model's own phrasing; the preserve prompts are by default the model's vocabulary
+    without the concept (as ClosedFormErase's) plus any listed. Without preserve prompts both were
+    destructive on the built-in ShapesT2I model: ESD on the shape "circle" (300 steps, 24 prompts x
+    8 seeds, bench/erasers.py) left circles at 0.90 (from 0.98) and took every colour to 0.00-0.04;
+    All-but-One erased it but took every other colour and shape to 0.00-0.08. With the vocabulary
+    held, on the bench's tuning set (bench/erasers.py, 24 grid prompts x 1 seed, 200 steps) ESD is
+    still not recommended: it left "red" and "circle" at 0.50 and took "red circle" to 0.00 with red
+    on other shapes at 0.00; preserve weight 4 and lr 0.003 kept those at 0.67, and held out (24
+    captions x 2 seeds) it left red at 0.75 and circle at 0.50 (others kept) and took red circle to
+    0.00 with other reds at 0.83. All-but-One at these defaults took "red" (to blue) and "circle"
+    (to triangle) to 0.00 with every other concept kept, but "red circle" (to red triangle) took
+    circles of other colours to 0.00 (held out: red 0.12 and circle 0.00 with others >= 0.90, red
+    circle 0.00 with other circles at 0.10); preserve weight 4 kept them at 0.60, and held out it
+    took red to 0.12 and circle to 0.00 with every other concept kept but red circle to 0.00 with
+    other circles at 0.30. More in bench/results/erasers.json."""
 
     category = "erasers"
     version = 2
@@ -428,6 +434,7 @@ class EraseFinetune(Node):
         "preserve": String("", multiline=True,
                            help="more prompts whose predictions are held (one per line); without any the LoRA "
                                 "also unlearns words the training prompts share"),
+        "preserve_weight": Float(1.0, 0.0, 100.0, help="weight of the loss holding the preserve prompts"),
         "seed": Seed(),
         "strength": _strength(),
     }
@@ -435,7 +442,7 @@ class EraseFinetune(Node):
     migrations = {1: lambda params: {"templates": "{}", **params, "auto_preserve": "off"}}
 
     def run(self, ctx, model, clip, objective, concept, alternative, templates, scope, rank, steps, lr, eta,
-            uncond_weight, auto_preserve, preserve, seed, strength):
+            uncond_weight, auto_preserve, preserve, preserve_weight, seed, strength):
         from kernels.denoiser import Denoiser
         from kernels.erasers import LoraPatch, default_preserve, default_templates, model_scheduler, train_erasure_lora
         from kernels.patching import applied_patches
@@ -460,7 +467,8 @@ class EraseFinetune(Node):
             loras, scale, _ = train_erasure_lora(
                 Denoiser.of(model), model_scheduler(model), target, empty, objective=objective, alt_embeds=alt,
                 anchor_embeds=_encode(clip, keep) if keep else None,
-                scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight, seed=seed,
+                scope=scope, rank=rank, steps=steps, lr=lr, eta=eta, uncond_weight=uncond_weight,
+                anchor_weight=preserve_weight, seed=seed,
                 progress=lambda i, n: ctx.progress(i, n, sampler_step=False))
         meta = {"method": objective, "concept": concept, "alternative": alternative, "steps": steps,
                 "seed": seed, "scope": scope, "templates": len(temps), "preserved": len(keep)}

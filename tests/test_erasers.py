@@ -429,3 +429,37 @@ def test_each_objective_is_its_own_loss(tiny_bundle):
     assert len(all_but_one_loss(unet, batch, empty, eta=1.0, uncond_weight=0.0)) == 1
     anchor, = anchoring_loss(unet, batch, 2.0)
     assert anchor.weight == 2.0 and anchoring_loss(unet, TrainingBatch(x, t, concept), 2.0) == []
+
+
+def test_trajectory_pools_reach_every_part_of_a_long_prompt_list(tiny_bundle):
+    """Fewer runs than prompts (the vocabulary anchor set: ~120 prompts, 32 runs) must still
+    sample the list's end: its later colours would otherwise never be held on their own x_t."""
+    from kernels.erasers.finetune import training_pools
+
+    model, clip = tiny_bundle
+    emb = lambda ps: encode_embeds(clip.tokenizer, clip.text_encoder, ps)  # noqa: E731
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    anchors = emb([f"a {c} {s}" for c in colours for s in ("circle", "square")])  # 12 prompts
+    sched = make_scheduler("ddim", model.scheduler_config)
+    pools = training_pools(model.unet, sched, emb(["a red star"]), emb([""]), anchors, runs=1, steps=2,
+                           cfg=3.0, generator=torch.Generator().manual_seed(0))
+    _, _, rows = pools.anchors  # 4 runs (4 x runs) over 12 prompts
+    runs = sorted(set(rows.tolist()))
+    assert len(runs) == 4 and runs[0] == 0 and runs[-1] >= 12 - 3
+    assert len({r // 2 for r in runs}) == 4  # four different colours, not the first two
+
+
+def test_a_batch_pairs_each_x_t_with_its_own_prompt_and_the_alternatives_same_template():
+    from kernels.erasers.finetune import TrainingPools, draw_batch
+
+    n = 6  # e.g. "a red {}" + tails: row i of the concept's prompts is row i of the alternative's
+    x = torch.arange(24.0).reshape(24, 1, 1, 1).expand(24, 1, 2, 2).contiguous()
+    pools = TrainingPools(x, torch.arange(24.0), rows=torch.arange(24) % n)
+    concept = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1) + 100.0
+    alt = concept + 100.0
+    batch = draw_batch(pools, concept, alt, None, 16, torch.Generator().manual_seed(0))
+    sampled = batch.x[:, 0, 0, 0].long()  # which pool sample each batch row is
+    assert torch.equal(batch.concept[:, 0, 0], concept[sampled % n, 0, 0])
+    assert torch.equal(batch.alternative[:, 0, 0], alt[sampled % n, 0, 0])
+    one = draw_batch(pools, concept, alt[:1], None, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(one.alternative[:, 0, 0], alt[:1, 0, 0].expand(4))

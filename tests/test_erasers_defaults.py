@@ -294,3 +294,21 @@ def test_older_trained_and_guidance_files_keep_their_behaviour():
     assert SafeGuidance.migrate({"concept": "red"}, 1) == {"templates": "{}", "scale": 2.0, "warmup": 0.0,
                                                             "concept": "red", **v2}
     assert SafeGuidance.migrate({"concept": "red", "scale": 5.0}, 1)["scale"] == 5.0
+
+
+def test_erase_finetune_preserve_weight_weighs_the_preserve_loss(tiny_bundle):
+    from nodes.erasers import EraseFinetune
+
+    model, clip = tiny_bundle
+
+    def loras(**params):
+        out, _ = _run_defaults(EraseFinetune, model, clip, concept="circle", steps=2, lr=0.05, **params)
+        return out["model"].patches[-1].loras
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k][1], b[k][1]) for k in a)
+
+    held, heavy = loras(), loras(preserve_weight=4.0)
+    assert not same(held, heavy)
+    assert same(loras(preserve_weight=0.0), loras(auto_preserve="off"))  # weight 0: nothing held
+    assert not same(held, loras(auto_preserve="off"))

@@ -52,6 +52,16 @@ class TrainReport:
     steps: int = 0
 
 
+def spread_rows(count: int, prompts: int) -> torch.Tensor:
+    """Which of `prompts` rows each of `count` runs samples: spread evenly over all of them.
+    With fewer runs than prompts, taking the first `count` rows would leave the rest of a
+    prompt list (the later colours of a vocabulary anchor set, a colour's later shapes) with
+    no trajectory at all."""
+    if count >= prompts:
+        return torch.arange(count) % prompts
+    return (torch.arange(count) * prompts) // count
+
+
 @torch.no_grad()
 def concept_trajectories(unet, scheduler, cond, uncond, *, count: int,
                          steps: int, cfg: float, generator: torch.Generator, sample_shape: tuple,
@@ -62,7 +72,7 @@ def concept_trajectories(unet, scheduler, cond, uncond, *, count: int,
     timesteps = denoiser.set_timesteps(scheduler, steps)
     x = torch.randn((count,) + tuple(sample_shape), generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
     x = x.to(cond.device, cond.dtype)
-    which = torch.arange(count) % cond.shape[0]
+    which = spread_rows(count, cond.shape[0])
     c = cond[which]
     u = uncond.expand(count, -1, -1)
     xs, ts = [], []
@@ -81,11 +91,12 @@ def concept_trajectories(unet, scheduler, cond, uncond, *, count: int,
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainingPools:
-    """x_t and t from the frozen model's trajectories for the concept, and (for anchoring) x_t,
-    t and the anchor row from its trajectories for the anchor prompts."""
+    """x_t, t and the concept prompt's row from the frozen model's trajectories for the concept,
+    and (for anchoring) x_t, t and the anchor row from its trajectories for the anchor prompts."""
 
     x: torch.Tensor
     t: torch.Tensor
+    rows: torch.Tensor
     anchors: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
@@ -104,8 +115,8 @@ class TrainingBatch:
 def training_pools(teacher, scheduler, target_embeds, empty_embeds, anchor_embeds, *, runs: int, steps: int,
                    cfg: float, generator: torch.Generator) -> TrainingPools:
     sample_shape = as_denoiser(teacher).sample_shape()
-    x, t = concept_trajectories(teacher, scheduler, target_embeds, empty_embeds, count=runs, steps=steps,
-                                cfg=cfg, generator=generator, sample_shape=sample_shape)
+    x, t, rows = concept_trajectories(teacher, scheduler, target_embeds, empty_embeds, count=runs, steps=steps,
+                                      cfg=cfg, generator=generator, sample_shape=sample_shape, with_prompts=True)
     anchors = None
     if anchor_embeds is not None:
         # Anchors are held on their own trajectories as well as on the concept's (SPM holds them
@@ -113,21 +124,24 @@ def training_pools(teacher, scheduler, target_embeds, empty_embeds, anchor_embed
         anchors = concept_trajectories(teacher, scheduler, anchor_embeds, empty_embeds,
                                        count=max(runs, min(anchor_embeds.shape[0], 4 * runs)), steps=steps,
                                        cfg=cfg, generator=generator, sample_shape=sample_shape, with_prompts=True)
-    return TrainingPools(x, t, anchors)
+    return TrainingPools(x, t, rows, anchors)
 
 
 def draw_batch(pools: TrainingPools, target_embeds, alt_embeds, anchor_embeds, size: int,
                generator: torch.Generator) -> TrainingBatch:
-    """`size` pool samples with a concept prompt each, and an alternative prompt each (when
-    given); for anchoring, half of them with a random anchor prompt and as many anchor-pool
-    samples with the anchor they were sampled for."""
+    """`size` pool samples with the concept prompt each was sampled for (as ESD), and the
+    alternative's prompt of the same template (when given: n rows as the concept's, or one);
+    for anchoring, half of them with a random anchor prompt and as many anchor-pool samples with
+    the anchor they were sampled for."""
     dev = target_embeds.device
     idx = torch.randint(0, pools.x.shape[0], (size,), generator=generator)
-    x, t = pools.x[idx], pools.t[idx].to(dev)
-    concept = target_embeds[torch.randint(0, target_embeds.shape[0], (size,), generator=generator)]
+    x, t, rows = pools.x[idx], pools.t[idx].to(dev), pools.rows[idx]
+    concept = target_embeds[rows]
     alternative = None
     if alt_embeds is not None:
-        alternative = alt_embeds[torch.randint(0, alt_embeds.shape[0], (size,), generator=generator)]
+        # the same template: "a red circle on the left" becomes "a red triangle on the left",
+        # not a random other alternative prompt (which would also teach another colour or place)
+        alternative = alt_embeds[rows if alt_embeds.shape[0] == target_embeds.shape[0] else torch.zeros_like(rows)]
     anchor = None
     if pools.anchors is not None:
         half = size // 2
@@ -261,6 +275,9 @@ def train_erasure_lora(unet, scheduler, target_embeds: torch.Tensor, empty_embed
     loss_terms = objective_loss(objective, eta=eta, uncond_weight=uncond_weight)
     if objective == "all_but_one" and alt_embeds is None:
         raise ValueError("All-but-One needs an alternative concept")
+    if objective == "all_but_one" and alt_embeds.shape[0] not in (1, target_embeds.shape[0]):
+        raise ValueError(f"All-but-One: {alt_embeds.shape[0]} alternative prompts for {target_embeds.shape[0]} "
+                         "concept prompts (give one per concept prompt, or one)")
     started = time.perf_counter()
     gen = torch.Generator("cpu").manual_seed(seed)
     torch.manual_seed(seed)  # peft draws the initial A factors from the global generator
