@@ -293,12 +293,7 @@ def probe_text(comps, per_cell: int = 60) -> dict:
     roles = {"shape_word": hidden[:, 3], "end_token": hidden[torch.arange(len(caps)), eos],
              "mean_pool": hidden.mean(1)}
     y, order = torch.tensor(cells), torch.from_numpy(rng.permutation(len(caps)))
-    train, test = order[: len(caps) // 2], order[len(caps) // 2:]
-    out = {}
-    for role, feats in roles.items():
-        xf = torch.cat([feats, torch.ones(len(caps), 1)], 1)
-        w = torch.linalg.lstsq(xf[train], torch.nn.functional.one_hot(y[train], 9).float()).solution
-        out[role] = round(float(((xf[test] @ w).argmax(1) == y[test]).float().mean()), 4)
+    out = {role: _lstsq_accuracy(feats, y, 9, order) for role, feats in roles.items()}
     pairs = {"left_vs_right": ("a red circle on the left", "a red circle on the right"),
              "red_vs_blue": ("a red circle on the left", "a blue circle on the left"),
              "white_vs_black": ("a red circle, white background", "a red circle, black background")}
@@ -307,9 +302,9 @@ def probe_text(comps, per_cell: int = 60) -> dict:
     return out
 
 
-def _lstsq_accuracy(feats: torch.Tensor, y: torch.Tensor, classes: int, rng) -> float:
-    """Least-squares one-hot probe trained on half the rows, scored on the other half."""
-    order = torch.from_numpy(rng.permutation(len(y)))
+def _lstsq_accuracy(feats: torch.Tensor, y: torch.Tensor, classes: int, order: torch.Tensor) -> float:
+    """Least-squares one-hot probe trained on the first half of the rows in `order` (a
+    permutation), scored on the other half."""
     train, test = order[: len(y) // 2], order[len(y) // 2:]
     xf = torch.cat([feats, torch.ones(len(y), 1)], 1)
     w = torch.linalg.lstsq(xf[train], torch.nn.functional.one_hot(y[train], classes).float()).solution
@@ -346,7 +341,8 @@ def probe_binding(comps, captions: int = 1200) -> dict:
             other_colour.append(colours.index(scene.objects[1 - k].colour))
     targets = {"own_colour": (own_colour, len(colours)), "own_cell": (own_cell, 9),
                "other_colour": (other_colour, len(colours))}
-    return {role: {name: _lstsq_accuracy(torch.stack(feats), torch.tensor(y), n, rng) for name, (y, n) in targets.items()}
+    return {role: {name: _lstsq_accuracy(torch.stack(feats), torch.tensor(y), n, torch.from_numpy(rng.permutation(len(y))))
+                   for name, (y, n) in targets.items()}
             for role, feats in rows.items()}
 
 
