@@ -134,7 +134,7 @@ class SafeGuidancePatch(EraserPatch):
     @contextlib.contextmanager
     def applied(self, module, run):
         s = self.scale * self.strength
-        if s == 0.0 or self.strength == 0.0 or run is None:
+        if s == 0.0 or run is None:
             yield
             return
         # The hook calls module.forward itself for the extra predictions: forward skips the
@@ -168,7 +168,7 @@ class SafeGuidancePatch(EraserPatch):
                 return momentum(safety_term(e_c, e_u, e_s, mode="uniform", scale=self.scale * self.strength,
                                             cfg=cfg_used))
             gamma = safety_term(e_c, e_u, e_s, mode="sld", scale=self.scale, threshold=self.threshold, cfg=cfg_used)
-            return momentum(gamma if self.strength == 1.0 else self.strength * gamma)
+            return momentum(self.strength * gamma)  # x 1.0 is exact: strength 1 is the plain term
 
         def hook(module, args, kwargs, out):
             call = DenoiserCall(module, args, kwargs)
