@@ -2,6 +2,7 @@
 
     python -m kernels.shapes.ship TRAINED_FOLDER [--dest resources/models/shapes-t2i]
 
+The train command, its flags and the step go to training_metrics.json beside the weights.
 Weights are stored in fp16 (half the size; the app loads them as float32) only if the fp16 copy
 scores no worse than fp32 on the 48-prompt probe set, else in fp32 (19 MB, within the 40 MB
 budget); the scheduler config is the current one (trailing spacing), whatever training saved.
@@ -32,6 +33,24 @@ def probe_scores(folder: str) -> dict:
     return metrics
 
 
+def training_metrics(source: Path, probe: dict) -> dict:
+    """What the shipped weights are: the train command, its flags and step (training_state.json,
+    or an older run's metrics.json), the 48-prompt probe of the shipped copy, and the eval curve."""
+    state_file, old_metrics = source / "training_state.json", source / "metrics.json"
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+    elif old_metrics.exists():
+        state = json.loads(old_metrics.read_text())
+    else:
+        state = {}
+    log = source / "train_log.jsonl"
+    curve = []
+    if log.exists():
+        records = (json.loads(line) for line in log.read_text().splitlines() if line.strip())
+        curve = [r for r in records if r.get("event") == "eval"]
+    return {**state, "probe_48_prompts": probe, "curve": curve}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source")
@@ -53,9 +72,8 @@ def main(argv=None) -> int:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(chosen, dest)
-    trained = Path(args.source) / "metrics.json"
-    if trained.exists():
-        (dest / "training_metrics.json").write_text(trained.read_text())
+    metrics = training_metrics(Path(args.source), full if worse else half)
+    (dest / "training_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(dest)
     return 0
 
