@@ -22,11 +22,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from kernels.files import path_fingerprint
 from kernels.hashing import key_of
 from kernels.model_folders import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
+# A pixel-space folder's model_index.json key: the space-to-depth factor of its latents.
+PIXEL_SHUFFLE_KEY = "_pixel_shuffle"
 # Components a text-to-image folder may name that sampling never uses.
 IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
 SUPPORTED_COMPONENTS = {"unet", "text_encoder", "tokenizer", "scheduler", "vae"}
@@ -49,6 +52,7 @@ class ModelBundle:
     source: str
     load_key: str
     patches: tuple = ()  # kernels.patching.ModelPatch, applied in order
+    pixel_shuffle: int = 1  # a pixel-space model's space-to-depth factor (VaeBundle.pixel_shuffle)
 
     @property
     def is_flow(self) -> bool:
@@ -79,6 +83,7 @@ class TextEncoderBundle:
     source: str
     load_key: str
     patches: tuple = ()  # kernels.patching.ModelPatch, applied in order
+    pixel_shuffle: int = 1  # a pixel-space model's space-to-depth factor (VaeBundle.pixel_shuffle)
 
     def with_patch(self, patch) -> "TextEncoderBundle":
         return replace(self, patches=self.patches + (patch,))
@@ -99,6 +104,10 @@ class VaeBundle:
     # latent pixels the denoiser takes as one token (SD3 and FLUX transformers: 2), so image sizes
     # must be multiples of scale_factor * patch_size
     patch_size: int = 1
+    # pixel-space models only: the denoiser works on the image folded space-to-depth by this
+    # factor (each r x r block of pixels is one latent pixel of 3*r*r channels), so a 64 px
+    # model costs what a 32 px one does; encode and decode are exact inverses
+    pixel_shuffle: int = 1
 
     @property
     def size_multiple(self) -> int:
@@ -111,7 +120,7 @@ class VaeBundle:
                tile_size: Optional[int] = None) -> torch.Tensor:
         """`tile_size` (pixels): encode an image larger than that tile by tile (diffusers' tiling)."""
         if self.vae is None:
-            return images
+            return images if self.pixel_shuffle == 1 else F.pixel_unshuffle(images, self.pixel_shuffle)
         from kernels.upscale.vae_tiling import vae_tiling
 
         cfg = self.vae.config
@@ -124,7 +133,7 @@ class VaeBundle:
     def decode(self, latents: torch.Tensor, tile_size: Optional[int] = None) -> torch.Tensor:
         """`tile_size` (pixels): decode a latent whose image is larger than that tile by tile."""
         if self.vae is None:
-            return latents
+            return latents if self.pixel_shuffle == 1 else F.pixel_shuffle(latents, self.pixel_shuffle)
         from kernels.upscale.vae_tiling import vae_tiling
 
         cfg = self.vae.config
@@ -133,13 +142,16 @@ class VaeBundle:
             return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + shift).sample
 
 
-def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+def latent_preview(latents: torch.Tensor, pixel_shuffle: int = 1) -> torch.Tensor:
     """A cheap RGB preview (NCHW in -1..1) of a latent, without running any decoder.
 
-    Three channels are taken as pixels (pixel-space models); otherwise the first three channels
-    are stretched to the full range, which shows composition well enough while sampling.
+    Three channels are taken as pixels (pixel-space models, unfolded first when they fold their
+    pixels); otherwise the first three channels are stretched to the full range, which shows
+    composition well enough while sampling.
     """
     x = latents.detach().float()
+    if pixel_shuffle > 1:
+        x = F.pixel_shuffle(x, pixel_shuffle)
     if x.shape[1] == 3:
         return x.clamp(-1, 1)
     x = x[:, :3]
@@ -263,13 +275,31 @@ def read_scheduler_config(path: str) -> dict:
         raise ModelLoadError(f"{sched_path}: cannot read the scheduler config ({exc})") from None
 
 
-def build_vae_bundle(vae, path: str, load_key: str, pixel_channels: int, patch_size: int = 1) -> VaeBundle:
+def build_vae_bundle(vae, path: str, load_key: str, pixel_channels: int, patch_size: int = 1,
+                     pixel_shuffle: int = 1) -> VaeBundle:
     if vae is None:
-        return VaeBundle(None, path, load_key, latent_channels=pixel_channels, scale_factor=1,
-                         patch_size=patch_size)
+        return VaeBundle(None, path, load_key, latent_channels=pixel_channels, scale_factor=pixel_shuffle,
+                         patch_size=patch_size, pixel_shuffle=pixel_shuffle)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return VaeBundle(vae, path, load_key, latent_channels=vae.config.latent_channels, scale_factor=factor,
                      patch_size=patch_size)
+
+
+def pixel_shuffle_of(index: dict, path: str, in_channels: int, has_vae: bool) -> int:
+    """The `_pixel_shuffle` factor a pixel-space folder declares (1 when it declares none)."""
+    factor = index.get(PIXEL_SHUFFLE_KEY, 1)
+    if factor == 1:
+        return 1
+    if not isinstance(factor, int) or isinstance(factor, bool) or not 1 < factor <= 8:
+        raise ModelLoadError(f"{path}: model_index.json {PIXEL_SHUFFLE_KEY} should be a whole number "
+                             f"from 1 to 8, not {factor!r}")
+    if has_vae:
+        raise ModelLoadError(f"{path}: model_index.json declares {PIXEL_SHUFFLE_KEY} and a VAE; "
+                             f"only a pixel-space model (no VAE) folds its pixels")
+    if in_channels != 3 * factor * factor:
+        raise ModelLoadError(f"{path}: {PIXEL_SHUFFLE_KEY} {factor} needs a UNet of {3 * factor * factor} "
+                             f"input channels, but its UNet takes {in_channels}")
+    return factor
 
 
 def check_components(path: str, index: dict, supported: set, what: str) -> None:
@@ -306,8 +336,10 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
         if required not in parts:
             raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
     scheduler_config = read_scheduler_config(path)
-    vae = build_vae_bundle(parts.get("vae"), path, load_key, parts["unet"].config.in_channels)
-    return (ModelBundle(parts["unet"], scheduler_config, path, load_key),
+    in_channels = parts["unet"].config.in_channels
+    shuffle = pixel_shuffle_of(index, path, in_channels, has_vae="vae" in parts)
+    vae = build_vae_bundle(parts.get("vae"), path, load_key, in_channels, pixel_shuffle=shuffle)
+    return (ModelBundle(parts["unet"], scheduler_config, path, load_key, pixel_shuffle=shuffle),
             TextEncoderBundle(parts["tokenizer"], parts["text_encoder"], path, load_key),
             vae)
 

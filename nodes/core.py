@@ -294,7 +294,7 @@ class Sampler(Node):
         init = latent.to(device, dtype) if denoise < 1.0 else None
 
         def progress(i, n, x):
-            ctx.progress(i, n, preview=lambda: latent_preview(x))
+            ctx.progress(i, n, preview=lambda: latent_preview(x, model.pixel_shuffle))
 
         run = SamplingRun(unet=model.unet, scheduler=sched, positive=positive, negative=negative,
                           cfg=cfg, steps=steps, latent_shape=shape, generator=generator,

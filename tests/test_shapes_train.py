@@ -88,3 +88,20 @@ def test_fresh_text_encoder_keeps_the_resumed_unet_and_starts_the_encoder_anew(t
     torch.manual_seed(0)
     again = build_text_encoder(run.tokenizer).state_dict()
     assert all(torch.equal(fresh[k], again[k]) for k in again)  # seeded: a restart builds the same one
+
+
+def test_resuming_32px_weights_at_64px_folds_them_and_starts_the_schedule_over(tmp_path):
+    import numpy as np
+
+    from kernels.shapes.model import pixel_shuffle_of
+    from kernels.shapes.train import Data, start_run
+
+    run8 = Path(__file__).resolve().parents[1] / "resources" / "training" / "shapes-t2i-run8"
+    args = parse_args(["--workdir", str(tmp_path), "--resume", str(run8), "--image-size", "64"])
+    run = start_run(args, tmp_path, lambda event: None)
+    assert resumed_step(run8) > 0 and run.step == 0  # a new model: warm-up and decay from the start
+    assert pixel_shuffle_of(run.unet) == pixel_shuffle_of(run.ema_unet) == 2
+    data = Data(tmp_path, run.tokenizer, 4, 4, set(), image_size=64)
+    assert data.mixed.shape == (4, 64, 64, 3)
+    images, ids = data.batch(np.random.default_rng(0), 3, 0.5, 0.0)
+    assert images.shape == (3, 12, 32, 32) and ids.shape[0] == 3

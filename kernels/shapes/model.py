@@ -3,12 +3,14 @@
 A pixel-space UNet2DConditionModel at 32x32 (4.2M parameters; cross-attention at 16x16 and 8x8
 so position words can steer where things go; about one training step per second at batch 32 on
 one core), a small CLIP text encoder trained jointly, and a word-level tokenizer over the
-world's caption grammar. v-prediction on a cosine DDPM schedule.
+world's caption grammar. v-prediction on a cosine DDPM schedule. The 64 px variant is the same
+UNet on images folded 2x2 space-to-depth (`fold_pixels`): 12 channels at 32x32.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -54,6 +56,29 @@ def build_unet(global_text: bool = False):
         cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4, **extra)
 
 
+def pixel_shuffle_of(unet) -> int:
+    """The space-to-depth factor a ShapesT2I UNet takes its images at (1: plain pixels)."""
+    return math.isqrt(unet.config.in_channels // 3)
+
+
+def fold_pixels(unet, factor: int):
+    """A copy of `unet` that takes images folded space-to-depth by `factor` (kernels.models
+    VaeBundle.pixel_shuffle): 3 * factor**2 channels at the same latent size, so a 64 px model
+    costs what the 32 px one does. It starts as the given model run on each block's mean, its
+    output repeated over the block, so a 64 px model trains on from the 32 px weights."""
+    from diffusers import UNet2DConditionModel
+
+    blocks = factor * factor
+    wide = UNet2DConditionModel.from_config({**unet.config, "in_channels": 3 * blocks, "out_channels": 3 * blocks})
+    state = dict(unet.state_dict())
+    # torch.nn.functional.pixel_unshuffle puts channel c's sub-pixels at channels c*r*r .. c*r*r + r*r - 1
+    state["conv_in.weight"] = state["conv_in.weight"].repeat_interleave(blocks, dim=1) / blocks
+    state["conv_out.weight"] = state["conv_out.weight"].repeat_interleave(blocks, dim=0)
+    state["conv_out.bias"] = state["conv_out.bias"].repeat_interleave(blocks, dim=0)
+    wide.load_state_dict(state)
+    return wide
+
+
 def build_scheduler():
     from diffusers import DDPMScheduler
 
@@ -66,10 +91,13 @@ def build_scheduler():
                          prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
 
 
-def model_index() -> dict:
+def model_index(pixel_shuffle: int = 1) -> dict:
     import diffusers
 
-    return {"_class_name": "ShapesT2IPipeline", "_diffusers_version": diffusers.__version__,
+    from kernels.models import PIXEL_SHUFFLE_KEY
+
+    folded = {PIXEL_SHUFFLE_KEY: pixel_shuffle} if pixel_shuffle > 1 else {}
+    return {"_class_name": "ShapesT2IPipeline", "_diffusers_version": diffusers.__version__, **folded,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
@@ -92,7 +120,7 @@ def save_model(folder: str, unet, text_encoder, tokenizer, scheduler, dtype=torc
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(model_index(), f, indent=2)
+        json.dump(model_index(pixel_shuffle_of(unet)), f, indent=2)
 
 
 def parameter_counts(unet, text_encoder) -> dict:

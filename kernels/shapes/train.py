@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kernels.files import atomic_write
 from kernels.shapes import model as shapes_model
@@ -38,17 +39,21 @@ def load_heldout() -> list[dict]:
 
 
 class Data:
-    """Pre-generated 32x32 samples: a natural mix and a one-object pool for the curriculum."""
+    """Pre-generated samples (32 px, or 64 px folded 2x2 for the 64 px variant): a natural mix and
+    a one-object pool for the curriculum."""
 
-    def __init__(self, workdir: Path, tokenizer, n_mixed: int, n_single: int, exclude: set[str]):
-        cache = workdir / f"data_{n_mixed}_{n_single}.npz"
+    def __init__(self, workdir: Path, tokenizer, n_mixed: int, n_single: int, exclude: set[str],
+                 image_size: int = 32):
+        self.fold = image_size // shapes_model.IMAGE_SIZE
+        cache = workdir / (f"data_{n_mixed}_{n_single}.npz" if self.fold == 1
+                           else f"data_{n_mixed}_{n_single}_{image_size}px.npz")
         if cache.exists():
             z = np.load(cache, allow_pickle=False)
             self.mixed, self.single = z["mixed"], z["single"]
             self.mixed_caps, self.single_caps = list(z["mixed_caps"]), list(z["single_caps"])
         else:
-            self.mixed, self.mixed_caps, _ = generate_batch(1, n_mixed, 32, exclude_captions=exclude)
-            self.single, self.single_caps, _ = generate_batch(2, n_single, 32, one_object_fraction=1.0,
+            self.mixed, self.mixed_caps, _ = generate_batch(1, n_mixed, image_size, exclude_captions=exclude)
+            self.single, self.single_caps, _ = generate_batch(2, n_single, image_size, one_object_fraction=1.0,
                                                               exclude_captions=exclude)
             np.savez(cache, mixed=self.mixed, single=self.single, mixed_caps=np.array(self.mixed_caps),
                      single_caps=np.array(self.single_caps))
@@ -63,7 +68,7 @@ class Data:
 
     def batch(self, rng: np.random.Generator, size: int, p_single: float, p_drop: float):
         from_single = rng.random(size) < p_single
-        x = np.empty((size, 32, 32, 3), np.uint8)
+        x = np.empty((size,) + self.mixed.shape[1:], np.uint8)
         ids = torch.empty((size, self.mixed_ids.shape[1]), dtype=torch.long)
         for k in range(size):
             pool, pool_ids = (self.single, self.single_ids) if from_single[k] else (self.mixed, self.mixed_ids)
@@ -72,7 +77,7 @@ class Data:
         drop = rng.random(size) < p_drop
         ids[torch.from_numpy(drop)] = self.empty_ids
         images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return images, ids
+        return (images if self.fold == 1 else F.pixel_unshuffle(images, self.fold)), ids
 
 
 @torch.no_grad()
@@ -90,6 +95,8 @@ def generate_images(unet, text_encoder, tokenizer, scheduler_config: dict, promp
     noise = seed_noise(unet, [p["seed"] for p in prompts])
     x = sample(unet, make_scheduler(scheduler, scheduler_config), cond, empty, noise, steps, cfg,
                torch.Generator().manual_seed(0))
+    fold = shapes_model.pixel_shuffle_of(unet)
+    x = x if fold == 1 else F.pixel_shuffle(x, fold)
     return (model_to_image(x).numpy() * 255).round().astype(np.uint8)
 
 
@@ -159,6 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train only on timesteps >= this (a probe of the high-noise, layout-setting steps)")
     parser.add_argument("--p-single", type=float, default=None,
                         help="fixed share of one-object scenes per batch instead of the curriculum")
+    parser.add_argument("--image-size", type=int, default=32, choices=(32, 64),
+                        help="64: the 64 px variant (the UNet on 2x2-folded pixels); resuming 32 px "
+                             "weights folds them (shapes_model.fold_pixels) and starts the schedule over")
     parser.add_argument("--text-lr-scale", type=float, default=1.0,
                         help="the text encoder's learning rate as a multiple of the UNet's; 0 freezes it "
                              "(a jointly trained encoder collapsed the position words: positions.md)")
@@ -201,6 +211,10 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
         tokenizer = shapes_model.build_tokenizer()
         text_encoder = shapes_model.build_text_encoder(tokenizer)
         unet = shapes_model.build_unet(global_text=args.global_text)
+    fold = args.image_size // shapes_model.IMAGE_SIZE
+    folded_now = fold > 1 and shapes_model.pixel_shuffle_of(unet) == 1
+    if folded_now:
+        unet = shapes_model.fold_pixels(unet, fold)
     scheduler = shapes_model.build_scheduler()
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(args.text_lr_scale > 0)
@@ -211,7 +225,7 @@ def start_run(args: argparse.Namespace, workdir: Path, emit: Callable[[dict], No
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     run = TrainingRun(workdir, unet, text_encoder, tokenizer, scheduler, ema_unet, ema_te, params, opt)
-    if args.resume:
+    if args.resume and not folded_now:
         # Committed unfinished runs record their step: continuing from it keeps the warm-up,
         # curriculum and decay where they were instead of starting them over.
         run.step = resumed_step(Path(args.resume))
@@ -345,7 +359,8 @@ def main(argv=None) -> None:
 
     run = start_run(args, workdir, emit)
     heldout = load_heldout()
-    data = Data(workdir, run.tokenizer, args.n_mixed, args.n_single, {p["caption"] for p in heldout})
+    data = Data(workdir, run.tokenizer, args.n_mixed, args.n_single, {p["caption"] for p in heldout},
+                args.image_size)
     probe = eval_subset(heldout)
     emit({"event": "start", "params": shapes_model.parameter_counts(run.unet, run.text_encoder),
           "data": [len(data.mixed), len(data.single)], "args": vars(args)})
@@ -387,12 +402,14 @@ def _eval_and_keep(run: TrainingRun, probe: list[dict], emit: Callable[[dict], N
 def _save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     from PIL import Image
 
-    rows = math.ceil(len(images) / cols)
-    grid = np.full((rows * 34, cols * 34, 3), 40, np.uint8)
+    rows, size = math.ceil(len(images) / cols), images.shape[1]
+    cell = size + 2
+    grid = np.full((rows * cell, cols * cell, 3), 40, np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * 34 + 1:r * 34 + 33, c * 34 + 1:c * 34 + 33] = img
-    Image.fromarray(grid).resize((cols * 34 * 3, rows * 34 * 3), Image.Resampling.NEAREST).save(path)
+        grid[r * cell + 1:r * cell + 1 + size, c * cell + 1:c * cell + 1 + size] = img
+    zoom = max(1, 96 // size)
+    Image.fromarray(grid).resize((cols * cell * zoom, rows * cell * zoom), Image.Resampling.NEAREST).save(path)
 
 
 if __name__ == "__main__":
