@@ -40,6 +40,10 @@ def test_folded_unet_starts_as_the_32px_model_on_each_block():
         x64 = F.interpolate(x32, scale_factor=2, mode="nearest")  # every 2x2 block holds one pixel
         got = F.pixel_shuffle(wide(F.pixel_unshuffle(x64, 2), t, encoder_hidden_states=text).sample, 2)
     assert torch.allclose(got, expected, atol=1e-5)
+    # it still reads the detail inside a block (else training could never learn it)
+    w = wide.conv_in.weight.view(32, 3, 4, 3, 3)
+    assert float((w - w.mean(dim=2, keepdim=True)).abs().max()) > 0.1 * float(w.abs().max())
+    assert torch.allclose(w.sum(dim=2), small.conv_in.weight, atol=1e-6)
 
 
 def test_a_folded_folder_loads_with_an_exact_fold_and_unfold(folded_folder):

@@ -64,15 +64,23 @@ def pixel_shuffle_of(unet) -> int:
 def fold_pixels(unet, factor: int):
     """A copy of `unet` that takes images folded space-to-depth by `factor` (kernels.models
     VaeBundle.pixel_shuffle): 3 * factor**2 channels at the same latent size, so a 64 px model
-    costs what the 32 px one does. It starts as the given model run on each block's mean, its
-    output repeated over the block, so a 64 px model trains on from the 32 px weights."""
+    costs what the 32 px one does. On an image whose blocks are flat it is the given model, its
+    output repeated over each block, so a 64 px model trains on from the 32 px weights.
+
+    The input layer also reads each block's deviation from its mean, through small seeded random
+    weights: with every sub-pixel weighted alike, the gradient cannot tell sub-pixels apart and
+    training never learns detail inside a block (measured: the within-block error did not move
+    in 400 steps)."""
     from diffusers import UNet2DConditionModel
 
     blocks = factor * factor
     wide = UNet2DConditionModel.from_config({**unet.config, "in_channels": 3 * blocks, "out_channels": 3 * blocks})
     state = dict(unet.state_dict())
     # torch.nn.functional.pixel_unshuffle puts channel c's sub-pixels at channels c*r*r .. c*r*r + r*r - 1
-    state["conv_in.weight"] = state["conv_in.weight"].repeat_interleave(blocks, dim=1) / blocks
+    w_in = state["conv_in.weight"]
+    deviation = torch.randn(w_in.shape[:2] + (blocks,) + w_in.shape[2:], generator=torch.Generator().manual_seed(0))
+    deviation = (deviation - deviation.mean(dim=2, keepdim=True)) * (0.5 * float(w_in.std()))  # zero on flat blocks
+    state["conv_in.weight"] = (w_in.unsqueeze(2) / blocks + deviation).flatten(1, 2)
     state["conv_out.weight"] = state["conv_out.weight"].repeat_interleave(blocks, dim=0)
     state["conv_out.bias"] = state["conv_out.bias"].repeat_interleave(blocks, dim=0)
     wide.load_state_dict(state)
