@@ -37,7 +37,10 @@ def test_bench_runs_on_a_tiny_model(tiny_pixel_model, capsys, tmp_path):
     bench = load_bench()
     model = build_tiny_model(str(tmp_path / "tiny32"), sample_size=32)
     assert bench.main(["--model", model, "--n", "1", "--steps", "2",
-                       "--methods", "baseline,region_attention,zestguide"]) == 0
+                       "--methods", "baseline,baseline_positions,region_attention,zestguide,"
+                                    "region_attention_early_with_positions"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["methods"]) == {"baseline", "region_attention", "zestguide"}
+    assert set(report["methods"]) == {"baseline", "baseline_positions", "region_attention", "zestguide",
+                                      "region_attention_early_with_positions"}
     assert "best_minus_baseline_points" in report["summary"]
+    assert "best_minus_baseline_positions_points" in report["summary"]
