@@ -166,6 +166,8 @@ def method_table(args):
         "region_attention_early_with_positions": pww_early,
         "box_guidance_with_positions": box,
         "zestguide_with_positions": zest,
+        "regional_prompts_with_positions": regional,
+        "combo_regional_pww_early_with_positions": chain(regional, pww_early),
     }
 
 

@@ -29,8 +29,11 @@ def test_default_graph_is_valid_and_its_layout_feeds_the_sampler():
     g = load_default()
     assert not [p.message for p in validate(g, registry.get)]
     layout, region, sampler = of_type(g, "Layout"), of_type(g, "RegionAttention"), of_type(g, "Sampler")
+    regional = of_type(g, "RegionalPrompts")  # bench/layout.py's best: regional prompts + early region attention
     wired = {(e.src, e.dst) for e in g.edges}
     assert (layout.id, region.id) in wired and (region.id, sampler.id) in wired
+    assert (layout.id, regional.id) in wired and (regional.id, region.id) in wired
+    assert region.params["end"] == 0.3
     prompt = of_type(g, "TextEncode").params["text"]
     assert all(box["phrase"] in prompt for box in layout.params["boxes"])
 
