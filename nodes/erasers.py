@@ -100,9 +100,10 @@ class ClosedFormErase(Node):
     last read layer's MLP, its values making the residual stream the anchor's); "first attention"
     is Diff-QuickFix's own site, where a pair's keys are about the sum of its halves' ("red
     square" + "blue circle" - "blue square"), so it cannot erase "red circle" without taking
-    other circles (1.00 -> 0.00 held out on the built-in model). Held out on the built-in model
-    (bench/erasers.py, 24 captions x 2 seeds) these defaults erase "red", "circle" and "red
-    circle" 1.00 -> 0.00 on either target, every other concept staying at 1.00 of its baseline."""
+    other circles (1.00 -> 0.00 held out on the built-in model's earlier weights). Held out on the
+    built-in model (bench/erasers.py, 24 captions x 2 seeds), on its current weights as on its
+    earlier ones, these defaults erase "red", "circle" and "red circle" 1.00 -> 0.00 on either
+    target, every other concept staying at 1.00 of its baseline."""
 
     category = "erasers"
     version = 4
@@ -226,8 +227,9 @@ class PruneConcept(Node):
     cross-attention. Empty templates: the model's own phrasing (as ClosedFormErase); the general
     prompts are by default the model's vocabulary without the concept (ShapesT2I: its other
     colours and shapes; others: resources/erasers/common_concepts.txt) plus any listed; prompts
-    naming the concept are left out. On the built-in ShapesT2I model (bench/erasers.py) the
-    feed-forward site cannot erase: 2%, 5% or 20% left "red", "circle" and "red circle" at 1.00
+    naming the concept are left out. The default erases nothing on the built-in ShapesT2I model:
+    held out (bench/erasers.py, 24 captions x 2 seeds, current weights) "red", "circle" and "red
+    circle" stayed at 1.00. On its earlier weights the feed-forward site could not erase: 2%, 5% or 20% left "red", "circle" and "red circle" at 1.00
     (tuning set), and even zeroing every feed-forward output weight still drew red at 1.00 (the
     prompt reaches the image through the cross-attention). At the cross-attention values, 30%
     erases "red": 1.00 -> 0.00 held out (24 captions x 2 seeds) with every other concept at 1.00;
@@ -320,7 +322,9 @@ class ConceptMembrane(Node):
     the prompt-concept embedding similarity otherwise. Anchor prompts are held unchanged while
     training (latent anchoring): by default the model's vocabulary without the concept (as
     ClosedFormErase's preserve set) plus any listed. Empty templates: the model's own phrasing. Not
-    an eraser for the built-in ShapesT2I model at these defaults: on the bench's tuning set
+    an eraser for the built-in ShapesT2I model at these defaults: held out on its current weights
+    (bench/erasers.py, 24 captions x 2 seeds) red 0.88 and circle 0.83 with every other concept
+    kept, red circle 0.50 with other reds at 0.83. On its earlier weights, on the bench's tuning set
     (bench/erasers.py, 24 grid prompts x 1 seed, 200 steps) it took "red" to 0.25 and "red circle"
     to 0.00 but left "circle" at 1.00, other concepts down to 0.67 (held out, 24 captions x 2
     seeds: red 0.62, circle 1.00, red circle 0.50 with other concepts at 0.83); lr 0.005 (the best setting
@@ -398,8 +402,13 @@ class EraseFinetune(Node):
     pushed along the negative guidance direction. "all_but_one": it is pulled towards a chosen
     alternative concept instead, while the unconditional prediction is held where it was. Empty
     templates: the model's own phrasing; the preserve prompts are by default the model's vocabulary
-    without the concept (as ClosedFormErase's) plus any listed. Without preserve prompts both were
-    destructive on the built-in ShapesT2I model: ESD on the shape "circle" (300 steps, 24 prompts x
+    without the concept (as ClosedFormErase's) plus any listed. Held out on the built-in ShapesT2I
+    model's current weights at these defaults (bench/erasers.py, 24 captions x 2 seeds): All-but-One
+    took "red" to 0.00 with every other concept kept, "circle" to 0.00 with squares at 0.08 and "red
+    circle" to 0.00 with other circles at 0.60; ESD left "red" at 1.00 while taking blue to 0.00,
+    took "circle" to 0.17 (other concepts 0.92 or more) and "red circle" to 0.00 with other reds at
+    0.00. The rest was measured on the model's earlier weights. Without preserve prompts both were
+    destructive: ESD on the shape "circle" (300 steps, 24 prompts x
     8 seeds, bench/erasers.py) left circles at 0.90 (from 0.98) and took every colour to 0.00-0.04;
     All-but-One erased it but took every other colour and shape to 0.00-0.08. With the vocabulary
     held, on the bench's tuning set (bench/erasers.py, 24 grid prompts x 1 seed, 200 steps) ESD is
@@ -504,8 +513,10 @@ class SafeGuidance(Node):
     it: the concept's direction is subtracted element-wise, scaled by min(1, scale |eps_prompt -
     eps_concept|) and only where eps_prompt - eps_concept is below the threshold, with momentum
     (momentum scale, beta) and warm-up; "uniform" (version 2) subtracts scale x the concept's
-    direction everywhere. Not an eraser for the built-in ShapesT2I model (bench/erasers.py,
-    tuning set, 24 prompts x 1 seed): no setting erases "red" without taking orange with it.
+    direction everywhere. Not an eraser for the built-in ShapesT2I model: held out on its current
+    weights at these defaults (bench/erasers.py, 24 captions x 2 seeds) "red", "circle" and "red
+    circle" stayed at 1.00, as did every other concept. On its earlier weights (tuning set, 24
+    prompts x 1 seed) no setting erased "red" without taking orange with it.
     Uniform scale 2 and 4 left "red" and "circle" at 1.00 while orange fell to 0.00; scale 8
     brought red to 0.50 and circle to 0.83 taking other concepts to 0.00. SLD at diffusers'
     medium and strong settings (scale 1000 / 2000, threshold 0.01 / 0.025, momentum 0.3 / 0.5,
@@ -515,8 +526,8 @@ class SafeGuidance(Node):
     circle 0.67, other concepts down to 0.00-0.67; weak (scale 20, threshold 0, warm-up 0.3, no
     momentum): red 1.00 with orange at 0.25, circle 0.83. Held out (24 captions x 2 seeds) strong
     left red at 0.88 (orange 0.00) and circle at 1.00 (orange 0.33). The default stays at version
-    2's uniform scale 2; held out at it red stayed at 1.00 and orange fell to 0.00, circle fell
-    to 0.92 only."""
+    2's uniform scale 2; held out at it on the earlier weights red stayed at 1.00 and orange fell
+    to 0.00, circle fell to 0.92 only."""
 
     category = "erasers"
     version = 3
