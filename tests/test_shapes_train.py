@@ -105,3 +105,14 @@ def test_resuming_32px_weights_at_64px_folds_them_and_starts_the_schedule_over(t
     assert data.mixed.shape == (4, 64, 64, 3)
     images, ids = data.batch(np.random.default_rng(0), 3, 0.5, 0.0)
     assert images.shape == (3, 12, 32, 32) and ids.shape[0] == 3
+
+
+def test_the_committed_64px_run_resumes_folded_at_its_step(tmp_path):
+    from kernels.shapes.model import pixel_shuffle_of
+    from kernels.shapes.train import start_run
+
+    run9 = Path(__file__).resolve().parents[1] / "resources" / "training" / "shapes-t2i-64-run9"
+    args = parse_args(["--workdir", str(tmp_path), "--resume", str(run9), "--image-size", "64"])
+    run = start_run(args, tmp_path, lambda event: None)
+    assert pixel_shuffle_of(run.unet) == 2 and run.unet.config.in_channels == 12  # not folded twice
+    assert run.step == resumed_step(run9) == 2493
