@@ -83,7 +83,6 @@ class TextEncoderBundle:
     source: str
     load_key: str
     patches: tuple = ()  # kernels.patching.ModelPatch, applied in order
-    pixel_shuffle: int = 1  # a pixel-space model's space-to-depth factor (VaeBundle.pixel_shuffle)
 
     def with_patch(self, patch) -> "TextEncoderBundle":
         return replace(self, patches=self.patches + (patch,))
@@ -285,7 +284,7 @@ def build_vae_bundle(vae, path: str, load_key: str, pixel_channels: int, patch_s
                      patch_size=patch_size)
 
 
-def pixel_shuffle_of(index: dict, path: str, in_channels: int, has_vae: bool) -> int:
+def declared_pixel_shuffle(index: dict, path: str, in_channels: int, has_vae: bool) -> int:
     """The `_pixel_shuffle` factor a pixel-space folder declares (1 when it declares none)."""
     factor = index.get(PIXEL_SHUFFLE_KEY, 1)
     if factor == 1:
@@ -337,7 +336,7 @@ def load_model_folder(path: str, dtype: torch.dtype = torch.float32,
             raise ModelLoadError(f"{path}: model_index.json has no {required!r} component")
     scheduler_config = read_scheduler_config(path)
     in_channels = parts["unet"].config.in_channels
-    shuffle = pixel_shuffle_of(index, path, in_channels, has_vae="vae" in parts)
+    shuffle = declared_pixel_shuffle(index, path, in_channels, has_vae="vae" in parts)
     vae = build_vae_bundle(parts.get("vae"), path, load_key, in_channels, pixel_shuffle=shuffle)
     return (ModelBundle(parts["unet"], scheduler_config, path, load_key, pixel_shuffle=shuffle),
             TextEncoderBundle(parts["tokenizer"], parts["text_encoder"], path, load_key),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.models import ModelLoadError, latent_preview, load_model_folder, pixel_shuffle_of
+from kernels.models import ModelLoadError, declared_pixel_shuffle, latent_preview, load_model_folder
 from kernels.shapes import model as shapes_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +67,9 @@ def test_a_folded_folder_loads_with_an_exact_fold_and_unfold(folded_folder):
 ])
 def test_a_wrong_fold_is_refused_with_the_folder_named(factor, in_channels, has_vae, words):
     with pytest.raises(ModelLoadError, match=words) as caught:
-        pixel_shuffle_of({"_pixel_shuffle": factor}, "/models/m", in_channels, has_vae)
+        declared_pixel_shuffle({"_pixel_shuffle": factor}, "/models/m", in_channels, has_vae)
     assert "/models/m" in str(caught.value)
-    assert pixel_shuffle_of({}, "/models/m", 4, True) == 1  # folders that say nothing are unchanged
+    assert declared_pixel_shuffle({}, "/models/m", 4, True) == 1  # folders that say nothing are unchanged
 
 
 def test_the_app_draws_at_64px_what_the_benchmark_sampler_draws(folded_folder, tmp_path):
