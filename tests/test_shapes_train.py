@@ -115,4 +115,4 @@ def test_the_committed_64px_run_resumes_folded_at_its_step(tmp_path):
     args = parse_args(["--workdir", str(tmp_path), "--resume", str(run9), "--image-size", "64"])
     run = start_run(args, tmp_path, lambda event: None)
     assert pixel_shuffle_of(run.unet) == 2 and run.unet.config.in_channels == 12  # not folded twice
-    assert run.step == resumed_step(run9) == 2493
+    assert run.step == resumed_step(run9) == 2898
