@@ -95,19 +95,6 @@ def default_graph_seconds() -> dict:
             "nodes": {r.title: round(r.seconds, 3) for r in report.nodes.values()}}
 
 
-def training_curve(log_path: str) -> list[dict]:
-    curve = []
-    with open(log_path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by a killed run
-            if record.get("event") == "eval":
-                curve.append({k: v for k, v in record.items() if k not in ("event", "time")})
-    return curve
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a ShapesT2I folder (diffusers layout)")
@@ -127,6 +114,8 @@ def main(argv=None) -> int:
 
     result: dict = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "scheduler": args.scheduler}
     if args.log:
+        from kernels.shapes.train import training_curve
+
         result["curve"] = training_curve(args.log)
     if not os.path.isdir(args.model):
         result["error"] = f"no model folder at {args.model}"

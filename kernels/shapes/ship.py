@@ -21,7 +21,7 @@ import torch
 
 from kernels.models import load_model_folder
 from kernels.shapes import model as shapes_model
-from kernels.shapes.train import eval_subset, evaluate, load_heldout
+from kernels.shapes.train import eval_subset, evaluate, load_heldout, training_curve
 
 DEST = Path(__file__).resolve().parents[2] / "resources" / "models" / "shapes-t2i"
 
@@ -44,11 +44,7 @@ def training_metrics(source: Path, probe: dict) -> dict:
     else:
         state = {}
     log = source / "train_log.jsonl"
-    curve = []
-    if log.exists():
-        records = (json.loads(line) for line in log.read_text().splitlines() if line.strip())
-        curve = [r for r in records if r.get("event") == "eval"]
-    return {**state, "probe_48_prompts": probe, "curve": curve}
+    return {**state, "probe_48_prompts": probe, "curve": training_curve(log) if log.exists() else []}
 
 
 def main(argv=None) -> int:

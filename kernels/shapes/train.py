@@ -77,7 +77,7 @@ class Data:
         drop = rng.random(size) < p_drop
         ids[torch.from_numpy(drop)] = self.empty_ids
         images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return (images if self.fold == 1 else F.pixel_unshuffle(images, self.fold)), ids
+        return F.pixel_unshuffle(images, self.fold), ids  # factor 1: the images as they are
 
 
 @torch.no_grad()
@@ -95,8 +95,7 @@ def generate_images(unet, text_encoder, tokenizer, scheduler_config: dict, promp
     noise = seed_noise(unet, [p["seed"] for p in prompts])
     x = sample(unet, make_scheduler(scheduler, scheduler_config), cond, empty, noise, steps, cfg,
                torch.Generator().manual_seed(0))
-    fold = shapes_model.pixel_shuffle_of(unet)
-    x = x if fold == 1 else F.pixel_shuffle(x, fold)
+    x = F.pixel_shuffle(x, shapes_model.pixel_shuffle_of(unet))  # factor 1: unchanged
     return (model_to_image(x).numpy() * 255).round().astype(np.uint8)
 
 
@@ -121,6 +120,20 @@ def evaluate(unet, text_encoder, tokenizer, scheduler_config: dict, prompts: lis
             "all_cell": rate("cell", lambda p: True),
             "two_object_both_right": rate("all_right", lambda p: len(p["objects"]) == 2),
             "n": len(prompts)}, images
+
+
+def training_curve(log_path) -> list[dict]:
+    """The eval records of a training log (log.jsonl), without their event and time fields."""
+    curve = []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by a killed run
+            if record.get("event") == "eval":
+                curve.append({k: v for k, v in record.items() if k not in ("event", "time")})
+    return curve
 
 
 def eval_subset(prompts: list[dict], n_single=24, n_two=16, n_three=8) -> list[dict]:
